@@ -1,0 +1,1 @@
+//! Control protocol (stub, see issue 5).

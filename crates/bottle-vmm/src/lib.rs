@@ -1,0 +1,1 @@
+pub mod kvm_check;
