@@ -1,0 +1,1 @@
+//! Egress proxy: allowlist policy, HTTP CONNECT / forward proxy, decision events.

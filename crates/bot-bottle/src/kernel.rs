@@ -1,0 +1,1 @@
+//! Guest kernel: config fragment and `bot-bottle kernel build`.

@@ -1,0 +1,1 @@
+//! Root filesystem images made from the agent Docker image.
