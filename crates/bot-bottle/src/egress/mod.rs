@@ -1,1 +1,93 @@
 //! Egress proxy: allowlist policy, HTTP CONNECT / forward proxy, decision events.
+//!
+//! - [`policy`]: which `host:port` a bottle may reach (pure, exhaustively unit-tested);
+//! - [`resolve`]: pure-Rust name resolution (`/etc/hosts`, then the `/etc/resolv.conf`
+//!   nameserver over UDP/TCP), or a fixed map for tests — never glibc NSS;
+//! - [`events`]: one JSON line per decision, appended to the bottle's event log;
+//! - [`proxy`]: the tokio server (`CONNECT` tunnels and plain-HTTP forwarding).
+//!
+//! The policy and its reasons are documented in `prds/0003-egress-policy.md`.
+
+pub mod events;
+pub mod policy;
+pub mod proxy;
+pub mod resolve;
+
+mod http;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub use events::EgressEvent;
+pub use policy::{Decision, DenyReason, EgressPolicy};
+pub use proxy::{serve, EgressProxy, ProxyConfig, ProxyLimits};
+pub use resolve::Resolver;
+
+/// Everything that can go wrong in the egress module.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error("invalid egress rule {rule:?}: {reason}")]
+    InvalidRule { rule: String, reason: String },
+    #[error("cannot listen for egress on {addr} (is another process using the port?)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the address the egress proxy listens on")]
+    LocalAddr(#[source] io::Error),
+    #[error("cannot open the egress event log {} (check the directory exists and is writable)", path.display())]
+    OpenEventLog {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot append to the egress event log {}", path.display())]
+    WriteEventLog {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read resolver configuration {}", path.display())]
+    ReadResolverConfig {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no `nameserver` line in {}; add one (e.g. `nameserver 127.0.0.11`)", path.display())]
+    NoNameserver { path: PathBuf },
+    #[error("no address found for {host}")]
+    HostNotFound { host: String },
+    #[error("DNS lookup of {host} timed out (nameservers: {nameservers})")]
+    DnsTimeout { host: String, nameservers: String },
+    #[error("DNS server {server} failed to answer for {host} (rcode {rcode})")]
+    DnsServerFailure {
+        host: String,
+        server: SocketAddr,
+        rcode: u8,
+    },
+    #[error("malformed DNS answer from {server} for {host}: {reason}")]
+    DnsMalformed {
+        host: String,
+        server: SocketAddr,
+        reason: &'static str,
+    },
+    #[error("DNS query to {server} failed")]
+    DnsIo {
+        server: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot connect to {host}:{port}")]
+    Connect {
+        host: String,
+        port: u16,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connecting to {host}:{port} timed out")]
+    ConnectTimeout { host: String, port: u16 },
+    #[error("{host} resolves only to addresses the proxy refuses to dial ({addresses})")]
+    BlockedAddress { host: String, addresses: String },
+}

@@ -1,0 +1,721 @@
+//! The egress policy: which `host:port` pairs a bottle may reach. Pure, no I/O.
+//!
+//! Rule syntax (allow and deny lists alike):
+//! - `host` — exactly that host name, any port;
+//! - `*.suffix` — every name *below* `suffix` (`a.suffix`, `a.b.suffix`), not `suffix` itself;
+//! - either of those followed by `:port` — only that port;
+//! - an IP literal (`1.2.3.4`, `1.2.3.4:80`, `[::1]:443`, `::1`) — that address, exactly.
+//!
+//! Order of evaluation, first match wins:
+//! 1. the request host is malformed → deny (`invalid_host`);
+//! 2. a deny rule matches → deny (`deny_rule`): deny always wins over allow;
+//! 3. the host is an IP literal (including numeric forms like `2130706433` or `0x7f.1` that some
+//!    resolvers treat as addresses) → allowed only by an exact IP allow rule, else `ip_literal`;
+//! 4. the host is a well-known DNS-over-HTTPS endpoint (or below one) → allowed only by an exact
+//!    host allow rule naming it (a `*.suffix` rule never opens a DoH endpoint), else
+//!    `doh_endpoint`;
+//! 5. an allow rule matches → allow;
+//! 6. otherwise → deny (`not_allowed`).
+//!
+//! Host names compare case-insensitively, and one trailing dot (`example.com.`) is ignored.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::EgressError;
+
+/// Well-known DNS-over-HTTPS endpoints. Each entry also covers every name below it. A resolver
+/// reachable over HTTPS would let the agent resolve (and tunnel data through) names the policy
+/// never sees, so these are denied unless an allow rule names the exact host.
+pub const DOH_ENDPOINTS: &[&str] = &[
+    "dns.google",
+    "dns.google.com",
+    "8888.google",
+    "dns64.dns.google",
+    "cloudflare-dns.com",
+    "one.one.one.one",
+    "1dot1dot1dot1.cloudflare-dns.com",
+    "cloudflare-gateway.com",
+    "dns.quad9.net",
+    "dns9.quad9.net",
+    "dns10.quad9.net",
+    "dns11.quad9.net",
+    "doh.opendns.com",
+    "doh.familyshield.opendns.com",
+    "doh.umbrella.com",
+    "dns.adguard.com",
+    "dns.adguard-dns.com",
+    "unfiltered.adguard-dns.com",
+    "family.adguard-dns.com",
+    "doh.cleanbrowsing.org",
+    "doh.dns.sb",
+    "dns.nextdns.io",
+    "doh.mullvad.net",
+    "dns.mullvad.net",
+    "doh.libredns.gr",
+    "dns.alidns.com",
+    "doh.pub",
+    "doh.360.cn",
+    "dns.twnic.tw",
+    "ordns.he.net",
+    "dns.controld.com",
+    "freedns.controld.com",
+    "doh.xfinity.com",
+    "dns0.eu",
+    "dns.switch.ch",
+    "dns.digitale-gesellschaft.ch",
+    "doh.applied-privacy.net",
+    "dns.njal.la",
+];
+
+/// Longest host name DNS can carry (RFC 1035, without the trailing dot).
+const MAX_HOST_LEN: usize = 253;
+/// Longest DNS label (RFC 1035).
+const MAX_LABEL_LEN: usize = 63;
+
+/// What a rule matches on the host side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostPattern {
+    /// Exactly this (normalised) host name.
+    Exact(String),
+    /// Any name strictly below this suffix (stored without the leading `*.`).
+    Suffix(String),
+    /// Exactly this address (IPv4-mapped IPv6 stored as IPv4).
+    Ip(IpAddr),
+}
+
+/// One parsed allow or deny rule. Keeps its original text for events and messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rule {
+    text: String,
+    host: HostPattern,
+    port: Option<u16>,
+}
+
+/// A request host after normalisation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Name(String),
+    Ip(IpAddr),
+    /// A numeric form (`2130706433`, `0x7f.1`) that is no valid name or canonical address.
+    /// Treated as an IP literal that no rule can list.
+    Numeric,
+}
+
+/// Why a request was denied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DenyReason {
+    /// A deny rule matched (deny wins over allow).
+    DenyRule { rule: String },
+    /// The host is an IP literal (or a numeric form of one) that no allow rule lists exactly.
+    IpLiteral,
+    /// The host is a DNS-over-HTTPS endpoint that no allow rule names exactly.
+    DohEndpoint,
+    /// No allow rule matched.
+    NotAllowed,
+    /// The host is not a syntactically valid host name or address.
+    InvalidHost,
+}
+
+impl DenyReason {
+    /// Stable machine-readable code, used in event lines.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DenyReason::DenyRule { .. } => "deny_rule",
+            DenyReason::IpLiteral => "ip_literal",
+            DenyReason::DohEndpoint => "doh_endpoint",
+            DenyReason::NotAllowed => "not_allowed",
+            DenyReason::InvalidHost => "invalid_host",
+        }
+    }
+}
+
+impl fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DenyReason::DenyRule { rule } => write!(f, "matched deny rule `{rule}`"),
+            DenyReason::IpLiteral => f.write_str("IP literals are denied unless listed exactly"),
+            DenyReason::DohEndpoint => {
+                f.write_str("DNS-over-HTTPS endpoints are denied unless listed exactly")
+            }
+            DenyReason::NotAllowed => f.write_str("no allow rule matches"),
+            DenyReason::InvalidHost => f.write_str("not a valid host name"),
+        }
+    }
+}
+
+/// The outcome of [`EgressPolicy::decide`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed by the allow rule with this text.
+    Allow { rule: String },
+    /// Denied.
+    Deny { reason: DenyReason },
+}
+
+impl Decision {
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::Allow { .. })
+    }
+
+    /// The text of the rule that decided, if a rule did.
+    pub fn rule(&self) -> Option<&str> {
+        match self {
+            Decision::Allow { rule }
+            | Decision::Deny {
+                reason: DenyReason::DenyRule { rule },
+            } => Some(rule),
+            Decision::Deny { .. } => None,
+        }
+    }
+
+    /// Stable machine-readable reason code: `allow_rule` or one of [`DenyReason::code`].
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            Decision::Allow { .. } => "allow_rule",
+            Decision::Deny { reason } => reason.code(),
+        }
+    }
+}
+
+/// Allow and deny lists plus the message a denied agent reads.
+#[derive(Debug, Clone)]
+pub struct EgressPolicy {
+    allow: Vec<Rule>,
+    deny: Vec<Rule>,
+    deny_message: String,
+}
+
+impl EgressPolicy {
+    /// Parses both rule lists. The first malformed rule is reported by its text.
+    pub fn new(allow: &[String], deny: &[String], deny_message: &str) -> Result<Self, EgressError> {
+        Ok(EgressPolicy {
+            allow: allow
+                .iter()
+                .map(|r| parse_rule(r))
+                .collect::<Result<_, _>>()?,
+            deny: deny
+                .iter()
+                .map(|r| parse_rule(r))
+                .collect::<Result<_, _>>()?,
+            deny_message: deny_message.to_owned(),
+        })
+    }
+
+    /// The manifest's message for denied requests, sent in every 403 body.
+    pub fn deny_message(&self) -> &str {
+        &self.deny_message
+    }
+
+    /// Decides whether `host:port` may be reached. Pure; see the module docs for the order.
+    /// `host` may be a name, an IP literal, or a bracketed IPv6 literal (`[::1]`).
+    pub fn decide(&self, host: &str, port: u16) -> Decision {
+        let Some(target) = normalize_target(host) else {
+            return Decision::Deny {
+                reason: DenyReason::InvalidHost,
+            };
+        };
+        if let Some(rule) = self.deny.iter().find(|r| r.matches(&target, port)) {
+            return Decision::Deny {
+                reason: DenyReason::DenyRule {
+                    rule: rule.text.clone(),
+                },
+            };
+        }
+        let exact_only = match &target {
+            Target::Ip(_) | Target::Numeric => Some(DenyReason::IpLiteral),
+            Target::Name(name) if is_doh_endpoint(name) => Some(DenyReason::DohEndpoint),
+            Target::Name(_) => None,
+        };
+        let allowed = self.allow.iter().find(|r| {
+            r.matches(&target, port)
+                && (exact_only.is_none() || !matches!(r.host, HostPattern::Suffix(_)))
+        });
+        match (allowed, exact_only) {
+            (Some(rule), _) => Decision::Allow {
+                rule: rule.text.clone(),
+            },
+            (None, Some(reason)) => Decision::Deny { reason },
+            (None, None) => Decision::Deny {
+                reason: DenyReason::NotAllowed,
+            },
+        }
+    }
+}
+
+impl Rule {
+    fn matches(&self, target: &Target, port: u16) -> bool {
+        if self.port.is_some_and(|p| p != port) {
+            return false;
+        }
+        match (&self.host, target) {
+            (HostPattern::Exact(rule), Target::Name(name)) => rule == name,
+            (HostPattern::Suffix(suffix), Target::Name(name)) => name
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            (HostPattern::Ip(rule), Target::Ip(ip)) => rule == ip,
+            _ => false,
+        }
+    }
+}
+
+fn is_doh_endpoint(name: &str) -> bool {
+    DOH_ENDPOINTS.iter().any(|doh| {
+        name == *doh
+            || name
+                .strip_suffix(doh)
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+    })
+}
+
+fn invalid(rule: &str, reason: impl Into<String>) -> EgressError {
+    EgressError::InvalidRule {
+        rule: rule.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn parse_rule(text: &str) -> Result<Rule, EgressError> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(invalid(text, "the rule is empty"));
+    }
+    let (host_part, port) = split_host_port(trimmed).map_err(|why| invalid(text, why))?;
+    let host = if let Some(ip) = parse_ip_literal(host_part) {
+        HostPattern::Ip(ip)
+    } else if trimmed.starts_with('[') {
+        return Err(invalid(
+            text,
+            "only an IPv6 address may stand inside `[...]`",
+        ));
+    } else if let Some(suffix) = host_part.strip_prefix("*.") {
+        let suffix = normalize_name(suffix).ok_or_else(|| {
+            invalid(
+                text,
+                "the part after `*.` is not a valid host name (expected e.g. `*.example.com`)",
+            )
+        })?;
+        HostPattern::Suffix(suffix)
+    } else if host_part.contains('*') {
+        return Err(invalid(
+            text,
+            "a wildcard is only allowed as a leading `*.` (e.g. `*.example.com`)",
+        ));
+    } else if looks_numeric(host_part) {
+        return Err(invalid(
+            text,
+            "looks like an IP address but is not a valid one (write e.g. `1.2.3.4` or `[::1]`)",
+        ));
+    } else {
+        HostPattern::Exact(normalize_name(host_part).ok_or_else(|| {
+            invalid(
+                text,
+                "not a valid host name (letters, digits, `-` and `_`, dot-separated labels)",
+            )
+        })?)
+    };
+    Ok(Rule {
+        text: trimmed.to_owned(),
+        host,
+        port,
+    })
+}
+
+/// Splits `host[:port]` (or `[v6][:port]`, or a bare IPv6 literal without port).
+fn split_host_port(text: &str) -> Result<(&str, Option<u16>), String> {
+    if let Some(rest) = text.strip_prefix('[') {
+        let (inside, after) = rest
+            .split_once(']')
+            .ok_or("an opening `[` needs a closing `]`")?;
+        let port = match after {
+            "" => None,
+            _ => Some(parse_port(
+                after
+                    .strip_prefix(':')
+                    .ok_or("expected `:port` after `]`")?,
+            )?),
+        };
+        return Ok((inside, port));
+    }
+    if text.matches(':').count() > 1 {
+        // A bare IPv6 literal; a port needs brackets.
+        return Ok((text, None));
+    }
+    match text.split_once(':') {
+        Some((host, port)) => Ok((host, Some(parse_port(port)?))),
+        None => Ok((text, None)),
+    }
+}
+
+fn parse_port(text: &str) -> Result<u16, String> {
+    match text.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("`{text}` is not a port (expected 1-65535)")),
+        Ok(port) => Ok(port),
+    }
+}
+
+/// Parses an IP literal, bracketed or not, mapping IPv4-mapped IPv6 to IPv4.
+fn parse_ip_literal(text: &str) -> Option<IpAddr> {
+    let inner = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(text);
+    let ip = if let Ok(v4) = inner.parse::<Ipv4Addr>() {
+        IpAddr::V4(v4)
+    } else {
+        let v6 = inner.parse::<Ipv6Addr>().ok()?;
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    };
+    Some(ip)
+}
+
+/// True for names whose last label is numeric or hexadecimal (`2130706433`, `127.1`, `0x7f.1`):
+/// not valid DNS names, but `inet_aton` and friends read them as addresses.
+fn looks_numeric(text: &str) -> bool {
+    let name = text.strip_suffix('.').unwrap_or(text);
+    name.rsplit('.').next().is_some_and(|last| {
+        !last.is_empty()
+            && (last.bytes().all(|b| b.is_ascii_digit())
+                || last.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("0x")))
+    })
+}
+
+/// Lower-cases, drops one trailing dot and checks DNS syntax. `None` if not a valid name.
+fn normalize_name(text: &str) -> Option<String> {
+    let name = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
+    let valid = !name.is_empty()
+        && name.len() <= MAX_HOST_LEN
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= MAX_LABEL_LEN
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    valid.then_some(name)
+}
+
+fn normalize_target(host: &str) -> Option<Target> {
+    if let Some(ip) = parse_ip_literal(host) {
+        return Some(Target::Ip(ip));
+    }
+    if looks_numeric(host) {
+        // Not a canonical address, but something a lenient resolver would treat as one.
+        return Some(Target::Numeric);
+    }
+    normalize_name(host).map(Target::Name)
+}
+
+/// Normalises a request host for comparisons (e.g. URI host vs `Host` header): lower case, no
+/// trailing dot, no IPv6 brackets, IPv4-mapped IPv6 as IPv4.
+pub(crate) fn canonical_host(host: &str) -> String {
+    match parse_ip_literal(host) {
+        Some(ip) => ip.to_string(),
+        None => host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(allow: &[&str], deny: &[&str]) -> EgressPolicy {
+        let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
+        let deny: Vec<String> = deny.iter().map(|s| s.to_string()).collect();
+        EgressPolicy::new(&allow, &deny, "ask the user").unwrap()
+    }
+
+    fn allow(rule: &str) -> Decision {
+        Decision::Allow {
+            rule: rule.to_owned(),
+        }
+    }
+
+    fn deny(reason: DenyReason) -> Decision {
+        Decision::Deny { reason }
+    }
+
+    fn rule_error(rule: &str) -> String {
+        EgressPolicy::new(&[rule.to_owned()], &[], "")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn exact_rule_allows_its_host_on_any_port() {
+        let p = policy(&["api.example.com"], &[]);
+        assert_eq!(p.decide("api.example.com", 443), allow("api.example.com"));
+        assert_eq!(p.decide("api.example.com", 8080), allow("api.example.com"));
+    }
+
+    #[test]
+    fn exact_rule_denies_subdomains_and_parents() {
+        let p = policy(&["api.example.com"], &[]);
+        assert_eq!(
+            p.decide("x.api.example.com", 443),
+            deny(DenyReason::NotAllowed)
+        );
+        assert_eq!(p.decide("example.com", 443), deny(DenyReason::NotAllowed));
+    }
+
+    #[test]
+    fn exact_rule_denies_lookalike_suffix() {
+        let p = policy(&["example.com"], &[]);
+        assert_eq!(
+            p.decide("evilexample.com", 443),
+            deny(DenyReason::NotAllowed)
+        );
+        assert_eq!(
+            p.decide("example.com.evil.net", 443),
+            deny(DenyReason::NotAllowed)
+        );
+    }
+
+    #[test]
+    fn suffix_rule_allows_names_below_at_any_depth() {
+        let p = policy(&["*.github.com"], &[]);
+        assert_eq!(p.decide("api.github.com", 443), allow("*.github.com"));
+        assert_eq!(p.decide("a.b.github.com", 22), allow("*.github.com"));
+    }
+
+    #[test]
+    fn suffix_rule_denies_the_apex_and_lookalikes() {
+        let p = policy(&["*.github.com"], &[]);
+        assert_eq!(p.decide("github.com", 443), deny(DenyReason::NotAllowed));
+        assert_eq!(
+            p.decide("evilgithub.com", 443),
+            deny(DenyReason::NotAllowed)
+        );
+        assert_eq!(p.decide(".github.com", 443), deny(DenyReason::InvalidHost));
+    }
+
+    #[test]
+    fn port_rule_allows_only_its_port() {
+        let p = policy(&["example.com:443", "*.example.org:8443"], &[]);
+        assert_eq!(p.decide("example.com", 443), allow("example.com:443"));
+        assert_eq!(p.decide("example.com", 80), deny(DenyReason::NotAllowed));
+        assert_eq!(p.decide("a.example.org", 8443), allow("*.example.org:8443"));
+        assert_eq!(p.decide("a.example.org", 443), deny(DenyReason::NotAllowed));
+    }
+
+    #[test]
+    fn deny_rule_wins_over_matching_allow_rule() {
+        let p = policy(&["*.example.com"], &["secret.example.com"]);
+        assert_eq!(
+            p.decide("secret.example.com", 443),
+            deny(DenyReason::DenyRule {
+                rule: "secret.example.com".into()
+            })
+        );
+        assert_eq!(p.decide("public.example.com", 443), allow("*.example.com"));
+    }
+
+    #[test]
+    fn deny_rule_with_port_denies_only_that_port() {
+        let p = policy(&["example.com"], &["example.com:80"]);
+        assert_eq!(
+            p.decide("example.com", 80),
+            deny(DenyReason::DenyRule {
+                rule: "example.com:80".into()
+            })
+        );
+        assert_eq!(p.decide("example.com", 443), allow("example.com"));
+    }
+
+    #[test]
+    fn deny_suffix_rule_wins_over_exact_allow() {
+        let p = policy(&["a.corp.example"], &["*.corp.example"]);
+        assert_eq!(
+            p.decide("a.corp.example", 443),
+            deny(DenyReason::DenyRule {
+                rule: "*.corp.example".into()
+            })
+        );
+    }
+
+    #[test]
+    fn ip_literal_is_denied_even_when_suffix_or_names_are_allowed() {
+        let p = policy(&["*.example.com", "example.com"], &[]);
+        assert_eq!(p.decide("93.184.216.34", 443), deny(DenyReason::IpLiteral));
+        assert_eq!(p.decide("[2001:db8::1]", 443), deny(DenyReason::IpLiteral));
+        assert_eq!(p.decide("2001:db8::1", 443), deny(DenyReason::IpLiteral));
+    }
+
+    #[test]
+    fn listed_ip_literal_is_allowed_on_its_port_only() {
+        let p = policy(&["10.0.0.5:80", "[2001:db8::1]:443"], &[]);
+        assert_eq!(p.decide("10.0.0.5", 80), allow("10.0.0.5:80"));
+        assert_eq!(p.decide("10.0.0.5", 81), deny(DenyReason::IpLiteral));
+        assert_eq!(p.decide("[2001:db8::1]", 443), allow("[2001:db8::1]:443"));
+        assert_eq!(p.decide("2001:DB8:0::1", 443), allow("[2001:db8::1]:443"));
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_matches_the_ipv4_rule() {
+        let p = policy(&["127.0.0.1"], &[]);
+        assert_eq!(p.decide("[::ffff:127.0.0.1]", 80), allow("127.0.0.1"));
+    }
+
+    #[test]
+    fn numeric_host_forms_are_denied_as_ip_literals() {
+        let p = policy(&["*.example.com"], &[]);
+        assert_eq!(p.decide("2130706433", 80), deny(DenyReason::IpLiteral));
+        assert_eq!(p.decide("127.1", 80), deny(DenyReason::IpLiteral));
+        assert_eq!(p.decide("0x7f.0.0.1", 80), deny(DenyReason::IpLiteral));
+        assert_eq!(p.decide("a.0x7f", 80), deny(DenyReason::IpLiteral));
+    }
+
+    #[test]
+    fn doh_endpoint_is_denied_despite_matching_suffix_rule() {
+        let p = policy(&["*.google", "*.quad9.net", "*.cloudflare-dns.com"], &[]);
+        assert_eq!(p.decide("dns.google", 443), deny(DenyReason::DohEndpoint));
+        assert_eq!(
+            p.decide("dns.quad9.net", 443),
+            deny(DenyReason::DohEndpoint)
+        );
+        assert_eq!(
+            p.decide("mozilla.cloudflare-dns.com", 443),
+            deny(DenyReason::DohEndpoint)
+        );
+    }
+
+    #[test]
+    fn doh_endpoint_without_any_rule_reports_doh_reason() {
+        let p = policy(&[], &[]);
+        assert_eq!(
+            p.decide("doh.opendns.com", 443),
+            deny(DenyReason::DohEndpoint)
+        );
+        assert_eq!(
+            p.decide("cloudflare-dns.com", 443),
+            deny(DenyReason::DohEndpoint)
+        );
+    }
+
+    #[test]
+    fn doh_endpoint_listed_exactly_is_allowed() {
+        let p = policy(&["dns.google:443"], &[]);
+        assert_eq!(p.decide("dns.google", 443), allow("dns.google:443"));
+        assert_eq!(p.decide("DNS.Google.", 443), allow("dns.google:443"));
+    }
+
+    #[test]
+    fn doh_endpoint_listed_exactly_still_loses_to_deny_rule() {
+        let p = policy(&["dns.google"], &["*.google"]);
+        assert_eq!(
+            p.decide("dns.google", 443),
+            deny(DenyReason::DenyRule {
+                rule: "*.google".into()
+            })
+        );
+    }
+
+    #[test]
+    fn hosts_compare_case_insensitively() {
+        let p = policy(&["API.Example.COM", "*.GitHub.com"], &[]);
+        assert_eq!(p.decide("api.example.com", 443), allow("API.Example.COM"));
+        assert_eq!(p.decide("Api.EXAMPLE.com", 443), allow("API.Example.COM"));
+        assert_eq!(
+            p.decide("RAW.githubusercontent.com", 443),
+            deny(DenyReason::NotAllowed)
+        );
+        assert_eq!(p.decide("CODELOAD.GITHUB.COM", 443), allow("*.GitHub.com"));
+    }
+
+    #[test]
+    fn trailing_dot_is_ignored_in_hosts_and_rules() {
+        let p = policy(&["example.com.", "*.example.org"], &["bad.example.org."]);
+        assert_eq!(p.decide("example.com.", 443), allow("example.com."));
+        assert_eq!(p.decide("example.com", 443), allow("example.com."));
+        assert_eq!(p.decide("a.example.org.", 443), allow("*.example.org"));
+        assert_eq!(
+            p.decide("bad.example.org", 443),
+            deny(DenyReason::DenyRule {
+                rule: "bad.example.org.".into()
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_hosts_are_denied_as_invalid() {
+        let p = policy(&["example.com"], &[]);
+        for host in [
+            "",
+            ".",
+            "exa mple.com",
+            "example..com",
+            "-a.com",
+            "a/b",
+            "é.com",
+        ] {
+            assert_eq!(
+                p.decide(host, 443),
+                deny(DenyReason::InvalidHost),
+                "{host:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_policy_denies_everything() {
+        let p = policy(&[], &[]);
+        assert_eq!(p.decide("example.com", 443), deny(DenyReason::NotAllowed));
+    }
+
+    #[test]
+    fn decision_exposes_rule_and_reason_code() {
+        let p = policy(&["a.test"], &["b.test"]);
+        let allowed = p.decide("a.test", 1);
+        let denied = p.decide("b.test", 1);
+        let unknown = p.decide("c.test", 1);
+        assert_eq!(
+            (allowed.rule(), allowed.reason_code()),
+            (Some("a.test"), "allow_rule")
+        );
+        assert_eq!(
+            (denied.rule(), denied.reason_code()),
+            (Some("b.test"), "deny_rule")
+        );
+        assert_eq!(
+            (unknown.rule(), unknown.reason_code()),
+            (None, "not_allowed")
+        );
+    }
+
+    #[test]
+    fn bad_rules_are_rejected_naming_the_rule() {
+        let cases = [
+            "",
+            "*",
+            "*.",
+            "a.*.com",
+            "ex ample.com",
+            "example.com:0",
+            "example.com:70000",
+            "example.com:http",
+            "[::1",
+            "[::1]443",
+            "[nope]:443",
+            "1.2.3",
+            "999.1.1.1",
+        ];
+        for rule in cases {
+            let message = rule_error(rule);
+            assert!(message.contains(&format!("{rule:?}")), "{message}");
+        }
+    }
+
+    #[test]
+    fn bad_rule_error_explains_the_wildcard_form() {
+        assert!(rule_error("a.*.com").contains("leading `*.`"));
+    }
+
+    #[test]
+    fn canonical_host_unifies_case_dot_and_brackets() {
+        assert_eq!(canonical_host("Example.COM."), "example.com");
+        assert_eq!(canonical_host("[::ffff:127.0.0.1]"), "127.0.0.1");
+        assert_eq!(canonical_host("[2001:DB8::1]"), "2001:db8::1");
+    }
+}

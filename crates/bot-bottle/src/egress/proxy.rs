@@ -1,0 +1,912 @@
+//! The egress proxy server: HTTP `CONNECT` tunnels and plain-HTTP forwarding, each request
+//! decided by the [`EgressPolicy`] and recorded as one [`EgressEvent`].
+//!
+//! One request per client connection for plain HTTP (the upstream request carries
+//! `Connection: close` and the client connection closes after the response), so bytes a client
+//! pipelines after the first request can never reach a host the policy did not decide on.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+
+use super::events::{EgressEvent, EventLog};
+use super::http::{self, BodyFraming, HeadError, RequestHead};
+use super::policy::{canonical_host, Decision, EgressPolicy};
+use super::resolve::Resolver;
+use super::EgressError;
+
+/// Buffer per direction of a tunnel: large enough for full-speed loopback copies.
+const TUNNEL_BUFFER: usize = 64 * 1024;
+/// Longest chunk-size or trailer line accepted in a chunked request body.
+const MAX_CHUNK_LINE: usize = 4096;
+/// How long a denied or refused client may keep sending before we close (lets it read the
+/// response instead of getting a reset), and how much of it we read meanwhile.
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES: u64 = 256 * 1024;
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Resource limits and timeouts. [`Default`] gives the production values.
+#[derive(Debug, Clone)]
+pub struct ProxyLimits {
+    /// Client connections served at once; beyond it a client gets `503` and is closed.
+    pub max_connections: usize,
+    /// Largest request head (request line + headers) in bytes; beyond it `431`.
+    pub max_head_bytes: usize,
+    /// Time a client has to send its complete request head; beyond it `408`.
+    pub head_timeout: Duration,
+    /// Time to resolve and connect upstream; beyond it `504`.
+    pub connect_timeout: Duration,
+    /// A tunnel or forwarded exchange with no bytes in either direction for this long is closed.
+    pub idle_timeout: Duration,
+    /// On shutdown, how long open connections may finish before they are cut.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        ProxyLimits {
+            max_connections: 512,
+            max_head_bytes: 32 * 1024,
+            head_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything the proxy needs to run for one bottle.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub bottle_id: String,
+    pub listen: SocketAddr,
+    pub policy: EgressPolicy,
+    /// Where decision events are appended (JSON lines); `None` logs them only via `tracing`.
+    pub event_log: Option<PathBuf>,
+    /// Upstream name resolution; [`Resolver::system`] in production.
+    pub resolver: Resolver,
+    pub limits: ProxyLimits,
+    /// Dial loopback addresses that an allowed *name* resolves to. Off in production (a name
+    /// must not lead back into the bundle's own services); tests and benchmarks turn it on.
+    /// An IP literal the policy lists exactly is always dialled.
+    pub allow_loopback_upstream: bool,
+}
+
+impl ProxyConfig {
+    /// Production defaults: system resolver, default limits, no loopback upstreams.
+    pub fn new(bottle_id: &str, listen: SocketAddr, policy: EgressPolicy) -> Self {
+        ProxyConfig {
+            bottle_id: bottle_id.to_owned(),
+            listen,
+            policy,
+            event_log: None,
+            resolver: Resolver::system(),
+            limits: ProxyLimits::default(),
+            allow_loopback_upstream: false,
+        }
+    }
+}
+
+/// A bound proxy, not yet serving. Lets callers (tests) listen on port 0 and learn the address.
+#[derive(Debug)]
+pub struct EgressProxy {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    bottle_id: String,
+    policy: EgressPolicy,
+    resolver: Resolver,
+    events: Option<EventLog>,
+    limits: ProxyLimits,
+    allow_loopback_upstream: bool,
+}
+
+/// Binds `config.listen` and serves until `shutdown` completes.
+pub async fn serve(
+    config: ProxyConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), EgressError> {
+    EgressProxy::bind(config).await?.run(shutdown).await
+}
+
+impl EgressProxy {
+    /// Opens the event log and binds the listener.
+    pub async fn bind(config: ProxyConfig) -> Result<Self, EgressError> {
+        let events = match &config.event_log {
+            Some(path) => Some(EventLog::open(path).await?),
+            None => None,
+        };
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| EgressError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(EgressError::LocalAddr)?;
+        Ok(EgressProxy {
+            listener,
+            local_addr,
+            shared: Arc::new(Shared {
+                bottle_id: config.bottle_id,
+                policy: config.policy,
+                resolver: config.resolver,
+                events,
+                limits: config.limits,
+                allow_loopback_upstream: config.allow_loopback_upstream,
+            }),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, gives open connections
+    /// [`ProxyLimits::shutdown_grace`] to finish and cuts the rest.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), EgressError> {
+        let span = tracing::info_span!("egress", bottle_id = %self.shared.bottle_id);
+        let _entered = span.enter();
+        tracing::info!(listen = %self.local_addr, "egress proxy listening");
+        let permits = Arc::new(Semaphore::new(self.shared.limits.max_connections));
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                accepted = self.listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(ACCEPT_BACKOFF).await;
+                            continue;
+                        }
+                    };
+                    let shared = Arc::clone(&self.shared);
+                    match Arc::clone(&permits).try_acquire_owned() {
+                        Ok(permit) => {
+                            tasks.spawn(async move {
+                                handle_connection(stream, peer, &shared).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => {
+                            tasks.spawn(async move {
+                                let body = "bot-bottle egress: too many open connections, retry later\n";
+                                refuse(stream, &http::response(503, "Service Unavailable", body)).await;
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        drop(self.listener);
+        let grace = self.shared.limits.shutdown_grace;
+        let drained = timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::info!(
+                open = tasks.len(),
+                "cutting connections still open after shutdown grace"
+            );
+        }
+        tasks.shutdown().await;
+        Ok(())
+    }
+}
+
+/// What the proxy answers when it does not tunnel or forward.
+struct Refusal {
+    status: u16,
+    reason: &'static str,
+    body: String,
+}
+
+impl Refusal {
+    fn bad_request(why: &str) -> Self {
+        Refusal {
+            status: 400,
+            reason: "Bad Request",
+            body: format!("bot-bottle egress: bad request: {why}\n"),
+        }
+    }
+}
+
+async fn handle_connection(mut client: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let _ = client.set_nodelay(true);
+    let conn = Conn { peer, shared };
+    let (head, leftover) = match read_head(&mut client, &shared.limits).await {
+        Ok(Some(read)) => read,
+        Ok(None) => return,
+        Err(refusal) => {
+            if refusal.status != 408 {
+                conn.log_bad_request("", &refusal.body).await;
+            }
+            return refuse(
+                client,
+                &http::response(refusal.status, refusal.reason, &refusal.body),
+            )
+            .await;
+        }
+    };
+    let outcome = if head.method == "CONNECT" {
+        conn.connect(&mut client, &head, leftover).await
+    } else {
+        conn.forward(&mut client, &head, leftover).await
+    };
+    if let Err(refusal) = outcome {
+        refuse(
+            client,
+            &http::response(refusal.status, refusal.reason, &refusal.body),
+        )
+        .await;
+    }
+}
+
+/// Reads a complete request head. `Ok(None)`: the client closed before sending one.
+async fn read_head(
+    client: &mut TcpStream,
+    limits: &ProxyLimits,
+) -> Result<Option<(RequestHead, Vec<u8>)>, Refusal> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 8192];
+    let reading = async {
+        loop {
+            let n = client
+                .read(&mut chunk)
+                .await
+                .map_err(|e| Refusal::bad_request(&e.to_string()))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            match http::parse_head(&buf) {
+                Ok(Some((head, len))) if len <= limits.max_head_bytes => {
+                    return Ok(Some((head, buf[len..].to_vec())))
+                }
+                Ok(Some(_)) | Err(HeadError::TooManyHeaders) => return Err(too_large(limits)),
+                Ok(None) if buf.len() > limits.max_head_bytes => return Err(too_large(limits)),
+                Ok(None) => {}
+                Err(HeadError::Malformed(why)) => return Err(Refusal::bad_request(&why)),
+            }
+        }
+    };
+    timeout(limits.head_timeout, reading)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Refusal {
+                status: 408,
+                reason: "Request Timeout",
+                body: "bot-bottle egress: request head not received in time\n".into(),
+            })
+        })
+}
+
+fn too_large(limits: &ProxyLimits) -> Refusal {
+    Refusal {
+        status: 431,
+        reason: "Request Header Fields Too Large",
+        body: format!(
+            "bot-bottle egress: request head larger than {} bytes or {} header lines\n",
+            limits.max_head_bytes,
+            http::MAX_HEADERS
+        ),
+    }
+}
+
+/// Writes a response, half-closes, and lingers briefly so the client reads it rather than a
+/// reset caused by bytes it sent that we never read.
+async fn refuse(mut client: TcpStream, response: &[u8]) {
+    if client.write_all(response).await.is_err() || client.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = tokio::io::sink();
+    let _ = timeout(
+        LINGER,
+        tokio::io::copy(&mut (&mut client).take(LINGER_BYTES), &mut sink),
+    )
+    .await;
+}
+
+/// One client connection's view of the proxy.
+struct Conn<'a> {
+    peer: SocketAddr,
+    shared: &'a Shared,
+}
+
+impl Conn<'_> {
+    fn event(&self, method: &str, host: &str, port: u16) -> EgressEvent {
+        EgressEvent::now(
+            &self.shared.bottle_id,
+            &self.peer.to_string(),
+            method,
+            host,
+            port,
+        )
+    }
+
+    /// Writes an event (and mirrors it to `tracing`). `Err` only when the log file fails.
+    async fn record(&self, event: &EgressEvent) -> Result<(), EgressError> {
+        tracing::info!(
+            host = %event.host, port = event.port, verdict = %event.verdict,
+            rule = event.rule.as_deref().unwrap_or(""), reason = %event.reason, "egress decision"
+        );
+        match &self.shared.events {
+            Some(log) => log.append(event).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn log_bad_request(&self, method: &str, why: &str) {
+        let mut event = self.event(method, "", 0);
+        event.verdict = "deny".into();
+        event.reason = "bad_request".into();
+        event.detail = Some(why.trim_end().to_owned());
+        if let Err(e) = self.record(&event).await {
+            tracing::error!(error = %e, "cannot record egress event");
+        }
+    }
+
+    async fn bad_request(&self, method: &str, why: &str) -> Refusal {
+        let refusal = Refusal::bad_request(why);
+        self.log_bad_request(method, &refusal.body).await;
+        refusal
+    }
+
+    /// Records a deny and builds the 403 carrying the manifest's deny message.
+    async fn deny(&self, mut event: EgressEvent, explanation: &str) -> Refusal {
+        event.verdict = "deny".into();
+        if let Err(e) = self.record(&event).await {
+            tracing::error!(error = %e, "cannot record egress event");
+        }
+        let message = self.shared.policy.deny_message();
+        let separator = if message.is_empty() || message.ends_with('\n') {
+            ""
+        } else {
+            "\n"
+        };
+        Refusal {
+            status: 403,
+            reason: "Forbidden",
+            body: format!(
+                "{message}{separator}bot-bottle egress: {}:{} denied: {explanation}\n",
+                event.host, event.port
+            ),
+        }
+    }
+
+    /// Fills an event from a policy decision.
+    fn decided(&self, method: &str, host: &str, port: u16, decision: &Decision) -> EgressEvent {
+        let mut event = self.event(method, host, port);
+        event.verdict = if decision.is_allowed() {
+            "allow"
+        } else {
+            "deny"
+        }
+        .into();
+        event.rule = decision.rule().map(str::to_owned);
+        event.reason = decision.reason_code().into();
+        event
+    }
+
+    /// Resolves and connects after an allow decision; records the final event.
+    async fn open_upstream(
+        &self,
+        mut event: EgressEvent,
+        host: &str,
+        port: u16,
+    ) -> Result<TcpStream, Refusal> {
+        let limits = &self.shared.limits;
+        let addresses =
+            match timeout(limits.connect_timeout, self.shared.resolver.lookup(host)).await {
+                Ok(Ok(addresses)) => addresses,
+                Ok(Err(e)) => return Err(self.upstream_failed(event, host, port, &e).await),
+                Err(_) => {
+                    let e = EgressError::ConnectTimeout {
+                        host: host.to_owned(),
+                        port,
+                    };
+                    return Err(self.upstream_failed(event, host, port, &e).await);
+                }
+            };
+        let literal = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok();
+        let (dialable, blocked): (Vec<IpAddr>, Vec<IpAddr>) = addresses
+            .into_iter()
+            .partition(|ip| literal || dialable(*ip, self.shared.allow_loopback_upstream));
+        if dialable.is_empty() {
+            let e = EgressError::BlockedAddress {
+                host: host.to_owned(),
+                addresses: blocked
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            };
+            event.reason = "blocked_address".into();
+            event.rule = None;
+            event.detail = Some(e.to_string());
+            return Err(self.deny(event, &e.to_string()).await);
+        }
+        if let Err(e) = self.record(&event).await {
+            tracing::error!(error = %e, "cannot record egress event; refusing (fail closed)");
+            return Err(Refusal {
+                status: 503,
+                reason: "Service Unavailable",
+                body: "bot-bottle egress: the egress event log cannot be written; refusing traffic that cannot be recorded\n".into(),
+            });
+        }
+        let connecting = async {
+            let mut last = None;
+            for ip in dialable {
+                match TcpStream::connect(SocketAddr::new(ip, port)).await {
+                    Ok(stream) => return Ok(stream),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable)))
+        };
+        match timeout(limits.connect_timeout, connecting).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
+            Ok(Err(source)) => Err(gateway_error(&EgressError::Connect {
+                host: host.to_owned(),
+                port,
+                source,
+            })),
+            Err(_) => Err(gateway_error(&EgressError::ConnectTimeout {
+                host: host.to_owned(),
+                port,
+            })),
+        }
+    }
+
+    /// Records the allow decision with the failure, and builds the 502/504.
+    async fn upstream_failed(
+        &self,
+        mut event: EgressEvent,
+        host: &str,
+        port: u16,
+        e: &EgressError,
+    ) -> Refusal {
+        event.detail = Some(format!("upstream: {e}"));
+        if let Err(log_error) = self.record(&event).await {
+            tracing::error!(error = %log_error, "cannot record egress event");
+        }
+        tracing::warn!(%host, port, error = %e, "upstream unreachable");
+        gateway_error(e)
+    }
+
+    async fn connect(
+        &self,
+        client: &mut TcpStream,
+        head: &RequestHead,
+        leftover: Vec<u8>,
+    ) -> Result<(), Refusal> {
+        let (host, port) = match http::parse_authority(&head.target, None) {
+            Ok(target) => target,
+            Err(why) => {
+                return Err(self
+                    .bad_request("CONNECT", &format!("CONNECT target: {why}"))
+                    .await)
+            }
+        };
+        let decision = self.shared.policy.decide(&host, port);
+        let event = self.decided("CONNECT", &host, port, &decision);
+        if let Decision::Deny { reason } = &decision {
+            return Err(self.deny(event, &reason.to_string()).await);
+        }
+        let upstream = self.open_upstream(event, &host, port).await?;
+        let mut upstream = Tracked::new(upstream);
+        let activity = upstream.activity();
+        let _ = async {
+            client
+                .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                .await?;
+            upstream.write_all(&leftover).await?;
+            let copying = tokio::io::copy_bidirectional_with_sizes(
+                client,
+                &mut upstream,
+                TUNNEL_BUFFER,
+                TUNNEL_BUFFER,
+            );
+            tokio::select! {
+                copied = copying => copied.map(|_| ()),
+                () = idle(&activity, self.shared.limits.idle_timeout) => Ok(()),
+            }
+        }
+        .await
+        .inspect_err(|e: &io::Error| tracing::debug!(%host, port, error = %e, "tunnel ended"));
+        Ok(())
+    }
+
+    async fn forward(
+        &self,
+        client: &mut TcpStream,
+        head: &RequestHead,
+        leftover: Vec<u8>,
+    ) -> Result<(), Refusal> {
+        let method = head.method.as_str();
+        let hosts: Vec<&[u8]> = head.header_values("host").collect();
+        if hosts.len() > 1 {
+            return Err(self.bad_request(method, "more than one Host header").await);
+        }
+        let host_header = match hosts.first() {
+            Some(value) => {
+                let text = std::str::from_utf8(value).unwrap_or("\u{fffd}").trim();
+                match http::parse_authority(text, Some(80)) {
+                    Ok((host, port)) => Some((host, port, text.to_owned())),
+                    Err(why) => {
+                        return Err(self
+                            .bad_request(method, &format!("Host header: {why}"))
+                            .await)
+                    }
+                }
+            }
+            None => None,
+        };
+        let target = if head.target.starts_with('/') {
+            // Origin form (a client treating us as the server): the Host header is the target.
+            match &host_header {
+                Some((host, port, text)) => http::AbsoluteTarget {
+                    host: host.clone(),
+                    port: *port,
+                    authority: text.clone(),
+                    path: head.target.clone(),
+                },
+                None => {
+                    return Err(self
+                        .bad_request(method, "origin-form request without a Host header")
+                        .await)
+                }
+            }
+        } else {
+            match http::parse_absolute_http(&head.target) {
+                Ok(target) => target,
+                Err(why) => return Err(self.bad_request(method, &why).await),
+            }
+        };
+        let framing = match http::body_framing(head) {
+            Ok(framing) => framing,
+            Err(why) => return Err(self.bad_request(method, &why).await),
+        };
+
+        // Decide on the URI host; a Host header naming anything else must be allowed too.
+        let decision = self.shared.policy.decide(&target.host, target.port);
+        let mut event = self.decided(method, &target.host, target.port, &decision);
+        if let Decision::Deny { reason } = &decision {
+            return Err(self.deny(event, &reason.to_string()).await);
+        }
+        if let Some((h_host, h_port, text)) = &host_header {
+            if canonical_host(h_host) != canonical_host(&target.host) || *h_port != target.port {
+                let header_decision = self.shared.policy.decide(h_host, *h_port);
+                event.detail = Some(format!(
+                    "Host header {text:?} differs from the request target"
+                ));
+                if let Decision::Deny { reason } = &header_decision {
+                    event.reason = "host_header_denied".into();
+                    event.rule = header_decision.rule().map(str::to_owned);
+                    let why = format!("the Host header names {text}, which is denied: {reason}");
+                    return Err(self.deny(event, &why).await);
+                }
+            }
+        }
+
+        let upstream = self.open_upstream(event, &target.host, target.port).await?;
+        let mut upstream = Tracked::new(upstream);
+        let activity = upstream.activity();
+        let request = http::upstream_head(head, &target.path, &target.authority);
+        let exchange = async {
+            upstream.write_all(&request).await?;
+            let (client_read, mut client_write) = client.split();
+            let (upstream_read, mut upstream_write) = tokio::io::split(&mut upstream);
+            let mut body = BufReader::new(io::Cursor::new(leftover).chain(client_read));
+            let sending = forward_body(&mut body, &mut upstream_write, framing);
+            let receiving = async {
+                let mut upstream_read = upstream_read;
+                tokio::io::copy(&mut upstream_read, &mut client_write).await?;
+                client_write.shutdown().await
+            };
+            tokio::pin!(sending, receiving);
+            tokio::select! {
+                received = &mut receiving => received,
+                sent = &mut sending => {
+                    sent?;
+                    receiving.await
+                }
+            }
+        };
+        let _ = tokio::select! {
+            done = exchange => done,
+            () = idle(&activity, self.shared.limits.idle_timeout) => Ok(()),
+        }
+        .inspect_err(|e| tracing::debug!(host = %target.host, error = %e, "forwarding ended"));
+        Ok(())
+    }
+}
+
+fn gateway_error(e: &EgressError) -> Refusal {
+    let (status, reason) = match e {
+        EgressError::ConnectTimeout { .. } | EgressError::DnsTimeout { .. } => {
+            (504, "Gateway Timeout")
+        }
+        _ => (502, "Bad Gateway"),
+    };
+    Refusal {
+        status,
+        reason,
+        body: format!("bot-bottle egress: {e}\n"),
+    }
+}
+
+/// Whether an address an allowed *name* resolved to may be dialled. Never: unspecified
+/// (`0.0.0.0` reaches the local host), multicast, broadcast, link-local (cloud metadata at
+/// 169.254.169.254). Loopback only when `allow_loopback`.
+fn dialable(ip: IpAddr, allow_loopback: bool) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let forbidden = match ip {
+        IpAddr::V4(v4) => {
+            v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() || v4.is_link_local()
+        }
+        IpAddr::V6(v6) => {
+            v6.is_unspecified() || v6.is_multicast() || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    };
+    !forbidden && (allow_loopback || !ip.is_loopback())
+}
+
+/// Copies a request body delimited by `framing`, and nothing after it.
+async fn forward_body<R, W>(body: &mut R, upstream: &mut W, framing: BodyFraming) -> io::Result<()>
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    match framing {
+        BodyFraming::None => Ok(()),
+        BodyFraming::Length(len) => {
+            let copied = tokio::io::copy_buf(&mut body.take(len), upstream).await?;
+            if copied < len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "request body cut short",
+                ));
+            }
+            Ok(())
+        }
+        BodyFraming::Chunked => loop {
+            let line = read_line(body).await?;
+            upstream.write_all(&line).await?;
+            let size_text = std::str::from_utf8(&line)
+                .ok()
+                .and_then(|l| l.trim_end().split(';').next())
+                .map(str::trim)
+                .unwrap_or("");
+            let size = u64::from_str_radix(size_text, 16)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+            if size == 0 {
+                // Trailer lines up to and including the empty line.
+                loop {
+                    let trailer = read_line(body).await?;
+                    upstream.write_all(&trailer).await?;
+                    if trailer == b"\r\n" || trailer == b"\n" {
+                        return Ok(());
+                    }
+                }
+            }
+            // Chunk data plus its CRLF.
+            let want = size + 2;
+            let copied = tokio::io::copy_buf(&mut (&mut *body).take(want), upstream).await?;
+            if copied < want {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "chunk cut short",
+                ));
+            }
+        },
+    }
+}
+
+/// One line including its `\n`, at most [`MAX_CHUNK_LINE`] bytes.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let n = (&mut *reader)
+        .take(MAX_CHUNK_LINE as u64)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if n == 0 || !line.ends_with(b"\n") {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad chunk line"));
+    }
+    Ok(line)
+}
+
+/// Milliseconds since `base` of the last byte moved, shared between a stream and its watchdog.
+#[derive(Debug)]
+struct Activity {
+    base: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.base
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Completes once no byte has moved for `limit`.
+async fn idle(activity: &Activity, limit: Duration) {
+    loop {
+        let idle_for = activity.idle_for();
+        if idle_for >= limit {
+            return;
+        }
+        tokio::time::sleep(limit - idle_for).await;
+    }
+}
+
+/// A stream that notes the time of every successful read and write.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Tracked<S> {
+    fn new(inner: S) -> Self {
+        Tracked {
+            inner,
+            activity: Arc::new(Activity {
+                base: Instant::now(),
+                last_ms: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn activity(&self) -> Arc<Activity> {
+        Arc::clone(&self.activity)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn dialable_refuses_unspecified_link_local_and_multicast() {
+        let refused = [
+            "0.0.0.0",
+            "169.254.169.254",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:169.254.169.254",
+        ];
+        let results: Vec<bool> = refused
+            .iter()
+            .map(|ip| dialable(ip.parse().unwrap(), true))
+            .collect();
+        assert_eq!(results, vec![false; refused.len()]);
+    }
+
+    #[test]
+    fn dialable_refuses_loopback_unless_allowed() {
+        let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        assert_eq!((dialable(v4, false), dialable(v6, false)), (false, false));
+        assert_eq!((dialable(v4, true), dialable(v6, true)), (true, true));
+    }
+
+    #[test]
+    fn dialable_accepts_private_and_public_addresses() {
+        assert!(dialable("172.18.0.3".parse().unwrap(), false));
+        assert!(dialable("2001:db8::1".parse().unwrap(), false));
+    }
+
+    #[tokio::test]
+    async fn forward_body_chunked_stops_after_last_chunk() {
+        let input = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nGET http://evil.test/ HTTP/1.1\r\n\r\n";
+        let mut reader = BufReader::new(&input[..]);
+        let mut out = Vec::new();
+
+        forward_body(&mut reader, &mut out, BodyFraming::Chunked)
+            .await
+            .unwrap();
+
+        assert_eq!(out, b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn forward_body_length_stops_at_content_length() {
+        let mut reader = BufReader::new(&b"helloGET /next"[..]);
+        let mut out = Vec::new();
+
+        forward_body(&mut reader, &mut out, BodyFraming::Length(5))
+            .await
+            .unwrap();
+
+        assert_eq!(out, b"hello");
+    }
+
+    #[tokio::test]
+    async fn forward_body_rejects_bad_chunk_size() {
+        let mut reader = BufReader::new(&b"zz\r\nabc\r\n"[..]);
+        let err = forward_body(&mut reader, &mut Vec::new(), BodyFraming::Chunked)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+}
