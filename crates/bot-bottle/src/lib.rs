@@ -4,6 +4,16 @@
 //! lives in `bottle-vmm`.
 #![forbid(unsafe_code)]
 
+pub mod alias;
+pub mod docker;
 pub mod egress;
+pub mod guard;
 pub mod kernel;
+pub mod logging;
+pub mod manifest;
+pub mod mounts;
+pub mod paths;
+pub mod plan;
+pub mod preflight;
 pub mod rootfs;
+pub mod state;

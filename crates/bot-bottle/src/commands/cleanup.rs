@@ -1,0 +1,79 @@
+//! `bot-bottle cleanup`: remove what killed runs left: state rows whose process is gone,
+//! their leases and machine rows, and Docker objects with our labels that no live bottle owns.
+
+use std::collections::BTreeSet;
+
+use anyhow::Context as _;
+use bot_bottle::docker;
+use bot_bottle::state::StateDb;
+
+use super::Context;
+
+#[derive(Debug, clap::Args)]
+pub struct CleanupArgs {
+    /// Only print what would be removed.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub async fn run(ctx: &Context, args: CleanupArgs) -> anyhow::Result<i32> {
+    let db_path = ctx.dirs.db_path();
+    let db = if db_path.is_file() {
+        Some(StateDb::open_existing(&db_path).context("opening the state database")?)
+    } else {
+        None
+    };
+    let rows = match &db {
+        Some(db) => db.bottles()?,
+        None => Vec::new(),
+    };
+    let live: BTreeSet<String> = rows
+        .iter()
+        .filter(|r| r.live)
+        .map(|r| r.id.clone())
+        .collect();
+    let mut dead: BTreeSet<String> = rows
+        .iter()
+        .filter(|r| !r.live)
+        .map(|r| r.id.clone())
+        .collect();
+
+    let docker = docker::connect()
+        .await
+        .context("cleanup needs Docker to find leftovers")?;
+    for c in docker::managed_containers(&docker, None).await? {
+        if !live.contains(&c.bottle_id) {
+            dead.insert(c.bottle_id);
+        }
+    }
+    for (_, id) in docker::managed_networks(&docker, None).await? {
+        if !live.contains(&id) {
+            dead.insert(id);
+        }
+    }
+    let mut failures = 0;
+    for id in &dead {
+        if args.dry_run {
+            println!("would remove {id}");
+            continue;
+        }
+        for err in docker::remove_bottle_objects(&docker, id).await {
+            failures += 1;
+            eprintln!("bot-bottle: {id}: {err}");
+        }
+        if let Some(db) = &db {
+            db.delete_bottle(id)
+                .with_context(|| format!("removing state of {id}"))?;
+        }
+        println!("removed {id}");
+    }
+    if let Some(db) = &db {
+        if !args.dry_run {
+            db.prune_dead_leases()?;
+        }
+    }
+    if dead.is_empty() {
+        println!("nothing to clean up");
+    }
+    Ok(i32::from(failures > 0))
+}

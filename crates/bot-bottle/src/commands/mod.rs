@@ -1,0 +1,112 @@
+//! One file per subcommand; `anyhow` with context at this edge only.
+
+mod cleanup;
+mod doctor;
+mod list;
+mod plan;
+mod start;
+mod stop;
+
+use clap::{Parser, Subcommand};
+
+use bot_bottle::manifest::ManifestSource;
+use bot_bottle::paths::Dirs;
+
+/// Run AI coding agents (Claude Code, Codex) inside a sandbox they cannot talk their way out of.
+#[derive(Debug, Parser)]
+#[command(name = "bot-bottle", version, about, propagate_version = true)]
+pub struct Cli {
+    /// More logging (-v: info, -vv: debug). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build what is missing, start the bottle and attach to its agent.
+    Start(start::StartArgs),
+    /// List running bottles.
+    List(list::ListArgs),
+    /// Stop a running bottle (its `start` tears everything down).
+    Stop(stop::StopArgs),
+    /// Remove everything a killed run left behind (state rows, Docker objects, leases).
+    Cleanup(cleanup::CleanupArgs),
+    /// Check the host: Docker, KVM, state directory; each problem with its fix.
+    Doctor(doctor::DoctorArgs),
+    /// Print the resolved plan of a bottle without touching anything.
+    Plan(plan::PlanArgs),
+}
+
+/// What every command needs: where things live, where manifests come from.
+pub struct Context {
+    pub dirs: Dirs,
+    pub manifests: ManifestSource,
+}
+
+impl Context {
+    fn from_env() -> anyhow::Result<Self> {
+        let dirs = Dirs::from_env()?;
+        let manifests = ManifestSource::new(dirs.bottles_dir());
+        Ok(Self { dirs, manifests })
+    }
+}
+
+/// Run a command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let ctx = Context::from_env()?;
+    match cli.command {
+        Command::Start(args) => start::run(&ctx, args).await,
+        Command::List(args) => list::run(&ctx, args).await,
+        Command::Stop(args) => stop::run(&ctx, args).await,
+        Command::Cleanup(args) => cleanup::run(&ctx, args).await,
+        Command::Doctor(args) => doctor::run(&ctx, args).await,
+        Command::Plan(args) => plan::run(&ctx, args).await,
+    }
+}
+
+/// A bottle resolved from the command line: manifest, backend, checked mounts.
+pub struct Resolved {
+    pub manifest: bot_bottle::manifest::Manifest,
+    pub backend: bot_bottle::manifest::Backend,
+    pub mounts: Vec<bot_bottle::plan::HostMount>,
+}
+
+/// Load the manifest, pick the backend (flag, else manifest, else microvm) and check mounts.
+pub fn resolve(
+    ctx: &Context,
+    bottle: &str,
+    backend: Option<bot_bottle::manifest::Backend>,
+    mount_args: &[String],
+) -> anyhow::Result<Resolved> {
+    use anyhow::Context as _;
+    let manifest = ctx.manifests.load(bottle)?;
+    let backend = backend
+        .or(manifest.backend)
+        .unwrap_or(bot_bottle::manifest::Backend::Microvm);
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let mut mounts = Vec::new();
+    for m in &manifest.mounts {
+        mounts.push(bot_bottle::mounts::check_host(m, &ctx.dirs.home, &cwd)?);
+    }
+    for arg in mount_args {
+        let m = bot_bottle::mounts::parse_arg(arg)?;
+        mounts.push(bot_bottle::mounts::check_host(&m, &ctx.dirs.home, &cwd)?);
+    }
+    Ok(Resolved {
+        manifest,
+        backend,
+        mounts,
+    })
+}
+
+/// A new bottle id: `<name>-<6 hex digits>` from the kernel's random source.
+pub fn new_bottle_id(name: &str) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 3];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| anyhow::anyhow!("cannot read /dev/urandom for a bottle id: {e}"))?;
+    Ok(format!("{name}-{}", hex::encode(bytes)))
+}

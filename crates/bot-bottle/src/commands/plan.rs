@@ -1,0 +1,99 @@
+//! `bot-bottle plan`: the resolved plan of a bottle, touching nothing.
+
+use bot_bottle::manifest::Backend;
+use bot_bottle::plan::{self, derive_cid, HostFacts};
+
+use super::Context;
+
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    /// Bottle name (bundled, or a file in ~/.config/bot-bottle/bottles/).
+    bottle: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Backend to plan for (default: the manifest's, else microvm).
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
+    /// Host directory to mount, HOST[:GUEST] (repeatable).
+    #[arg(long = "mount", value_name = "HOST[:GUEST]")]
+    mounts: Vec<String>,
+}
+
+pub async fn run(ctx: &Context, args: PlanArgs) -> anyhow::Result<i32> {
+    let resolved = super::resolve(ctx, &args.bottle, args.backend, &args.mounts)?;
+    // The address `start` would take now, read without locking or writing anything. Docker
+    // is consulted when reachable; a plan is still printed when it is not.
+    let pool = bot_bottle::alias::pool_from_env()?;
+    let published = match bot_bottle::docker::connect().await {
+        Ok(d) => bot_bottle::docker::published_aliases(&d)
+            .await
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    let alias = bot_bottle::alias::peek(&ctx.dirs.db_path(), &pool, &published)?;
+    let runsc = match bot_bottle::docker::connect().await {
+        Ok(d) => bot_bottle::docker::runsc_registered(&d)
+            .await
+            .unwrap_or(false),
+        Err(_) => false,
+    };
+    let id = format!("{}-xxxxxx", resolved.manifest.name);
+    let facts = HostFacts {
+        guest_cid: derive_cid(&id, 0),
+        bottle_id: id,
+        alias,
+        backend: resolved.backend,
+        mounts: resolved.mounts,
+        runsc,
+    };
+    let p = plan::plan(&resolved.manifest, &facts)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+    } else {
+        print_human(&p);
+    }
+    Ok(0)
+}
+
+fn print_human(p: &plan::BottlePlan) {
+    println!(
+        "bottle      {} (id {}, backend {})",
+        p.bottle, p.id, p.backend
+    );
+    println!("alias       {}   guest CID {}", p.alias, p.guest_cid);
+    println!("network     {}", p.network.egress);
+    if let Some(n) = &p.network.internal {
+        println!(
+            "internal    {} {} (bundle {}, agent {})",
+            n.name, n.subnet, n.bundle_ip, n.agent_ip
+        );
+    }
+    println!("bundle      {}", p.bundle.container);
+    for port in &p.bundle.ports {
+        println!(
+            "  port      {}:{} -> {} ({})",
+            port.host_ip, port.host_port, port.container_port, port.service
+        );
+    }
+    println!("agent       {} ({})", p.agent.name, p.agent.dockerfile);
+    println!("  command   {}", p.agent.command.join(" "));
+    println!("  user      {}   workdir {}", p.agent.user, p.agent.workdir);
+    println!(
+        "  resources {} vCPU, {} MiB",
+        p.agent.vcpus, p.agent.memory_mib
+    );
+    for (k, v) in &p.agent.env {
+        println!("  env       {k}={v}");
+    }
+    println!("egress      allow {}", p.egress.allow.join(", "));
+    if !p.egress.deny.is_empty() {
+        println!("            deny  {}", p.egress.deny.join(", "));
+    }
+    for a in &p.allowlist {
+        println!("allowlist   {}:{}", a.cidr, a.port);
+    }
+    for m in &p.mounts {
+        println!("mount       {} -> {}", m.host.display(), m.guest.display());
+    }
+}

@@ -1,0 +1,198 @@
+//! `bot-bottle start`: preflight, plan, allocate, build, run, attach; tear down on the way out.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use bot_bottle::guard::GuardStack;
+use bot_bottle::manifest::Backend;
+use bot_bottle::plan::{self, BottlePlan, HostFacts};
+use bot_bottle::state::{Owner, StateDb};
+use bot_bottle::{alias, docker, preflight};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::Instrument as _;
+
+use super::Context;
+
+/// Test hook: pause after the named step until a signal arrives (used by the kill tests).
+const PAUSE_ENV: &str = "BOT_BOTTLE_PAUSE_AT";
+
+#[derive(Debug, clap::Args)]
+pub struct StartArgs {
+    /// Bottle name (bundled: claude, codex, test; or your own).
+    bottle: String,
+    /// Isolation backend (default: the manifest's, else microvm).
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
+    /// Host directory shown read-only with a writable overlay, HOST[:GUEST] (repeatable).
+    #[arg(long = "mount", value_name = "HOST[:GUEST]")]
+    mounts: Vec<String>,
+    /// Run this command in the bottle instead of the agent, then tear down; exit code passes through.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// Why the session ended early.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by {0}: tearing down")]
+struct Interrupted(&'static str);
+
+pub async fn run(ctx: &Context, args: StartArgs) -> anyhow::Result<i32> {
+    let resolved = super::resolve(ctx, &args.bottle, args.backend, &args.mounts)?;
+    let id = super::new_bottle_id(&resolved.manifest.name)?;
+    let span = tracing::info_span!("bottle", bottle_id = %id);
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut stack = GuardStack::new(id.clone());
+    let outcome = tokio::select! {
+        r = session(ctx, &args, resolved, &id, &mut stack).instrument(span.clone()) => r,
+        _ = sigint.recv() => Err(Interrupted("Ctrl-C").into()),
+        _ = sigterm.recv() => Err(Interrupted("SIGTERM").into()),
+    };
+    let errors = stack.unwind().instrument(span).await;
+    for e in &errors {
+        eprintln!("bot-bottle: teardown: {e}: {}", e.source);
+    }
+    match outcome {
+        Ok(code) if errors.is_empty() => Ok(code),
+        Ok(_) => bail!(
+            "{} teardown step(s) failed: run `bot-bottle cleanup`",
+            errors.len()
+        ),
+        Err(err) if err.is::<Interrupted>() => {
+            eprintln!("bot-bottle: {err}");
+            Ok(130)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+async fn pause_point(step: &str) {
+    if std::env::var(PAUSE_ENV).is_ok_and(|v| v == step) {
+        eprintln!("bot-bottle: paused at {step}");
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn session(
+    ctx: &Context,
+    args: &StartArgs,
+    resolved: super::Resolved,
+    id: &str,
+    stack: &mut GuardStack,
+) -> anyhow::Result<i32> {
+    // Preflight: Docker always (the sidecar bundle runs there), KVM for the microVM.
+    let docker = docker::connect().await?;
+    if resolved.backend == Backend::Microvm {
+        bottle_vmm::kvm_check::check_kvm(&preflight::kvm_path())
+            .context("the microvm backend needs KVM (or choose --backend docker)")?;
+    }
+    let runsc = resolved.backend == Backend::Docker && docker::runsc_registered(&docker).await?;
+    ctx.dirs.ensure_state()?;
+    let db_path = ctx.dirs.db_path();
+    let db = StateDb::open(&db_path)?;
+
+    // Allocate: the loopback alias under the pool lock.
+    let pool = alias::pool_from_env()?;
+    let published = docker::published_aliases(&docker).await?;
+    let lease = {
+        let (db_path, lock, pool, id) = (
+            db_path.clone(),
+            ctx.dirs.alias_lock_path(),
+            pool.clone(),
+            id.to_owned(),
+        );
+        tokio::task::spawn_blocking(move || {
+            alias::allocate(&db_path, &lock, &pool, &published, &id)
+        })
+        .await??
+    };
+    let alias_addr = lease.addr();
+    stack.push_sync("release loopback alias", move || lease.release());
+    tracing::info!(alias = %alias_addr, "alias leased");
+
+    // The bottle row (owned by this process) and, for the microVM, the machine row with its CID.
+    db.insert_bottle(
+        id,
+        &resolved.manifest.name,
+        &resolved.backend.to_string(),
+        Some(alias_addr),
+        Owner::current(),
+        "{}",
+    )?;
+    {
+        let (db_path, id) = (db_path.clone(), id.to_owned());
+        stack.push_sync("remove state row", move || {
+            StateDb::open(&db_path).and_then(|db| db.delete_bottle(&id))
+        });
+    }
+    let machine = format!("bot-bottle-{id}-vm");
+    let guest_cid = match resolved.backend {
+        Backend::Microvm => db.create_machine(&machine, id)?,
+        Backend::Docker => 0,
+    };
+    let facts = HostFacts {
+        bottle_id: id.to_owned(),
+        alias: alias_addr,
+        guest_cid,
+        backend: resolved.backend,
+        mounts: resolved.mounts.clone(),
+        runsc,
+    };
+    let plan = plan::plan(&resolved.manifest, &facts)?;
+    db.set_plan(id, &serde_json::to_string(&plan)?)?;
+    if resolved.backend == Backend::Microvm {
+        db.verify_allowlist(&machine, &plan.allowlist)
+            .context("verifying the machine allowlist")?;
+    }
+    pause_point("allocated").await;
+
+    // Docker objects: the bundle's egress network first.
+    create_networks(&docker, &plan, stack).await?;
+    pause_point("network").await;
+
+    db.set_status(id, "running")?;
+    match resolved.backend {
+        Backend::Docker => run_docker(ctx, &docker, &plan, args, stack).await,
+        Backend::Microvm => bail!(
+            "the microvm backend allocated and verified bottle {} (alias {}, CID {}), but booting \
+             the guest is not wired into `start` yet: use --backend docker",
+            plan.id,
+            plan.alias,
+            plan.guest_cid
+        ),
+    }
+}
+
+async fn create_networks(
+    docker: &bollard::Docker,
+    plan: &BottlePlan,
+    stack: &mut GuardStack,
+) -> anyhow::Result<()> {
+    docker::create_network(docker, &plan.network.egress, None, &plan.labels).await?;
+    push_remove_network(stack, &plan.network.egress);
+    if let Some(internal) = &plan.network.internal {
+        docker::create_network(docker, &internal.name, Some(&internal.subnet), &plan.labels)
+            .await?;
+        push_remove_network(stack, &internal.name);
+    }
+    Ok(())
+}
+
+fn push_remove_network(stack: &mut GuardStack, name: &str) {
+    let name = name.to_owned();
+    stack.push(format!("remove network {name}"), move || async move {
+        let docker = docker::connect().await?;
+        docker::remove_network(&docker, &name).await
+    });
+}
+
+async fn run_docker(
+    _ctx: &Context,
+    _docker: &bollard::Docker,
+    _plan: &BottlePlan,
+    _args: &StartArgs,
+    _stack: &mut GuardStack,
+) -> anyhow::Result<i32> {
+    tokio::time::sleep(Duration::from_millis(0)).await;
+    bail!("the docker backend is not wired yet")
+}

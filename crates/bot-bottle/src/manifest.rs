@@ -1,0 +1,543 @@
+//! Bottle manifests: TOML files describing one bottle (agent, egress, credentials, mounts,
+//! resources). Bundled bottles are compiled in; the user's own live in
+//! `$XDG_CONFIG_HOME/bot-bottle/bottles/` and shadow bundled ones of the same name.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Bottles shipped inside the binary: (name, TOML source).
+pub const BUNDLED: &[(&str, &str)] = &[
+    ("claude", include_str!("../../../bottles/claude.toml")),
+    ("codex", include_str!("../../../bottles/codex.toml")),
+    ("test", include_str!("../../../bottles/test.toml")),
+];
+
+/// Longest `extends` chain we follow before calling it a mistake.
+const MAX_EXTENDS_DEPTH: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error(
+        "no bottle named `{name}`; available bottles: {}. Add your own as {}/{name}.toml",
+        available.join(", "),
+        user_dir.display()
+    )]
+    NotFound {
+        name: String,
+        available: Vec<String>,
+        user_dir: PathBuf,
+    },
+    #[error("invalid bottle manifest {origin}:\n{message}")]
+    Parse { origin: String, message: String },
+    #[error("cannot read bottle manifest {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bottle `extends` forms a cycle: {}", chain.join(" -> "))]
+    ExtendsCycle { chain: Vec<String> },
+    #[error("bottle `extends` chain is longer than {MAX_EXTENDS_DEPTH}: {}", chain.join(" -> "))]
+    ExtendsTooDeep { chain: Vec<String> },
+    #[error(
+        "invalid bottle name `{name}`: use lowercase letters, digits and `-` (at most 32 characters)"
+    )]
+    BadName { name: String },
+    #[error("bottle `{bottle}`: {message}")]
+    Invalid { bottle: String, message: String },
+}
+
+/// Which isolation backend runs the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The agent in our embedded microVM; the sidecar bundle in Docker.
+    Microvm,
+    /// Legacy: the agent in a Docker container (gVisor's runsc when registered).
+    Docker,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Microvm => "microvm",
+            Backend::Docker => "docker",
+        })
+    }
+}
+
+/// A manifest file as written: every field optional, so `extends` can merge.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawManifest {
+    pub description: Option<String>,
+    pub extends: Option<String>,
+    pub backend: Option<Backend>,
+    #[serde(default)]
+    pub agent: RawAgent,
+    #[serde(default)]
+    pub egress: RawEgress,
+    #[serde(default)]
+    pub credentials: BTreeMap<String, Credential>,
+    #[serde(default)]
+    pub mount: Vec<Mount>,
+    #[serde(default)]
+    pub resources: RawResources,
+    #[serde(default)]
+    pub git: RawGit,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    pub dockerfile: Option<String>,
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub user: Option<String>,
+    pub workdir: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEgress {
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+    pub deny_message: Option<String>,
+    #[serde(default)]
+    pub hosts: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResources {
+    pub vcpus: Option<u8>,
+    pub memory_mib: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGit {
+    pub enabled: Option<bool>,
+}
+
+/// A secret the egress proxy adds to requests for one host. The value never enters the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    /// Host environment variable holding the secret.
+    pub env: Option<String>,
+    /// Host file holding the secret.
+    pub file: Option<PathBuf>,
+    #[serde(default = "default_credential_header")]
+    pub header: String,
+    pub scheme: Option<String>,
+}
+
+fn default_credential_header() -> String {
+    "Authorization".to_owned()
+}
+
+/// A host directory shown to the agent read-only with a writable overlay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    pub host: PathBuf,
+    pub guest: Option<PathBuf>,
+}
+
+/// A resolved manifest: `extends` applied, defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Manifest {
+    pub name: String,
+    pub description: String,
+    pub backend: Option<Backend>,
+    pub agent: Agent,
+    pub egress: Egress,
+    pub credentials: BTreeMap<String, Credential>,
+    pub mounts: Vec<Mount>,
+    pub resources: Resources,
+    pub git_enabled: bool,
+    /// Where each layer came from, child first (for error messages and `plan`).
+    pub sources: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Agent {
+    pub dockerfile: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub user: String,
+    pub workdir: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Egress {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+    pub deny_message: String,
+    pub hosts: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Resources {
+    pub vcpus: u8,
+    pub memory_mib: u32,
+}
+
+pub const DEFAULT_DENY_MESSAGE: &str =
+    "bot-bottle: egress to this host is not allowed by the bottle's manifest";
+const DEFAULT_VCPUS: u8 = 2;
+const DEFAULT_MEMORY_MIB: u32 = 2048;
+
+/// Where manifests are looked up.
+#[derive(Debug, Clone)]
+pub struct ManifestSource {
+    /// The user's bottle directory (may not exist).
+    pub user_dir: PathBuf,
+    /// Whether the bundled bottles are visible.
+    pub bundled: bool,
+}
+
+impl ManifestSource {
+    pub fn new(user_dir: PathBuf) -> Self {
+        Self {
+            user_dir,
+            bundled: true,
+        }
+    }
+
+    /// Every bottle name visible from this source, sorted.
+    pub fn available(&self) -> Vec<String> {
+        let mut names: BTreeSet<String> = BTreeSet::new();
+        if self.bundled {
+            names.extend(BUNDLED.iter().map(|(n, _)| (*n).to_owned()));
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.user_dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+                        names.insert(stem.to_owned());
+                    }
+                }
+            }
+        }
+        names.into_iter().collect()
+    }
+
+    /// Read one layer (no `extends` applied): (origin description, parsed file).
+    fn read_layer(&self, name: &str) -> Result<(String, RawManifest), ManifestError> {
+        validate_name(name)?;
+        let user_path = self.user_dir.join(format!("{name}.toml"));
+        let (origin, text) = match std::fs::read_to_string(&user_path) {
+            Ok(text) => (user_path.display().to_string(), text),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                match BUNDLED.iter().find(|(n, _)| self.bundled && *n == name) {
+                    Some((_, text)) => (format!("bundled bottles/{name}.toml"), (*text).to_owned()),
+                    None => {
+                        return Err(ManifestError::NotFound {
+                            name: name.to_owned(),
+                            available: self.available(),
+                            user_dir: self.user_dir.clone(),
+                        })
+                    }
+                }
+            }
+            Err(source) => {
+                return Err(ManifestError::Read {
+                    path: user_path,
+                    source,
+                })
+            }
+        };
+        let raw = parse_raw(&origin, &text)?;
+        Ok((origin, raw))
+    }
+
+    /// Load a bottle by name, following `extends`.
+    pub fn load(&self, name: &str) -> Result<Manifest, ManifestError> {
+        let mut chain: Vec<String> = vec![name.to_owned()];
+        let mut layers: Vec<(String, RawManifest)> = Vec::new();
+        let mut current = name.to_owned();
+        loop {
+            let (origin, raw) = self.read_layer(&current)?;
+            let parent = raw.extends.clone();
+            layers.push((origin, raw));
+            let Some(parent) = parent else { break };
+            if chain.contains(&parent) {
+                chain.push(parent);
+                return Err(ManifestError::ExtendsCycle { chain });
+            }
+            chain.push(parent.clone());
+            if chain.len() > MAX_EXTENDS_DEPTH {
+                return Err(ManifestError::ExtendsTooDeep { chain });
+            }
+            current = parent;
+        }
+        resolve(name, layers)
+    }
+}
+
+/// Parse one manifest file; errors carry the origin and toml's line/column and key name.
+pub fn parse_raw(origin: &str, text: &str) -> Result<RawManifest, ManifestError> {
+    toml::from_str(text).map_err(|err| ManifestError::Parse {
+        origin: origin.to_owned(),
+        message: err.to_string().trim_end().to_owned(),
+    })
+}
+
+fn validate_name(name: &str) -> Result<(), ManifestError> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ManifestError::BadName {
+            name: name.to_owned(),
+        })
+    }
+}
+
+fn push_unique(into: &mut Vec<String>, items: &[String]) {
+    for item in items {
+        if !into.contains(item) {
+            into.push(item.clone());
+        }
+    }
+}
+
+/// Merge layers (child first) into one manifest. Scalars: the child wins. Lists: parent entries
+/// first, then the child's, duplicates dropped. Maps: merged, the child wins per key.
+fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, ManifestError> {
+    let sources: Vec<String> = layers.iter().map(|(o, _)| o.clone()).collect();
+    let mut description = None;
+    let mut backend = None;
+    let mut dockerfile = None;
+    let mut command = None;
+    let mut user = None;
+    let mut workdir = None;
+    let mut deny_message = None;
+    let mut vcpus = None;
+    let mut memory_mib = None;
+    let mut git_enabled = None;
+    let mut env = BTreeMap::new();
+    let mut allow = Vec::new();
+    let mut deny = Vec::new();
+    let mut hosts = BTreeMap::new();
+    let mut credentials = BTreeMap::new();
+    let mut mounts: Vec<Mount> = Vec::new();
+    // Walk parent-most first so children override.
+    for (_, raw) in layers.into_iter().rev() {
+        description = raw.description.or(description);
+        backend = raw.backend.or(backend);
+        dockerfile = raw.agent.dockerfile.or(dockerfile);
+        command = raw.agent.command.or(command);
+        user = raw.agent.user.or(user);
+        workdir = raw.agent.workdir.or(workdir);
+        deny_message = raw.egress.deny_message.or(deny_message);
+        vcpus = raw.resources.vcpus.or(vcpus);
+        memory_mib = raw.resources.memory_mib.or(memory_mib);
+        git_enabled = raw.git.enabled.or(git_enabled);
+        env.extend(raw.agent.env);
+        push_unique(&mut allow, &raw.egress.allow);
+        push_unique(&mut deny, &raw.egress.deny);
+        hosts.extend(raw.egress.hosts);
+        credentials.extend(raw.credentials);
+        for m in raw.mount {
+            if !mounts.contains(&m) {
+                mounts.push(m);
+            }
+        }
+    }
+    let invalid = |message: String| ManifestError::Invalid {
+        bottle: name.to_owned(),
+        message,
+    };
+    let dockerfile = dockerfile.ok_or_else(|| {
+        invalid("`[agent] dockerfile` is missing: name a file in dockerfiles/, e.g. \"Dockerfile.claude\"".into())
+    })?;
+    let command = command.unwrap_or_else(|| vec!["/bin/sh".to_owned()]);
+    if command.is_empty() || command[0].is_empty() {
+        return Err(invalid(
+            "`[agent] command` is empty: give the program to run, e.g. [\"claude\"]".into(),
+        ));
+    }
+    let vcpus = vcpus.unwrap_or(DEFAULT_VCPUS);
+    if vcpus == 0 || vcpus > 64 {
+        return Err(invalid(format!(
+            "`[resources] vcpus = {vcpus}` is out of range: use 1..=64"
+        )));
+    }
+    let memory_mib = memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
+    if !(128..=65536).contains(&memory_mib) {
+        return Err(invalid(format!(
+            "`[resources] memory_mib = {memory_mib}` is out of range: use 128..=65536"
+        )));
+    }
+    for (host, cred) in &credentials {
+        if cred.env.is_some() == cred.file.is_some() {
+            return Err(invalid(format!(
+                "`[credentials.\"{host}\"]` needs exactly one of `env` or `file`"
+            )));
+        }
+    }
+    Ok(Manifest {
+        name: name.to_owned(),
+        description: description.unwrap_or_default(),
+        backend,
+        agent: Agent {
+            dockerfile,
+            command,
+            env,
+            user: user.unwrap_or_else(|| "root".to_owned()),
+            workdir: workdir.unwrap_or_else(|| "/workspace".to_owned()),
+        },
+        egress: Egress {
+            allow,
+            deny,
+            deny_message: deny_message.unwrap_or_else(|| DEFAULT_DENY_MESSAGE.to_owned()),
+            hosts,
+        },
+        credentials,
+        mounts,
+        resources: Resources { vcpus, memory_mib },
+        git_enabled: git_enabled.unwrap_or(false),
+        sources,
+    })
+}
+
+/// Expand a leading `~/` against `home`.
+pub fn expand_home(path: &Path, home: &Path) -> PathBuf {
+    match path.strip_prefix("~") {
+        Ok(rest) => home.join(rest),
+        Err(_) => path.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source_with(files: &[(&str, &str)]) -> (tempfile::TempDir, ManifestSource) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(format!("{name}.toml")), text).unwrap();
+        }
+        let src = ManifestSource::new(dir.path().to_path_buf());
+        (dir, src)
+    }
+
+    #[test]
+    fn bundled_bottles_all_parse_and_resolve() {
+        let (_d, src) = source_with(&[]);
+        for (name, _) in BUNDLED {
+            let m = src.load(name).unwrap();
+            assert_eq!(&m.name, name);
+            assert!(!m.agent.dockerfile.is_empty());
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_position() {
+        let (_d, src) = source_with(&[("bad", "[agent]\ndockerfile = \"x\"\ncomand = [\"sh\"]\n")]);
+        let err = src.load("bad").unwrap_err().to_string();
+        assert!(err.contains("comand"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let (_d, src) = source_with(&[("bad", "[resources]\nvcpus = \"two\"\n")]);
+        let err = src.load("bad").unwrap_err().to_string();
+        assert!(err.contains("vcpus"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn missing_bottle_lists_the_available_ones() {
+        let (_d, src) = source_with(&[("mine", "[agent]\ndockerfile = \"x\"\n")]);
+        let err = src.load("nope").unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+        assert!(err.contains("claude, codex, mine, test"), "{err}");
+    }
+
+    #[test]
+    fn extends_cycle_prints_the_cycle() {
+        let (_d, src) = source_with(&[
+            ("a", "extends = \"b\"\n"),
+            ("b", "extends = \"c\"\n"),
+            ("c", "extends = \"a\"\n"),
+        ]);
+        let err = src.load("a").unwrap_err().to_string();
+        assert!(err.contains("a -> b -> c -> a"), "{err}");
+    }
+
+    #[test]
+    fn self_extends_is_a_cycle() {
+        let (_d, src) = source_with(&[("a", "extends = \"a\"\n")]);
+        let err = src.load("a").unwrap_err();
+        assert!(matches!(err, ManifestError::ExtendsCycle { .. }));
+    }
+
+    #[test]
+    fn extends_merges_lists_and_child_scalars_win() {
+        let (_d, src) = source_with(&[(
+            "mine",
+            "extends = \"claude\"\n[agent]\ncommand = [\"bash\"]\n[egress]\nallow = [\"example.com\"]\n",
+        )]);
+        let m = src.load("mine").unwrap();
+        assert_eq!(m.agent.command, vec!["bash"]);
+        assert_eq!(m.agent.dockerfile, "Dockerfile.claude");
+        assert!(m.egress.allow.contains(&"api.anthropic.com:443".to_owned()));
+        assert_eq!(m.egress.allow.last().unwrap(), "example.com");
+        assert_eq!(m.sources.len(), 2);
+    }
+
+    #[test]
+    fn user_bottle_shadows_bundled_one() {
+        let (_d, src) = source_with(&[("test", "[agent]\ndockerfile = \"Dockerfile.mine\"\n")]);
+        assert_eq!(
+            src.load("test").unwrap().agent.dockerfile,
+            "Dockerfile.mine"
+        );
+    }
+
+    #[test]
+    fn bad_bottle_name_is_rejected_before_touching_the_filesystem() {
+        let (_d, src) = source_with(&[]);
+        let err = src.load("../etc/passwd").unwrap_err();
+        assert!(matches!(err, ManifestError::BadName { .. }));
+    }
+
+    #[test]
+    fn credential_without_source_is_invalid() {
+        let (_d, src) = source_with(&[(
+            "c",
+            "[agent]\ndockerfile = \"x\"\n[credentials.\"a.com\"]\nheader = \"X\"\n",
+        )]);
+        let err = src.load("c").unwrap_err().to_string();
+        assert!(err.contains("exactly one of `env` or `file`"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_memory_is_invalid() {
+        let (_d, src) = source_with(&[(
+            "c",
+            "[agent]\ndockerfile = \"x\"\n[resources]\nmemory_mib = 1\n",
+        )]);
+        assert!(src
+            .load("c")
+            .unwrap_err()
+            .to_string()
+            .contains("memory_mib"));
+    }
+}
