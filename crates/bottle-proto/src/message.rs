@@ -77,6 +77,9 @@ pub struct PtyRequest {
     pub size: WindowSize,
     #[serde(default)]
     pub user: Option<UserIds>,
+    /// Power the guest off when this command exits (the attached agent session).
+    #[serde(default)]
+    pub power_off_on_exit: bool,
 }
 
 /// Numeric ids: the guest never looks names up (no NSS in a static PID 1).
