@@ -1,1 +1,102 @@
+//! bottle-vmm: the microVM embedded in bot-bottle.
+//!
+//! A KVM virtual machine that boots a Linux guest (vmlinux or bzImage) with a serial console, an
+//! i8042 whose reset ends the VM, and one virtio-mmio vsock device: the guest's only channel out,
+//! through which it reaches only the (address, port) pairs of its allowlist.
+//!
+//! The VMM is meant to run in a child process (`bot-bottle __vmm --config FILE`): [`run`] blocks
+//! until the guest ends and [`GuestExit::exit_code`] is that process's exit status.
+
+pub mod boot;
+pub mod config;
+pub mod cpu;
+pub mod devices;
+pub mod event_loop;
 pub mod kvm_check;
+pub mod layout;
+pub mod memory;
+pub mod mptable;
+pub mod vcpu;
+pub mod virtio;
+pub mod vm;
+
+pub use config::{AllowRule, ConfigError, DiskConfig, SerialOutput, VmmConfig, VsockConfig};
+pub use virtio::vsock::{EGRESS_VSOCK_PORT, HOST_CID};
+pub use vm::{KvmError, Vmm, VmmError};
+
+/// How the guest ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest powered off (power-off port 0x501, or a KVM shutdown system event).
+    PowerOff,
+    /// The guest rebooted (i8042 reset, Linux `reboot=k`): how `bottle-init` ends a bottle.
+    Reset,
+    /// The guest kernel panicked (panic port 0x505, a KVM crash event, or a reset after the
+    /// kernel's panic banner appeared on the console).
+    Panic,
+    /// The VM could not go on (triple fault, failed entry, emulation failure...).
+    Crash(String),
+}
+
+/// Exit status of `bot-bottle __vmm` when the guest powered off.
+pub const EXIT_CODE_POWER_OFF: i32 = 0;
+/// Exit status when the guest rebooted (the normal end of a bottle).
+pub const EXIT_CODE_RESET: i32 = 0x20;
+/// Exit status when the guest kernel panicked.
+pub const EXIT_CODE_PANIC: i32 = 0x21;
+/// Exit status when the VM crashed.
+pub const EXIT_CODE_CRASH: i32 = 0x22;
+/// Exit status when the VMM itself failed (bad config, no KVM...): `run` returned an error.
+pub const EXIT_CODE_VMM_ERROR: i32 = 0x23;
+
+impl GuestExit {
+    /// The child process's exit status for this end. A VMM killed by a signal has no status:
+    /// the parent sees the signal (`ExitStatus::signal()`), which is how "killed" is told apart.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            GuestExit::PowerOff => EXIT_CODE_POWER_OFF,
+            GuestExit::Reset => EXIT_CODE_RESET,
+            GuestExit::Panic => EXIT_CODE_PANIC,
+            GuestExit::Crash(_) => EXIT_CODE_CRASH,
+        }
+    }
+
+    /// The parent's reading of a child's exit status (`None`: not a guest end, e.g. VMM error).
+    pub fn from_exit_code(code: i32) -> Option<GuestExit> {
+        match code {
+            EXIT_CODE_POWER_OFF => Some(GuestExit::PowerOff),
+            EXIT_CODE_RESET => Some(GuestExit::Reset),
+            EXIT_CODE_PANIC => Some(GuestExit::Panic),
+            EXIT_CODE_CRASH => Some(GuestExit::Crash("the VMM reported a crash".into())),
+            _ => None,
+        }
+    }
+}
+
+/// Builds the machine described by `config`, runs it, and returns how the guest ended.
+pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
+    Vmm::build(config)?.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_exit_codes_are_distinct_and_decode_back() {
+        let exits = [GuestExit::PowerOff, GuestExit::Reset, GuestExit::Panic];
+        let decoded: Vec<_> = exits
+            .iter()
+            .map(|e| GuestExit::from_exit_code(e.exit_code()))
+            .collect();
+        assert_eq!(decoded, exits.iter().cloned().map(Some).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn test_crash_exit_code_differs_from_vmm_error() {
+        assert_ne!(
+            GuestExit::Crash("x".into()).exit_code(),
+            EXIT_CODE_VMM_ERROR
+        );
+    }
+}

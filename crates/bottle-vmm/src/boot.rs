@@ -1,0 +1,278 @@
+//! Loading the kernel and writing what the Linux boot protocols expect to find: the command
+//! line, the zero page with its e820 map (64-bit entry), or `hvm_start_info` (PVH entry), the
+//! MP table, and the identity page tables and GDT the 64-bit entry starts with.
+
+use std::fs::File;
+use std::path::Path;
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::boot_params;
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::KernelLoader;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+use crate::layout::*;
+
+/// e820 entry types (ACPI spec).
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+/// `setup_header.type_of_loader`: "undefined" boot loader.
+const LOADER_TYPE_UNDEFINED: u8 = 0xff;
+const BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const HDRS_MAGIC: u32 = 0x5372_6448;
+/// Alignment the kernel may relocate itself to (bzImage).
+const KERNEL_ALIGNMENT_16MIB: u32 = 0x0100_0000;
+/// A bzImage's 64-bit entry is 0x200 bytes after its protected-mode code start.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// `hvm_start_info.magic` ("xEn3" with the high bit set).
+const PVH_START_INFO_MAGIC: u32 = 0x336e_c578;
+const PVH_START_INFO_VERSION: u32 = 1;
+/// 2 MiB page, present, writable.
+const PDE_PRESENT_RW_2MIB: u64 = 0x83;
+/// Page table entry, present, writable.
+const PTE_PRESENT_RW: u64 = 0x03;
+const BYTES_PER_2MIB: u64 = 2 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("cannot open the guest kernel {path}: build it with `bot-bottle kernel build`")]
+    OpenKernel {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is neither a loadable vmlinux ELF nor a bzImage (ELF: {elf}; bzImage: {bzimage})"
+    )]
+    LoadKernel {
+        path: String,
+        elf: linux_loader::loader::Error,
+        bzimage: linux_loader::loader::Error,
+    },
+    #[error("the kernel command line is too long or not printable: shorten the extra arguments")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("cannot write the boot structures into guest memory: give the guest more memory")]
+    Write(#[source] vm_memory::GuestMemoryError),
+}
+
+/// How the boot vCPU enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryPoint {
+    /// 64-bit long mode, paging on, `rsi` = zero page.
+    Linux64(GuestAddress),
+    /// 32-bit protected mode, paging off, `rbx` = `hvm_start_info`.
+    Pvh(GuestAddress),
+}
+
+/// What was loaded.
+#[derive(Debug)]
+pub struct LoadedKernel {
+    pub entry: EntryPoint,
+    setup_header: Option<linux_loader::loader::bootparam::setup_header>,
+}
+
+/// Loads a vmlinux ELF (preferring its PVH entry) or a bzImage.
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+    let open = || {
+        File::open(path).map_err(|source| BootError::OpenKernel {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let elf_error = match Elf::load(mem, None, &mut open()?, Some(GuestAddress(HIMEM_START))) {
+        Ok(result) => {
+            let entry = match result.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(addr) => EntryPoint::Pvh(addr),
+                _ => EntryPoint::Linux64(result.kernel_load),
+            };
+            return Ok(LoadedKernel {
+                entry,
+                setup_header: None,
+            });
+        }
+        Err(e) => e,
+    };
+    match BzImage::load(mem, None, &mut open()?, Some(GuestAddress(HIMEM_START))) {
+        Ok(result) => Ok(LoadedKernel {
+            entry: EntryPoint::Linux64(
+                result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
+            ),
+            setup_header: result.setup_header,
+        }),
+        Err(bzimage) => Err(BootError::LoadKernel {
+            path: path.display().to_string(),
+            elf: elf_error,
+            bzimage,
+        }),
+    }
+}
+
+/// The e820 map: low RAM, the reserved EBDA/BIOS hole, RAM from 1 MiB on (around the gap).
+pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
+    let mut map = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+    ];
+    for region in mem.iter() {
+        let start = region.start_addr().raw_value().max(HIMEM_START);
+        let end = region.start_addr().raw_value() + region.len();
+        if end > start {
+            map.push((start, end - start, E820_RAM));
+        }
+    }
+    map
+}
+
+/// Builds the command line: the caller's arguments plus what the VMM needs.
+pub fn build_cmdline(extra: &str) -> Result<Cmdline, BootError> {
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_BYTES).map_err(BootError::Cmdline)?;
+    // reboot=k: a guest reboot is an i8042 reset, which ends the VM; panic=-1: reboot on panic.
+    cmdline
+        .insert_str("console=ttyS0 reboot=k panic=-1 pci=off nomodule")
+        .map_err(BootError::Cmdline)?;
+    if !extra.trim().is_empty() {
+        cmdline
+            .insert_str(extra.trim())
+            .map_err(BootError::Cmdline)?;
+    }
+    Ok(cmdline)
+}
+
+/// Writes the command line, the protocol structures and the MP table.
+pub fn write_boot_structures(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    cmdline: &Cmdline,
+) -> Result<(), BootError> {
+    let cstring = cmdline.as_cstring().map_err(BootError::Cmdline)?;
+    let bytes = cstring.as_bytes_with_nul();
+    mem.write_slice(bytes, GuestAddress(CMDLINE_START))
+        .map_err(BootError::Write)?;
+    let e820 = e820_map(mem);
+    match kernel.entry {
+        EntryPoint::Linux64(_) => write_zero_page(mem, kernel, bytes.len() - 1, &e820),
+        EntryPoint::Pvh(_) => write_pvh_start_info(mem, &e820),
+    }?;
+    write_page_tables(mem)?;
+    write_gdt(mem, &crate::cpu::gdt_table(kernel.entry))
+}
+
+fn write_zero_page(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    cmdline_len: usize,
+    e820: &[(u64, u64, u32)],
+) -> Result<(), BootError> {
+    let mut params = boot_params::default();
+    if let Some(header) = kernel.setup_header {
+        params.hdr = header;
+    }
+    params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
+    params.hdr.boot_flag = BOOT_FLAG_MAGIC;
+    params.hdr.header = HDRS_MAGIC;
+    params.hdr.kernel_alignment = KERNEL_ALIGNMENT_16MIB;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline_len as u32;
+    for (slot, (addr, size, kind)) in params.e820_table.iter_mut().zip(e820) {
+        slot.addr = *addr;
+        slot.size = *size;
+        slot.r#type = *kind;
+    }
+    params.e820_entries = e820.len().min(params.e820_table.len()) as u8;
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
+        .map_err(BootError::Write)
+}
+
+fn write_pvh_start_info(mem: &GuestMemoryMmap, e820: &[(u64, u64, u32)]) -> Result<(), BootError> {
+    let mut memmap = Vec::new();
+    for (addr, size, kind) in e820 {
+        memmap.extend_from_slice(&addr.to_le_bytes());
+        memmap.extend_from_slice(&size.to_le_bytes());
+        memmap.extend_from_slice(&kind.to_le_bytes());
+        memmap.extend_from_slice(&0u32.to_le_bytes());
+    }
+    mem.write_slice(&memmap, GuestAddress(PVH_MEMMAP_START))
+        .map_err(BootError::Write)?;
+    // struct hvm_start_info, 56 bytes, little endian.
+    let mut info = Vec::with_capacity(56);
+    info.extend_from_slice(&PVH_START_INFO_MAGIC.to_le_bytes());
+    info.extend_from_slice(&PVH_START_INFO_VERSION.to_le_bytes());
+    info.extend_from_slice(&0u32.to_le_bytes()); // flags
+    info.extend_from_slice(&0u32.to_le_bytes()); // nr_modules
+    info.extend_from_slice(&0u64.to_le_bytes()); // modlist_paddr
+    info.extend_from_slice(&CMDLINE_START.to_le_bytes());
+    info.extend_from_slice(&0u64.to_le_bytes()); // rsdp_paddr: no ACPI
+    info.extend_from_slice(&PVH_MEMMAP_START.to_le_bytes());
+    info.extend_from_slice(&(e820.len() as u32).to_le_bytes());
+    info.extend_from_slice(&0u32.to_le_bytes());
+    mem.write_slice(&info, GuestAddress(PVH_INFO_START))
+        .map_err(BootError::Write)
+}
+
+/// Identity map of the first 4 GiB with 2 MiB pages.
+fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    let write = |value: u64, addr: u64| {
+        mem.write_obj(value, GuestAddress(addr))
+            .map_err(BootError::Write)
+    };
+    write(PDPTE_START | PTE_PRESENT_RW, PML4_START)?;
+    for directory in 0..PDE_COUNT {
+        let pd = PDE_START + directory * 0x1000;
+        write(pd | PTE_PRESENT_RW, PDPTE_START + directory * 8)?;
+        for entry in 0..512u64 {
+            let phys = (directory * 512 + entry) * BYTES_PER_2MIB;
+            write(phys | PDE_PRESENT_RW_2MIB, pd + entry * 8)?;
+        }
+    }
+    Ok(())
+}
+
+fn write_gdt(mem: &GuestMemoryMmap, table: &[u64]) -> Result<(), BootError> {
+    for (index, entry) in table.iter().enumerate() {
+        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + index as u64 * 8))
+            .map_err(BootError::Write)?;
+    }
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
+        .map_err(BootError::Write)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::create_guest_memory;
+
+    #[test]
+    fn test_e820_announces_all_ram_above_1mib_and_reserves_the_ebda() {
+        let mem = create_guest_memory(64).unwrap();
+        assert_eq!(
+            e820_map(&mem),
+            vec![
+                (0, EBDA_START, E820_RAM),
+                (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+                (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM),
+            ]
+        );
+    }
+
+    #[test]
+    fn test_cmdline_keeps_extra_arguments_after_the_vmm_ones() {
+        let cmdline = build_cmdline("quiet init=/sbin/bottle-init").unwrap();
+        let text = cmdline.as_cstring().unwrap().into_string().unwrap();
+        assert!(
+            text.starts_with("console=ttyS0 reboot=k")
+                && text.ends_with("quiet init=/sbin/bottle-init")
+        );
+    }
+
+    #[test]
+    fn test_loading_a_file_that_is_no_kernel_names_both_formats() {
+        let mem = create_guest_memory(16).unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), b"not a kernel").unwrap();
+        let error = load_kernel(&mem, file.path()).unwrap_err();
+        assert!(matches!(error, BootError::LoadKernel { .. }));
+    }
+}

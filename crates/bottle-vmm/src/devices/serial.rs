@@ -1,0 +1,113 @@
+//! COM1 console (vm-superio's 16550A), interrupting through an irqfd, writing to a log file, the
+//! terminal or nowhere, and watching for the kernel's panic banner.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::SerialOutput;
+
+/// The banner Linux prints when it panics; seen on the console, the next reset is a panic.
+const KERNEL_PANIC_BANNER: &[u8] = b"Kernel panic - not syncing";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error(
+        "cannot create the serial console log {path}: check the directory exists and is writable"
+    )]
+    CreateLog {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the serial interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// Serial interrupt line: an eventfd registered as irqfd for IRQ 4.
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.write(1)
+    }
+}
+
+/// Console output that also remembers whether the guest kernel panicked.
+pub struct ConsoleWriter {
+    out: Box<dyn Write + Send>,
+    tail: Vec<u8>,
+    panicked: Arc<AtomicBool>,
+}
+
+impl ConsoleWriter {
+    pub fn new(output: &SerialOutput, panicked: Arc<AtomicBool>) -> Result<Self, SerialError> {
+        let out: Box<dyn Write + Send> = match output {
+            SerialOutput::Stdout => Box::new(std::io::stdout()),
+            SerialOutput::Sink => Box::new(std::io::sink()),
+            SerialOutput::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| SerialError::CreateLog {
+                        path: path.display().to_string(),
+                        source,
+                    })?,
+            ),
+        };
+        Ok(Self {
+            out,
+            tail: Vec::new(),
+            panicked,
+        })
+    }
+}
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tail.extend_from_slice(buf);
+        if self
+            .tail
+            .windows(KERNEL_PANIC_BANNER.len())
+            .any(|w| w == KERNEL_PANIC_BANNER)
+        {
+            self.panicked.store(true, Ordering::SeqCst);
+        }
+        let keep = KERNEL_PANIC_BANNER.len();
+        if self.tail.len() > keep {
+            self.tail.drain(..self.tail.len() - keep);
+        }
+        self.out.write_all(buf)?;
+        if buf.contains(&b'\n') {
+            self.out.flush()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+pub type ConsoleSerial = Serial<EventFdTrigger, NoEvents, ConsoleWriter>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_panic_banner_split_across_writes_is_detected() {
+        let panicked = Arc::new(AtomicBool::new(false));
+        let mut writer = ConsoleWriter::new(&SerialOutput::Sink, panicked.clone()).unwrap();
+        for byte in b"[ 1.0] Kernel panic - not syncing: VFS" {
+            writer.write_all(&[*byte]).unwrap();
+        }
+        assert!(panicked.load(Ordering::SeqCst));
+    }
+}

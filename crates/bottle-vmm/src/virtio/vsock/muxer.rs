@@ -1,0 +1,873 @@
+//! The vsock muxer: maps guest vsock streams to host sockets and enforces the allowlist.
+//!
+//! - Host → guest: a client connects to the machine's Unix socket and writes `CONNECT <port>\n`;
+//!   the muxer opens a vsock stream to (guest CID, port) and, once the guest accepts, answers
+//!   `OK <port>\n`; then bytes flow both ways.
+//! - Guest → host ("egress"): the guest connects to (CID 2, [`EGRESS_VSOCK_PORT`]) and writes
+//!   `CONNECT <ipv4>:<port>\n`. The muxer dials that TCP destination only when the exact
+//!   (address, port) pair is in the allowlist, then answers `OK <ipv4>:<port>\n` and splices.
+//!   Any other port, a malformed or oversized request line, a destination outside the allowlist,
+//!   a refused dial, or a connection over the cap is reset (RST) and, except for a refused dial
+//!   of an allowed destination, recorded as a denied-egress event.
+//!
+//! Flow control is virtio-vsock's credit scheme: we never send more than the guest advertised
+//! (`buf_alloc - (sent - fwd_cnt)`), and we advertise [`CONN_BUFFER_BYTES`] per connection,
+//! resetting a guest that overruns it. Every buffer is bounded.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream};
+use std::num::Wrapping;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::packet::*;
+use crate::config::{AllowRule, VsockConfig};
+
+/// The host's CID in virtio-vsock.
+pub const HOST_CID: u64 = 2;
+/// The one vsock port on the host a guest may connect to: its egress requests.
+pub const EGRESS_VSOCK_PORT: u32 = 1024;
+/// Per-connection receive buffer we advertise to the guest (and bound our buffering by).
+pub const CONN_BUFFER_BYTES: u32 = 256 * 1024;
+/// Send a credit update once this much was forwarded since the guest last heard from us.
+const CREDIT_UPDATE_THRESHOLD_BYTES: u32 = CONN_BUFFER_BYTES / 4;
+/// Most simultaneous connections per machine (both directions).
+pub const MAX_CONNECTIONS: usize = 256;
+/// Longest `CONNECT ...\n` line, either side ("CONNECT 255.255.255.255:65535\n" is 30 bytes).
+const MAX_REQUEST_LINE_BYTES: usize = 64;
+/// Most control packets waiting for guest RX buffers before we stop reading from the host.
+const MAX_PENDING_CONTROL_PACKETS: usize = 1024;
+/// Time allowed to dial an allowlisted destination (the device thread waits for it; allowlisted
+/// destinations are loopback aliases, where a dial completes or is refused at once).
+const EGRESS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// First host-side port for host-initiated connections (above the well-known vsock ports).
+const FIRST_EPHEMERAL_PORT: u32 = 1 << 30;
+/// Host sockets polled per `process_host_events` call.
+const EVENTS_PER_POLL: usize = 64;
+const LISTENER_TOKEN: u64 = u64::MAX;
+const PENDING_TOKEN_BIT: u64 = 1 << 62;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MuxerError {
+    #[error(
+        "cannot listen on the vsock Unix socket {path}: remove a stale file or pick another path"
+    )]
+    Listen {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the vsock muxer's epoll")]
+    Epoll(#[source] std::io::Error),
+    #[error("cannot open the denied-egress event log {path}")]
+    EventLog {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a guest connection was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DenyReason {
+    UnknownVsockPort(u32),
+    MalformedRequest,
+    NotAllowlisted,
+    ConnectionCap,
+}
+
+impl DenyReason {
+    fn as_str(&self) -> &'static str {
+        match self {
+            DenyReason::UnknownVsockPort(_) => "unknown_vsock_port",
+            DenyReason::MalformedRequest => "malformed_request",
+            DenyReason::NotAllowlisted => "not_allowlisted",
+            DenyReason::ConnectionCap => "connection_cap",
+        }
+    }
+}
+
+/// One refused egress attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeniedEgress {
+    pub guest_port: u32,
+    pub vsock_port: u32,
+    pub destination: Option<SocketAddrV4>,
+    pub reason: DenyReason,
+}
+
+impl DeniedEgress {
+    pub fn to_json(&self) -> String {
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        serde_json::json!({
+            "event": "denied_egress",
+            "ts_unix_ms": ts as u64,
+            "guest_port": self.guest_port,
+            "vsock_port": self.vsock_port,
+            "destination": self.destination.map(|d| d.to_string()),
+            "reason": self.reason.as_str(),
+        })
+        .to_string()
+    }
+}
+
+/// Counters a caller (and the tests) can read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MuxerStats {
+    pub malformed_packets: u64,
+    pub denied: Vec<DeniedEgress>,
+    pub connections_opened: u64,
+    pub protocol_resets: u64,
+}
+
+enum HostStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl HostStream {
+    fn fd(&self) -> RawFd {
+        match self {
+            HostStream::Tcp(s) => s.as_raw_fd(),
+            HostStream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            HostStream::Tcp(s) => s.read(buf),
+            HostStream::Unix(s) => s.read(buf),
+        }
+    }
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            HostStream::Tcp(s) => s.write(buf),
+            HostStream::Unix(s) => s.write(buf),
+        }
+    }
+    fn shutdown_write(&self) {
+        // Already-closed sockets fail here; there is nothing left to do for them.
+        let _ = match self {
+            HostStream::Tcp(s) => s.shutdown(Shutdown::Write),
+            HostStream::Unix(s) => s.shutdown(Shutdown::Write),
+        };
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum ConnState {
+    /// Guest-initiated, accepted at vsock level, waiting for the `CONNECT` line.
+    AwaitRequest,
+    /// Host-initiated, REQUEST sent, waiting for the guest's RESPONSE.
+    Connecting,
+    Established,
+}
+
+struct Connection {
+    state: ConnState,
+    stream: Option<HostStream>,
+    request_line: Vec<u8>,
+    /// Guest → host bytes the host socket has not taken yet.
+    to_host: VecDeque<u8>,
+    /// Host → guest bytes produced by the muxer itself (the `OK` line).
+    to_guest: VecDeque<u8>,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: Wrapping<u32>,
+    /// Bytes sent to the guest.
+    tx_cnt: Wrapping<u32>,
+    /// Bytes forwarded from the guest to the host socket.
+    fwd_cnt: Wrapping<u32>,
+    last_fwd_cnt_sent: Wrapping<u32>,
+    host_readable: bool,
+    host_eof: bool,
+    shutdown_sent: bool,
+    guest_done_sending: bool,
+}
+
+impl Connection {
+    fn new(state: ConnState, stream: Option<HostStream>) -> Self {
+        Self {
+            state,
+            stream,
+            request_line: Vec::new(),
+            to_host: VecDeque::new(),
+            to_guest: VecDeque::new(),
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: Wrapping(0),
+            tx_cnt: Wrapping(0),
+            fwd_cnt: Wrapping(0),
+            last_fwd_cnt_sent: Wrapping(0),
+            host_readable: false,
+            host_eof: false,
+            shutdown_sent: false,
+            guest_done_sending: false,
+        }
+    }
+
+    fn peer_credit(&self) -> u32 {
+        let in_flight = (self.tx_cnt - self.peer_fwd_cnt).0;
+        self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+}
+
+/// Connection key: (our port, the guest's port).
+type Key = (u32, u32);
+
+struct PendingHost {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+pub struct Muxer {
+    guest_cid: u64,
+    allowlist: Vec<AllowRule>,
+    listener: Option<(UnixListener, PathBuf)>,
+    epoll: Epoll,
+    conns: HashMap<Key, Connection>,
+    pending_host: HashMap<u64, PendingHost>,
+    next_pending_id: u64,
+    next_local_port: u32,
+    control: VecDeque<Packet>,
+    event_log: Option<std::fs::File>,
+    pub stats: MuxerStats,
+}
+
+fn conn_token(key: Key) -> u64 {
+    (u64::from(key.0) << 32) | u64::from(key.1)
+}
+
+impl Muxer {
+    pub fn new(config: &VsockConfig) -> Result<Self, MuxerError> {
+        let epoll = Epoll::new().map_err(MuxerError::Epoll)?;
+        let listener =
+            UnixListener::bind(&config.uds_path).map_err(|source| MuxerError::Listen {
+                path: config.uds_path.display().to_string(),
+                source,
+            })?;
+        listener.set_nonblocking(true).map_err(MuxerError::Epoll)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+            )
+            .map_err(MuxerError::Epoll)?;
+        let event_log = match &config.event_log {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| MuxerError::EventLog {
+                        path: path.display().to_string(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            guest_cid: u64::from(config.guest_cid),
+            allowlist: config.allowlist.clone(),
+            listener: Some((listener, config.uds_path.clone())),
+            epoll,
+            conns: HashMap::new(),
+            pending_host: HashMap::new(),
+            next_pending_id: 0,
+            next_local_port: FIRST_EPHEMERAL_PORT,
+            control: VecDeque::new(),
+            event_log,
+            stats: MuxerStats::default(),
+        })
+    }
+
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Drops every connection (device reset): the guest's driver starts from nothing.
+    pub fn reset(&mut self) {
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.remove(key);
+        }
+        self.control.clear();
+    }
+
+    fn header(&self, key: Key, op: u16) -> Header {
+        let conn = self.conns.get(&key);
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: key.0,
+            dst_port: key.1,
+            len: 0,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: CONN_BUFFER_BYTES,
+            fwd_cnt: conn.map_or(0, |c| c.fwd_cnt.0),
+        }
+    }
+
+    fn push_control(&mut self, key: Key, op: u16, flags: u32) {
+        if self.control.len() >= MAX_PENDING_CONTROL_PACKETS {
+            // The guest is not giving us RX buffers; dropping a control packet is safer than
+            // growing without bound (the guest's own timeouts will clean up).
+            return;
+        }
+        let mut hdr = self.header(key, op);
+        hdr.flags = flags;
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.last_fwd_cnt_sent = conn.fwd_cnt;
+        }
+        self.control.push_back(Packet {
+            hdr,
+            data: Vec::new(),
+        });
+    }
+
+    fn reset_raw(&mut self, key: Key) {
+        self.push_control(key, OP_RST, 0);
+    }
+
+    fn remove(&mut self, key: Key) {
+        if let Some(conn) = self.conns.remove(&key) {
+            if let Some(stream) = &conn.stream {
+                // The fd is closed right after; a failed removal changes nothing.
+                let _ =
+                    self.epoll
+                        .ctl(ControlOperation::Delete, stream.fd(), EpollEvent::default());
+            }
+        }
+    }
+
+    fn reset_conn(&mut self, key: Key) {
+        self.remove(key);
+        self.reset_raw(key);
+    }
+
+    fn deny(&mut self, key: Key, destination: Option<SocketAddrV4>, reason: DenyReason) {
+        let event = DeniedEgress {
+            guest_port: key.1,
+            vsock_port: key.0,
+            destination,
+            reason,
+        };
+        if let Some(log) = &mut self.event_log {
+            // A full disk must not let the connection through: the RST below happens anyway.
+            let _ = writeln!(log, "{}", event.to_json());
+        }
+        self.stats.denied.push(event);
+        self.reset_conn(key);
+    }
+
+    /// Re-arms epoll interest for a connection's host socket from its state.
+    fn rearm(&self, key: Key) {
+        let Some(conn) = self.conns.get(&key) else {
+            return;
+        };
+        let Some(stream) = &conn.stream else { return };
+        let mut events = EventSet::empty();
+        if !conn.host_readable && !conn.host_eof && conn.state == ConnState::Established {
+            events |= EventSet::IN;
+        }
+        if !conn.to_host.is_empty() {
+            events |= EventSet::OUT;
+        }
+        let _ = self.epoll.ctl(
+            ControlOperation::Modify,
+            stream.fd(),
+            EpollEvent::new(events, conn_token(key)),
+        );
+    }
+
+    fn register(&self, key: Key) {
+        if let Some(stream) = self.conns.get(&key).and_then(|c| c.stream.as_ref()) {
+            let _ = self.epoll.ctl(
+                ControlOperation::Add,
+                stream.fd(),
+                EpollEvent::new(EventSet::empty(), conn_token(key)),
+            );
+        }
+        self.rearm(key);
+    }
+
+    /// Handles one packet the guest sent (already parsed from its TX queue).
+    pub fn recv_from_guest(&mut self, pkt: Packet) {
+        let hdr = pkt.hdr;
+        if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
+            self.stats.malformed_packets += 1;
+            return;
+        }
+        let key: Key = (hdr.dst_port, hdr.src_port);
+        if hdr.type_ != TYPE_STREAM {
+            self.reset_raw(key);
+            return;
+        }
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.peer_buf_alloc = hdr.buf_alloc;
+            conn.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
+        }
+        match hdr.op {
+            OP_REQUEST => self.guest_request(key, hdr),
+            OP_RESPONSE => self.guest_response(key),
+            OP_RW => self.guest_rw(key, pkt.data),
+            OP_SHUTDOWN => self.guest_shutdown(key, hdr.flags),
+            OP_RST => self.remove(key),
+            OP_CREDIT_UPDATE => {}
+            OP_CREDIT_REQUEST => {
+                if self.conns.contains_key(&key) {
+                    self.push_control(key, OP_CREDIT_UPDATE, 0);
+                }
+            }
+            _ => {
+                self.stats.malformed_packets += 1;
+                if self.conns.contains_key(&key) {
+                    self.stats.protocol_resets += 1;
+                    self.reset_conn(key);
+                }
+            }
+        }
+    }
+
+    fn guest_request(&mut self, key: Key, hdr: Header) {
+        if self.conns.contains_key(&key) {
+            self.stats.protocol_resets += 1;
+            self.reset_conn(key);
+            return;
+        }
+        if key.0 != EGRESS_VSOCK_PORT {
+            self.deny(key, None, DenyReason::UnknownVsockPort(key.0));
+            return;
+        }
+        if self.conns.len() >= MAX_CONNECTIONS {
+            self.deny(key, None, DenyReason::ConnectionCap);
+            return;
+        }
+        let mut conn = Connection::new(ConnState::AwaitRequest, None);
+        conn.peer_buf_alloc = hdr.buf_alloc;
+        conn.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
+        self.conns.insert(key, conn);
+        self.push_control(key, OP_RESPONSE, 0);
+    }
+
+    fn guest_response(&mut self, key: Key) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            self.reset_raw(key);
+            return;
+        };
+        if conn.state != ConnState::Connecting {
+            self.stats.protocol_resets += 1;
+            self.reset_conn(key);
+            return;
+        }
+        conn.state = ConnState::Established;
+        let reply = format!("OK {}\n", key.1);
+        // A fresh socket's send buffer always takes these few bytes; if not, the client is gone.
+        let written = conn.stream.as_mut().map(|s| s.write(reply.as_bytes()));
+        if !matches!(written, Some(Ok(n)) if n == reply.len()) {
+            self.reset_conn(key);
+            return;
+        }
+        self.stats.connections_opened += 1;
+        self.rearm(key);
+    }
+
+    fn guest_rw(&mut self, key: Key, data: Vec<u8>) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            self.reset_raw(key);
+            return;
+        };
+        let buffered = conn.to_host.len() + conn.request_line.len();
+        if buffered + data.len() > CONN_BUFFER_BYTES as usize || conn.state == ConnState::Connecting
+        {
+            // The guest ignored our credit (or wrote before the stream was open).
+            self.stats.protocol_resets += 1;
+            self.reset_conn(key);
+            return;
+        }
+        match conn.state {
+            ConnState::AwaitRequest => {
+                conn.request_line.extend_from_slice(&data);
+                self.try_open_egress(key);
+            }
+            _ => {
+                conn.to_host.extend(&data);
+                self.flush_to_host(key);
+            }
+        }
+    }
+
+    fn guest_shutdown(&mut self, key: Key, flags: u32) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            self.reset_raw(key);
+            return;
+        };
+        if flags & SHUTDOWN_SEND != 0 {
+            conn.guest_done_sending = true;
+        }
+        if flags & (SHUTDOWN_SEND | SHUTDOWN_RCV) == (SHUTDOWN_SEND | SHUTDOWN_RCV) {
+            // The guest closed its socket: flush what we can, then confirm with RST.
+            self.flush_to_host(key);
+            self.reset_conn(key);
+            return;
+        }
+        self.flush_to_host(key);
+    }
+
+    /// Parses the guest's `CONNECT a.b.c.d:port\n` and dials it if allowlisted.
+    fn try_open_egress(&mut self, key: Key) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let Some(newline) = conn.request_line.iter().position(|b| *b == b'\n') else {
+            if conn.request_line.len() > MAX_REQUEST_LINE_BYTES {
+                self.deny(key, None, DenyReason::MalformedRequest);
+            }
+            return;
+        };
+        if newline > MAX_REQUEST_LINE_BYTES {
+            self.deny(key, None, DenyReason::MalformedRequest);
+            return;
+        }
+        let rest = conn.request_line.split_off(newline + 1);
+        let line = std::mem::take(&mut conn.request_line);
+        let Some(destination) = parse_egress_request(&line[..newline]) else {
+            self.deny(key, None, DenyReason::MalformedRequest);
+            return;
+        };
+        let rule = AllowRule {
+            addr: *destination.ip(),
+            port: destination.port(),
+        };
+        if !self.allowlist.contains(&rule) {
+            self.deny(key, Some(destination), DenyReason::NotAllowlisted);
+            return;
+        }
+        let stream =
+            match TcpStream::connect_timeout(&SocketAddr::V4(destination), EGRESS_CONNECT_TIMEOUT)
+                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            {
+                Ok(stream) => stream,
+                Err(_) => {
+                    // Allowed but nobody listens: a plain reset, like a refused TCP connect.
+                    self.reset_conn(key);
+                    return;
+                }
+            };
+        let _ = stream.set_nodelay(true);
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        conn.stream = Some(HostStream::Tcp(stream));
+        conn.state = ConnState::Established;
+        conn.fwd_cnt += Wrapping((newline + 1) as u32);
+        conn.to_guest
+            .extend(format!("OK {destination}\n").as_bytes());
+        conn.to_host.extend(&rest);
+        self.stats.connections_opened += 1;
+        self.register(key);
+        self.flush_to_host(key);
+    }
+
+    /// Writes buffered guest bytes to the host socket; counts them as forwarded.
+    fn flush_to_host(&mut self, key: Key) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let Some(stream) = conn.stream.as_mut() else {
+            return;
+        };
+        let mut failed = false;
+        while !conn.to_host.is_empty() {
+            let (front, _) = conn.to_host.as_slices();
+            match stream.write(front) {
+                Ok(0) => {
+                    failed = true;
+                    break;
+                }
+                Ok(n) => {
+                    conn.to_host.drain(..n);
+                    conn.fwd_cnt += Wrapping(n as u32);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            self.reset_conn(key);
+            return;
+        }
+        if conn.to_host.is_empty() && conn.guest_done_sending {
+            stream.shutdown_write();
+        }
+        let credit_due = (conn.fwd_cnt - conn.last_fwd_cnt_sent).0 >= CREDIT_UPDATE_THRESHOLD_BYTES;
+        if credit_due {
+            self.push_control(key, OP_CREDIT_UPDATE, 0);
+        }
+        self.rearm(key);
+    }
+
+    /// Next packet for the guest, at most `max_data` bytes of payload.
+    pub fn pop_to_guest(&mut self, max_data: usize) -> Option<Packet> {
+        if let Some(pkt) = self.control.pop_front() {
+            return Some(pkt);
+        }
+        let keys: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.state == ConnState::Established
+                    && (!c.to_guest.is_empty()
+                        || (c.host_readable && !c.host_eof)
+                        || (c.host_eof && !c.shutdown_sent))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            if let Some(pkt) = self.data_for_guest(key, max_data) {
+                return Some(pkt);
+            }
+        }
+        None
+    }
+
+    fn data_for_guest(&mut self, key: Key, max_data: usize) -> Option<Packet> {
+        let mut hdr = self.header(key, OP_RW);
+        let conn = self.conns.get_mut(&key)?;
+        let budget = max_data
+            .min(conn.peer_credit() as usize)
+            .min(MAX_PACKET_DATA_BYTES);
+        if conn.host_eof && conn.to_guest.is_empty() && !conn.shutdown_sent {
+            conn.shutdown_sent = true;
+            hdr.op = OP_SHUTDOWN;
+            hdr.flags = SHUTDOWN_SEND;
+            return Some(Packet {
+                hdr,
+                data: Vec::new(),
+            });
+        }
+        if budget == 0 {
+            return None;
+        }
+        let mut data = Vec::new();
+        if !conn.to_guest.is_empty() {
+            let take = budget.min(conn.to_guest.len());
+            data.extend(conn.to_guest.drain(..take));
+        } else if let Some(stream) = conn.stream.as_mut() {
+            data.resize(budget, 0);
+            match stream.read(&mut data) {
+                Ok(0) => {
+                    conn.host_eof = true;
+                    data.clear();
+                }
+                Ok(n) => data.truncate(n),
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
+                {
+                    conn.host_readable = false;
+                    data.clear();
+                }
+                Err(_) => {
+                    conn.host_eof = true;
+                    data.clear();
+                }
+            }
+        }
+        if data.is_empty() {
+            self.rearm(key);
+            return if self
+                .conns
+                .get(&key)
+                .is_some_and(|c| c.host_eof && !c.shutdown_sent)
+            {
+                self.data_for_guest(key, max_data)
+            } else {
+                None
+            };
+        }
+        conn.tx_cnt += Wrapping(data.len() as u32);
+        conn.last_fwd_cnt_sent = conn.fwd_cnt;
+        hdr.len = data.len() as u32;
+        Some(Packet { hdr, data })
+    }
+
+    /// Whether `pop_to_guest` may have something (used to decide whether to look at RX buffers).
+    pub fn has_pending(&self) -> bool {
+        !self.control.is_empty()
+            || self.conns.values().any(|c| {
+                c.state == ConnState::Established
+                    && ((!c.to_guest.is_empty()
+                        || c.host_readable
+                        || (c.host_eof && !c.shutdown_sent))
+                        && (c.peer_credit() > 0 || c.host_eof))
+            })
+    }
+
+    /// Handles whatever the host sockets have for us, waiting at most `timeout_ms`.
+    pub fn process_host_events(&mut self, timeout_ms: i32) {
+        let mut events = vec![EpollEvent::default(); EVENTS_PER_POLL];
+        let count = self.epoll.wait(timeout_ms, &mut events).unwrap_or(0);
+        for event in &events[..count] {
+            let token = event.data();
+            if token == LISTENER_TOKEN {
+                self.accept_host();
+            } else if token & PENDING_TOKEN_BIT != 0 {
+                self.read_host_request(token);
+            } else {
+                let key: Key = ((token >> 32) as u32, token as u32);
+                let set = event.event_set();
+                if set.intersects(EventSet::OUT) {
+                    self.flush_to_host(key);
+                }
+                if set.intersects(
+                    EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP,
+                ) {
+                    if let Some(conn) = self.conns.get_mut(&key) {
+                        conn.host_readable = true;
+                    }
+                    self.rearm(key);
+                }
+            }
+        }
+    }
+
+    fn accept_host(&mut self) {
+        let Some((listener, _)) = &self.listener else {
+            return;
+        };
+        while let Ok((stream, _)) = listener.accept() {
+            if stream.set_nonblocking(true).is_err()
+                || self.pending_host.len() + self.conns.len() >= MAX_CONNECTIONS
+            {
+                continue;
+            }
+            let token = PENDING_TOKEN_BIT | self.next_pending_id;
+            self.next_pending_id += 1;
+            if self
+                .epoll
+                .ctl(
+                    ControlOperation::Add,
+                    stream.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .is_ok()
+            {
+                self.pending_host.insert(
+                    token,
+                    PendingHost {
+                        stream,
+                        line: Vec::new(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn read_host_request(&mut self, token: u64) {
+        let Some(pending) = self.pending_host.get_mut(&token) else {
+            return;
+        };
+        let mut buf = [0u8; MAX_REQUEST_LINE_BYTES];
+        let outcome = match pending.stream.read(&mut buf) {
+            Ok(0) => Err(()),
+            Ok(n) => {
+                pending.line.extend_from_slice(&buf[..n]);
+                match pending.line.iter().position(|b| *b == b'\n') {
+                    Some(end) => parse_host_request(&pending.line[..end]).ok_or(()).map(Some),
+                    None if pending.line.len() > MAX_REQUEST_LINE_BYTES => Err(()),
+                    None => Ok(None),
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(None),
+            Err(_) => Err(()),
+        };
+        match outcome {
+            Ok(None) => {}
+            Err(()) => {
+                if let Some(p) = self.pending_host.remove(&token) {
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Delete,
+                        p.stream.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                }
+            }
+            Ok(Some(guest_port)) => {
+                let Some(p) = self.pending_host.remove(&token) else {
+                    return;
+                };
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    p.stream.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+                let local = self.allocate_local_port();
+                let key = (local, guest_port);
+                let conn = Connection::new(ConnState::Connecting, Some(HostStream::Unix(p.stream)));
+                self.conns.insert(key, conn);
+                self.register(key);
+                self.push_control(key, OP_REQUEST, 0);
+            }
+        }
+    }
+
+    fn allocate_local_port(&mut self) -> u32 {
+        loop {
+            let port = self.next_local_port;
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_EPHEMERAL_PORT);
+            if !self.conns.keys().any(|(local, _)| *local == port) {
+                return port;
+            }
+        }
+    }
+}
+
+impl Drop for Muxer {
+    fn drop(&mut self) {
+        if let Some((_, path)) = self.listener.take() {
+            if let Err(e) = std::fs::remove_file(&path) {
+                eprintln!(
+                    "bottle-vmm: cannot remove vsock socket {}: {e}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// `CONNECT <ipv4>:<port>` (no newline) → destination.
+pub fn parse_egress_request(line: &[u8]) -> Option<SocketAddrV4> {
+    let text = std::str::from_utf8(line).ok()?;
+    let target = text.strip_prefix("CONNECT ")?;
+    let (addr, port) = target.split_once(':')?;
+    let addr: Ipv4Addr = addr.parse().ok()?;
+    let port: u16 = port.parse().ok()?;
+    Some(SocketAddrV4::new(addr, port))
+}
+
+/// `CONNECT <port>` (no newline) → guest vsock port.
+pub fn parse_host_request(line: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(line).ok()?;
+    text.strip_prefix("CONNECT ")?
+        .trim_end_matches('\r')
+        .parse()
+        .ok()
+}

@@ -1,0 +1,234 @@
+//! Building a machine from a [`VmmConfig`] in the order rust-vmm's reference VMM uses: KVM,
+//! memory, VM (TSS, irqchip, PIT), kernel and boot structures, devices, vCPUs; then running it.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError};
+use crate::config::{ConfigError, VmmConfig};
+use crate::cpu::{self, CpuError};
+use crate::devices::legacy::PortIo;
+use crate::devices::serial::{ConsoleWriter, EventFdTrigger, SerialError};
+use crate::devices::MmioBus;
+use crate::event_loop::{EventLoop, EventLoopError};
+use crate::layout::*;
+use crate::memory::{self, MemoryError};
+use crate::mptable::{self, MptableError};
+use crate::vcpu::{ExitSignal, VcpuError, VcpuHandles, VcpuShared};
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::vsock::{Vsock, VsockError};
+use crate::virtio::VirtioDevice;
+use crate::GuestExit;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    #[error("cannot open /dev/kvm: load kvm-intel or kvm-amd, and make sure this user may read and write /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("cannot create a VM (KVM_CREATE_VM): check the host's KVM limits")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("cannot set up {what}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot register guest memory with KVM")]
+    MemoryRegion(#[source] kvm_ioctls::Error),
+    #[error("cannot create an eventfd for {0}")]
+    EventFd(&'static str, #[source] std::io::Error),
+}
+
+/// Everything that can stop a machine from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("invalid VMM configuration")]
+    Config(#[from] ConfigError),
+    #[error("KVM setup failed")]
+    Kvm(#[from] KvmError),
+    #[error("guest memory setup failed")]
+    Memory(#[from] MemoryError),
+    #[error("booting the guest kernel failed")]
+    Boot(#[from] BootError),
+    #[error("writing the MP table failed")]
+    Mptable(#[from] MptableError),
+    #[error("vCPU setup failed")]
+    Cpu(#[from] CpuError),
+    #[error("vCPU threads failed")]
+    Vcpu(#[from] VcpuError),
+    #[error("serial console setup failed")]
+    Serial(#[from] SerialError),
+    #[error("vsock device setup failed")]
+    Vsock(#[from] VsockError),
+    #[error("device event loop failed")]
+    EventLoop(#[from] EventLoopError),
+    #[error("too many virtio devices: at most {} fit the IRQ range", LAST_IRQ - FIRST_DEVICE_IRQ + 1)]
+    TooManyDevices,
+}
+
+fn setup(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |source| KvmError::Setup { what, source }
+}
+
+/// A machine, built and not yet started.
+pub struct Vmm {
+    vm: VmFd,
+    vcpus: Vec<VcpuFd>,
+    mem: GuestMemoryMmap,
+    mmio: MmioBus,
+    pio: Arc<PortIo>,
+    event_loop: EventLoop,
+    cmdline: linux_loader::cmdline::Cmdline,
+    next_irq: u32,
+    next_mmio_base: u64,
+}
+
+impl Vmm {
+    /// Builds the machine: validated config, KVM, memory, irqchip, PIT, kernel, devices, vCPUs.
+    pub fn build(config: &VmmConfig) -> Result<Self, VmmError> {
+        config.validate()?;
+        let kvm = Kvm::new().map_err(KvmError::OpenKvm)?;
+        let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
+        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(setup("the TSS (KVM_SET_TSS_ADDR)"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(setup("the identity map (KVM_SET_IDENTITY_MAP_ADDR)"))?;
+        vm.create_irq_chip()
+            .map_err(setup("the in-kernel irqchip (KVM_CREATE_IRQCHIP)"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(setup("the in-kernel PIT (KVM_CREATE_PIT2)"))?;
+
+        let mem = memory::create_guest_memory(config.mem_mib)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which the returned `Vmm`
+            // keeps alive for as long as the VM fd (and so KVM's use of the mapping) exists.
+            unsafe { vm.set_user_memory_region(region_desc) }.map_err(KvmError::MemoryRegion)?;
+        }
+
+        let panicked = Arc::new(AtomicBool::new(false));
+        let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;
+        vm.register_irqfd(&serial_evt, SERIAL_IRQ)
+            .map_err(setup("the serial IRQ (KVM_IRQFD)"))?;
+        let writer = ConsoleWriter::new(&config.serial, panicked.clone())?;
+        let serial = vm_superio::Serial::new(EventFdTrigger(serial_evt), writer);
+        let pio = Arc::new(PortIo {
+            serial: Arc::new(Mutex::new(serial)),
+            panicked,
+        });
+
+        let mut vmm = Self {
+            vm,
+            vcpus: Vec::new(),
+            mem,
+            mmio: MmioBus::default(),
+            pio,
+            event_loop: EventLoop::new()?,
+            cmdline: boot::build_cmdline(&config.cmdline)?,
+            next_irq: FIRST_DEVICE_IRQ,
+            next_mmio_base: MMIO_DEVICES_START,
+        };
+        if let Some(vsock) = &config.vsock {
+            let device = Vsock::new(vsock)?;
+            vmm.attach_virtio_device(Box::new(device))?;
+        }
+
+        let kernel = boot::load_kernel(&vmm.mem, &config.kernel)?;
+        boot::write_boot_structures(&vmm.mem, &kernel, &vmm.cmdline)?;
+        mptable::setup(&vmm.mem, config.vcpus)?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(setup("CPUID (KVM_GET_SUPPORTED_CPUID)"))?;
+        for index in 0..config.vcpus {
+            let vcpu = vmm
+                .vm
+                .create_vcpu(u64::from(index))
+                .map_err(setup("a vCPU (KVM_CREATE_VCPU)"))?;
+            let mut cpuid = supported.clone();
+            cpu::normalize_cpuid(&mut cpuid, index, config.vcpus);
+            cpu::set_cpuid(&vcpu, &cpuid)?;
+            cpu::set_boot_msrs(&vcpu)?;
+            cpu::setup_lapic(&vcpu)?;
+            if index == 0 {
+                cpu::setup_boot_vcpu(&vcpu, kernel.entry)?;
+            } else {
+                cpu::setup_fpu(&vcpu)?;
+            }
+            vmm.vcpus.push(vcpu);
+        }
+        Ok(vmm)
+    }
+
+    /// Puts a virtio device behind a virtio-mmio window with its own IRQ, wires its queue
+    /// notifications (ioeventfd) and interrupt (irqfd), and announces it on the command line.
+    /// Must run before the boot structures are written (the command line is final then).
+    fn attach_virtio_device(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), VmmError> {
+        if self.next_irq > LAST_IRQ {
+            return Err(VmmError::TooManyDevices);
+        }
+        let (base, irq) = (self.next_mmio_base, self.next_irq);
+        let transport = MmioTransport::new(device, self.mem.clone())
+            .map_err(|e| KvmError::EventFd("a virtio device", e))?;
+        self.vm
+            .register_irqfd(transport.irq_evt(), irq)
+            .map_err(setup("a virtio IRQ (KVM_IRQFD)"))?;
+        for (queue, evt) in transport.queue_evts().iter().enumerate() {
+            let addr =
+                kvm_ioctls::IoEventAddress::Mmio(base + crate::virtio::mmio::QUEUE_NOTIFY_OFFSET);
+            self.vm
+                .register_ioevent(evt, &addr, queue as u32)
+                .map_err(setup("a virtio queue notification (KVM_IOEVENTFD)"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.event_loop.add_device(transport.clone())?;
+        self.mmio.insert(base, MMIO_DEVICE_SIZE, transport);
+        self.cmdline
+            .add_virtio_mmio_device(MMIO_DEVICE_SIZE, vm_memory::GuestAddress(base), irq, None)
+            .map_err(BootError::Cmdline)?;
+        self.next_irq += 1;
+        self.next_mmio_base += MMIO_DEVICE_SIZE;
+        Ok(())
+    }
+
+    /// Starts the vCPUs and the device loop, blocks until the guest ends, stops everything.
+    pub fn run(self) -> Result<GuestExit, VmmError> {
+        let exit =
+            Arc::new(ExitSignal::new().map_err(|e| KvmError::EventFd("the exit signal", e))?);
+        let event_loop = self.event_loop.start()?;
+        let shared = VcpuShared {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            exit: exit.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let handles = VcpuHandles::start(self.vcpus, shared)?;
+        // Blocks until a vCPU records an exit (an eventfd read without O_NONBLOCK waits).
+        let waited = exit.evt.read();
+        let stopped = handles.stop();
+        let loop_result = event_loop.stop();
+        waited.map_err(|e| KvmError::EventFd("the exit signal", e))?;
+        stopped?;
+        loop_result?;
+        drop(self.vm);
+        Ok(exit
+            .take()
+            .unwrap_or_else(|| GuestExit::Crash("a vCPU thread ended without a reason".into())))
+    }
+}
