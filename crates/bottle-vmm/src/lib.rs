@@ -21,7 +21,7 @@ pub mod virtio;
 pub mod vm;
 
 pub use config::{AllowRule, ConfigError, DiskConfig, SerialOutput, VmmConfig, VsockConfig};
-pub use virtio::vsock::{EGRESS_VSOCK_PORT, HOST_CID};
+pub use virtio::vsock::{DeniedEgress, DenyReason, VsockStats, EGRESS_VSOCK_PORT, HOST_CID};
 pub use vm::{KvmError, Vmm, VmmError};
 
 /// How the guest ended.

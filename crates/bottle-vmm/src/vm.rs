@@ -23,7 +23,7 @@ use crate::memory::{self, MemoryError};
 use crate::mptable::{self, MptableError};
 use crate::vcpu::{ExitSignal, VcpuError, VcpuHandles, VcpuShared};
 use crate::virtio::mmio::MmioTransport;
-use crate::virtio::vsock::{Vsock, VsockError};
+use crate::virtio::vsock::{Vsock, VsockError, VsockStats};
 use crate::virtio::VirtioDevice;
 use crate::GuestExit;
 
@@ -87,6 +87,7 @@ pub struct Vmm {
     cmdline: linux_loader::cmdline::Cmdline,
     next_irq: u32,
     next_mmio_base: u64,
+    vsock_stats: Option<Arc<Mutex<VsockStats>>>,
 }
 
 impl Vmm {
@@ -143,9 +144,11 @@ impl Vmm {
             cmdline: boot::build_cmdline(&config.cmdline)?,
             next_irq: FIRST_DEVICE_IRQ,
             next_mmio_base: MMIO_DEVICES_START,
+            vsock_stats: None,
         };
         if let Some(vsock) = &config.vsock {
             let device = Vsock::new(vsock)?;
+            vmm.vsock_stats = Some(device.stats());
             vmm.attach_virtio_device(Box::new(device))?;
         }
 
@@ -205,6 +208,12 @@ impl Vmm {
         self.next_irq += 1;
         self.next_mmio_base += MMIO_DEVICE_SIZE;
         Ok(())
+    }
+
+    /// Counters of the vsock device (malformed packets dropped, denied egress), readable while
+    /// and after the machine runs. `None` without a vsock device.
+    pub fn vsock_stats(&self) -> Option<Arc<Mutex<VsockStats>>> {
+        self.vsock_stats.clone()
     }
 
     /// Starts the vCPUs and the device loop, blocks until the guest ends, stops everything.

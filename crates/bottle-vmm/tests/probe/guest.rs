@@ -1,0 +1,655 @@
+//! The probe guest: a freestanding x86_64 program the tests boot under real KVM with our VMM.
+//!
+//! It checks the boot parameters it was handed (zero page: e820 map, command line), prints to
+//! COM1, finds our virtio-mmio vsock device from the `virtio_mmio.device=` argument, negotiates
+//! features, sets up its queues and exercises the vsock channel as the test asks
+//! (`probe.mode=...` on the command line). It ends through the VMM's exit ports: 0x501 (power
+//! off) when every check passed, 0x505 (panic) on the first failure, after printing why.
+//!
+//! Built by the tests with rustc (no SSE: this KVM cannot run it in the guest, see FINDINGS.md),
+//! loaded like a vmlinux ELF and entered in 64-bit mode with `rsi` = zero page.
+#![no_std]
+#![no_main]
+
+use core::arch::{asm, global_asm};
+use core::ptr::{read_volatile, write_volatile};
+use core::sync::atomic::{fence, Ordering};
+
+// Entry: move the stack away from the boot structures (the VMM's boot stack sits right above
+// the zero page) and call `probe_main(zero_page)`.
+global_asm!(
+    ".globl _start",
+    "_start:",
+    "mov rsp, 0x1f0000",
+    "mov rdi, rsi",
+    "call probe_main",
+    "2: hlt",
+    "jmp 2b",
+);
+
+#[no_mangle]
+pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _, options(nostack));
+    dst
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize) <= (src as usize) {
+        memcpy(dst, src, n)
+    } else {
+        let mut i = n;
+        while i > 0 {
+            i -= 1;
+            write_volatile(dst.add(i), read_volatile(src.add(i)));
+        }
+        dst
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
+    asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8, options(nostack));
+    dst
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        let (x, y) = (read_volatile(a.add(i)), read_volatile(b.add(i)));
+        if x != y {
+            return x as i32 - y as i32;
+        }
+        i += 1;
+    }
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    memcmp(a, b, n)
+}
+
+fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O at CPL0 in our own guest.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
+}
+
+fn puts(s: &str) {
+    for b in s.bytes() {
+        outb(0x3f8, b);
+    }
+}
+
+fn put_bytes(s: &[u8]) {
+    for b in s {
+        outb(0x3f8, *b);
+    }
+}
+
+fn put_num(mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    put_bytes(&digits[i..]);
+}
+
+fn power_off() -> ! {
+    puts("PROBE DONE\n");
+    outb(0x501, 0);
+    loop {}
+}
+
+fn fail(what: &str) -> ! {
+    puts("PROBE FAIL ");
+    puts(what);
+    puts("\n");
+    outb(0x505, 1);
+    loop {}
+}
+
+fn check(ok: bool, what: &str) {
+    if !ok {
+        fail(what);
+    }
+}
+
+/// The precompiled `core` carries unwind tables naming this symbol; with panic=abort it is never
+/// called.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    fail("rust panic")
+}
+
+unsafe fn rd<T: Copy>(addr: u64) -> T {
+    read_volatile(addr as *const T)
+}
+
+unsafe fn wr<T: Copy>(addr: u64, value: T) {
+    write_volatile(addr as *mut T, value)
+}
+
+// ---- command line ----
+
+struct Cmdline {
+    bytes: &'static [u8],
+}
+
+impl Cmdline {
+    /// The value of `key=` (up to the next space).
+    fn get(&self, key: &[u8]) -> Option<&'static [u8]> {
+        let b = self.bytes;
+        let mut i = 0;
+        while i + key.len() < b.len() {
+            let at_word = i == 0 || b[i - 1] == b' ';
+            if at_word && &b[i..i + key.len()] == key && b[i + key.len()] == b'=' {
+                let start = i + key.len() + 1;
+                let mut end = start;
+                while end < b.len() && b[end] != b' ' {
+                    end += 1;
+                }
+                return Some(&b[start..end]);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    fn has(&self, word: &[u8]) -> bool {
+        self.bytes.windows(word.len()).any(|w| w == word)
+    }
+}
+
+fn parse_num(s: &[u8]) -> Option<u64> {
+    let (digits, radix) = match s {
+        [b'0', b'x', rest @ ..] => (rest, 16),
+        _ => (s, 10),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for c in digits {
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' if radix == 16 => c - b'a' + 10,
+            _ => return None,
+        };
+        n = n.checked_mul(radix)?.checked_add(u64::from(d))?;
+    }
+    Some(n)
+}
+
+/// `virtio_mmio.device=4K@0xd0000000:5` → (base, irq).
+fn parse_virtio_device(value: &[u8]) -> Option<(u64, u64)> {
+    let at = value.iter().position(|c| *c == b'@')?;
+    let colon = value.iter().position(|c| *c == b':')?;
+    let base = parse_num(&value[at + 1..colon])?;
+    let irq = parse_num(&value[colon + 1..])?;
+    Some((base, irq))
+}
+
+// ---- virtio-mmio and virtqueues ----
+
+const QUEUE_SIZE: u16 = 16;
+const QUEUE_AREA: u64 = 0x40_0000;
+const RX_BUFFERS: u64 = 0x60_0000;
+const TX_BUFFER: u64 = 0x80_0000;
+const BUFFER_BYTES: u32 = 44 + 65536;
+const BUFFER_STRIDE: u64 = 0x1_1000;
+const DESC_F_WRITE: u16 = 2;
+/// Polling iterations before a wait is declared failed (a few seconds of emulated execution).
+const WAIT_LIMIT: u64 = 20_000_000;
+
+struct Vq {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+    last_used: u16,
+}
+
+impl Vq {
+    fn new(index: u64) -> Self {
+        let base = QUEUE_AREA + index * 0x1_0000;
+        Vq { desc: base, avail: base + 0x1000, used: base + 0x2000, avail_idx: 0, last_used: 0 }
+    }
+
+    unsafe fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16) {
+        let d = self.desc + u64::from(i) * 16;
+        wr(d, addr);
+        wr(d + 8, len);
+        wr(d + 12, flags);
+        wr(d + 14, 0u16);
+    }
+
+    unsafe fn publish(&mut self, head: u16) {
+        wr(self.avail + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2, head);
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        wr(self.avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+    }
+
+    unsafe fn used_idx(&self) -> u16 {
+        fence(Ordering::SeqCst);
+        rd::<u16>(self.used + 2)
+    }
+
+    /// Next used element (descriptor id, written length), if any.
+    unsafe fn pop_used(&mut self) -> Option<(u16, u32)> {
+        if self.used_idx() == self.last_used {
+            return None;
+        }
+        let e = self.used + 4 + u64::from(self.last_used % QUEUE_SIZE) * 8;
+        self.last_used = self.last_used.wrapping_add(1);
+        Some((rd::<u32>(e) as u16, rd::<u32>(e + 4)))
+    }
+}
+
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
+const OP_SHUTDOWN: u16 = 4;
+const OP_RW: u16 = 5;
+const OP_CREDIT_UPDATE: u16 = 6;
+const HOST_CID: u64 = 2;
+const EGRESS_PORT: u32 = 1024;
+const GUEST_BUF_ALLOC: u32 = 1 << 20;
+
+#[derive(Clone, Copy)]
+#[allow(dead_code)]
+struct Hdr {
+    src_cid: u64,
+    dst_cid: u64,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    op: u16,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+}
+
+struct Dev {
+    base: u64,
+    cid: u64,
+    rx: Vq,
+    tx: Vq,
+    /// Bytes of RW payload received (our fwd_cnt: we consume at once).
+    fwd_cnt: u32,
+    /// Bytes of RW payload sent, and the host's latest credit.
+    tx_cnt: u32,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// The last packet received (header + its payload, in its RX buffer until released).
+    sent: u16,
+}
+
+struct Pkt {
+    hdr: Hdr,
+    id: u16,
+    data: &'static [u8],
+}
+
+impl Dev {
+    unsafe fn reg(&self, off: u64) -> u32 {
+        rd::<u32>(self.base + off)
+    }
+
+    unsafe fn set_reg(&self, off: u64, value: u32) {
+        wr(self.base + off, value)
+    }
+
+    unsafe fn setup(base: u64) -> Dev {
+        let mut dev = Dev { base, cid: 0, rx: Vq::new(0), tx: Vq::new(1), fwd_cnt: 0, tx_cnt: 0, peer_buf_alloc: 0, peer_fwd_cnt: 0, sent: 0 };
+        check(dev.reg(0x000) == 0x7472_6976, "virtio magic");
+        check(dev.reg(0x004) == 2, "virtio-mmio version 2");
+        check(dev.reg(0x008) == 19, "device id 19 (vsock)");
+        dev.set_reg(0x070, 0);
+        dev.set_reg(0x070, 1 | 2); // ACKNOWLEDGE | DRIVER
+        dev.set_reg(0x014, 1);
+        let high = dev.reg(0x010);
+        check(high & 1 == 1, "VIRTIO_F_VERSION_1 offered");
+        dev.set_reg(0x024, 0);
+        dev.set_reg(0x020, 0);
+        dev.set_reg(0x024, 1);
+        dev.set_reg(0x020, 1);
+        dev.set_reg(0x070, 1 | 2 | 8); // + FEATURES_OK
+        check(dev.reg(0x070) & 8 == 8, "FEATURES_OK accepted");
+        for q in 0..3u64 {
+            let vq = Vq::new(q);
+            dev.set_reg(0x030, q as u32);
+            check(dev.reg(0x034) >= u32::from(QUEUE_SIZE), "queue max size");
+            check(dev.reg(0x044) == 0, "queue not ready before setup");
+            dev.set_reg(0x038, u32::from(QUEUE_SIZE));
+            dev.set_reg(0x080, vq.desc as u32);
+            dev.set_reg(0x084, 0);
+            dev.set_reg(0x090, vq.avail as u32);
+            dev.set_reg(0x094, 0);
+            dev.set_reg(0x0a0, vq.used as u32);
+            dev.set_reg(0x0a4, 0);
+            dev.set_reg(0x044, 1);
+        }
+        dev.set_reg(0x070, 1 | 2 | 8 | 4); // + DRIVER_OK
+        check(dev.reg(0x070) & 4 == 4, "DRIVER_OK accepted");
+        dev.cid = u64::from(dev.reg(0x100)) | (u64::from(dev.reg(0x104)) << 32);
+        for i in 0..QUEUE_SIZE {
+            dev.rx.set_desc(i, RX_BUFFERS + u64::from(i) * BUFFER_STRIDE, BUFFER_BYTES, DESC_F_WRITE);
+            dev.rx.publish(i);
+        }
+        dev.set_reg(0x050, 0);
+        dev
+    }
+
+    unsafe fn send(&mut self, dst_port: u32, src_port: u32, op: u16, flags: u32, data: &[u8]) {
+        let b = TX_BUFFER;
+        wr(b, self.cid);
+        wr(b + 8, HOST_CID);
+        wr(b + 16, src_port);
+        wr(b + 20, dst_port);
+        wr(b + 24, data.len() as u32);
+        wr(b + 28, 1u16);
+        wr(b + 30, op);
+        wr(b + 32, flags);
+        wr(b + 36, GUEST_BUF_ALLOC);
+        wr(b + 40, self.fwd_cnt);
+        memcpy((b + 44) as *mut u8, data.as_ptr(), data.len());
+        self.tx.set_desc(0, b, 44 + data.len() as u32, 0);
+        self.send_raw_desc();
+        if op == OP_RW {
+            self.tx_cnt = self.tx_cnt.wrapping_add(data.len() as u32);
+        }
+    }
+
+    /// Publishes TX descriptor 0 as it is and waits for the device to consume it.
+    unsafe fn send_raw_desc(&mut self) {
+        self.tx.publish(0);
+        self.set_reg(0x050, 1);
+        self.sent = self.sent.wrapping_add(1);
+        let mut n = 0;
+        while self.tx.used_idx() != self.sent {
+            n += 1;
+            check(n < WAIT_LIMIT, "TX buffer consumed");
+        }
+        self.tx.last_used = self.sent;
+    }
+
+    unsafe fn recv(&mut self, what: &str) -> Pkt {
+        let mut n: u64 = 0;
+        loop {
+            if let Some((id, len)) = self.rx.pop_used() {
+                check(len >= 44 && id < QUEUE_SIZE, "RX packet length");
+                let b = RX_BUFFERS + u64::from(id) * BUFFER_STRIDE;
+                let hdr = Hdr {
+                    src_cid: rd(b),
+                    dst_cid: rd(b + 8),
+                    src_port: rd(b + 16),
+                    dst_port: rd(b + 20),
+                    len: rd(b + 24),
+                    op: rd(b + 30),
+                    flags: rd(b + 32),
+                    buf_alloc: rd(b + 36),
+                    fwd_cnt: rd(b + 40),
+                };
+                check(hdr.src_cid == HOST_CID && hdr.dst_cid == self.cid, "RX packet addresses");
+                check(hdr.len + 44 == len, "RX header length matches used length");
+                self.peer_buf_alloc = hdr.buf_alloc;
+                self.peer_fwd_cnt = hdr.fwd_cnt;
+                if hdr.op == OP_RW {
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(hdr.len);
+                }
+                let data = core::slice::from_raw_parts((b + 44) as *const u8, hdr.len as usize);
+                return Pkt { hdr, id, data };
+            }
+            n += 1;
+            if n > WAIT_LIMIT {
+                fail(what);
+            }
+        }
+    }
+
+    /// Gives an RX buffer back to the device.
+    unsafe fn release(&mut self, pkt: Pkt) {
+        self.rx.publish(pkt.id);
+        self.set_reg(0x050, 0);
+    }
+
+    unsafe fn expect(&mut self, op: u16, what: &str) -> Pkt {
+        let pkt = self.recv(what);
+        if pkt.hdr.op != op {
+            puts("got op ");
+            put_num(u64::from(pkt.hdr.op));
+            puts(" ");
+            fail(what);
+        }
+        pkt
+    }
+
+    /// Host credit left for our RW payload.
+    fn credit(&self) -> u32 {
+        self.peer_buf_alloc.saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+}
+
+/// Opens an egress stream to `target` ("a.b.c.d:port") from guest port `port`; returns the
+/// first reply packet after the vsock handshake (an RW with `OK ...`, or an RST).
+unsafe fn egress(dev: &mut Dev, port: u32, target: &[u8]) -> Pkt {
+    dev.send(EGRESS_PORT, port, OP_REQUEST, 0, &[]);
+    let response = dev.expect(OP_RESPONSE, "vsock RESPONSE to egress REQUEST");
+    dev.release(response);
+    let mut line = [0u8; 64];
+    let prefix = b"CONNECT ";
+    line[..prefix.len()].copy_from_slice(prefix);
+    line[prefix.len()..prefix.len() + target.len()].copy_from_slice(target);
+    line[prefix.len() + target.len()] = b'\n';
+    dev.send(EGRESS_PORT, port, OP_RW, 0, &line[..prefix.len() + target.len() + 1]);
+    dev.recv("reply to CONNECT line")
+}
+
+unsafe fn expect_reset(dev: &mut Dev, port: u32, target: &[u8], label: &str) {
+    let reply = egress(dev, port, target);
+    let op = reply.hdr.op;
+    let from_port = reply.hdr.dst_port;
+    dev.release(reply);
+    check(op == OP_RST && from_port == port, label);
+    puts(label);
+    puts(" RST\n");
+}
+
+unsafe fn vsock_checks(dev: &mut Dev, cmdline: &Cmdline) {
+    // 1. Host-initiated: the test connects to the Unix socket with CONNECT 7000.
+    let request = dev.expect(OP_REQUEST, "host REQUEST");
+    let (host_port, guest_port) = (request.hdr.src_port, request.hdr.dst_port);
+    dev.release(request);
+    check(guest_port == 7000, "host connection to guest port 7000");
+    dev.send(host_port, guest_port, OP_RESPONSE, 0, &[]);
+    let hello = dev.expect(OP_RW, "host data");
+    check(hello.data == b"hello guest", "host data is 'hello guest'");
+    dev.release(hello);
+    dev.send(host_port, guest_port, OP_RW, 0, b"hello host");
+    puts("HOST CONNECT OK\n");
+    dev.send(host_port, guest_port, OP_SHUTDOWN, 3, &[]);
+    let rst = dev.expect(OP_RST, "RST after our SHUTDOWN");
+    dev.release(rst);
+
+    // 2. Egress to the allowlisted destination.
+    let allowed = cmdline.get(b"probe.allowed").unwrap_or_else(|| fail("probe.allowed missing"));
+    let reply = egress(dev, 5000, allowed);
+    let ok_line = reply.hdr.op == OP_RW && reply.data.starts_with(b"OK ") && &reply.data[3..3 + allowed.len()] == allowed;
+    dev.release(reply);
+    check(ok_line, "OK line for the allowlisted destination");
+    dev.send(EGRESS_PORT, 5000, OP_RW, 0, b"ping from probe");
+    let echo = dev.expect(OP_RW, "echo from the allowlisted TCP listener");
+    check(echo.data == b"echo:ping from probe", "echo payload");
+    dev.release(echo);
+    dev.send(EGRESS_PORT, 5000, OP_SHUTDOWN, 3, &[]);
+    loop {
+        let pkt = dev.recv("RST after egress SHUTDOWN");
+        let op = pkt.hdr.op;
+        dev.release(pkt);
+        if op == OP_RST {
+            break;
+        }
+        check(op == OP_SHUTDOWN || op == OP_CREDIT_UPDATE, "only SHUTDOWN/CREDIT before RST");
+    }
+    puts("ALLOWED OK\n");
+
+    // 3. Attacks: another address, the allowed address on an unpublished port, a malformed
+    //    request line, a vsock port other than the egress port.
+    let denied_addr = cmdline.get(b"probe.denied_addr").unwrap_or_else(|| fail("probe.denied_addr missing"));
+    expect_reset(dev, 5001, denied_addr, "DENIED_ADDR");
+    let denied_port = cmdline.get(b"probe.denied_port").unwrap_or_else(|| fail("probe.denied_port missing"));
+    expect_reset(dev, 5002, denied_port, "DENIED_PORT");
+    expect_reset(dev, 5003, b"localhost:80", "DENIED_NAME");
+    dev.send(80, 5004, OP_REQUEST, 0, &[]);
+    let rst = dev.recv("reply to a REQUEST for vsock port 80");
+    let op = rst.hdr.op;
+    dev.release(rst);
+    check(op == OP_RST, "REQUEST to vsock port 80 is reset");
+    puts("DENIED_VSOCK_PORT RST\n");
+
+    // 4. Garbage: a TX chain shorter than a header, and one whose length field lies. The
+    //    device must drop both and keep working.
+    dev.tx.set_desc(0, TX_BUFFER, 10, 0);
+    dev.send_raw_desc();
+    wr(TX_BUFFER + 24, 60_000u32);
+    dev.tx.set_desc(0, TX_BUFFER, 44 + 4, 0);
+    dev.send_raw_desc();
+    dev.tx.set_desc(0, 0xffff_0000_0000, 64, 0);
+    dev.send_raw_desc();
+    let reply = egress(dev, 5005, denied_addr);
+    let op = reply.hdr.op;
+    dev.release(reply);
+    check(op == OP_RST, "device still answers after garbage");
+    puts("GARBAGE DROPPED\n");
+}
+
+/// Echo server for benchmarks: accepts host connections, echoes every byte back, respecting
+/// the host's credit; powers off when the host sends `QUIT` as a connection's payload.
+unsafe fn echo_loop(dev: &mut Dev) -> ! {
+    puts("ECHO READY\n");
+    loop {
+        let pkt = dev.recv_forever();
+        let h = pkt.hdr;
+        match h.op {
+            OP_REQUEST => {
+                dev.release(pkt);
+                dev.send(h.src_port, h.dst_port, OP_RESPONSE, 0, &[]);
+            }
+            OP_RW => {
+                if pkt.data == b"QUIT" {
+                    power_off();
+                }
+                let mut off = 0usize;
+                let len = pkt.data.len();
+                // Copy out first: the RX buffer goes back to the device while we wait for credit.
+                let scratch = 0x90_0000 as *mut u8;
+                memcpy(scratch, pkt.data.as_ptr(), len);
+                dev.release(pkt);
+                while off < len {
+                    while dev.credit() == 0 {
+                        let p = dev.recv_forever();
+                        let op = p.hdr.op;
+                        dev.release(p);
+                        check(op == OP_CREDIT_UPDATE || op == OP_RW, "credit wait sees only credit");
+                    }
+                    let n = (len - off).min(dev.credit() as usize);
+                    let chunk = core::slice::from_raw_parts(scratch.add(off), n);
+                    dev.send(h.src_port, h.dst_port, OP_RW, 0, chunk);
+                    off += n;
+                }
+            }
+            OP_SHUTDOWN => {
+                dev.release(pkt);
+                dev.send(h.src_port, h.dst_port, OP_RST, 0, &[]);
+            }
+            _ => dev.release(pkt),
+        }
+    }
+}
+
+impl Dev {
+    unsafe fn recv_forever(&mut self) -> Pkt {
+        loop {
+            if self.rx.used_idx() != self.rx.last_used {
+                return self.recv("packet");
+            }
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn probe_main(zero_page: u64) -> ! {
+    puts("PROBE START\n");
+    // Zero page: e820 table and command line (Linux boot protocol offsets).
+    let e820_entries = rd::<u8>(zero_page + 0x1e8) as u64;
+    let cmdline_ptr = rd::<u32>(zero_page + 0x228) as u64;
+    let cmdline_size = rd::<u32>(zero_page + 0x238) as usize;
+    let cmdline = Cmdline { bytes: core::slice::from_raw_parts(cmdline_ptr as *const u8, cmdline_size) };
+    puts("cmdline: ");
+    put_bytes(cmdline.bytes);
+    puts("\n");
+    check(cmdline.has(b"console=ttyS0"), "console=ttyS0 on the command line");
+
+    let mem_mib = cmdline.get(b"probe.mem_mib").and_then(parse_num).unwrap_or_else(|| fail("probe.mem_mib missing"));
+    let mut ram_end = 0u64;
+    let mut ram_at_zero = false;
+    for i in 0..e820_entries {
+        let e = zero_page + 0x2d0 + i * 20;
+        let (addr, size, kind) = (rd::<u64>(e), rd::<u64>(e + 8), rd::<u32>(e + 16));
+        if kind == 1 {
+            ram_end = ram_end.max(addr + size);
+            ram_at_zero |= addr == 0;
+        }
+    }
+    check(e820_entries >= 3 && ram_at_zero, "e820 has low RAM");
+    check(ram_end == mem_mib << 20, "e820 RAM ends at mem_mib");
+    puts("E820 OK ");
+    put_num(e820_entries);
+    puts(" entries, RAM end ");
+    put_num(ram_end);
+    puts("\n");
+
+    match cmdline.get(b"probe.mode").unwrap_or(b"boot") {
+        b"boot" => power_off(),
+        b"reset" => {
+            outb(0x64, 0xfe);
+            loop {}
+        }
+        b"panic" => fail("panic requested"),
+        b"triple-fault" => {
+            // The boot IDT is empty: #UD → #GP → #DF → triple fault.
+            asm!("ud2");
+            loop {}
+        }
+        b"vsock" | b"echo" => {
+            let device = cmdline.get(b"virtio_mmio.device").and_then(parse_virtio_device);
+            let (base, irq) = device.unwrap_or_else(|| fail("virtio_mmio.device missing"));
+            check(irq >= 5, "virtio IRQ above the legacy ones");
+            let mut dev = Dev::setup(base);
+            let want_cid = cmdline.get(b"probe.cid").and_then(parse_num).unwrap_or(0);
+            check(dev.cid == want_cid, "guest CID in config space");
+            puts("VSOCK READY cid ");
+            put_num(dev.cid);
+            puts("\n");
+            if cmdline.get(b"probe.mode") == Some(b"echo") {
+                echo_loop(&mut dev);
+            }
+            vsock_checks(&mut dev, &cmdline);
+            power_off()
+        }
+        _ => fail("unknown probe.mode"),
+    }
+}

@@ -1,0 +1,63 @@
+//! Boot path under real KVM with the probe guest: boot parameters, exit paths, SMP.
+
+mod common;
+
+use bottle_vmm::{GuestExit, Vmm};
+use common::*;
+
+fn boot_probe(mode: &str, vcpus: u8) -> Option<(GuestExit, String)> {
+    if !kvm_usable(&format!("probe mode {mode}")) {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = probe_config(dir.path(), mode, "", vcpus, None);
+    let exit = run_with_watchdog(Vmm::build(&config).unwrap());
+    Some((exit, serial_log(dir.path())))
+}
+
+#[test]
+fn test_probe_guest_sees_its_e820_map_and_command_line_then_powers_off() {
+    let Some((exit, log)) = boot_probe("boot", 1) else {
+        return;
+    };
+    assert_eq!(exit, GuestExit::PowerOff, "serial log:\n{log}");
+    assert!(
+        log.contains("E820 OK") && log.contains("PROBE DONE"),
+        "serial log:\n{log}"
+    );
+}
+
+#[test]
+fn test_i8042_reset_ends_the_vm_as_reset() {
+    let Some((exit, log)) = boot_probe("reset", 1) else {
+        return;
+    };
+    assert_eq!(exit, GuestExit::Reset, "serial log:\n{log}");
+}
+
+#[test]
+fn test_panic_port_ends_the_vm_as_panic() {
+    let Some((exit, log)) = boot_probe("panic", 1) else {
+        return;
+    };
+    assert_eq!(exit, GuestExit::Panic, "serial log:\n{log}");
+}
+
+#[test]
+fn test_triple_fault_ends_the_vm_as_crash() {
+    let Some((exit, log)) = boot_probe("triple-fault", 1) else {
+        return;
+    };
+    assert!(
+        matches!(exit, GuestExit::Crash(_)),
+        "exit {exit:?}, serial log:\n{log}"
+    );
+}
+
+#[test]
+fn test_four_vcpu_machine_boots_and_its_idle_vcpus_are_stopped() {
+    let Some((exit, log)) = boot_probe("boot", 4) else {
+        return;
+    };
+    assert_eq!(exit, GuestExit::PowerOff, "serial log:\n{log}");
+}
