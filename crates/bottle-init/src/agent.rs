@@ -88,19 +88,41 @@ fn fail(w: &Writer, message: String) -> AgentError {
 
 /// Serves sessions until the peer closes the connection (`Ok`) or breaks the protocol (an
 /// `Error` frame is sent, then `Err`). Never panics on peer input.
+///
+/// Returns only when nothing more will be read from `conn`: a socket is shut down; any other
+/// stream (a serial port) is drained until the peer goes away, so the next connection starts
+/// on a frame boundary.
 pub fn serve_connection(conn: File, ctx: &AgentContext) -> Result<(), AgentError> {
     let reader = conn.try_clone().map_err(AgentError::Clone)?;
+    let shutdown_handle = conn.try_clone().map_err(AgentError::Clone)?;
     let writer: Writer = Arc::new(Mutex::new(conn));
     let (tx, rx) = mpsc::channel();
     let reader_tx = tx.clone();
-    thread::Builder::new()
+    let reader = thread::Builder::new()
         .name("control-reader".into())
         .spawn(move || read_events(reader, reader_tx))
         .map_err(AgentError::Clone)?;
+    let result = serve_sessions(ctx, &writer, &rx, &tx);
+    drop(rx);
+    // Not a socket (ENOTSOCK): the reader drains until the peer disconnects.
+    let _ = nix::sys::socket::shutdown(
+        shutdown_handle.as_raw_fd(),
+        nix::sys::socket::Shutdown::Both,
+    );
+    let _ = reader.join();
+    result
+}
+
+fn serve_sessions(
+    ctx: &AgentContext,
+    writer: &Writer,
+    rx: &Receiver<Event>,
+    tx: &Sender<Event>,
+) -> Result<(), AgentError> {
     let mut session = 0u64;
     loop {
         session += 1;
-        let hello = match next_frame(&rx, &writer)? {
+        let hello = match next_frame(rx, writer)? {
             Some(f) => f,
             None => return Ok(()),
         };
@@ -110,34 +132,34 @@ pub fn serve_connection(conn: File, ctx: &AgentContext) -> Result<(), AgentError
             FrameKind::Stdin | FrameKind::StdinEof | FrameKind::Resize | FrameKind::Signal => {
                 continue
             }
-            kind => return Err(fail(&writer, format!("expected Hello, got {kind:?}"))),
+            kind => return Err(fail(writer, format!("expected Hello, got {kind:?}"))),
         }
-        let hello: Hello = parse(&writer, &hello)?;
+        let hello: Hello = parse(writer, &hello)?;
         if !constant_time_eq(hello.token.as_bytes(), ctx.token.as_bytes()) {
-            return Err(fail(&writer, "wrong token for this boot".into()));
+            return Err(fail(writer, "wrong token for this boot".into()));
         }
-        let req = match next_frame(&rx, &writer)? {
-            Some(f) if f.kind == FrameKind::Request => parse::<Request>(&writer, &f)?,
-            Some(f) => return Err(fail(&writer, format!("expected Request, got {:?}", f.kind))),
+        let req = match next_frame(rx, writer)? {
+            Some(f) if f.kind == FrameKind::Request => parse::<Request>(writer, &f)?,
+            Some(f) => return Err(fail(writer, format!("expected Request, got {:?}", f.kind))),
             None => return Ok(()),
         };
         match req {
             Request::Health => {
-                send_json(&writer, FrameKind::Done, &Response::Health(health()))?;
+                send_json(writer, FrameKind::Done, &Response::Health(health()))?;
             }
             Request::Shutdown => {
-                send_json(&writer, FrameKind::Done, &Response::Ok)?;
+                send_json(writer, FrameKind::Done, &Response::Ok)?;
                 (ctx.on_shutdown)();
             }
-            Request::Exec(req) => exec(&req, ctx, session, &writer, &rx, &tx)?,
+            Request::Exec(req) => exec(&req, ctx, session, writer, rx, tx)?,
             Request::Pty(req) => {
-                pty(&req, ctx, session, &writer, &rx, &tx)?;
+                pty(&req, ctx, session, writer, rx, tx)?;
                 if req.power_off_on_exit {
                     (ctx.on_shutdown)();
                 }
             }
-            Request::CopyIn { dest } => copy_in(Path::new(&dest), &writer, &rx)?,
-            Request::CopyOut { path } => copy_out(Path::new(&path), &writer)?,
+            Request::CopyIn { dest } => copy_in(Path::new(&dest), writer, rx)?,
+            Request::CopyOut { path } => copy_out(Path::new(&path), writer)?,
         }
     }
 }
@@ -151,9 +173,12 @@ fn read_events(mut reader: File, tx: Sender<Event>) {
         };
         let last = !matches!(ev, Event::Frame(_));
         if tx.send(ev).is_err() || last {
-            return;
+            break;
         }
     }
+    // Framing is lost or the session gave up: discard until the peer goes away.
+    let mut sink = [0u8; 4096];
+    while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
 }
 
 /// The next frame from the peer; stale child exits are skipped. `None` at end of stream.
@@ -659,7 +684,7 @@ fn copy_out(path: &Path, w: &Writer) -> Result<(), AgentError> {
 }
 
 /// An error and its causes on one line, for messages that cross to the host.
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -1,5 +1,9 @@
-//! bottle-init: PID 1 of the bot-bottle guest. The library holds everything that can be tested
-//! on the host (the control agent, the reaper); `main.rs` adds the boot sequence.
+//! bottle-init: PID 1 of the bot-bottle guest. The library holds the pieces (the control
+//! agent, the reaper, the boot steps, the network); `main.rs` puts them in order.
 
 pub mod agent;
+pub mod boot;
+pub mod net;
 pub mod reaper;
+
+pub use agent::chain;
