@@ -14,6 +14,8 @@ pub mod proxy;
 pub mod resolve;
 
 mod http;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::net::SocketAddr;

@@ -559,7 +559,9 @@ impl Conn<'_> {
         }
         let host_header = match hosts.first() {
             Some(value) => {
-                let text = std::str::from_utf8(value).unwrap_or("\u{fffd}").trim();
+                let Ok(text) = std::str::from_utf8(value).map(str::trim) else {
+                    return Err(self.bad_request(method, "Host header is not UTF-8").await);
+                };
                 match http::parse_authority(text, Some(80)) {
                     Ok((host, port)) => Some((host, port, text.to_owned())),
                     Err(why) => {

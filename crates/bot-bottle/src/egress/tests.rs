@@ -1,0 +1,610 @@
+//! The proxy end to end, over real sockets on 127.0.0.1: a real upstream server, the proxy, and
+//! a client speaking raw HTTP/1.1 to it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::*;
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const DENY_MESSAGE: &str = "This bottle may only reach allowed.test; ask the user to widen it.";
+/// Upper bound for any single test step, so a broken proxy fails instead of hanging.
+const STEP: Duration = Duration::from_secs(10);
+
+/// A local upstream: counts connections; `echo` echoes bytes back, otherwise it answers one HTTP
+/// request with `200` and the raw request it received as the body.
+struct Upstream {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+}
+
+async fn upstream(echo: bool) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                if echo {
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    return;
+                }
+                let request = read_http_request(&mut r).await;
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    request.len()
+                );
+                let _ = w.write_all(reply.as_bytes()).await;
+                let _ = w.write_all(&request).await;
+            });
+        }
+    });
+    Upstream { addr, connections }
+}
+
+/// Reads one request: the head and a `Content-Length` or chunked body (until `0\r\n\r\n`).
+async fn read_http_request<R: AsyncReadExt + Unpin>(r: &mut R) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") && r.read(&mut byte).await.unwrap_or(0) == 1 {
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+    let mut body = vec![0u8; length];
+    r.read_exact(&mut body).await.unwrap();
+    buf.extend_from_slice(&body);
+    if head.contains("transfer-encoding: chunked") {
+        while !buf.ends_with(b"\r\n0\r\n\r\n") && r.read(&mut byte).await.unwrap_or(0) == 1 {
+            buf.push(byte[0]);
+        }
+    }
+    buf
+}
+
+struct Proxy {
+    addr: SocketAddr,
+    events: PathBuf,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), EgressError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    fn events(&self) -> Vec<EgressEvent> {
+        std::fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// A proxy for bottle `b1` allowing `allowed.test` (and `*.ok.test`), denying `bad.ok.test`;
+/// `allowed.test`, `evil.test`, `x.ok.test` and `bad.ok.test` all resolve to 127.0.0.1.
+fn config() -> ProxyConfig {
+    let policy = EgressPolicy::new(
+        &strings(&["allowed.test", "*.ok.test"]),
+        &strings(&["bad.ok.test"]),
+        DENY_MESSAGE,
+    )
+    .unwrap();
+    let mut config = ProxyConfig::new("b1", "127.0.0.1:0".parse().unwrap(), policy);
+    config.resolver = Resolver::fixed(
+        ["allowed.test", "evil.test", "x.ok.test", "bad.ok.test"]
+            .into_iter()
+            .map(|h| (h, LOCALHOST)),
+    );
+    config.allow_loopback_upstream = true;
+    config
+}
+
+async fn start(mut config: ProxyConfig) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("egress.jsonl");
+    config.event_log = Some(events.clone());
+    let proxy = EgressProxy::bind(config).await.unwrap();
+    let addr = proxy.local_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(proxy.run(async {
+        let _ = rx.await;
+    }));
+    Proxy {
+        addr,
+        events,
+        shutdown: Some(tx),
+        task,
+        _dir: dir,
+    }
+}
+
+/// Sends `request` on a fresh connection and reads until the proxy closes it.
+async fn exchange(proxy: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(STEP, stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// Opens a CONNECT tunnel and returns the stream after the `200` line.
+async fn tunnel(proxy: SocketAddr, target: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let expected = b"HTTP/1.1 200 Connection Established\r\n\r\n";
+    let mut head = vec![0u8; expected.len()];
+    tokio::time::timeout(STEP, stream.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&head),
+        String::from_utf8_lossy(expected)
+    );
+    stream
+}
+
+fn status_line(response: &str) -> &str {
+    response.lines().next().unwrap_or("")
+}
+
+#[tokio::test]
+async fn connect_tunnel_carries_bytes_both_ways() {
+    let up = upstream(true).await;
+    let proxy = start(config()).await;
+    let mut stream = tunnel(proxy.addr, &format!("allowed.test:{}", up.addr.port())).await;
+    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+
+    let (mut r, mut w) = stream.split();
+    let sent = async {
+        w.write_all(&payload).await.unwrap();
+    };
+    let mut echoed = vec![0u8; payload.len()];
+    let received = tokio::time::timeout(STEP, r.read_exact(&mut echoed));
+    let ((), read) = tokio::join!(sent, received);
+
+    read.unwrap().unwrap();
+    assert!(echoed == payload, "echoed bytes differ from sent bytes");
+}
+
+#[tokio::test]
+async fn connect_forwards_bytes_sent_together_with_the_request() {
+    let up = upstream(true).await;
+    let proxy = start(config()).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let request = format!(
+        "CONNECT allowed.test:{} HTTP/1.1\r\n\r\nearly-bytes",
+        up.addr.port()
+    );
+
+    stream.write_all(request.as_bytes()).await.unwrap();
+
+    let expected = "HTTP/1.1 200 Connection Established\r\n\r\nearly-bytes";
+    let mut got = vec![0u8; expected.len()];
+    tokio::time::timeout(STEP, stream.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+}
+
+#[tokio::test]
+async fn connect_to_unlisted_host_gets_403_with_deny_message() {
+    let up = upstream(true).await;
+    let proxy = start(config()).await;
+
+    let response = exchange(
+        proxy.addr,
+        format!("CONNECT evil.test:{} HTTP/1.1\r\n\r\n", up.addr.port()).as_bytes(),
+    )
+    .await;
+
+    assert_eq!(status_line(&response), "HTTP/1.1 403 Forbidden");
+    assert!(response.contains(DENY_MESSAGE), "{response}");
+    assert!(response.contains("no allow rule matches"), "{response}");
+    assert_eq!(up.connections.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn connect_to_deny_listed_host_is_denied_despite_suffix_allow() {
+    let up = upstream(true).await;
+    let proxy = start(config()).await;
+
+    let response = exchange(
+        proxy.addr,
+        format!("CONNECT bad.ok.test:{} HTTP/1.1\r\n\r\n", up.addr.port()).as_bytes(),
+    )
+    .await;
+
+    assert_eq!(status_line(&response), "HTTP/1.1 403 Forbidden");
+    assert_eq!(proxy.events()[0].rule.as_deref(), Some("bad.ok.test"));
+}
+
+#[tokio::test]
+async fn connect_to_ip_literal_is_denied() {
+    let up = upstream(true).await;
+    let proxy = start(config()).await;
+
+    let response = exchange(
+        proxy.addr,
+        format!("CONNECT 127.0.0.1:{} HTTP/1.1\r\n\r\n", up.addr.port()).as_bytes(),
+    )
+    .await;
+
+    assert_eq!(status_line(&response), "HTTP/1.1 403 Forbidden");
+    assert_eq!(proxy.events()[0].reason, "ip_literal");
+    assert_eq!(up.connections.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn connect_to_listed_ip_literal_is_allowed() {
+    let up = upstream(true).await;
+    let rule = format!("127.0.0.1:{}", up.addr.port());
+    let mut config = config();
+    config.policy = EgressPolicy::new(std::slice::from_ref(&rule), &[], DENY_MESSAGE).unwrap();
+    config.allow_loopback_upstream = false;
+    let proxy = start(config).await;
+
+    let mut stream = tunnel(proxy.addr, &rule).await;
+    stream.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    stream.read_exact(&mut one).await.unwrap();
+
+    assert_eq!(&one, b"x");
+}
+
+#[tokio::test]
+async fn allowed_name_resolving_to_loopback_is_refused_in_production_mode() {
+    let up = upstream(true).await;
+    let mut config = config();
+    config.allow_loopback_upstream = false;
+    let proxy = start(config).await;
+
+    let response = exchange(
+        proxy.addr,
+        format!("CONNECT allowed.test:{} HTTP/1.1\r\n\r\n", up.addr.port()).as_bytes(),
+    )
+    .await;
+
+    assert_eq!(status_line(&response), "HTTP/1.1 403 Forbidden");
+    assert_eq!(proxy.events()[0].reason, "blocked_address");
+    assert_eq!(up.connections.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn plain_http_is_forwarded_in_origin_form_without_proxy_headers() {
+    let up = upstream(false).await;
+    let proxy = start(config()).await;
+    let port = up.addr.port();
+    let request = format!(
+        "GET http://allowed.test:{port}/some/path?q=1 HTTP/1.1\r\nHost: allowed.test:{port}\r\n\
+         Proxy-Authorization: Basic c2VjcmV0\r\nProxy-Connection: keep-alive\r\nAccept: */*\r\n\r\n"
+    );
+
+    let response = exchange(proxy.addr, request.as_bytes()).await;
+
+    let expected_upstream = format!(
+        "GET /some/path?q=1 HTTP/1.1\r\nHost: allowed.test:{port}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(status_line(&response), "HTTP/1.1 200 OK");
+    assert!(response.ends_with(&expected_upstream), "{response}");
+}
+
+#[tokio::test]
+async fn plain_http_post_body_is_forwarded_and_pipelined_request_is_not() {
+    let up = upstream(false).await;
+    let proxy = start(config()).await;
+    let port = up.addr.port();
+    let request = format!(
+        "POST http://allowed.test:{port}/ HTTP/1.1\r\nHost: allowed.test:{port}\r\nContent-Length: 5\r\n\r\nhello\
+         GET http://allowed.test:{port}/ HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+    );
+
+    let response = exchange(proxy.addr, request.as_bytes()).await;
+
+    assert!(response.ends_with("\r\n\r\nhello"), "{response}");
+    assert!(!response.contains("evil.test"), "{response}");
+}
+
+#[tokio::test]
+async fn plain_http_chunked_body_is_forwarded() {
+    let up = upstream(false).await;
+    let proxy = start(config()).await;
+    let port = up.addr.port();
+    let request = format!(
+        "POST http://allowed.test:{port}/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+
+    let response = exchange(proxy.addr, request.as_bytes()).await;
+
+    assert!(
+        response.ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        "{response}"
+    );
+}
+
+#[tokio::test]
+async fn plain_http_spoofed_host_header_is_denied() {
+    let up = upstream(false).await;
+    let proxy = start(config()).await;
+    let request = format!(
+        "GET http://allowed.test:{}/ HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+        up.addr.port()
+    );
+
+    let response = exchange(proxy.addr, request.as_bytes()).await;
+
+    let event = &proxy.events()[0];
+    assert_eq!(status_line(&response), "HTTP/1.1 403 Forbidden");
+    assert!(response.contains(DENY_MESSAGE), "{response}");
+    assert_eq!(
+        (
+            event.host.as_str(),
+            event.verdict.as_str(),
+            event.reason.as_str()
+        ),
+        ("allowed.test", "deny", "host_header_denied")
+    );
+    assert_eq!(up.connections.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn plain_http_denied_uri_with_allowed_host_header_is_denied() {
+    let up = upstream(false).await;
+    let proxy = start(config()).await;
+    let request = format!(
+        "GET http://evil.test:{}/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+        up.addr.port()
+    );
+
+    let response = exchange(proxy.addr, request.as_bytes()).await;
+
+    assert_eq!(status_line(&response), "HTTP/1.1 403 Forbidden");
+    assert_eq!(proxy.events()[0].host, "evil.test");
+    assert_eq!(up.connections.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn plain_http_origin_form_is_decided_on_host_header() {
+    let up = upstream(false).await;
+    let proxy = start(config()).await;
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: evil.test:{}\r\n\r\n",
+        up.addr.port()
+    );
+
+    let response = exchange(proxy.addr, request.as_bytes()).await;
+
+    assert_eq!(status_line(&response), "HTTP/1.1 403 Forbidden");
+    assert_eq!(proxy.events()[0].host, "evil.test");
+}
+
+#[tokio::test]
+async fn decisions_are_written_as_parseable_event_lines() {
+    let up = upstream(true).await;
+    let proxy = start(config()).await;
+    let port = up.addr.port();
+    drop(tunnel(proxy.addr, &format!("x.ok.test:{port}")).await);
+    exchange(proxy.addr, b"CONNECT dns.google:443 HTTP/1.1\r\n\r\n").await;
+
+    let events = proxy.events();
+
+    type Summary<'a> = (&'a str, &'a str, u16, &'a str, Option<&'a str>, &'a str);
+    let summary: Vec<Summary> = events
+        .iter()
+        .map(|e| {
+            (
+                e.bottle_id.as_str(),
+                e.host.as_str(),
+                e.port,
+                e.verdict.as_str(),
+                e.rule.as_deref(),
+                e.reason.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (
+                "b1",
+                "x.ok.test",
+                port,
+                "allow",
+                Some("*.ok.test"),
+                "allow_rule"
+            ),
+            ("b1", "dns.google", 443, "deny", None, "doh_endpoint"),
+        ]
+    );
+    assert!(events[0].time.ends_with('Z') && events[0].time_unix_ms > 0);
+}
+
+#[tokio::test]
+async fn malformed_request_gets_400() {
+    let proxy = start(config()).await;
+
+    let response = exchange(proxy.addr, b"\x16\x03\x01\x02\x00garbage\r\n\r\n").await;
+
+    assert_eq!(status_line(&response), "HTTP/1.1 400 Bad Request");
+    assert_eq!(proxy.events()[0].reason, "bad_request");
+}
+
+#[tokio::test]
+async fn https_absolute_target_gets_400_pointing_to_connect() {
+    let proxy = start(config()).await;
+
+    let response = exchange(proxy.addr, b"GET https://allowed.test/ HTTP/1.1\r\n\r\n").await;
+
+    assert_eq!(status_line(&response), "HTTP/1.1 400 Bad Request");
+    assert!(response.contains("CONNECT"), "{response}");
+}
+
+#[tokio::test]
+async fn connect_without_port_gets_400() {
+    let proxy = start(config()).await;
+
+    let response = exchange(proxy.addr, b"CONNECT allowed.test HTTP/1.1\r\n\r\n").await;
+
+    assert_eq!(status_line(&response), "HTTP/1.1 400 Bad Request");
+}
+
+#[tokio::test]
+async fn oversized_request_head_gets_431() {
+    let mut config = config();
+    config.limits.max_head_bytes = 1024;
+    let proxy = start(config).await;
+    let request = format!(
+        "GET http://allowed.test/ HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(4096)
+    );
+
+    let response = exchange(proxy.addr, request.as_bytes()).await;
+
+    assert_eq!(
+        status_line(&response),
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+}
+
+#[tokio::test]
+async fn slow_request_head_gets_408() {
+    let mut config = config();
+    config.limits.head_timeout = Duration::from_millis(200);
+    let proxy = start(config).await;
+
+    let response = exchange(proxy.addr, b"GET http://allowed.test/ HTTP/1.1\r\n").await;
+
+    assert_eq!(status_line(&response), "HTTP/1.1 408 Request Timeout");
+}
+
+#[tokio::test]
+async fn idle_tunnel_is_closed_after_idle_timeout() {
+    let up = upstream(true).await;
+    let mut config = config();
+    config.limits.idle_timeout = Duration::from_millis(300);
+    let proxy = start(config).await;
+    let mut stream = tunnel(proxy.addr, &format!("allowed.test:{}", up.addr.port())).await;
+    let started = Instant::now();
+
+    let mut rest = Vec::new();
+    tokio::time::timeout(STEP, stream.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(rest.is_empty());
+}
+
+#[tokio::test]
+async fn connection_beyond_the_limit_gets_503() {
+    let up = upstream(true).await;
+    let mut config = config();
+    config.limits.max_connections = 1;
+    let proxy = start(config).await;
+    let _held = tunnel(proxy.addr, &format!("allowed.test:{}", up.addr.port())).await;
+
+    let response = exchange(proxy.addr, b"CONNECT allowed.test:1 HTTP/1.1\r\n\r\n").await;
+
+    assert_eq!(status_line(&response), "HTTP/1.1 503 Service Unavailable");
+}
+
+#[tokio::test]
+async fn unreachable_upstream_gets_502() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let proxy = start(config()).await;
+
+    let response = exchange(
+        proxy.addr,
+        format!("CONNECT allowed.test:{port} HTTP/1.1\r\n\r\n").as_bytes(),
+    )
+    .await;
+
+    assert_eq!(status_line(&response), "HTTP/1.1 502 Bad Gateway");
+}
+
+#[tokio::test]
+async fn garbage_never_stops_the_proxy_from_serving() {
+    let up = upstream(true).await;
+    let proxy = start(config()).await;
+    let garbage: [&[u8]; 8] = [
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"CONNECT [::1 HTTP/1.1\r\n\r\n",
+        b"CONNECT :0 HTTP/1.1\r\n\r\n",
+        b"GET http://[ HTTP/1.1\r\n\r\n",
+        b"GET http://allowed.test/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"POST http://allowed.test/ HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET http://allowed.test/ HTTP/1.1\r\nHost: \xff\xfe\r\n\r\n",
+    ];
+    let mut statuses = Vec::new();
+    for bytes in garbage {
+        statuses.push(status_line(&exchange(proxy.addr, bytes).await).to_owned());
+    }
+
+    let mut stream = tunnel(proxy.addr, &format!("allowed.test:{}", up.addr.port())).await;
+    stream.write_all(b"still alive").await.unwrap();
+    let mut back = [0u8; 11];
+    stream.read_exact(&mut back).await.unwrap();
+
+    assert_eq!(
+        statuses,
+        vec!["HTTP/1.1 400 Bad Request".to_owned(); garbage.len()]
+    );
+    assert_eq!(&back, b"still alive");
+}
+
+#[tokio::test]
+async fn serve_returns_after_shutdown() {
+    let mut proxy = start(config()).await;
+
+    proxy.shutdown.take().unwrap().send(()).unwrap();
+
+    let result = tokio::time::timeout(STEP, &mut proxy.task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(result.is_ok());
+    assert!(TcpStream::connect(proxy.addr).await.is_err());
+}
+
+#[tokio::test]
+async fn bind_to_busy_port_names_the_address() {
+    let busy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = busy.local_addr().unwrap();
+    let mut config = config();
+    config.listen = addr;
+
+    let err = EgressProxy::bind(config).await.unwrap_err();
+
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+}
