@@ -6,8 +6,10 @@
 
 pub mod alias;
 pub mod docker;
+pub mod docker_backend;
 pub mod egress;
 pub mod guard;
+pub mod images;
 pub mod kernel;
 pub mod logging;
 pub mod manifest;
@@ -16,4 +18,5 @@ pub mod paths;
 pub mod plan;
 pub mod preflight;
 pub mod rootfs;
+pub mod sidecar;
 pub mod state;

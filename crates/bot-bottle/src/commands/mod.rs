@@ -3,7 +3,9 @@
 mod cleanup;
 mod doctor;
 mod list;
+mod logs;
 mod plan;
+mod sidecar;
 mod start;
 mod stop;
 
@@ -37,6 +39,11 @@ pub enum Command {
     Doctor(doctor::DoctorArgs),
     /// Print the resolved plan of a bottle without touching anything.
     Plan(plan::PlanArgs),
+    /// Show a bottle's logs (egress decisions).
+    Logs(logs::LogsArgs),
+    /// Run the sidecar bundle (inside its container; started by `start`).
+    #[command(hide = true)]
+    Sidecar,
 }
 
 /// What every command needs: where things live, where manifests come from.
@@ -55,6 +62,10 @@ impl Context {
 
 /// Run a command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    if matches!(cli.command, Command::Sidecar) {
+        // Inside the FROM scratch bundle: no HOME, no XDG dirs.
+        return sidecar::run().await;
+    }
     let ctx = Context::from_env()?;
     match cli.command {
         Command::Start(args) => start::run(&ctx, args).await,
@@ -63,6 +74,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Cleanup(args) => cleanup::run(&ctx, args).await,
         Command::Doctor(args) => doctor::run(&ctx, args).await,
         Command::Plan(args) => plan::run(&ctx, args).await,
+        Command::Logs(args) => logs::run(&ctx, args).await,
+        Command::Sidecar => sidecar::run().await,
     }
 }
 

@@ -1,7 +1,5 @@
 //! `bot-bottle start`: preflight, plan, allocate, build, run, attach; tear down on the way out.
 
-use std::time::Duration;
-
 use anyhow::{bail, Context as _};
 use bot_bottle::guard::GuardStack;
 use bot_bottle::manifest::Backend;
@@ -187,12 +185,51 @@ fn push_remove_network(stack: &mut GuardStack, name: &str) {
 }
 
 async fn run_docker(
-    _ctx: &Context,
-    _docker: &bollard::Docker,
-    _plan: &BottlePlan,
-    _args: &StartArgs,
-    _stack: &mut GuardStack,
+    ctx: &Context,
+    docker: &bollard::Docker,
+    plan: &BottlePlan,
+    args: &StartArgs,
+    stack: &mut GuardStack,
 ) -> anyhow::Result<i32> {
-    tokio::time::sleep(Duration::from_millis(0)).await;
-    bail!("the docker backend is not wired yet")
+    use bot_bottle::{docker_backend, images};
+    // Images: the sidecar (this binary) and the agent, each built once per content hash.
+    let sidecar_image = images::ensure_sidecar_image(docker, &plan.labels).await?;
+    let spec = images::load_dockerfile(&plan.agent.dockerfile, &ctx.dirs.bottles_dir())?;
+    let image_labels = std::collections::BTreeMap::from([(
+        bot_bottle::plan::LABEL_MANAGED.to_owned(),
+        "true".to_owned(),
+    )]);
+    let agent_image =
+        images::ensure_image(docker, &plan.agent.image_repo, &spec, &image_labels).await?;
+    pause_point("images").await;
+
+    // The bundle: egress proxy (+ placeholders), ports published on the alias only.
+    let log_dir = ctx.dirs.bottle_dir(&plan.id);
+    docker_backend::prepare_log_dir(&log_dir)?;
+    push_remove_container(stack, &plan.bundle.container);
+    docker_backend::create_bundle(docker, plan, &sidecar_image, &log_dir).await?;
+    docker_backend::start_bundle(docker, plan).await?;
+    pause_point("bundle").await;
+
+    // The agent: on the internal network only.
+    let command = if args.command.is_empty() {
+        plan.agent.command.clone()
+    } else {
+        args.command.clone()
+    };
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    push_remove_container(stack, &plan.agent.name);
+    docker_backend::create_agent(docker, plan, &agent_image, &command, tty).await?;
+    pause_point("agent").await;
+    let code = docker_backend::run_agent(docker, &plan.agent.name, tty).await?;
+    tracing::info!(code, "agent exited");
+    Ok(code)
+}
+
+fn push_remove_container(stack: &mut GuardStack, name: &str) {
+    let name = name.to_owned();
+    stack.push(format!("remove container {name}"), move || async move {
+        let docker = docker::connect().await?;
+        docker::remove_container(&docker, &name).await
+    });
 }

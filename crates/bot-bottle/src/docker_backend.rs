@@ -1,0 +1,427 @@
+//! The sidecar bundle container and the legacy Docker-backend agent container.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bollard::container::{
+    AttachContainerOptions, AttachContainerResults, Config, CreateContainerOptions, LogOutput,
+    LogsOptions, NetworkingConfig, ResizeContainerTtyOptions, WaitContainerOptions,
+};
+use bollard::models::{EndpointIpamConfig, EndpointSettings, HostConfig, PortBinding};
+use bollard::Docker;
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::docker::DockerError;
+use crate::plan::BottlePlan;
+use crate::sidecar::{SidecarConfig, CONFIG_ENV, EGRESS_LOG, LOG_DIR_IN_BUNDLE};
+
+/// How long the bundle has to accept connections on its published proxy port.
+const BUNDLE_READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error("the sidecar bundle {name} did not become ready on {addr} within {}s; its log:\n{log}", BUNDLE_READY_TIMEOUT.as_secs())]
+    BundleNotReady {
+        name: String,
+        addr: SocketAddr,
+        log: String,
+    },
+    #[error("cannot prepare the log directory {path}")]
+    LogDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("terminal I/O failed")]
+    Terminal {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn labels_map(plan: &BottlePlan) -> HashMap<String, String> {
+    plan.labels.clone().into_iter().collect()
+}
+
+fn static_ip_endpoint(ip: std::net::Ipv4Addr) -> EndpointSettings {
+    EndpointSettings {
+        ipam_config: Some(EndpointIpamConfig {
+            ipv4_address: Some(ip.to_string()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn create(docker: &Docker, name: &str, config: Config<String>) -> Result<(), DockerError> {
+    docker
+        .create_container(
+            Some(CreateContainerOptions {
+                name: name.to_owned(),
+                platform: None,
+            }),
+            config,
+        )
+        .await
+        .map_err(|source| DockerError::CreateContainer {
+            name: name.to_owned(),
+            source,
+        })?;
+    Ok(())
+}
+
+async fn start(docker: &Docker, name: &str) -> Result<(), DockerError> {
+    docker
+        .start_container::<String>(name, None)
+        .await
+        .map_err(|source| DockerError::StartContainer {
+            name: name.to_owned(),
+            source,
+        })
+}
+
+/// The last lines a container printed (for error messages).
+pub async fn container_log(docker: &Docker, name: &str) -> String {
+    let mut out = String::new();
+    let mut logs = docker.logs::<String>(
+        name,
+        Some(LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: "20".into(),
+            ..Default::default()
+        }),
+    );
+    while let Some(Ok(chunk)) = logs.next().await {
+        out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+    }
+    out
+}
+
+/// Create the bundle container (not started). `log_dir` is the host directory for its logs.
+pub async fn create_bundle(
+    docker: &Docker,
+    plan: &BottlePlan,
+    image: &str,
+    log_dir: &Path,
+) -> Result<(), BackendError> {
+    let sidecar = SidecarConfig {
+        bottle_id: plan.id.clone(),
+        allow: plan.egress.allow.clone(),
+        deny: plan.egress.deny.clone(),
+        deny_message: plan.egress.deny_message.clone(),
+        event_log: Some(Path::new(LOG_DIR_IN_BUNDLE).join(EGRESS_LOG)),
+    };
+    let sidecar_json = serde_json::to_string(&sidecar).expect("sidecar config serialises");
+    let mut exposed = HashMap::new();
+    let mut bindings = HashMap::new();
+    for port in &plan.bundle.ports {
+        let key = format!("{}/tcp", port.container_port);
+        exposed.insert(key.clone(), HashMap::new());
+        bindings.insert(
+            key,
+            Some(vec![PortBinding {
+                host_ip: Some(port.host_ip.to_string()),
+                host_port: Some(port.host_port.to_string()),
+            }]),
+        );
+    }
+    let uid = nix::unistd::getuid();
+    let gid = nix::unistd::getgid();
+    let config = Config {
+        image: Some(image.to_owned()),
+        env: Some(vec![format!("{CONFIG_ENV}={sidecar_json}")]),
+        labels: Some(labels_map(plan)),
+        exposed_ports: Some(exposed),
+        user: Some(format!("{uid}:{gid}")),
+        host_config: Some(HostConfig {
+            network_mode: Some(plan.network.egress.clone()),
+            port_bindings: Some(bindings),
+            extra_hosts: Some(
+                plan.bundle
+                    .hosts
+                    .iter()
+                    .map(|(h, a)| format!("{h}:{a}"))
+                    .collect(),
+            ),
+            binds: Some(vec![format!(
+                "{}:{LOG_DIR_IN_BUNDLE}:rw",
+                log_dir.display()
+            )]),
+            readonly_rootfs: Some(true),
+            cap_drop: Some(vec!["ALL".into()]),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    create(docker, &plan.bundle.container, config).await?;
+    if let Some(internal) = &plan.network.internal {
+        docker
+            .connect_network(
+                &internal.name,
+                bollard::network::ConnectNetworkOptions {
+                    container: plan.bundle.container.clone(),
+                    endpoint_config: static_ip_endpoint(internal.bundle_ip),
+                },
+            )
+            .await
+            .map_err(|source| DockerError::CreateNetwork {
+                name: internal.name.clone(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Start the bundle and wait until its proxy accepts connections on the alias.
+pub async fn start_bundle(docker: &Docker, plan: &BottlePlan) -> Result<(), BackendError> {
+    start(docker, &plan.bundle.container).await?;
+    let addr = SocketAddr::from((plan.alias, crate::plan::PROXY_PORT));
+    let deadline = Instant::now() + BUNDLE_READY_TIMEOUT;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BackendError::BundleNotReady {
+                name: plan.bundle.container.clone(),
+                addr,
+                log: container_log(docker, &plan.bundle.container).await,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Create the agent container on the internal network.
+pub async fn create_agent(
+    docker: &Docker,
+    plan: &BottlePlan,
+    image: &str,
+    command: &[String],
+    tty: bool,
+) -> Result<(), BackendError> {
+    let internal = plan
+        .network
+        .internal
+        .as_ref()
+        .expect("docker backend plans an internal network");
+    let env: Vec<String> = plan
+        .agent
+        .env
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let binds: Vec<String> = plan
+        .mounts
+        .iter()
+        .map(|m| format!("{}:{}:ro", m.host.display(), m.guest.display()))
+        .collect();
+    let config = Config {
+        image: Some(image.to_owned()),
+        cmd: Some(command.to_vec()),
+        env: Some(env),
+        user: Some(plan.agent.user.clone()),
+        working_dir: Some(plan.agent.workdir.clone()),
+        labels: Some(labels_map(plan)),
+        tty: Some(tty),
+        open_stdin: Some(true),
+        stdin_once: Some(true),
+        attach_stdin: Some(true),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        host_config: Some(HostConfig {
+            network_mode: Some(internal.name.clone()),
+            runtime: plan.agent.runtime.clone(),
+            binds: Some(binds),
+            cap_drop: Some(vec!["ALL".into()]),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            memory: Some(i64::from(plan.agent.memory_mib) * 1024 * 1024),
+            nano_cpus: Some(i64::from(plan.agent.vcpus) * 1_000_000_000),
+            init: Some(true),
+            ..Default::default()
+        }),
+        networking_config: Some(NetworkingConfig {
+            endpoints_config: HashMap::from([(
+                internal.name.clone(),
+                static_ip_endpoint(internal.agent_ip),
+            )]),
+        }),
+        ..Default::default()
+    };
+    create(docker, &plan.agent.name, config).await?;
+    Ok(())
+}
+
+/// Puts the terminal in raw mode; restores it on drop.
+struct RawMode {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawMode {
+    fn enter() -> Result<Self, BackendError> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).map_err(|e| BackendError::Terminal {
+            source: std::io::Error::from(e),
+        })?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).map_err(|e| BackendError::Terminal {
+            source: std::io::Error::from(e),
+        })?;
+        Ok(Self { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        use nix::sys::termios::{tcsetattr, SetArg};
+        if let Err(e) = tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.saved) {
+            tracing::warn!(error = %e, "cannot restore the terminal; run `reset`");
+        }
+    }
+}
+
+/// The terminal's (rows, columns), via `stty size` (this crate has no `unsafe` for the ioctl).
+fn terminal_size() -> Option<(u16, u16)> {
+    let out = std::process::Command::new("stty")
+        .arg("size")
+        .stdin(std::process::Stdio::inherit())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut parts = text.split_whitespace();
+    let rows = parts.next()?.parse().ok()?;
+    let cols = parts.next()?.parse().ok()?;
+    Some((rows, cols))
+}
+
+async fn resize(docker: &Docker, name: &str) {
+    if let Some((rows, cols)) = terminal_size() {
+        let _ = docker
+            .resize_container_tty(
+                name,
+                ResizeContainerTtyOptions {
+                    height: rows,
+                    width: cols,
+                },
+            )
+            .await;
+    }
+}
+
+/// Start the agent, stream its I/O (a TTY when stdin is a terminal), and return its exit code.
+pub async fn run_agent(docker: &Docker, name: &str, tty: bool) -> Result<i32, BackendError> {
+    let AttachContainerResults {
+        mut output,
+        mut input,
+    } = docker
+        .attach_container(
+            name,
+            Some(AttachContainerOptions::<String> {
+                stdin: Some(true),
+                stdout: Some(true),
+                stderr: Some(true),
+                stream: Some(true),
+                logs: Some(true),
+                detach_keys: Some("ctrl-^,ctrl-^".into()),
+            }),
+        )
+        .await
+        .map_err(|source| DockerError::Exec {
+            name: name.to_owned(),
+            source,
+        })?;
+    let _raw = if tty && std::io::stdin().is_terminal() {
+        Some(RawMode::enter()?)
+    } else {
+        None
+    };
+    start(docker, name).await?;
+    if tty {
+        resize(docker, name).await;
+    }
+    // Host stdin -> container. Ends at EOF (closing the container's stdin).
+    let stdin_task = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 8192];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if input.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    let _ = input.flush().await;
+                }
+            }
+        }
+        let _ = input.shutdown().await;
+    });
+    let mut winch = tty
+        .then(|| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok())
+        .flatten();
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    loop {
+        let next = async {
+            match winch.as_mut() {
+                Some(w) => tokio::select! {
+                    o = output.next() => Some(o),
+                    _ = w.recv() => None,
+                },
+                None => Some(output.next().await),
+            }
+        };
+        match next.await {
+            None => resize(docker, name).await,
+            Some(None) => break,
+            Some(Some(Err(e))) => {
+                tracing::debug!(error = %e, "attach stream ended");
+                break;
+            }
+            Some(Some(Ok(chunk))) => {
+                let result = match chunk {
+                    LogOutput::StdErr { message } => stderr.write_all(&message).await,
+                    LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                        stdout.write_all(&message).await
+                    }
+                    LogOutput::StdIn { .. } => Ok(()),
+                };
+                result.map_err(|source| BackendError::Terminal { source })?;
+                let _ = stdout.flush().await;
+            }
+        }
+    }
+    stdin_task.abort();
+    let mut wait = docker.wait_container(name, None::<WaitContainerOptions<String>>);
+    let code = match wait.next().await {
+        Some(Ok(r)) => r.status_code as i32,
+        Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code as i32,
+        Some(Err(source)) => {
+            return Err(DockerError::Exec {
+                name: name.to_owned(),
+                source,
+            }
+            .into())
+        }
+        None => 1,
+    };
+    Ok(code)
+}
+
+/// Host directory for a bottle's logs, writable by the bundle (which runs as this user).
+pub fn prepare_log_dir(dir: &Path) -> Result<(), BackendError> {
+    std::fs::create_dir_all(dir).map_err(|source| BackendError::LogDir {
+        path: dir.to_path_buf(),
+        source,
+    })
+}

@@ -1,0 +1,359 @@
+//! Images built locally through bollard (there is no registry to pull from): the sidecar
+//! bundle (`FROM scratch` + this very binary, which is statically linked) and the agent image
+//! from the bottle's Dockerfile. Tags are content-addressed, so an image is built once per
+//! distinct input and reused after.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use bollard::image::BuildImageOptions;
+use bollard::Docker;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+
+use crate::docker::DockerError;
+
+/// Dockerfiles shipped inside the binary.
+pub const BUNDLED_DOCKERFILES: &[(&str, &str)] = &[
+    (
+        "Dockerfile.claude",
+        include_str!("../../../dockerfiles/Dockerfile.claude"),
+    ),
+    (
+        "Dockerfile.codex",
+        include_str!("../../../dockerfiles/Dockerfile.codex"),
+    ),
+    (
+        "Dockerfile.test",
+        include_str!("../../../dockerfiles/Dockerfile.test"),
+    ),
+];
+
+/// A Dockerfile line naming host files for the build context: `# bot-bottle: context NAME=PATH ...`.
+const CONTEXT_DIRECTIVE: &str = "# bot-bottle: context ";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(
+        "Dockerfile `{name}` not found: use a bundled one ({}) or a path relative to {}",
+        BUNDLED_DOCKERFILES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+        dir.display()
+    )]
+    DockerfileMissing { name: String, dir: PathBuf },
+    #[error("{dockerfile} needs the host file {path} in its build context: {hint}")]
+    ContextFileMissing {
+        dockerfile: String,
+        path: PathBuf,
+        hint: String,
+    },
+    #[error("bad build-context directive in {dockerfile}: `{entry}` (write NAME=/absolute/path)")]
+    BadDirective { dockerfile: String, entry: String },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the running binary {path} is dynamically linked and cannot run in the FROM scratch sidecar: build bot-bottle with the repository's .cargo/config.toml (static glibc)")]
+    NotStatic { path: PathBuf },
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+}
+
+/// What goes into a build: the Dockerfile text and extra files (name in context -> host path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildSpec {
+    pub dockerfile_name: String,
+    pub dockerfile: String,
+    pub files: BTreeMap<String, PathBuf>,
+}
+
+/// Load a Dockerfile by bundled name, or from `user_dir` (the user's bottles directory).
+pub fn load_dockerfile(name: &str, user_dir: &Path) -> Result<BuildSpec, ImageError> {
+    let user_path = user_dir.join(name);
+    let text = if let Ok(text) = std::fs::read_to_string(&user_path) {
+        text
+    } else if let Some((_, text)) = BUNDLED_DOCKERFILES.iter().find(|(n, _)| *n == name) {
+        (*text).to_owned()
+    } else {
+        return Err(ImageError::DockerfileMissing {
+            name: name.to_owned(),
+            dir: user_dir.to_path_buf(),
+        });
+    };
+    let mut files = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(CONTEXT_DIRECTIVE) else {
+            continue;
+        };
+        for entry in rest.split_whitespace() {
+            match entry.split_once('=') {
+                Some((n, p)) if !n.is_empty() && !n.contains('/') && p.starts_with('/') => {
+                    files.insert(n.to_owned(), PathBuf::from(p));
+                }
+                _ => {
+                    return Err(ImageError::BadDirective {
+                        dockerfile: name.to_owned(),
+                        entry: entry.to_owned(),
+                    })
+                }
+            }
+        }
+    }
+    Ok(BuildSpec {
+        dockerfile_name: name.to_owned(),
+        dockerfile: text,
+        files,
+    })
+}
+
+fn package_hint(path: &Path) -> String {
+    match path.to_str() {
+        Some("/bin/busybox") => {
+            "install it (Debian/Ubuntu: `apt-get install busybox-static`)".into()
+        }
+        _ => "create it, or edit the Dockerfile's `# bot-bottle: context` line".into(),
+    }
+}
+
+/// Hash of every input of a build, and the tar build context.
+fn context(spec: &BuildSpec) -> Result<(String, Vec<u8>), ImageError> {
+    let mut hasher = Sha256::new();
+    hasher.update(spec.dockerfile.as_bytes());
+    let mut builder = tar::Builder::new(Vec::new());
+    let add = |builder: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8], mode: u32| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(mode);
+        header.set_mtime(0);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, name, data)
+            .map_err(|source| ImageError::Read {
+                path: PathBuf::from(name),
+                source,
+            })
+    };
+    add(
+        &mut builder,
+        "Dockerfile",
+        spec.dockerfile.as_bytes(),
+        0o644,
+    )?;
+    for (name, path) in &spec.files {
+        let data = std::fs::read(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => ImageError::ContextFileMissing {
+                dockerfile: spec.dockerfile_name.clone(),
+                path: path.clone(),
+                hint: package_hint(path),
+            },
+            _ => ImageError::Read {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        hasher.update(name.as_bytes());
+        hasher.update((data.len() as u64).to_le_bytes());
+        hasher.update(&data);
+        add(&mut builder, name, &data, 0o755)?;
+    }
+    let tar = builder.into_inner().map_err(|source| ImageError::Read {
+        path: PathBuf::from("build context"),
+        source,
+    })?;
+    Ok((hex::encode(&hasher.finalize()[..8]), tar))
+}
+
+async fn image_exists(docker: &Docker, tag: &str) -> bool {
+    docker.inspect_image(tag).await.is_ok()
+}
+
+/// Build `spec` as `<repo>:<content hash>` unless that image exists. Returns the tag.
+/// Progress: the build log streams to stderr when it is a terminal, else to the debug log.
+pub async fn ensure_image(
+    docker: &Docker,
+    repo: &str,
+    spec: &BuildSpec,
+    labels: &BTreeMap<String, String>,
+) -> Result<String, ImageError> {
+    let (hash, tar) = context(spec)?;
+    let tag = format!("{repo}:{hash}");
+    if image_exists(docker, &tag).await {
+        tracing::debug!(%tag, "image up to date");
+        return Ok(tag);
+    }
+    let tty = std::io::stderr().is_terminal();
+    eprintln!(
+        "bot-bottle: building image {tag} ({})",
+        spec.dockerfile_name
+    );
+    let options = BuildImageOptions::<String> {
+        dockerfile: "Dockerfile".into(),
+        t: tag.clone(),
+        rm: true,
+        forcerm: true,
+        labels: labels.clone().into_iter().collect::<HashMap<_, _>>(),
+        ..Default::default()
+    };
+    let mut stream = docker.build_image(options, None, Some(tar.into()));
+    let mut last_lines: Vec<String> = Vec::new();
+    while let Some(item) = stream.next().await {
+        let info = item.map_err(|source| DockerError::Build {
+            tag: tag.clone(),
+            source,
+        })?;
+        if let Some(err) = info.error {
+            let detail = info
+                .error_detail
+                .and_then(|d| d.message)
+                .unwrap_or_default();
+            let context = last_lines.join("");
+            return Err(DockerError::BuildFailed {
+                tag,
+                message: format!("{err} {detail}\n{context}").trim().to_owned(),
+            }
+            .into());
+        }
+        if let Some(line) = info.stream {
+            if tty {
+                eprint!("  {line}");
+            } else {
+                tracing::debug!(build = %line.trim_end());
+            }
+            last_lines.push(line);
+            if last_lines.len() > 10 {
+                last_lines.remove(0);
+            }
+        }
+    }
+    Ok(tag)
+}
+
+/// The sidecar image: `FROM scratch` plus this static binary as `/bot-bottle`.
+pub async fn ensure_sidecar_image(
+    docker: &Docker,
+    labels: &BTreeMap<String, String>,
+) -> Result<String, ImageError> {
+    let exe = std::env::current_exe().map_err(|source| ImageError::Read {
+        path: PathBuf::from("/proc/self/exe"),
+        source,
+    })?;
+    if !is_static_elf(&exe)? {
+        return Err(ImageError::NotStatic { path: exe });
+    }
+    let spec = BuildSpec {
+        dockerfile_name: "sidecar".into(),
+        dockerfile:
+            "FROM scratch\nCOPY bot-bottle /bot-bottle\nENTRYPOINT [\"/bot-bottle\", \"sidecar\"]\n"
+                .into(),
+        files: BTreeMap::from([("bot-bottle".to_owned(), exe)]),
+    };
+    // Images outlive bottles: only the managed label, never the bottle id (cleanup keeps them).
+    let image_labels: BTreeMap<String, String> = labels
+        .iter()
+        .filter(|(k, _)| k.as_str() == crate::plan::LABEL_MANAGED)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    ensure_image(docker, "bot-bottle-sidecar", &spec, &image_labels).await
+}
+
+/// An ELF without a PT_INTERP program header needs no dynamic loader.
+pub fn is_static_elf(path: &Path) -> Result<bool, ImageError> {
+    let data = std::fs::read(path).map_err(|source| ImageError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    const PT_INTERP: u32 = 3;
+    let bad = || ImageError::Read {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 64-bit ELF file"),
+    };
+    if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
+        return Err(bad());
+    }
+    let u64_at = |o: usize| {
+        data.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    };
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let phoff = u64_at(0x20).ok_or_else(bad)? as usize;
+    let phentsize = u16_at(0x36).ok_or_else(bad)? as usize;
+    let phnum = u16_at(0x38).ok_or_else(bad)? as usize;
+    for i in 0..phnum {
+        let off = phoff + i * phentsize;
+        let p_type = data
+            .get(off..off + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(bad)?;
+        if p_type == PT_INTERP {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundled_test_dockerfile_names_busybox_for_its_context() {
+        let spec = load_dockerfile("Dockerfile.test", Path::new("/nonexistent")).unwrap();
+        assert_eq!(spec.files["busybox"], PathBuf::from("/bin/busybox"));
+    }
+
+    #[test]
+    fn unknown_dockerfile_lists_the_bundled_ones() {
+        let err = load_dockerfile("Dockerfile.nope", Path::new("/x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Dockerfile.claude"), "{err}");
+    }
+
+    #[test]
+    fn relative_context_path_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("Dockerfile.mine"),
+            "# bot-bottle: context tool=relative/path\nFROM scratch\n",
+        )
+        .unwrap();
+        let err = load_dockerfile("Dockerfile.mine", dir.path()).unwrap_err();
+        assert!(matches!(err, ImageError::BadDirective { .. }));
+    }
+
+    #[test]
+    fn context_hash_changes_with_file_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tool");
+        std::fs::write(&f, b"one").unwrap();
+        let spec = BuildSpec {
+            dockerfile_name: "x".into(),
+            dockerfile: "FROM scratch\n".into(),
+            files: BTreeMap::from([("tool".to_owned(), f.clone())]),
+        };
+        let (h1, _) = context(&spec).unwrap();
+        std::fs::write(&f, b"two").unwrap();
+        let (h2, _) = context(&spec).unwrap();
+        assert_ne!(h1, h2);
+    }
+
+    #[test]
+    fn missing_context_file_names_the_package() {
+        let spec = BuildSpec {
+            dockerfile_name: "Dockerfile.test".into(),
+            dockerfile: "FROM scratch\n".into(),
+            files: BTreeMap::from([("busybox".to_owned(), PathBuf::from("/nonexistent/busybox"))]),
+        };
+        let err = context(&spec).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/busybox"), "{err}");
+    }
+
+    #[test]
+    fn this_test_binary_is_statically_linked() {
+        // The workspace builds with +crt-static (.cargo/config.toml): the sidecar relies on it.
+        assert!(is_static_elf(&std::env::current_exe().unwrap()).unwrap());
+        assert!(!is_static_elf(Path::new("/bin/ls")).unwrap());
+    }
+}
