@@ -11,7 +11,7 @@ fn boot_probe(mode: &str, vcpus: u8) -> Option<(GuestExit, String)> {
     }
     let dir = tempfile::tempdir().unwrap();
     let config = probe_config(dir.path(), mode, "", vcpus, None);
-    let exit = run_with_watchdog(Vmm::build(&config).unwrap());
+    let exit = run_with_watchdog(Vmm::build(&config).unwrap(), dir.path());
     Some((exit, serial_log(dir.path())))
 }
 

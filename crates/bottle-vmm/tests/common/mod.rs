@@ -11,7 +11,7 @@ use std::time::Duration;
 use bottle_vmm::{GuestExit, SerialOutput, VmmConfig, VsockConfig};
 
 /// Longest a probe guest may run before the test gives up on it.
-pub const PROBE_RUN_TIMEOUT: Duration = Duration::from_secs(120);
+pub const PROBE_RUN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Guest memory for probe guests: its image sits at 2 MiB, its queues and buffers up to 10 MiB.
 pub const PROBE_MEM_MIB: u32 = 32;
 
@@ -100,14 +100,18 @@ pub fn probe_config(
 }
 
 /// Runs `vmm` on a thread and waits for it, failing the test after `PROBE_RUN_TIMEOUT`.
-pub fn run_with_watchdog(vmm: bottle_vmm::Vmm) -> GuestExit {
+pub fn run_with_watchdog(vmm: bottle_vmm::Vmm, dir: &Path) -> GuestExit {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(vmm.run());
     });
-    rx.recv_timeout(PROBE_RUN_TIMEOUT)
-        .expect("the probe guest did not end in time")
-        .expect("the VMM failed")
+    let Ok(result) = rx.recv_timeout(PROBE_RUN_TIMEOUT) else {
+        panic!(
+            "the probe guest did not end in time; serial log:\n{}",
+            serial_log(dir)
+        );
+    };
+    result.expect("the VMM failed")
 }
 
 pub fn serial_log(dir: &Path) -> String {

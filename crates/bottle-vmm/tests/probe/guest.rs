@@ -210,7 +210,7 @@ const BUFFER_BYTES: u32 = 44 + 65536;
 const BUFFER_STRIDE: u64 = 0x1_1000;
 const DESC_F_WRITE: u16 = 2;
 /// Polling iterations before a wait is declared failed (a few seconds of emulated execution).
-const WAIT_LIMIT: u64 = 20_000_000;
+const WAIT_LIMIT: u64 = 2_000_000;
 
 struct Vq {
     desc: u64,
@@ -437,6 +437,13 @@ impl Dev {
         pkt
     }
 
+    /// The probe uses one stream at a time: credit counters restart with each stream.
+    fn new_stream(&mut self) {
+        self.fwd_cnt = 0;
+        self.tx_cnt = 0;
+        self.peer_fwd_cnt = 0;
+    }
+
     /// Host credit left for our RW payload.
     fn credit(&self) -> u32 {
         self.peer_buf_alloc.saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
@@ -446,6 +453,7 @@ impl Dev {
 /// Opens an egress stream to `target` ("a.b.c.d:port") from guest port `port`; returns the
 /// first reply packet after the vsock handshake (an RW with `OK ...`, or an RST).
 unsafe fn egress(dev: &mut Dev, port: u32, target: &[u8]) -> Pkt {
+    dev.new_stream();
     dev.send(EGRESS_PORT, port, OP_REQUEST, 0, &[]);
     let response = dev.expect(OP_RESPONSE, "vsock RESPONSE to egress REQUEST");
     dev.release(response);
@@ -471,6 +479,7 @@ unsafe fn expect_reset(dev: &mut Dev, port: u32, target: &[u8], label: &str) {
 unsafe fn vsock_checks(dev: &mut Dev, cmdline: &Cmdline) {
     // 1. Host-initiated: the test connects to the Unix socket with CONNECT 7000.
     let request = dev.expect(OP_REQUEST, "host REQUEST");
+    dev.new_stream();
     let (host_port, guest_port) = (request.hdr.src_port, request.hdr.dst_port);
     dev.release(request);
     check(guest_port == 7000, "host connection to guest port 7000");
@@ -546,6 +555,7 @@ unsafe fn echo_loop(dev: &mut Dev) -> ! {
         match h.op {
             OP_REQUEST => {
                 dev.release(pkt);
+                dev.new_stream();
                 dev.send(h.src_port, h.dst_port, OP_RESPONSE, 0, &[]);
             }
             OP_RW => {

@@ -45,12 +45,15 @@ const MAX_PENDING_CONTROL_PACKETS: usize = 1024;
 /// Time allowed to dial an allowlisted destination (the device thread waits for it; allowlisted
 /// destinations are loopback aliases, where a dial completes or is refused at once).
 const EGRESS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// First host-side port for host-initiated connections (above the well-known vsock ports).
+/// Host-side ports for host-initiated connections: above the well-known vsock ports, and below
+/// 2^31 so a connection's epoll token (ports side by side) never has its top bit set, which
+/// marks the tokens of not-yet-connected host clients.
 const FIRST_EPHEMERAL_PORT: u32 = 1 << 30;
+const LAST_EPHEMERAL_PORT: u32 = (1 << 31) - 1;
 /// Host sockets polled per `process_host_events` call.
 const EVENTS_PER_POLL: usize = 64;
 const LISTENER_TOKEN: u64 = u64::MAX;
-const PENDING_TOKEN_BIT: u64 = 1 << 62;
+const PENDING_TOKEN_BIT: u64 = 1 << 63;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MuxerError {
@@ -829,10 +832,11 @@ impl Muxer {
     fn allocate_local_port(&mut self) -> u32 {
         loop {
             let port = self.next_local_port;
-            self.next_local_port = self
-                .next_local_port
-                .checked_add(1)
-                .unwrap_or(FIRST_EPHEMERAL_PORT);
+            self.next_local_port = if port >= LAST_EPHEMERAL_PORT {
+                FIRST_EPHEMERAL_PORT
+            } else {
+                port + 1
+            };
             if !self.conns.keys().any(|(local, _)| *local == port) {
                 return port;
             }
