@@ -875,3 +875,287 @@ pub fn parse_host_request(line: &[u8]) -> Option<u32> {
         .parse()
         .ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::TcpListener;
+
+    const GUEST_CID: u32 = 7;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        muxer: Muxer,
+        uds: PathBuf,
+    }
+
+    fn fixture(allowlist: Vec<AllowRule>) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let config = VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: uds.clone(),
+            allowlist,
+            event_log: Some(dir.path().join("events.jsonl")),
+        };
+        Fixture {
+            muxer: Muxer::new(&config).unwrap(),
+            _dir: dir,
+            uds,
+        }
+    }
+
+    fn guest_pkt(src_port: u32, dst_port: u32, op: u16, data: &[u8]) -> Packet {
+        Packet {
+            hdr: Header {
+                src_cid: u64::from(GUEST_CID),
+                dst_cid: HOST_CID,
+                src_port,
+                dst_port,
+                len: data.len() as u32,
+                type_: TYPE_STREAM,
+                op,
+                flags: 0,
+                buf_alloc: 1 << 20,
+                fwd_cnt: 0,
+            },
+            data: data.to_vec(),
+        }
+    }
+
+    fn drain(muxer: &mut Muxer) -> Vec<Packet> {
+        std::iter::from_fn(|| muxer.pop_to_guest(4096)).collect()
+    }
+
+    fn ops(packets: &[Packet]) -> Vec<u16> {
+        packets.iter().map(|p| p.hdr.op).collect()
+    }
+
+    /// Opens an egress stream from guest port 5000 and sends its CONNECT line.
+    fn egress(muxer: &mut Muxer, line: &str) -> Vec<Packet> {
+        muxer.recv_from_guest(guest_pkt(5000, EGRESS_VSOCK_PORT, OP_REQUEST, &[]));
+        muxer.recv_from_guest(guest_pkt(5000, EGRESS_VSOCK_PORT, OP_RW, line.as_bytes()));
+        drain(muxer)
+    }
+
+    fn rule(listener: &TcpListener) -> AllowRule {
+        let addr = listener.local_addr().unwrap();
+        AllowRule {
+            addr: Ipv4Addr::LOCALHOST,
+            port: addr.port(),
+        }
+    }
+
+    #[test]
+    fn test_request_to_a_port_other_than_egress_is_reset_and_logged() {
+        let mut f = fixture(vec![]);
+        f.muxer
+            .recv_from_guest(guest_pkt(5000, 22, OP_REQUEST, &[]));
+        assert_eq!(ops(&drain(&mut f.muxer)), vec![OP_RST]);
+        assert_eq!(
+            f.muxer.stats.denied[0].reason,
+            DenyReason::UnknownVsockPort(22)
+        );
+    }
+
+    #[test]
+    fn test_egress_to_an_address_outside_the_allowlist_is_reset_and_logged() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut f = fixture(vec![rule(&listener)]);
+        let port = listener.local_addr().unwrap().port();
+        let packets = egress(&mut f.muxer, &format!("CONNECT 127.0.0.2:{port}\n"));
+        assert_eq!(ops(&packets), vec![OP_RESPONSE, OP_RST]);
+        assert_eq!(f.muxer.stats.denied[0].reason, DenyReason::NotAllowlisted);
+        assert_eq!(f.muxer.connection_count(), 0);
+    }
+
+    #[test]
+    fn test_egress_to_the_allowlisted_address_on_an_unpublished_port_is_reset() {
+        let allowed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let unpublished = TcpListener::bind("127.0.0.1:0").unwrap();
+        unpublished.set_nonblocking(true).unwrap();
+        let mut f = fixture(vec![rule(&allowed)]);
+        let line = format!(
+            "CONNECT 127.0.0.1:{}\n",
+            unpublished.local_addr().unwrap().port()
+        );
+        let packets = egress(&mut f.muxer, &line);
+        assert_eq!(ops(&packets), vec![OP_RESPONSE, OP_RST]);
+        assert!(unpublished.accept().is_err());
+    }
+
+    #[test]
+    fn test_malformed_or_oversized_request_lines_are_reset() {
+        let mut f = fixture(vec![]);
+        let first = egress(&mut f.muxer, "CONNECT example.com:443\n");
+        let second = egress(&mut f.muxer, &"A".repeat(MAX_REQUEST_LINE_BYTES + 1));
+        assert_eq!(
+            (ops(&first), ops(&second)),
+            (vec![OP_RESPONSE, OP_RST], vec![OP_RESPONSE, OP_RST])
+        );
+        assert_eq!(
+            f.muxer
+                .stats
+                .denied
+                .iter()
+                .filter(|d| d.reason == DenyReason::MalformedRequest)
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn test_denied_egress_is_written_to_the_event_log() {
+        let mut f = fixture(vec![]);
+        egress(&mut f.muxer, "CONNECT 10.0.0.1:80\n");
+        let log = std::fs::read_to_string(f._dir.path().join("events.jsonl")).unwrap();
+        let event: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+        assert_eq!(
+            (event["reason"].as_str(), event["destination"].as_str()),
+            (Some("not_allowlisted"), Some("10.0.0.1:80"))
+        );
+    }
+
+    #[test]
+    fn test_allowlisted_egress_answers_ok_and_forwards_bytes() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut f = fixture(vec![rule(&listener)]);
+        let port = listener.local_addr().unwrap().port();
+        let packets = egress(&mut f.muxer, &format!("CONNECT 127.0.0.1:{port}\nhello"));
+        let (mut server, _) = listener.accept().unwrap();
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(ops(&packets), vec![OP_RESPONSE, OP_RW]);
+        assert_eq!(
+            packets[1].data,
+            format!("OK 127.0.0.1:{port}\n").into_bytes()
+        );
+        assert_eq!(&got, b"hello");
+    }
+
+    #[test]
+    fn test_host_bytes_to_the_guest_never_exceed_its_credit() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut f = fixture(vec![rule(&listener)]);
+        let port = listener.local_addr().unwrap().port();
+        let mut request = guest_pkt(5000, EGRESS_VSOCK_PORT, OP_REQUEST, &[]);
+        request.hdr.buf_alloc = 32;
+        f.muxer.recv_from_guest(request);
+        let mut line = guest_pkt(
+            5000,
+            EGRESS_VSOCK_PORT,
+            OP_RW,
+            format!("CONNECT 127.0.0.1:{port}\n").as_bytes(),
+        );
+        line.hdr.buf_alloc = 32;
+        f.muxer.recv_from_guest(line);
+        let (mut server, _) = listener.accept().unwrap();
+        server.write_all(&[b'x'; 100]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        f.muxer.process_host_events(100);
+        let sent: usize = drain(&mut f.muxer)
+            .iter()
+            .filter(|p| p.hdr.op == OP_RW)
+            .map(|p| p.data.len())
+            .sum();
+        assert_eq!(sent, 32);
+    }
+
+    #[test]
+    fn test_guest_overrunning_our_credit_is_reset() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut f = fixture(vec![rule(&listener)]);
+        let port = listener.local_addr().unwrap().port();
+        egress(&mut f.muxer, &format!("CONNECT 127.0.0.1:{port}\n"));
+        let (_server, _) = listener.accept().unwrap();
+        let chunk = vec![0u8; MAX_PACKET_DATA_BYTES];
+        // The listener never reads: the socket buffers fill, then our bounded buffer.
+        for _ in 0..(2 * CONN_BUFFER_BYTES as usize / MAX_PACKET_DATA_BYTES + 64) {
+            f.muxer
+                .recv_from_guest(guest_pkt(5000, EGRESS_VSOCK_PORT, OP_RW, &chunk));
+        }
+        assert_eq!(f.muxer.connection_count(), 0);
+        assert!(f.muxer.stats.protocol_resets >= 1);
+    }
+
+    #[test]
+    fn test_connections_beyond_the_cap_are_reset() {
+        let mut f = fixture(vec![]);
+        for port in 0..=MAX_CONNECTIONS as u32 {
+            f.muxer
+                .recv_from_guest(guest_pkt(10_000 + port, EGRESS_VSOCK_PORT, OP_REQUEST, &[]));
+        }
+        assert_eq!(f.muxer.connection_count(), MAX_CONNECTIONS);
+        assert_eq!(
+            f.muxer.stats.denied.last().unwrap().reason,
+            DenyReason::ConnectionCap
+        );
+    }
+
+    #[test]
+    fn test_packet_with_a_spoofed_source_cid_is_dropped_and_counted() {
+        let mut f = fixture(vec![]);
+        let mut pkt = guest_pkt(5000, EGRESS_VSOCK_PORT, OP_REQUEST, &[]);
+        pkt.hdr.src_cid = 99;
+        f.muxer.recv_from_guest(pkt);
+        assert_eq!(
+            (drain(&mut f.muxer).len(), f.muxer.stats.malformed_packets),
+            (0, 1)
+        );
+    }
+
+    #[test]
+    fn test_host_connect_line_opens_a_stream_and_answers_ok_when_the_guest_accepts() {
+        let mut f = fixture(vec![]);
+        let mut client = UnixStream::connect(&f.uds).unwrap();
+        client.write_all(b"CONNECT 9000\n").unwrap();
+        f.muxer.process_host_events(100);
+        f.muxer.process_host_events(100);
+        let request = drain(&mut f.muxer).pop().unwrap();
+        let mut response = guest_pkt(9000, request.hdr.src_port, OP_RESPONSE, &[]);
+        response.hdr.dst_port = request.hdr.src_port;
+        f.muxer.recv_from_guest(response);
+        let mut ok = [0u8; 8];
+        client.read_exact(&mut ok).unwrap();
+        assert_eq!(
+            (request.hdr.op, request.hdr.dst_port, &ok),
+            (OP_REQUEST, 9000, b"OK 9000\n")
+        );
+    }
+
+    #[test]
+    fn test_unix_socket_is_removed_when_the_muxer_is_dropped() {
+        let f = fixture(vec![]);
+        let path = f.uds.clone();
+        drop(f.muxer);
+        assert!(!path.exists());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Any sequence of guest packets (ops, ports, credit fields, payloads) leaves the muxer
+        /// consistent: no panic, connections within the cap, nothing reaches a non-allowlisted
+        /// destination (the allowlist here is empty, so no stream may ever open).
+        #[test]
+        fn fuzz_muxer_with_arbitrary_guest_packets(
+            packets in proptest::collection::vec(
+                (0u32..4, prop_oneof![Just(EGRESS_VSOCK_PORT), 0u32..2048], 0u16..10, any::<u32>(), any::<u32>(), any::<u32>(),
+                 proptest::collection::vec(any::<u8>(), 0..80)),
+                0..60)
+        ) {
+            let mut f = fixture(vec![]);
+            for (src_port, dst_port, op, flags, buf_alloc, fwd_cnt, data) in packets {
+                let mut pkt = guest_pkt(src_port, dst_port, op, &data);
+                pkt.hdr.flags = flags;
+                pkt.hdr.buf_alloc = buf_alloc;
+                pkt.hdr.fwd_cnt = fwd_cnt;
+                f.muxer.recv_from_guest(pkt);
+                drain(&mut f.muxer);
+            }
+            prop_assert!(f.muxer.connection_count() <= MAX_CONNECTIONS);
+            prop_assert_eq!(f.muxer.stats.connections_opened, 0);
+        }
+    }
+}
