@@ -1,6 +1,8 @@
 //! Virtio devices behind our virtio-mmio (version 2) transport.
 
 pub mod mmio;
+#[cfg(test)]
+pub mod testing;
 pub mod vsock;
 
 use std::os::unix::io::RawFd;
