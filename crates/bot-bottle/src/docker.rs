@@ -8,7 +8,7 @@ use bollard::container::{ListContainersOptions, RemoveContainerOptions};
 use bollard::network::ListNetworksOptions;
 use bollard::Docker;
 
-use crate::plan::{LABEL_ALIAS, LABEL_ID, LABEL_MANAGED};
+use crate::plan::{LABEL_ALIAS, LABEL_ID, LABEL_MANAGED, LABEL_STATE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -115,10 +115,38 @@ pub async fn runsc_registered(docker: &Docker) -> Result<bool, DockerError> {
     Ok(info.runtimes.is_some_and(|r| r.contains_key("runsc")))
 }
 
-fn label_filter(extra: Option<(&str, &str)>) -> HashMap<String, Vec<String>> {
+/// Which of our objects to list: all of them, one state directory's, or one bottle's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Scope<'a> {
+    pub state_tag: Option<&'a str>,
+    pub bottle_id: Option<&'a str>,
+}
+
+impl<'a> Scope<'a> {
+    pub fn all() -> Self {
+        Self::default()
+    }
+    pub fn state(tag: &'a str) -> Self {
+        Self {
+            state_tag: Some(tag),
+            bottle_id: None,
+        }
+    }
+    pub fn bottle(id: &'a str) -> Self {
+        Self {
+            state_tag: None,
+            bottle_id: Some(id),
+        }
+    }
+}
+
+fn label_filter(scope: Scope<'_>) -> HashMap<String, Vec<String>> {
     let mut labels = vec![format!("{LABEL_MANAGED}=true")];
-    if let Some((k, v)) = extra {
-        labels.push(format!("{k}={v}"));
+    if let Some(tag) = scope.state_tag {
+        labels.push(format!("{LABEL_STATE}={tag}"));
+    }
+    if let Some(id) = scope.bottle_id {
+        labels.push(format!("{LABEL_ID}={id}"));
     }
     HashMap::from([("label".to_owned(), labels)])
 }
@@ -135,12 +163,12 @@ pub struct ManagedContainer {
 /// Every container carrying our labels (optionally only one bottle's).
 pub async fn managed_containers(
     docker: &Docker,
-    bottle_id: Option<&str>,
+    scope: Scope<'_>,
 ) -> Result<Vec<ManagedContainer>, DockerError> {
     let list = docker
         .list_containers(Some(ListContainersOptions::<String> {
             all: true,
-            filters: label_filter(bottle_id.map(|id| (LABEL_ID, id))),
+            filters: label_filter(scope),
             ..Default::default()
         }))
         .await
@@ -169,7 +197,7 @@ pub async fn managed_containers(
 
 /// Aliases published by running containers of ours: (address, bottle id).
 pub async fn published_aliases(docker: &Docker) -> Result<Vec<(Ipv4Addr, String)>, DockerError> {
-    Ok(managed_containers(docker, None)
+    Ok(managed_containers(docker, Scope::all())
         .await?
         .into_iter()
         .filter(|c| c.running)
@@ -180,11 +208,11 @@ pub async fn published_aliases(docker: &Docker) -> Result<Vec<(Ipv4Addr, String)
 /// Networks we manage: (name, bottle id).
 pub async fn managed_networks(
     docker: &Docker,
-    bottle_id: Option<&str>,
+    scope: Scope<'_>,
 ) -> Result<Vec<(String, String)>, DockerError> {
     let list = docker
         .list_networks(Some(ListNetworksOptions::<String> {
-            filters: label_filter(bottle_id.map(|id| (LABEL_ID, id))),
+            filters: label_filter(scope),
         }))
         .await
         .map_err(|source| DockerError::List {
@@ -252,7 +280,7 @@ pub async fn remove_network(docker: &Docker, name: &str) -> Result<(), DockerErr
 /// failures and returns them all.
 pub async fn remove_bottle_objects(docker: &Docker, bottle_id: &str) -> Vec<DockerError> {
     let mut errors = Vec::new();
-    match managed_containers(docker, Some(bottle_id)).await {
+    match managed_containers(docker, Scope::bottle(bottle_id)).await {
         Ok(containers) => {
             for c in containers {
                 if let Err(e) = remove_container(docker, &c.name).await {
@@ -262,7 +290,7 @@ pub async fn remove_bottle_objects(docker: &Docker, bottle_id: &str) -> Vec<Dock
         }
         Err(e) => errors.push(e),
     }
-    match managed_networks(docker, Some(bottle_id)).await {
+    match managed_networks(docker, Scope::bottle(bottle_id)).await {
         Ok(networks) => {
             for (name, _) in networks {
                 if let Err(e) = remove_network(docker, &name).await {
@@ -291,6 +319,12 @@ pub async fn create_network(
             options.insert(
                 "com.docker.network.bridge.enable_ip_masquerade".into(),
                 "false".into(),
+            );
+            // No address on the host side of the bridge: otherwise the agent could reach
+            // host services listening on 0.0.0.0 through the gateway address.
+            options.insert(
+                "com.docker.network.bridge.inhibit_ipv4".into(),
+                "true".into(),
             );
             Ipam {
                 config: Some(vec![IpamConfig {

@@ -78,6 +78,18 @@ impl Dirs {
         })
     }
 
+    /// A short stable tag for this state directory, stamped on every Docker object as
+    /// `bot-bottle.state` so cleanup only touches objects this state directory created.
+    pub fn state_tag(&self) -> String {
+        use sha2::Digest as _;
+        let canonical = self
+            .state
+            .canonicalize()
+            .unwrap_or_else(|_| self.state.clone());
+        let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+        hex::encode(&digest[..6])
+    }
+
     pub fn bottles_dir(&self) -> PathBuf {
         self.config.join("bottles")
     }

@@ -25,6 +25,9 @@ pub const LABEL_ID: &str = "bot-bottle.id";
 pub const LABEL_BOTTLE: &str = "bot-bottle.bottle";
 /// Label carrying the published alias address on the bundle container.
 pub const LABEL_ALIAS: &str = "bot-bottle.alias";
+/// Label naming the state directory that owns the object, so `cleanup` of one user (or one
+/// test) never removes another's bottles on a shared Docker engine.
+pub const LABEL_STATE: &str = "bot-bottle.state";
 
 /// vsock CIDs the guest can never have: hypervisor (0), local (1), host (2), any (u32::MAX).
 pub const RESERVED_CIDS: [u32; 4] = [0, 1, 2, u32::MAX];
@@ -63,6 +66,8 @@ pub struct HostFacts {
     pub mounts: Vec<HostMount>,
     /// Whether Docker has gVisor's `runsc` runtime registered (docker backend only).
     pub runsc: bool,
+    /// Identity of the state directory (see [`LABEL_STATE`]).
+    pub state_tag: String,
 }
 
 /// A mount whose host side has been checked: absolute, existing directory.
@@ -237,6 +242,7 @@ pub fn plan(manifest: &Manifest, host: &HostFacts) -> Result<BottlePlan, PlanErr
         (LABEL_ID, id.clone()),
         (LABEL_BOTTLE, manifest.name.clone()),
         (LABEL_ALIAS, alias.to_string()),
+        (LABEL_STATE, host.state_tag.clone()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -349,6 +355,7 @@ mod tests {
             backend,
             mounts: vec![],
             runsc: false,
+            state_tag: "0123abcd".to_owned(),
         }
     }
 
@@ -372,6 +379,7 @@ mod tests {
         assert_eq!(p.labels[LABEL_ID], "claude-0a1b2c");
         assert_eq!(p.labels[LABEL_BOTTLE], "claude");
         assert_eq!(p.labels[LABEL_ALIAS], "127.0.0.17");
+        assert_eq!(p.labels[LABEL_STATE], "0123abcd");
     }
 
     #[test]

@@ -41,12 +41,14 @@ pub async fn run(ctx: &Context, args: CleanupArgs) -> anyhow::Result<i32> {
     let docker = docker::connect()
         .await
         .context("cleanup needs Docker to find leftovers")?;
-    for c in docker::managed_containers(&docker, None).await? {
+    let tag = ctx.dirs.state_tag();
+    let scope = docker::Scope::state(&tag);
+    for c in docker::managed_containers(&docker, scope).await? {
         if !live.contains(&c.bottle_id) {
             dead.insert(c.bottle_id);
         }
     }
-    for (_, id) in docker::managed_networks(&docker, None).await? {
+    for (_, id) in docker::managed_networks(&docker, scope).await? {
         if !live.contains(&id) {
             dead.insert(id);
         }

@@ -46,6 +46,7 @@ pub async fn run(ctx: &Context, args: PlanArgs) -> anyhow::Result<i32> {
         backend: resolved.backend,
         mounts: resolved.mounts,
         runsc,
+        state_tag: ctx.dirs.state_tag(),
     };
     let p = plan::plan(&resolved.manifest, &facts)?;
     if args.json {

@@ -64,6 +64,22 @@ pub async fn run(ctx: &Context, args: StartArgs) -> anyhow::Result<i32> {
     }
 }
 
+/// Overrides the Docker-backend runtime: `runc`, `runsc`, or `auto` (runsc when registered).
+const RUNTIME_ENV: &str = "BOT_BOTTLE_DOCKER_RUNTIME";
+
+async fn choose_runsc(docker: &bollard::Docker) -> anyhow::Result<bool> {
+    let registered = docker::runsc_registered(docker).await?;
+    match std::env::var(RUNTIME_ENV).as_deref() {
+        Ok("runc") => Ok(false),
+        Ok("runsc") if registered => Ok(true),
+        Ok("runsc") => bail!(
+            "{RUNTIME_ENV}=runsc but gVisor's runsc is not registered with Docker: see `bot-bottle doctor`"
+        ),
+        Ok("auto") | Ok("") | Err(_) => Ok(registered),
+        Ok(other) => bail!("{RUNTIME_ENV}={other} is not one of runc, runsc, auto"),
+    }
+}
+
 async fn pause_point(step: &str) {
     if std::env::var(PAUSE_ENV).is_ok_and(|v| v == step) {
         eprintln!("bot-bottle: paused at {step}");
@@ -84,7 +100,7 @@ async fn session(
         bottle_vmm::kvm_check::check_kvm(&preflight::kvm_path())
             .context("the microvm backend needs KVM (or choose --backend docker)")?;
     }
-    let runsc = resolved.backend == Backend::Docker && docker::runsc_registered(&docker).await?;
+    let runsc = resolved.backend == Backend::Docker && choose_runsc(&docker).await?;
     ctx.dirs.ensure_state()?;
     let db_path = ctx.dirs.db_path();
     let db = StateDb::open(&db_path)?;
@@ -135,6 +151,7 @@ async fn session(
         backend: resolved.backend,
         mounts: resolved.mounts.clone(),
         runsc,
+        state_tag: ctx.dirs.state_tag(),
     };
     let plan = plan::plan(&resolved.manifest, &facts)?;
     db.set_plan(id, &serde_json::to_string(&plan)?)?;

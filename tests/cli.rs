@@ -1,0 +1,147 @@
+//! The CLI as a user meets it: plans, manifest errors, doctor's checks. Real processes.
+
+mod common;
+
+use common::{stderr, stdout, Sandbox};
+
+#[test]
+fn plan_claude_json_is_complete() {
+    let sb = Sandbox::new("40-41");
+    let out = sb.run(&["plan", "claude", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["bottle"], "claude");
+    assert_eq!(plan["backend"], "microvm");
+    assert_eq!(plan["alias"], "127.0.0.40");
+    assert_eq!(
+        plan["agent"]["env"]["HTTPS_PROXY"],
+        "http://127.0.0.40:3128"
+    );
+    assert_eq!(plan["allowlist"][0]["cidr"], "127.0.0.40/32");
+    assert!(plan["guest_cid"].as_u64().unwrap() > 2);
+    for key in [
+        "network", "bundle", "agent", "egress", "labels", "mounts", "id",
+    ] {
+        assert!(!plan[key].is_null(), "plan lacks {key}");
+    }
+    // Nothing was touched: no state database, no Docker objects.
+    assert!(!sb.state().join("state.db").exists());
+}
+
+#[test]
+fn plan_with_mount_resolves_the_default_guest_path() {
+    let sb = Sandbox::new("40-41");
+    let host = sb.dir.path().join("app");
+    std::fs::create_dir(&host).unwrap();
+    let out = sb.run(&["plan", "test", "--json", "--mount", host.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["mounts"][0]["guest"], "/workspace");
+}
+
+#[test]
+fn missing_mount_path_exits_2_naming_it() {
+    let sb = Sandbox::new("40-41");
+    let out = sb.run(&["plan", "test", "--mount", "/definitely/not/here:/w"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("/definitely/not/here"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn unknown_manifest_key_exits_2_naming_key_and_line() {
+    let sb = Sandbox::new("40-41");
+    sb.add_bottle(
+        "typo",
+        "[agent]\ndockerfile = \"Dockerfile.test\"\n\n[egres]\nallow = []\n",
+    );
+    let out = sb.run(&["plan", "typo"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("egres"), "{err}");
+    assert!(err.contains("line 4"), "{err}");
+}
+
+#[test]
+fn missing_bottle_exits_2_listing_available_bottles() {
+    let sb = Sandbox::new("40-41");
+    sb.add_bottle("mine", "[agent]\ndockerfile = \"Dockerfile.test\"\n");
+    let out = sb.run(&["start", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("claude, codex, mine, test"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn extends_cycle_exits_2_printing_the_cycle() {
+    let sb = Sandbox::new("40-41");
+    sb.add_bottle("a", "extends = \"b\"\n");
+    sb.add_bottle("b", "extends = \"a\"\n");
+    let out = sb.run(&["plan", "a"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("a -> b -> a"), "{}", stderr(&out));
+}
+
+#[test]
+fn doctor_with_missing_kvm_says_which_module_to_load() {
+    let sb = Sandbox::new("40-41");
+    let out = sb
+        .cmd()
+        .env("BOT_BOTTLE_KVM_PATH", "/nonexistent/kvm")
+        .arg("doctor")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(text.contains("[FAIL] kvm"), "{text}");
+    assert!(text.contains("modprobe kvm_intel"), "{text}");
+    assert!(text.contains("firmware"), "{text}");
+}
+
+#[test]
+fn doctor_reports_every_check_with_its_state_dir() {
+    let sb = Sandbox::new("40-41");
+    let out = sb.run(&["doctor", "--json"]);
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for n in ["state", "bottles", "alias-pool", "docker", "kvm"] {
+        assert!(names.contains(&n), "doctor lacks {n}: {names:?}");
+    }
+    let state = checks.iter().find(|c| c["name"] == "state").unwrap();
+    assert!(state["detail"]
+        .as_str()
+        .unwrap()
+        .contains(sb.state().to_str().unwrap()));
+}
+
+#[test]
+fn start_microvm_without_kvm_access_refuses_with_the_fix() {
+    let sb = Sandbox::new("42-42");
+    let out = sb
+        .cmd()
+        .env("BOT_BOTTLE_KVM_PATH", "/nonexistent/kvm")
+        .args(["start", "test", "--backend", "microvm", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("modprobe"), "{}", stderr(&out));
+    assert!(sb.rows().is_empty());
+}
+
+#[test]
+fn bad_alias_pool_setting_exits_2() {
+    let sb = Sandbox::new("31-16");
+    let out = sb.run(&["plan", "test"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("BOT_BOTTLE_ALIAS_POOL"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,0 +1,227 @@
+//! Shared helpers for the integration tests: run the real `bot-bottle` binary against a real
+//! Docker engine, with state, config and cache in a private temporary directory.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_bot-bottle"))
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// True when a Docker engine answers. In CI a missing engine fails the test; elsewhere the
+/// test prints why it is skipped.
+pub fn docker_available(test: &str) -> bool {
+    let ok = Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            !in_ci(),
+            "{test}: CI=true but no Docker engine is reachable"
+        );
+        eprintln!("SKIPPED {test}: no Docker engine reachable (start dockerd)");
+    }
+    ok
+}
+
+/// A private bot-bottle home: state, config (user bottles) and cache dirs, and an alias pool
+/// range of its own so tests running in parallel never compete for addresses.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+    pub pool: String,
+}
+
+impl Sandbox {
+    pub fn new(pool: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for sub in ["state", "config/bottles", "cache"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        Self {
+            dir,
+            pool: pool.to_owned(),
+        }
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn bottles(&self) -> PathBuf {
+        self.dir.path().join("config/bottles")
+    }
+
+    pub fn add_bottle(&self, name: &str, toml: &str) {
+        std::fs::write(self.bottles().join(format!("{name}.toml")), toml).unwrap();
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(bin());
+        c.env("BOT_BOTTLE_STATE_DIR", self.state())
+            .env("BOT_BOTTLE_CONFIG_DIR", self.dir.path().join("config"))
+            .env("BOT_BOTTLE_CACHE_DIR", self.dir.path().join("cache"))
+            .env("BOT_BOTTLE_ALIAS_POOL", &self.pool)
+            .env_remove("BOT_BOTTLE_PAUSE_AT")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run bot-bottle")
+    }
+
+    /// `list --all --json` parsed.
+    pub fn rows(&self) -> Vec<serde_json::Value> {
+        let out = self.run(&["list", "--all", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("list --json is JSON")
+    }
+
+    /// Names of Docker containers and networks carrying this sandbox's state label.
+    pub fn docker_leftovers(&self) -> Vec<String> {
+        let tag = state_tag(&self.state());
+        let filter = format!("label=bot-bottle.state={tag}");
+        let mut names = Vec::new();
+        for args in [
+            vec!["ps", "-a", "--filter", &filter, "--format", "{{.Names}}"],
+            vec![
+                "network",
+                "ls",
+                "--filter",
+                &filter,
+                "--format",
+                "{{.Name}}",
+            ],
+        ] {
+            let out = Command::new("docker").args(&args).output().unwrap();
+            names.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .map(str::to_owned)
+                    .filter(|l| !l.is_empty()),
+            );
+        }
+        names
+    }
+}
+
+/// Mirror of `Dirs::state_tag` (sha256 of the canonical state path, first 6 bytes, hex).
+pub fn state_tag(state: &Path) -> String {
+    use sha2::Digest;
+    let canonical = state.canonicalize().unwrap();
+    hex::encode(&sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes())[..6])
+}
+
+/// A started `bot-bottle start` whose stderr is watched for `paused at STEP`.
+pub struct Running {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub stderr_seen: Vec<String>,
+}
+
+impl Running {
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn bot-bottle");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines: rx,
+            stderr_seen: Vec::new(),
+        }
+    }
+
+    /// Wait for a stderr line containing `needle`; panics with everything seen on timeout.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.stderr_seen.push(line);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(_) => panic!(
+                    "did not see `{needle}` within {timeout:?}; stderr:\n{}",
+                    self.stderr_seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        let status = self.child.wait().unwrap();
+        // Drain the rest of stderr for diagnostics.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(50)) {
+            self.stderr_seen.push(line);
+        }
+        status
+    }
+}
+
+/// A tiny HTTP server on 0.0.0.0 (reachable from containers through the Docker host gateway)
+/// that answers every request with `body`. Returns its port; serves until the process ends.
+pub fn http_server(body: &'static str) -> u16 {
+    let listener = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 4096];
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = stream.read(&mut buf);
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(reply.as_bytes());
+            });
+        }
+    });
+    port
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
