@@ -1,0 +1,203 @@
+//! Egress proxy cost on loopback: throughput through a CONNECT tunnel and added latency of
+//! small round trips, each measured through the proxy and directly in the same run, printed
+//! as ratios. Bounded: a few seconds in release mode. `cargo bench -p bot-bottle --bench
+//! egress_proxy`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bot_bottle::egress::{EgressPolicy, EgressProxy, ProxyConfig, Resolver};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Bytes pushed through each throughput run.
+const BULK_BYTES: usize = 64 * 1024 * 1024;
+/// Throughput runs per path; the best is reported (least disturbed by other load).
+const BULK_RUNS: usize = 3;
+/// Size of one request and one reply in the round-trip benchmarks.
+const SMALL: usize = 64;
+/// Round trips on one established connection.
+const ROUND_TRIPS: usize = 5_000;
+/// Fresh connections (connect + optional CONNECT handshake + one round trip).
+const FRESH_CONNECTIONS: usize = 500;
+
+const HOST: &str = "bench.test";
+
+/// Reads everything until EOF, then answers with the byte count (8 bytes, big endian).
+async fn sink_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n as u64,
+                    }
+                }
+                let _ = stream.write_all(&total.to_be_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Echoes every byte back.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The proxy writes its events here (as in production), removed at the end.
+fn event_log_path() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "bot-bottle-egress-bench-{}.jsonl",
+        std::process::id()
+    ))
+}
+
+async fn start_proxy() -> SocketAddr {
+    let policy = EgressPolicy::new(&[HOST.to_owned()], &[], "denied").unwrap();
+    let mut config = ProxyConfig::new("bench", "127.0.0.1:0".parse().unwrap(), policy);
+    config.resolver = Resolver::fixed([(HOST, IpAddr::V4(Ipv4Addr::LOCALHOST))]);
+    config.allow_loopback_upstream = true;
+    config.event_log = Some(event_log_path());
+    let proxy = EgressProxy::bind(config).await.unwrap();
+    let addr = proxy.local_addr();
+    tokio::spawn(proxy.run(std::future::pending()));
+    addr
+}
+
+/// Connects to `target`, directly or through a CONNECT tunnel of `proxy`.
+async fn open(target: SocketAddr, proxy: Option<SocketAddr>) -> TcpStream {
+    let Some(proxy) = proxy else {
+        let stream = TcpStream::connect(target).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        return stream;
+    };
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let request = format!("CONNECT {HOST}:{} HTTP/1.1\r\n\r\n", target.port());
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 39]; // "HTTP/1.1 200 Connection Established\r\n\r\n"
+    stream.read_exact(&mut head).await.unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"), "tunnel refused");
+    stream
+}
+
+/// MiB/s of one upload of `BULK_BYTES`, confirmed by the server's byte count.
+async fn bulk(target: SocketAddr, proxy: Option<SocketAddr>) -> f64 {
+    let chunk = vec![0x5au8; 256 * 1024];
+    let started = Instant::now();
+    let mut stream = open(target, proxy).await;
+    for _ in 0..BULK_BYTES / chunk.len() {
+        stream.write_all(&chunk).await.unwrap();
+    }
+    stream.shutdown().await.unwrap();
+    let count = stream.read_u64().await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(count, BULK_BYTES as u64);
+    BULK_BYTES as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64()
+}
+
+/// Latencies of `ROUND_TRIPS` small round trips over one connection.
+async fn round_trips(target: SocketAddr, proxy: Option<SocketAddr>) -> Vec<Duration> {
+    let mut stream = open(target, proxy).await;
+    let request = [7u8; SMALL];
+    let mut reply = [0u8; SMALL];
+    let mut times = Vec::with_capacity(ROUND_TRIPS);
+    for _ in 0..ROUND_TRIPS {
+        let started = Instant::now();
+        stream.write_all(&request).await.unwrap();
+        stream.read_exact(&mut reply).await.unwrap();
+        times.push(started.elapsed());
+    }
+    times
+}
+
+/// Latencies of connect (+ CONNECT) + one small round trip, a fresh connection each time.
+async fn fresh_connections(target: SocketAddr, proxy: Option<SocketAddr>) -> Vec<Duration> {
+    let request = [7u8; SMALL];
+    let mut reply = [0u8; SMALL];
+    let mut times = Vec::with_capacity(FRESH_CONNECTIONS);
+    for _ in 0..FRESH_CONNECTIONS {
+        let started = Instant::now();
+        let mut stream = open(target, proxy).await;
+        stream.write_all(&request).await.unwrap();
+        stream.read_exact(&mut reply).await.unwrap();
+        times.push(started.elapsed());
+    }
+    times
+}
+
+fn percentile(times: &mut [Duration], p: f64) -> Duration {
+    times.sort_unstable();
+    let index = ((times.len() - 1) as f64 * p).round() as usize;
+    times[index]
+}
+
+fn report_latency(name: &str, mut direct: Vec<Duration>, mut proxied: Vec<Duration>) {
+    let (d50, d99) = (percentile(&mut direct, 0.5), percentile(&mut direct, 0.99));
+    let (p50, p99) = (
+        percentile(&mut proxied, 0.5),
+        percentile(&mut proxied, 0.99),
+    );
+    println!(
+        "{name:<28} direct p50 {:>7.1} µs p99 {:>7.1} µs | proxy p50 {:>7.1} µs p99 {:>7.1} µs | \
+         added p50 {:>6.1} µs | ratio p50 {:.2}x",
+        d50.as_secs_f64() * 1e6,
+        d99.as_secs_f64() * 1e6,
+        p50.as_secs_f64() * 1e6,
+        p99.as_secs_f64() * 1e6,
+        (p50.as_secs_f64() - d50.as_secs_f64()) * 1e6,
+        p50.as_secs_f64() / d50.as_secs_f64(),
+    );
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let sink = sink_server().await;
+        let echo = echo_server().await;
+        let proxy = start_proxy().await;
+
+        let mut direct_bulk = 0f64;
+        let mut proxied_bulk = 0f64;
+        for _ in 0..BULK_RUNS {
+            direct_bulk = direct_bulk.max(bulk(sink, None).await);
+            proxied_bulk = proxied_bulk.max(bulk(sink, Some(proxy)).await);
+        }
+        println!(
+            "throughput {} MiB upload (best of {BULK_RUNS}): direct {direct_bulk:.0} MiB/s | \
+             proxy {proxied_bulk:.0} MiB/s | ratio {:.2}x",
+            BULK_BYTES / (1024 * 1024),
+            proxied_bulk / direct_bulk
+        );
+
+        let direct = round_trips(echo, None).await;
+        let proxied = round_trips(echo, Some(proxy)).await;
+        report_latency("round trip, open tunnel", direct, proxied);
+
+        let direct = fresh_connections(echo, None).await;
+        let proxied = fresh_connections(echo, Some(proxy)).await;
+        report_latency("new connection + round trip", direct, proxied);
+    });
+    let _ = std::fs::remove_file(event_log_path());
+}
