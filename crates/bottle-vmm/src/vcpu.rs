@@ -138,9 +138,24 @@ fn run_vcpu(mut vcpu: VcpuFd, index: u8, shared: VcpuShared) {
             ))),
         };
         if let Some(exit) = ended {
+            let exit = match exit {
+                GuestExit::Crash(reason) => GuestExit::Crash(with_registers(&vcpu, reason)),
+                other => other,
+            };
             shared.exit.set(exit);
             shared.stop.store(true, Ordering::SeqCst);
         }
+    }
+}
+
+/// Appends where the vCPU was to a crash reason (what a developer needs first).
+fn with_registers(vcpu: &VcpuFd, reason: String) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(regs), Ok(sregs)) => format!(
+            "{reason} at rip {:#x} rsp {:#x} (cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x})",
+            regs.rip, regs.rsp, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer
+        ),
+        _ => reason,
     }
 }
 

@@ -1,0 +1,40 @@
+//! Boots a kernel with the serial console on stdout:
+//! `cargo run -p bottle-vmm --example boot -- KERNEL [VCPUS] [MEM_MIB] [EXTRA CMDLINE...]`.
+//! Prints how the guest ended and exits with `GuestExit::exit_code()`.
+
+use bottle_vmm::{SerialOutput, VmmConfig};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let Some(kernel) = args.next() else {
+        eprintln!("usage: boot KERNEL [VCPUS] [MEM_MIB] [EXTRA CMDLINE...]");
+        std::process::exit(2);
+    };
+    let vcpus = args.next().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let mem_mib = args.next().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let config = VmmConfig {
+        kernel: kernel.into(),
+        cmdline: args.collect::<Vec<_>>().join(" "),
+        vcpus,
+        mem_mib,
+        serial: SerialOutput::Stdout,
+        vsock: None,
+        disks: vec![],
+    };
+    match bottle_vmm::run(&config) {
+        Ok(exit) => {
+            eprintln!("guest ended: {exit:?}");
+            std::process::exit(exit.exit_code());
+        }
+        Err(e) => {
+            let mut source: Option<&dyn std::error::Error> = Some(&e);
+            let mut n = 0;
+            while let Some(err) = source {
+                eprintln!("{n}: {err}");
+                source = err.source();
+                n += 1;
+            }
+            std::process::exit(bottle_vmm::EXIT_CODE_VMM_ERROR);
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Boots a real Linux kernel under our VMM. Needs hardware KVM: the nested KVM of the
+//! development machines cannot run Linux (FINDINGS.md), so there the test says why it skips.
+//!
+//! `BOTTLE_VMM_TEST_KERNEL=/path/to/vmlinux-or-bzImage` selects the kernel (built by
+//! `bot-bottle kernel build`). Without a root filesystem the kernel ends in a panic
+//! ("VFS: Unable to mount root fs"), which also exercises the panic path.
+
+mod common;
+
+use std::time::Duration;
+
+use bottle_vmm::{GuestExit, SerialOutput, Vmm, VmmConfig};
+use common::*;
+
+/// What the console must show: the kernel's banner, printed first thing by `start_kernel`.
+const BOOT_MARKER: &str = "Linux version";
+/// Time a minimal kernel needs to reach its root mount on hardware KVM, with margin.
+const LINUX_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn skip(reason: &str) {
+    eprintln!("SKIPPED test_linux_kernel_boots_to_its_banner_and_ends_in_a_root_fs_panic: {reason}");
+}
+
+#[test]
+fn test_linux_kernel_boots_to_its_banner_and_ends_in_a_root_fs_panic() {
+    let Ok(kernel) = std::env::var("BOTTLE_VMM_TEST_KERNEL") else {
+        return skip("BOTTLE_VMM_TEST_KERNEL is not set (path to a vmlinux or bzImage from `bot-bottle kernel build`)");
+    };
+    if !kvm_usable("linux boot") {
+        return;
+    }
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        return skip("this host's KVM is the nested kvm_pvm, which cannot boot Linux (FINDINGS.md); run on hardware KVM");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = VmmConfig {
+        kernel: kernel.into(),
+        cmdline: "earlyprintk=serial,ttyS0 loglevel=8".into(),
+        vcpus: 2,
+        mem_mib: 256,
+        serial: SerialOutput::File(dir.path().join("serial.log")),
+        vsock: None,
+        disks: vec![],
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let vmm = Vmm::build(&config).unwrap();
+    std::thread::spawn(move || {
+        let _ = tx.send(vmm.run());
+    });
+    let exit = rx.recv_timeout(LINUX_BOOT_TIMEOUT).map(|r| r.unwrap());
+    let log = serial_log(dir.path());
+    assert!(log.contains(BOOT_MARKER), "no {BOOT_MARKER:?} on the console ({exit:?}):\n{log}");
+    assert_eq!(exit, Ok(GuestExit::Panic), "console:\n{log}");
+}
