@@ -14,9 +14,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::io::Write;
+use std::sync::Mutex;
+
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
-use tokio::sync::Mutex;
 
 use super::EgressError;
 
@@ -61,21 +62,24 @@ impl EgressEvent {
     }
 }
 
-/// Appends event lines to a file (`O_APPEND`, one `write` per line, flushed each time).
+/// Appends event lines to a file (`O_APPEND`, one unbuffered `write` per line).
+///
+/// Writes are synchronous on purpose: an append of a few hundred bytes to the page cache takes
+/// microseconds, less than a hand-off to tokio's blocking pool, and the caller must know the
+/// line is written before it lets traffic through.
 #[derive(Debug)]
 pub struct EventLog {
     path: PathBuf,
-    file: Mutex<tokio::fs::File>,
+    file: Mutex<std::fs::File>,
 }
 
 impl EventLog {
     /// Opens (creating if needed) the log for appending.
     pub async fn open(path: &Path) -> Result<Self, EgressError> {
-        let file = tokio::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .await
             .map_err(|source| EgressError::OpenEventLog {
                 path: path.to_owned(),
                 source,
@@ -91,16 +95,16 @@ impl EventLog {
         // Serialising a struct of strings and integers cannot fail.
         let mut line = serde_json::to_vec(event).unwrap_or_default();
         line.push(b'\n');
-        let mut file = self.file.lock().await;
-        let written = async {
-            file.write_all(&line).await?;
-            file.flush().await
-        }
-        .await;
-        written.map_err(|source| EgressError::WriteEventLog {
-            path: self.path.clone(),
-            source,
-        })
+        // A poisoned lock only means another writer panicked mid-call; the file is still usable.
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        file.write_all(&line)
+            .map_err(|source| EgressError::WriteEventLog {
+                path: self.path.clone(),
+                source,
+            })
     }
 }
 

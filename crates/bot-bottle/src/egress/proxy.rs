@@ -37,6 +37,8 @@ const MAX_CHUNK_LINE: usize = 4096;
 /// response instead of getting a reset), and how much of it we read meanwhile.
 const LINGER: Duration = Duration::from_millis(500);
 const LINGER_BYTES: u64 = 256 * 1024;
+/// Refused (over-limit) connections allowed to linger at once.
+const MAX_LINGERING_REFUSALS: usize = 32;
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -169,6 +171,7 @@ impl EgressProxy {
         let _entered = span.enter();
         tracing::info!(listen = %self.local_addr, "egress proxy listening");
         let permits = Arc::new(Semaphore::new(self.shared.limits.max_connections));
+        let refusals = Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS));
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -193,10 +196,22 @@ impl EgressProxy {
                             });
                         }
                         Err(_) => {
-                            tasks.spawn(async move {
-                                let body = "bot-bottle egress: too many open connections, retry later\n";
-                                refuse(stream, &http::response(503, "Service Unavailable", body)).await;
-                            });
+                            tracing::warn!(%peer, "connection limit reached; refusing with 503");
+                            let body = "bot-bottle egress: too many open connections, retry later\n";
+                            let response = http::response(503, "Service Unavailable", body);
+                            // A few refusals linger so the client reads the 503 rather than a
+                            // reset; under a flood the rest cost one non-blocking write.
+                            match Arc::clone(&refusals).try_acquire_owned() {
+                                Ok(permit) => {
+                                    tasks.spawn(async move {
+                                        refuse(stream, &response).await;
+                                        drop(permit);
+                                    });
+                                }
+                                Err(_) => {
+                                    let _ = stream.try_write(&response);
+                                }
+                            }
                         }
                     }
                 }

@@ -25,6 +25,8 @@ use super::EgressError;
 /// How long one DNS attempt (A and AAAA queries together) may take: 127.0.0.11 answers in
 /// well under a millisecond; an upstream recursive resolver within a second or two.
 const DNS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long to wait for the second address family once the first has answered.
+const DNS_SECOND_FAMILY_GRACE: Duration = Duration::from_millis(200);
 /// Attempts per nameserver before moving to the next one (UDP may drop a datagram).
 const DNS_ATTEMPTS: usize = 2;
 /// Largest DNS message we read over UDP (no EDNS, so servers stay within 512; margin kept).
@@ -182,16 +184,9 @@ async fn lookup_dns(name: &str, nameservers: &[SocketAddr]) -> Result<Vec<IpAddr
     let mut last_error = None;
     for &server in nameservers {
         for _ in 0..DNS_ATTEMPTS {
-            let attempt = async {
-                tokio::join!(
-                    query(server, name, &qname, TYPE_A),
-                    query(server, name, &qname, TYPE_AAAA)
-                )
-            };
-            let Ok((v4, v6)) = timeout(DNS_ATTEMPT_TIMEOUT, attempt).await else {
-                continue;
-            };
+            let (v4, v6) = both_families(server, name, &qname).await;
             match (v4, v6) {
+                (Err(EgressError::DnsTimeout { .. }), Err(EgressError::DnsTimeout { .. })) => {}
                 (Ok(mut a), Ok(aaaa)) => {
                     a.extend(aaaa);
                     return if a.is_empty() {
@@ -214,6 +209,50 @@ async fn lookup_dns(name: &str, nameservers: &[SocketAddr]) -> Result<Vec<IpAddr
             .collect::<Vec<_>>()
             .join(", "),
     }))
+}
+
+/// A and AAAA queries in parallel, each bounded by [`DNS_ATTEMPT_TIMEOUT`]. Once one family has
+/// answered with addresses, the other gets only [`DNS_SECOND_FAMILY_GRACE`]: some resolvers
+/// forward AAAA queries for local names upstream, where they may never be answered.
+async fn both_families(
+    server: SocketAddr,
+    name: &str,
+    qname: &[u8],
+) -> (
+    Result<Vec<IpAddr>, EgressError>,
+    Result<Vec<IpAddr>, EgressError>,
+) {
+    let bounded = |qtype| async move {
+        timeout(DNS_ATTEMPT_TIMEOUT, query(server, name, qname, qtype))
+            .await
+            .unwrap_or_else(|_| {
+                Err(EgressError::DnsTimeout {
+                    host: name.to_owned(),
+                    nameservers: server.to_string(),
+                })
+            })
+    };
+    let other_with_grace = |first: &Result<Vec<IpAddr>, EgressError>| {
+        if matches!(first, Ok(found) if !found.is_empty()) {
+            DNS_SECOND_FAMILY_GRACE
+        } else {
+            DNS_ATTEMPT_TIMEOUT
+        }
+    };
+    let a = bounded(TYPE_A);
+    let aaaa = bounded(TYPE_AAAA);
+    tokio::pin!(a, aaaa);
+    let late = || Ok(Vec::new());
+    tokio::select! {
+        v4 = &mut a => {
+            let v6 = timeout(other_with_grace(&v4), &mut aaaa).await.unwrap_or_else(|_| late());
+            (v4, v6)
+        }
+        v6 = &mut aaaa => {
+            let v4 = timeout(other_with_grace(&v6), &mut a).await.unwrap_or_else(|_| late());
+            (v4, v6)
+        }
+    }
 }
 
 /// One query (UDP, retried over TCP when truncated). NXDOMAIN and empty answers give `Ok(vec![])`.
@@ -411,6 +450,11 @@ mod tests {
     /// A real UDP DNS server on 127.0.0.1 answering every A query for `name` with `v4` and
     /// everything else with NXDOMAIN. Returns its address.
     async fn serve_dns(name: &'static str, v4: Ipv4Addr) -> SocketAddr {
+        serve_dns_with(name, v4, true).await
+    }
+
+    /// Like [`serve_dns`]; with `answer_aaaa` false, AAAA queries are never answered.
+    async fn serve_dns_with(name: &'static str, v4: Ipv4Addr, answer_aaaa: bool) -> SocketAddr {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         tokio::spawn(async move {
@@ -425,6 +469,9 @@ mod tests {
                     (true, TYPE_A) => vec![(TYPE_A, v4.octets().to_vec())],
                     _ => vec![],
                 };
+                if qtype == TYPE_AAAA && !answer_aaaa {
+                    continue;
+                }
                 let rcode = if known { 0 } else { RCODE_NXDOMAIN };
                 let reply = response(query, rcode, false, &records);
                 socket.send_to(&reply, peer).await.unwrap();
@@ -556,6 +603,25 @@ mod tests {
         let found = resolver.lookup("Allowed.Test.").await.unwrap();
 
         assert_eq!(found, vec![IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9))]);
+    }
+
+    #[tokio::test]
+    async fn dns_resolver_returns_a_records_when_aaaa_is_never_answered() {
+        let server = serve_dns_with("allowed.test", Ipv4Addr::new(127, 0, 0, 9), false).await;
+        let resolver = Resolver::Dns {
+            hosts: None,
+            nameservers: vec![server],
+        };
+        let started = std::time::Instant::now();
+
+        let found = resolver.lookup("allowed.test").await.unwrap();
+
+        assert_eq!(found, vec![IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9))]);
+        assert!(
+            started.elapsed() < DNS_ATTEMPT_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
