@@ -18,7 +18,9 @@ const BOOT_MARKER: &str = "Linux version";
 const LINUX_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn skip(reason: &str) {
-    eprintln!("SKIPPED test_linux_kernel_boots_to_its_banner_and_ends_in_a_root_fs_panic: {reason}");
+    eprintln!(
+        "SKIPPED test_linux_kernel_boots_to_its_banner_and_ends_in_a_root_fs_panic: {reason}"
+    );
 }
 
 #[test]
@@ -49,6 +51,9 @@ fn test_linux_kernel_boots_to_its_banner_and_ends_in_a_root_fs_panic() {
     });
     let exit = rx.recv_timeout(LINUX_BOOT_TIMEOUT).map(|r| r.unwrap());
     let log = serial_log(dir.path());
-    assert!(log.contains(BOOT_MARKER), "no {BOOT_MARKER:?} on the console ({exit:?}):\n{log}");
+    assert!(
+        log.contains(BOOT_MARKER),
+        "no {BOOT_MARKER:?} on the console ({exit:?}):\n{log}"
+    );
     assert_eq!(exit, Ok(GuestExit::Panic), "console:\n{log}");
 }

@@ -545,41 +545,46 @@ unsafe fn vsock_checks(dev: &mut Dev, cmdline: &Cmdline) {
     puts("GARBAGE DROPPED\n");
 }
 
-/// Echo server for benchmarks: accepts host connections, echoes every byte back, respecting
-/// the host's credit; powers off when the host sends `QUIT` as a connection's payload.
+/// Echo server for benchmarks: accepts host connections and echoes every byte back within the
+/// host's credit, keeping what it cannot send yet in a pending buffer; powers off when a packet
+/// carries exactly `QUIT`.
 unsafe fn echo_loop(dev: &mut Dev) -> ! {
+    const PENDING: u64 = 0x90_0000;
+    const PENDING_CAPACITY: usize = 8 << 20;
     puts("ECHO READY\n");
+    let (mut head, mut tail) = (0usize, 0usize);
+    let (mut host_port, mut guest_port) = (0u32, 0u32);
     loop {
+        if tail > head && dev.credit() > 0 {
+            let n = (tail - head).min(dev.credit() as usize).min(65536);
+            let chunk = core::slice::from_raw_parts((PENDING as usize + head) as *const u8, n);
+            dev.send(host_port, guest_port, OP_RW, 0, chunk);
+            head += n;
+            if head == tail {
+                head = 0;
+                tail = 0;
+            }
+            continue;
+        }
         let pkt = dev.recv_forever();
         let h = pkt.hdr;
         match h.op {
             OP_REQUEST => {
                 dev.release(pkt);
                 dev.new_stream();
-                dev.send(h.src_port, h.dst_port, OP_RESPONSE, 0, &[]);
+                host_port = h.src_port;
+                guest_port = h.dst_port;
+                dev.send(host_port, guest_port, OP_RESPONSE, 0, &[]);
             }
             OP_RW => {
                 if pkt.data == b"QUIT" {
                     power_off();
                 }
-                let mut off = 0usize;
                 let len = pkt.data.len();
-                // Copy out first: the RX buffer goes back to the device while we wait for credit.
-                let scratch = 0x90_0000 as *mut u8;
-                memcpy(scratch, pkt.data.as_ptr(), len);
+                check(tail + len <= PENDING_CAPACITY, "echo pending buffer overflow");
+                memcpy((PENDING as usize + tail) as *mut u8, pkt.data.as_ptr(), len);
+                tail += len;
                 dev.release(pkt);
-                while off < len {
-                    while dev.credit() == 0 {
-                        let p = dev.recv_forever();
-                        let op = p.hdr.op;
-                        dev.release(p);
-                        check(op == OP_CREDIT_UPDATE || op == OP_RW, "credit wait sees only credit");
-                    }
-                    let n = (len - off).min(dev.credit() as usize);
-                    let chunk = core::slice::from_raw_parts(scratch.add(off), n);
-                    dev.send(h.src_port, h.dst_port, OP_RW, 0, chunk);
-                    off += n;
-                }
             }
             OP_SHUTDOWN => {
                 dev.release(pkt);
