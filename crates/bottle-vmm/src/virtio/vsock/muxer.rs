@@ -40,6 +40,11 @@ const CREDIT_UPDATE_THRESHOLD_BYTES: u32 = CONN_BUFFER_BYTES / 4;
 pub const MAX_CONNECTIONS: usize = 256;
 /// Longest `CONNECT ...\n` line, either side ("CONNECT 255.255.255.255:65535\n" is 30 bytes).
 const MAX_REQUEST_LINE_BYTES: usize = 64;
+/// Denied-egress events written to the event log per VM; later ones are only counted, so a
+/// hostile guest cannot fill the host's disk (one `denied_egress_suppressed` line marks the cut).
+pub const MAX_LOGGED_DENIALS: u64 = 10_000;
+/// Denials kept in memory in [`MuxerStats::denied`].
+pub const MAX_RECORDED_DENIALS: usize = 1024;
 /// Most control packets waiting for guest RX buffers before we stop reading from the host.
 const MAX_PENDING_CONTROL_PACKETS: usize = 1024;
 /// Time allowed to dial an allowlisted destination (the device thread waits for it; allowlisted
@@ -125,7 +130,10 @@ impl DeniedEgress {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MuxerStats {
     pub malformed_packets: u64,
+    /// The first [`MAX_RECORDED_DENIALS`] denials (a hostile guest can cause any number).
     pub denied: Vec<DeniedEgress>,
+    /// Every denial, recorded or not.
+    pub denied_total: u64,
     pub connections_opened: u64,
     pub protocol_resets: u64,
 }
@@ -366,11 +374,22 @@ impl Muxer {
             destination,
             reason,
         };
+        self.stats.denied_total += 1;
         if let Some(log) = &mut self.event_log {
             // A full disk must not let the connection through: the RST below happens anyway.
-            let _ = writeln!(log, "{}", event.to_json());
+            if self.stats.denied_total <= MAX_LOGGED_DENIALS {
+                let _ = writeln!(log, "{}", event.to_json());
+            } else if self.stats.denied_total == MAX_LOGGED_DENIALS + 1 {
+                let _ = writeln!(
+                    log,
+                    "{}",
+                    serde_json::json!({"event": "denied_egress_suppressed", "after": MAX_LOGGED_DENIALS})
+                );
+            }
         }
-        self.stats.denied.push(event);
+        if self.stats.denied.len() < MAX_RECORDED_DENIALS {
+            self.stats.denied.push(event);
+        }
         self.reset_conn(key);
     }
 
@@ -1122,6 +1141,30 @@ mod tests {
             (request.hdr.op, request.hdr.dst_port, &ok),
             (OP_REQUEST, 9000, b"OK 9000\n")
         );
+    }
+
+    #[test]
+    fn test_a_flood_of_denials_is_logged_up_to_the_cap_then_only_counted() {
+        let mut f = fixture(vec![]);
+        for i in 0..MAX_LOGGED_DENIALS as u32 + 50 {
+            f.muxer.recv_from_guest(guest_pkt(i, 22, OP_REQUEST, &[]));
+            drain(&mut f.muxer);
+        }
+        let log = std::fs::read_to_string(f._dir.path().join("events.jsonl")).unwrap();
+        let last = log.lines().last().unwrap().to_string();
+        assert_eq!(
+            (
+                log.lines().count() as u64,
+                f.muxer.stats.denied_total,
+                f.muxer.stats.denied.len()
+            ),
+            (
+                MAX_LOGGED_DENIALS + 1,
+                MAX_LOGGED_DENIALS + 50,
+                MAX_RECORDED_DENIALS
+            )
+        );
+        assert!(last.contains("denied_egress_suppressed"));
     }
 
     #[test]
