@@ -336,10 +336,16 @@ async fn refuse(mut client: TcpStream, response: &[u8]) {
     if client.write_all(response).await.is_err() || client.shutdown().await.is_err() {
         return;
     }
+    linger(&mut client).await;
+}
+
+/// After our side is shut down: read and discard what the client still sends, briefly, so that
+/// closing does not turn into a reset that destroys response bytes still in flight.
+async fn linger(client: &mut TcpStream) {
     let mut sink = tokio::io::sink();
     let _ = timeout(
         LINGER,
-        tokio::io::copy(&mut (&mut client).take(LINGER_BYTES), &mut sink),
+        tokio::io::copy(&mut client.take(LINGER_BYTES), &mut sink),
     )
     .await;
 }
@@ -664,6 +670,8 @@ impl Conn<'_> {
             () = idle(&activity, self.shared.limits.idle_timeout) => Ok(()),
         }
         .inspect_err(|e| tracing::debug!(host = %target.host, error = %e, "forwarding ended"));
+        // The response is complete (upstream closed); the client write side is shut down.
+        linger(client).await;
         Ok(())
     }
 }
