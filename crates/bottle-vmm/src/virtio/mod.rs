@@ -1,7 +1,8 @@
 //! Virtio devices behind our virtio-mmio (version 2) transport.
 
 pub mod mmio;
-#[cfg(test)]
+/// A simulated driver over plain memory, for tests and benchmarks (not for production use).
+#[doc(hidden)]
 pub mod testing;
 pub mod vsock;
 

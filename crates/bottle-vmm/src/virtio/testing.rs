@@ -1,5 +1,6 @@
 //! A minimal split-virtqueue driver over plain guest memory, for device and transport tests
-//! that run without KVM.
+//! and benchmarks that run without KVM. It panics on misuse: it is test code, compiled into the
+//! library only so that `benches/` can use it.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
