@@ -267,6 +267,78 @@ mod tests {
         );
     }
 
+    /// A minimal bzImage: one setup sector after the boot sector, the `HdrS` header, then the
+    /// protected-mode payload.
+    fn fake_bzimage(payload: &[u8]) -> Vec<u8> {
+        let mut image = vec![0u8; 2 * 512];
+        image[0x1f1] = 1; // setup_sects
+        image[0x1fe..0x200].copy_from_slice(&BOOT_FLAG_MAGIC.to_le_bytes());
+        image[0x202..0x206].copy_from_slice(&HDRS_MAGIC.to_le_bytes());
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+        image[0x211] = 1; // loadflags: LOADED_HIGH
+        image[0x214..0x218].copy_from_slice(&(HIMEM_START as u32).to_le_bytes()); // code32_start
+        image.extend_from_slice(payload);
+        image
+    }
+
+    #[test]
+    fn test_bzimage_is_loaded_at_1mib_and_entered_0x200_later_with_its_setup_header() {
+        let mem = create_guest_memory(16).unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), fake_bzimage(b"PAYLOAD")).unwrap();
+        let kernel = load_kernel(&mem, file.path()).unwrap();
+        write_boot_structures(&mem, &kernel, &build_cmdline("").unwrap()).unwrap();
+        let mut payload = [0u8; 7];
+        mem.read_slice(&mut payload, GuestAddress(HIMEM_START))
+            .unwrap();
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        let (version, loader, cmdline_ptr) = (
+            params.hdr.version,
+            params.hdr.type_of_loader,
+            params.hdr.cmd_line_ptr,
+        );
+        assert_eq!(
+            kernel.entry,
+            EntryPoint::Linux64(GuestAddress(HIMEM_START + BZIMAGE_64BIT_ENTRY_OFFSET))
+        );
+        assert_eq!(
+            (&payload, version, loader, cmdline_ptr),
+            (
+                b"PAYLOAD",
+                0x020f,
+                LOADER_TYPE_UNDEFINED,
+                CMDLINE_START as u32
+            )
+        );
+    }
+
+    #[test]
+    fn test_pvh_start_info_points_at_the_command_line_and_the_e820_memory_map() {
+        let mem = create_guest_memory(64).unwrap();
+        let kernel = LoadedKernel {
+            entry: EntryPoint::Pvh(GuestAddress(HIMEM_START)),
+            setup_header: None,
+        };
+        write_boot_structures(&mem, &kernel, &build_cmdline("").unwrap()).unwrap();
+        let magic: u32 = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        let cmdline: u64 = mem.read_obj(GuestAddress(PVH_INFO_START + 24)).unwrap();
+        let memmap: u64 = mem.read_obj(GuestAddress(PVH_INFO_START + 40)).unwrap();
+        let entries: u32 = mem.read_obj(GuestAddress(PVH_INFO_START + 48)).unwrap();
+        let last_ram_size: u64 = mem
+            .read_obj(GuestAddress(PVH_MEMMAP_START + 2 * 24 + 8))
+            .unwrap();
+        assert_eq!(
+            (magic, cmdline, memmap, entries, last_ram_size),
+            (
+                PVH_START_INFO_MAGIC,
+                CMDLINE_START,
+                PVH_MEMMAP_START,
+                3,
+                (64 << 20) - HIMEM_START
+            )
+        );
+    }
+
     #[test]
     fn test_loading_a_file_that_is_no_kernel_names_both_formats() {
         let mem = create_guest_memory(16).unwrap();
