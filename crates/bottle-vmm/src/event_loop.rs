@@ -9,7 +9,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::lock;
+use crate::vcpu::ExitSignal;
 use crate::virtio::mmio::MmioTransport;
+use crate::GuestExit;
 
 /// Events handled per `epoll_wait`.
 const EVENTS_PER_WAIT: usize = 32;
@@ -89,11 +91,26 @@ impl EventLoop {
     }
 
     /// Runs until `stop` (the handle) is called.
-    pub fn start(self) -> Result<EventLoopHandle, EventLoopError> {
+    /// Runs the loop on its own thread. If the loop fails or panics, the guest can no longer
+    /// be served: `exit` is told, which ends the VM as a crash.
+    pub fn start(self, exit: Arc<ExitSignal>) -> Result<EventLoopHandle, EventLoopError> {
         let stop = self.stop.try_clone().map_err(EventLoopError::Create)?;
         let thread = std::thread::Builder::new()
             .name("devices".into())
-            .spawn(move || self.run())
+            .spawn(move || {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run()));
+                match ran {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => {
+                        exit.set(GuestExit::Crash(format!("device event loop failed: {e}")));
+                        Err(e)
+                    }
+                    Err(_) => {
+                        exit.set(GuestExit::Crash("device event loop panicked".into()));
+                        Err(EventLoopError::Panicked)
+                    }
+                }
+            })
             .map_err(EventLoopError::Spawn)?;
         Ok(EventLoopHandle { thread, stop })
     }

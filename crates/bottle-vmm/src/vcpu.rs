@@ -178,7 +178,20 @@ impl VcpuHandles {
             let shared = shared.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || run_vcpu(vcpu, index as u8, shared))
+                .spawn(move || {
+                    let exit = shared.exit.clone();
+                    let stop = shared.stop.clone();
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_vcpu(vcpu, index as u8, shared)
+                    }));
+                    if ran.is_err() {
+                        // Without this the main thread would wait forever for an exit.
+                        exit.set(GuestExit::Crash(format!(
+                            "vCPU {index}: VMM thread panicked"
+                        )));
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                })
                 .map_err(VcpuError::Spawn)?;
             handles.threads.push(thread);
         }

@@ -220,7 +220,7 @@ impl Vmm {
     pub fn run(self) -> Result<GuestExit, VmmError> {
         let exit =
             Arc::new(ExitSignal::new().map_err(|e| KvmError::EventFd("the exit signal", e))?);
-        let event_loop = self.event_loop.start()?;
+        let event_loop = self.event_loop.start(exit.clone())?;
         let shared = VcpuShared {
             pio: self.pio.clone(),
             mmio: self.mmio.clone(),
@@ -234,10 +234,14 @@ impl Vmm {
         let loop_result = event_loop.stop();
         waited.map_err(|e| KvmError::EventFd("the exit signal", e))?;
         stopped?;
-        loop_result?;
-        drop(self.vm);
-        Ok(exit
+        let guest_exit = exit
             .take()
-            .unwrap_or_else(|| GuestExit::Crash("a vCPU thread ended without a reason".into())))
+            .unwrap_or_else(|| GuestExit::Crash("a vCPU thread ended without a reason".into()));
+        // A failed device loop has already turned the exit into a crash that names it.
+        if !matches!(guest_exit, GuestExit::Crash(_)) {
+            loop_result?;
+        }
+        drop(self.vm);
+        Ok(guest_exit)
     }
 }
