@@ -11,15 +11,24 @@ use std::thread::JoinHandle;
 use bottle_vmm::{AllowRule, GuestExit, Vmm, VsockConfig};
 use common::*;
 
-/// Accepts one connection, reads `expect` bytes, answers `echo:<bytes>`, returns what it read.
-fn echo_listener(listener: TcpListener, expect: usize) -> JoinHandle<Vec<u8>> {
+/// Accepts `connections` connections one after the other; on each reads `expect` bytes and
+/// answers `echo:<bytes>`. Returns what it read.
+fn echo_listener(
+    listener: TcpListener,
+    connections: usize,
+    expect: usize,
+) -> JoinHandle<Vec<Vec<u8>>> {
     std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
-        let mut got = vec![0u8; expect];
-        stream.read_exact(&mut got).unwrap();
-        stream.write_all(b"echo:").unwrap();
-        stream.write_all(&got).unwrap();
-        got
+        (0..connections)
+            .map(|_| {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut got = vec![0u8; expect];
+                stream.read_exact(&mut got).unwrap();
+                stream.write_all(b"echo:").unwrap();
+                stream.write_all(&got).unwrap();
+                got
+            })
+            .collect()
     })
 }
 
@@ -66,7 +75,7 @@ fn test_guest_reaches_only_its_allowlisted_destination_and_attacks_are_reset_and
     let config = probe_config(dir.path(), "vsock", &extra, 1, Some(vsock.clone()));
     let vmm = Vmm::build(&config).unwrap();
     let stats = vmm.vsock_stats().unwrap();
-    let echo = echo_listener(allowed, b"ping from probe".len());
+    let echo = echo_listener(allowed, 2, b"ping from probe".len());
     let host = host_client(vsock.uds_path.clone());
 
     // Act
@@ -78,6 +87,7 @@ fn test_guest_reaches_only_its_allowlisted_destination_and_attacks_are_reset_and
     for marker in [
         "HOST CONNECT OK",
         "ALLOWED OK",
+        "DIRECT OK",
         "DENIED_ADDR RST",
         "DENIED_PORT RST",
         "DENIED_NAME RST",
@@ -90,7 +100,7 @@ fn test_guest_reaches_only_its_allowlisted_destination_and_attacks_are_reset_and
             "missing {marker} in serial log:\n{log}"
         );
     }
-    assert_eq!(echo.join().unwrap(), b"ping from probe");
+    assert_eq!(echo.join().unwrap(), vec![b"ping from probe".to_vec(); 2]);
     assert_eq!(
         host.join().unwrap(),
         ("OK 7000\n".to_string(), b"hello host".to_vec())

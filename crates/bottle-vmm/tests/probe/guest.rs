@@ -515,6 +515,28 @@ unsafe fn vsock_checks(dev: &mut Dev, cmdline: &Cmdline) {
     }
     puts("ALLOWED OK\n");
 
+    // 2b. Direct mode: vsock port P leads to the allowlisted address's port P, no header.
+    let colon = allowed.iter().position(|c| *c == b':').unwrap_or_else(|| fail("probe.allowed has no port"));
+    let allowed_port = parse_num(&allowed[colon + 1..]).unwrap_or_else(|| fail("probe.allowed port")) as u32;
+    dev.new_stream();
+    dev.send(allowed_port, 5006, OP_REQUEST, 0, &[]);
+    let response = dev.expect(OP_RESPONSE, "RESPONSE to a direct-mode REQUEST");
+    dev.release(response);
+    dev.send(allowed_port, 5006, OP_RW, 0, b"ping from probe");
+    let echo = dev.expect(OP_RW, "direct-mode echo");
+    check(echo.data == b"echo:ping from probe", "direct-mode echo payload");
+    dev.release(echo);
+    dev.send(allowed_port, 5006, OP_SHUTDOWN, 3, &[]);
+    loop {
+        let pkt = dev.recv("RST after direct-mode SHUTDOWN");
+        let op = pkt.hdr.op;
+        dev.release(pkt);
+        if op == OP_RST {
+            break;
+        }
+    }
+    puts("DIRECT OK\n");
+
     // 3. Attacks: another address, the allowed address on an unpublished port, a malformed
     //    request line, a vsock port other than the egress port.
     let denied_addr = cmdline.get(b"probe.denied_addr").unwrap_or_else(|| fail("probe.denied_addr missing"));

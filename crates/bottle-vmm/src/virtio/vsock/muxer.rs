@@ -3,12 +3,17 @@
 //! - Host → guest: a client connects to the machine's Unix socket and writes `CONNECT <port>\n`;
 //!   the muxer opens a vsock stream to (guest CID, port) and, once the guest accepts, answers
 //!   `OK <port>\n`; then bytes flow both ways.
-//! - Guest → host ("egress"): the guest connects to (CID 2, [`EGRESS_VSOCK_PORT`]) and writes
-//!   `CONNECT <ipv4>:<port>\n`. The muxer dials that TCP destination only when the exact
-//!   (address, port) pair is in the allowlist, then answers `OK <ipv4>:<port>\n` and splices.
-//!   Any other port, a malformed or oversized request line, a destination outside the allowlist,
-//!   a refused dial, or a connection over the cap is reset (RST) and, except for a refused dial
-//!   of an allowed destination, recorded as a denied-egress event.
+//! - Guest → host ("egress"), two ways, both checked against the same allowlist:
+//!   - header mode: the guest connects to (CID 2, [`EGRESS_VSOCK_PORT`]) and writes
+//!     `CONNECT <ipv4>:<port>\n`. The muxer dials that TCP destination only when the exact
+//!     (address, port) pair is in the allowlist, then answers `OK <ipv4>:<port>\n` and splices.
+//!   - direct mode: the guest connects to (CID 2, P) for any other P; the muxer dials (A, P)
+//!     where A is the one allowlisted address with a rule for port P, before accepting the
+//!     vsock connection (so the guest's `connect()` fails when the dial does).
+//!
+//!   A port no rule names, a port several addresses share, a malformed or oversized request
+//!   line, a destination outside the allowlist, or a connection over the cap is reset (RST) and
+//!   recorded as a denied-egress event; a refused dial of an allowed destination is only reset.
 //!
 //! Flow control is virtio-vsock's credit scheme: we never send more than the guest advertised
 //! (`buf_alloc - (sent - fwd_cnt)`), and we advertise [`CONN_BUFFER_BYTES`] per connection,
@@ -83,7 +88,10 @@ pub enum MuxerError {
 /// Why a guest connection was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DenyReason {
+    /// No allowlist rule has this port (direct mode), and it is not the egress port.
     UnknownVsockPort(u32),
+    /// Several allowlisted addresses have this port: direct mode cannot choose.
+    AmbiguousPort(u32),
     MalformedRequest,
     NotAllowlisted,
     ConnectionCap,
@@ -93,6 +101,7 @@ impl DenyReason {
     fn as_str(&self) -> &'static str {
         match self {
             DenyReason::UnknownVsockPort(_) => "unknown_vsock_port",
+            DenyReason::AmbiguousPort(_) => "ambiguous_port",
             DenyReason::MalformedRequest => "malformed_request",
             DenyReason::NotAllowlisted => "not_allowlisted",
             DenyReason::ConnectionCap => "connection_cap",
@@ -468,18 +477,47 @@ impl Muxer {
             self.reset_conn(key);
             return;
         }
-        if key.0 != EGRESS_VSOCK_PORT {
-            self.deny(key, None, DenyReason::UnknownVsockPort(key.0));
-            return;
-        }
         if self.conns.len() >= MAX_CONNECTIONS {
             self.deny(key, None, DenyReason::ConnectionCap);
+            return;
+        }
+        if key.0 != EGRESS_VSOCK_PORT {
+            self.open_direct(key, hdr);
             return;
         }
         let mut conn = Connection::new(ConnState::AwaitRequest, None);
         conn.peer_buf_alloc = hdr.buf_alloc;
         conn.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
         self.conns.insert(key, conn);
+        self.push_control(key, OP_RESPONSE, 0);
+    }
+
+    /// Direct mode: vsock port P leads to (A, P) for the one allowlisted address A that has a
+    /// rule for port P. No rule, or several addresses with that port: refused.
+    fn open_direct(&mut self, key: Key, hdr: Header) {
+        let mut addrs: Vec<Ipv4Addr> = self
+            .allowlist
+            .iter()
+            .filter(|rule| u32::from(rule.port) == key.0)
+            .map(|rule| rule.addr)
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        let destination = match addrs.as_slice() {
+            [addr] => SocketAddrV4::new(*addr, key.0 as u16),
+            [] => return self.deny(key, None, DenyReason::UnknownVsockPort(key.0)),
+            _ => return self.deny(key, None, DenyReason::AmbiguousPort(key.0)),
+        };
+        let Some(stream) = dial(destination) else {
+            self.reset_raw(key);
+            return;
+        };
+        let mut conn = Connection::new(ConnState::Established, Some(HostStream::Tcp(stream)));
+        conn.peer_buf_alloc = hdr.buf_alloc;
+        conn.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
+        self.conns.insert(key, conn);
+        self.stats.connections_opened += 1;
+        self.register(key);
         self.push_control(key, OP_RESPONSE, 0);
     }
 
@@ -576,18 +614,11 @@ impl Muxer {
             self.deny(key, Some(destination), DenyReason::NotAllowlisted);
             return;
         }
-        let stream =
-            match TcpStream::connect_timeout(&SocketAddr::V4(destination), EGRESS_CONNECT_TIMEOUT)
-                .and_then(|s| s.set_nonblocking(true).map(|()| s))
-            {
-                Ok(stream) => stream,
-                Err(_) => {
-                    // Allowed but nobody listens: a plain reset, like a refused TCP connect.
-                    self.reset_conn(key);
-                    return;
-                }
-            };
-        let _ = stream.set_nodelay(true);
+        let Some(stream) = dial(destination) else {
+            // Allowed but nobody listens: a plain reset, like a refused TCP connect.
+            self.reset_conn(key);
+            return;
+        };
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
@@ -876,6 +907,17 @@ impl Drop for Muxer {
     }
 }
 
+/// Dials an allowlisted destination (blocking, bounded by [`EGRESS_CONNECT_TIMEOUT`]), then
+/// makes the stream non-blocking for the event loop.
+fn dial(destination: SocketAddrV4) -> Option<TcpStream> {
+    let stream =
+        TcpStream::connect_timeout(&SocketAddr::V4(destination), EGRESS_CONNECT_TIMEOUT).ok()?;
+    stream.set_nonblocking(true).ok()?;
+    // Latency over batching: each guest write is a request or a response.
+    let _ = stream.set_nodelay(true);
+    Some(stream)
+}
+
 /// `CONNECT <ipv4>:<port>` (no newline) → destination.
 pub fn parse_egress_request(line: &[u8]) -> Option<SocketAddrV4> {
     let text = std::str::from_utf8(line).ok()?;
@@ -967,7 +1009,7 @@ mod tests {
     }
 
     #[test]
-    fn test_request_to_a_port_other_than_egress_is_reset_and_logged() {
+    fn test_request_to_a_port_no_rule_names_is_reset_and_logged() {
         let mut f = fixture(vec![]);
         f.muxer
             .recv_from_guest(guest_pkt(5000, 22, OP_REQUEST, &[]));
@@ -975,6 +1017,60 @@ mod tests {
         assert_eq!(
             f.muxer.stats.denied[0].reason,
             DenyReason::UnknownVsockPort(22)
+        );
+    }
+
+    #[test]
+    fn test_direct_mode_dials_the_allowlisted_address_for_that_port_before_accepting() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut f = fixture(vec![rule(&listener)]);
+        let port = u32::from(listener.local_addr().unwrap().port());
+        f.muxer
+            .recv_from_guest(guest_pkt(5000, port, OP_REQUEST, &[]));
+        f.muxer
+            .recv_from_guest(guest_pkt(5000, port, OP_RW, b"direct"));
+        let (mut server, _) = listener.accept().unwrap();
+        let mut got = [0u8; 6];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(
+            (ops(&drain(&mut f.muxer)), &got),
+            (vec![OP_RESPONSE], b"direct")
+        );
+    }
+
+    #[test]
+    fn test_direct_mode_to_a_refused_allowlisted_port_is_reset_without_an_event() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let allowed = rule(&listener);
+        drop(listener);
+        let mut f = fixture(vec![allowed]);
+        f.muxer
+            .recv_from_guest(guest_pkt(5000, u32::from(allowed.port), OP_REQUEST, &[]));
+        assert_eq!(
+            (ops(&drain(&mut f.muxer)), f.muxer.stats.denied_total),
+            (vec![OP_RST], 0)
+        );
+    }
+
+    #[test]
+    fn test_direct_mode_port_shared_by_two_addresses_is_refused_as_ambiguous() {
+        let rules = vec![
+            AllowRule {
+                addr: Ipv4Addr::new(127, 0, 0, 1),
+                port: 8080,
+            },
+            AllowRule {
+                addr: Ipv4Addr::new(127, 0, 0, 2),
+                port: 8080,
+            },
+        ];
+        let mut f = fixture(rules);
+        f.muxer
+            .recv_from_guest(guest_pkt(5000, 8080, OP_REQUEST, &[]));
+        assert_eq!(ops(&drain(&mut f.muxer)), vec![OP_RST]);
+        assert_eq!(
+            f.muxer.stats.denied[0].reason,
+            DenyReason::AmbiguousPort(8080)
         );
     }
 
