@@ -61,6 +61,58 @@ async fn echo_server() -> SocketAddr {
     addr
 }
 
+/// Answers one HTTP request per connection with a tiny `200` and closes.
+async fn http_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::with_capacity(512);
+                let mut buf = [0u8; 512];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+                let _ = stream.write_all(reply).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Latencies of one plain-HTTP GET on a fresh connection, direct or through the proxy.
+async fn http_gets(target: SocketAddr, proxy: Option<SocketAddr>) -> Vec<Duration> {
+    let port = target.port();
+    let (dial, request) = match proxy {
+        Some(proxy) => (
+            proxy,
+            format!("GET http://{HOST}:{port}/ HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n"),
+        ),
+        None => (
+            target,
+            format!("GET / HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n"),
+        ),
+    };
+    let mut times = Vec::with_capacity(FRESH_CONNECTIONS);
+    let mut response = Vec::with_capacity(256);
+    for _ in 0..FRESH_CONNECTIONS {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(dial).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        response.clear();
+        stream.read_to_end(&mut response).await.unwrap();
+        times.push(started.elapsed());
+        assert!(response.ends_with(b"\r\n\r\nok"), "bad response");
+    }
+    times
+}
+
 /// The proxy writes its events here (as in production), removed at the end.
 fn event_log_path() -> std::path::PathBuf {
     std::env::temp_dir().join(format!(
@@ -176,6 +228,7 @@ fn main() {
     runtime.block_on(async {
         let sink = sink_server().await;
         let echo = echo_server().await;
+        let web = http_server().await;
         let proxy = start_proxy().await;
 
         let mut direct_bulk = 0f64;
@@ -198,6 +251,10 @@ fn main() {
         let direct = fresh_connections(echo, None).await;
         let proxied = fresh_connections(echo, Some(proxy)).await;
         report_latency("new connection + round trip", direct, proxied);
+
+        let direct = http_gets(web, None).await;
+        let proxied = http_gets(web, Some(proxy)).await;
+        report_latency("plain HTTP GET (new conn)", direct, proxied);
     });
     let _ = std::fs::remove_file(event_log_path());
 }

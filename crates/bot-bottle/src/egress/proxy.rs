@@ -234,15 +234,36 @@ impl EgressProxy {
 /// What the proxy answers when it does not tunnel or forward.
 struct Refusal {
     status: u16,
-    reason: &'static str,
+    reason: std::borrow::Cow<'static, str>,
     body: String,
+}
+
+/// Longest deny message carried in a 403's reason phrase.
+const MAX_REASON_MESSAGE: usize = 160;
+
+/// `Forbidden (<deny message>)`: many clients (busybox wget, curl's CONNECT errors, npm) show
+/// only the status line, so the manifest's message rides there too. Control characters are
+/// dropped so the line stays one valid HTTP reason phrase.
+pub(crate) fn forbidden_reason(message: &str) -> String {
+    let clean: String = message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .filter(|c| c.is_ascii())
+        .take(MAX_REASON_MESSAGE)
+        .collect();
+    let clean = clean.trim();
+    if clean.is_empty() {
+        "Forbidden".to_owned()
+    } else {
+        format!("Forbidden ({clean})")
+    }
 }
 
 impl Refusal {
     fn bad_request(why: &str) -> Self {
         Refusal {
             status: 400,
-            reason: "Bad Request",
+            reason: "Bad Request".into(),
             body: format!("bot-bottle egress: bad request: {why}\n"),
         }
     }
@@ -260,7 +281,7 @@ async fn handle_connection(mut client: TcpStream, peer: SocketAddr, shared: &Sha
             }
             return refuse(
                 client,
-                &http::response(refusal.status, refusal.reason, &refusal.body),
+                &http::response(refusal.status, &refusal.reason, &refusal.body),
             )
             .await;
         }
@@ -273,7 +294,7 @@ async fn handle_connection(mut client: TcpStream, peer: SocketAddr, shared: &Sha
     if let Err(refusal) = outcome {
         refuse(
             client,
-            &http::response(refusal.status, refusal.reason, &refusal.body),
+            &http::response(refusal.status, &refusal.reason, &refusal.body),
         )
         .await;
     }
@@ -312,7 +333,7 @@ async fn read_head(
         .unwrap_or_else(|_| {
             Err(Refusal {
                 status: 408,
-                reason: "Request Timeout",
+                reason: "Request Timeout".into(),
                 body: "bot-bottle egress: request head not received in time\n".into(),
             })
         })
@@ -321,7 +342,7 @@ async fn read_head(
 fn too_large(limits: &ProxyLimits) -> Refusal {
     Refusal {
         status: 431,
-        reason: "Request Header Fields Too Large",
+        reason: "Request Header Fields Too Large".into(),
         body: format!(
             "bot-bottle egress: request head larger than {} bytes or {} header lines\n",
             limits.max_head_bytes,
@@ -409,7 +430,7 @@ impl Conn<'_> {
         };
         Refusal {
             status: 403,
-            reason: "Forbidden",
+            reason: forbidden_reason(message).into(),
             body: format!(
                 "{message}{separator}bot-bottle egress: {}:{} denied: {explanation}\n",
                 event.host, event.port
@@ -477,7 +498,7 @@ impl Conn<'_> {
             tracing::error!(error = %e, "cannot record egress event; refusing (fail closed)");
             return Err(Refusal {
                 status: 503,
-                reason: "Service Unavailable",
+                reason: "Service Unavailable".into(),
                 body: "bot-bottle egress: the egress event log cannot be written; refusing traffic that cannot be recorded\n".into(),
             });
         }
@@ -685,7 +706,7 @@ fn gateway_error(e: &EgressError) -> Refusal {
     };
     Refusal {
         status,
-        reason,
+        reason: reason.into(),
         body: format!("bot-bottle egress: {e}\n"),
     }
 }

@@ -625,6 +625,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn truncated_udp_answer_is_retried_over_tcp() {
+        // UDP says "truncated, no records"; TCP on the same port has the real answer.
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server = udp.local_addr().unwrap();
+        let tcp = tokio::net::TcpListener::bind(server).await.unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+                let reply = response(&buf[..n], 0, true, &[]);
+                udp.send_to(&reply, peer).await.unwrap();
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = tcp.accept().await {
+                let len = usize::from(stream.read_u16().await.unwrap());
+                let mut query = vec![0u8; len];
+                stream.read_exact(&mut query).await.unwrap();
+                let qtype = u16::from_be_bytes([query[len - 4], query[len - 3]]);
+                let records: Vec<(u16, Vec<u8>)> = [(TYPE_A, vec![127, 0, 0, 5])]
+                    .into_iter()
+                    .filter(|(t, _)| *t == qtype)
+                    .collect();
+                let reply = response(&query, 0, false, &records);
+                let mut framed = u16::try_from(reply.len()).unwrap().to_be_bytes().to_vec();
+                framed.extend_from_slice(&reply);
+                stream.write_all(&framed).await.unwrap();
+            }
+        });
+        let resolver = Resolver::Dns {
+            hosts: None,
+            nameservers: vec![server],
+        };
+
+        let found = resolver.lookup("big.test").await.unwrap();
+
+        assert_eq!(found, vec![IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5))]);
+    }
+
+    #[tokio::test]
     async fn dns_resolver_reports_nxdomain_as_not_found() {
         let server = serve_dns("allowed.test", Ipv4Addr::new(127, 0, 0, 9)).await;
         let resolver = Resolver::Dns {

@@ -16,6 +16,8 @@ use super::*;
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const DENY_MESSAGE: &str = "This bottle may only reach allowed.test; ask the user to widen it.";
+const EXPECTED_403: &str =
+    "HTTP/1.1 403 Forbidden (This bottle may only reach allowed.test; ask the user to widen it.)";
 /// Upper bound for any single test step, so a broken proxy fails instead of hanging.
 const STEP: Duration = Duration::from_secs(10);
 
@@ -221,7 +223,7 @@ async fn connect_to_unlisted_host_gets_403_with_deny_message() {
     )
     .await;
 
-    assert_eq!(status_line(&response), "HTTP/1.1 403 Forbidden");
+    assert_eq!(status_line(&response), EXPECTED_403);
     assert!(response.contains(DENY_MESSAGE), "{response}");
     assert!(response.contains("no allow rule matches"), "{response}");
     assert_eq!(up.connections.load(Ordering::SeqCst), 0);
@@ -238,7 +240,7 @@ async fn connect_to_deny_listed_host_is_denied_despite_suffix_allow() {
     )
     .await;
 
-    assert_eq!(status_line(&response), "HTTP/1.1 403 Forbidden");
+    assert_eq!(status_line(&response), EXPECTED_403);
     assert_eq!(proxy.events()[0].rule.as_deref(), Some("bad.ok.test"));
 }
 
@@ -253,7 +255,7 @@ async fn connect_to_ip_literal_is_denied() {
     )
     .await;
 
-    assert_eq!(status_line(&response), "HTTP/1.1 403 Forbidden");
+    assert_eq!(status_line(&response), EXPECTED_403);
     assert_eq!(proxy.events()[0].reason, "ip_literal");
     assert_eq!(up.connections.load(Ordering::SeqCst), 0);
 }
@@ -288,7 +290,7 @@ async fn allowed_name_resolving_to_loopback_is_refused_in_production_mode() {
     )
     .await;
 
-    assert_eq!(status_line(&response), "HTTP/1.1 403 Forbidden");
+    assert_eq!(status_line(&response), EXPECTED_403);
     assert_eq!(proxy.events()[0].reason, "blocked_address");
     assert_eq!(up.connections.load(Ordering::SeqCst), 0);
 }
@@ -357,7 +359,7 @@ async fn plain_http_spoofed_host_header_is_denied() {
     let response = exchange(proxy.addr, request.as_bytes()).await;
 
     let event = &proxy.events()[0];
-    assert_eq!(status_line(&response), "HTTP/1.1 403 Forbidden");
+    assert_eq!(status_line(&response), EXPECTED_403);
     assert!(response.contains(DENY_MESSAGE), "{response}");
     assert_eq!(
         (
@@ -381,7 +383,7 @@ async fn plain_http_denied_uri_with_allowed_host_header_is_denied() {
 
     let response = exchange(proxy.addr, request.as_bytes()).await;
 
-    assert_eq!(status_line(&response), "HTTP/1.1 403 Forbidden");
+    assert_eq!(status_line(&response), EXPECTED_403);
     assert_eq!(proxy.events()[0].host, "evil.test");
     assert_eq!(up.connections.load(Ordering::SeqCst), 0);
 }
@@ -397,7 +399,7 @@ async fn plain_http_origin_form_is_decided_on_host_header() {
 
     let response = exchange(proxy.addr, request.as_bytes()).await;
 
-    assert_eq!(status_line(&response), "HTTP/1.1 403 Forbidden");
+    assert_eq!(status_line(&response), EXPECTED_403);
     assert_eq!(proxy.events()[0].host, "evil.test");
 }
 
@@ -607,4 +609,12 @@ async fn bind_to_busy_port_names_the_address() {
     let err = EgressProxy::bind(config).await.unwrap_err();
 
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
+}
+
+#[test]
+fn deny_message_in_the_reason_phrase_cannot_inject_headers() {
+    let reason = super::proxy::forbidden_reason("no\r\nSet-Cookie: x=1");
+    assert_eq!(reason, "Forbidden (no  Set-Cookie: x=1)");
+    assert!(!reason.contains('\n') && !reason.contains('\r'));
+    assert_eq!(super::proxy::forbidden_reason("\r\n"), "Forbidden");
 }
