@@ -618,3 +618,49 @@ fn deny_message_in_the_reason_phrase_cannot_inject_headers() {
     assert!(!reason.contains('\n') && !reason.contains('\r'));
     assert_eq!(super::proxy::forbidden_reason("\r\n"), "Forbidden");
 }
+
+/// Deterministic pseudo-random inputs (xorshift) built from the characters parsers care about.
+fn fuzz_inputs(count: usize) -> Vec<Vec<u8>> {
+    const ALPHABET: &[u8] =
+        b"aZ09.-_*:[]@/?#%\\ \t\r\n\x00\xff\xc3\xa9GETCONNECThttp://1HTTP/1.1Host:";
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..count)
+        .map(|_| {
+            let len = (next() % 48) as usize;
+            (0..len)
+                .map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize])
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn pure_parsers_never_panic_on_arbitrary_input() {
+    let policy = EgressPolicy::new(&strings(&["*.a.test", "b.test:80", "::1"]), &[], "").unwrap();
+    let inputs = fuzz_inputs(20_000);
+
+    let handled = inputs
+        .iter()
+        .map(|bytes| {
+            let text = String::from_utf8_lossy(bytes);
+            let _ = policy.decide(&text, 443);
+            let _ = EgressPolicy::new(&[text.to_string()], &[], "");
+            let _ = http::parse_authority(&text, None);
+            let _ = http::parse_absolute_http(&text);
+            let _ = http::parse_head(bytes);
+            let mut request = b"GET http://a.test/ HTTP/1.1\r\nHost: ".to_vec();
+            request.extend_from_slice(bytes);
+            request.extend_from_slice(b"\r\n\r\n");
+            let _ = http::parse_head(&request).map(|h| h.map(|(h, _)| http::body_framing(&h)));
+            let _ = super::proxy::forbidden_reason(&text);
+        })
+        .count();
+
+    assert_eq!(handled, inputs.len());
+}
