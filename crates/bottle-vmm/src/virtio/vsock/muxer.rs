@@ -26,9 +26,10 @@ use std::num::Wrapping;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::packet::*;
 use crate::config::{AllowRule, VsockConfig};
@@ -63,6 +64,11 @@ const LAST_EPHEMERAL_PORT: u32 = (1 << 31) - 1;
 /// Host sockets polled per `process_host_events` call.
 const EVENTS_PER_POLL: usize = 64;
 const LISTENER_TOKEN: u64 = u64::MAX;
+const TIMER_TOKEN: u64 = u64::MAX - 1;
+/// How long a host client waits for the guest to accept its `CONNECT` before it is closed.
+pub const HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often stale host-initiated connections are looked for.
+const HOST_CONNECT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const PENDING_TOKEN_BIT: u64 = 1 << 63;
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +197,7 @@ enum ConnState {
 
 struct Connection {
     state: ConnState,
+    created: Instant,
     stream: Option<HostStream>,
     request_line: Vec<u8>,
     /// Guest → host bytes the host socket has not taken yet.
@@ -214,6 +221,7 @@ impl Connection {
     fn new(state: ConnState, stream: Option<HostStream>) -> Self {
         Self {
             state,
+            created: Instant::now(),
             stream,
             request_line: Vec::new(),
             to_host: VecDeque::new(),
@@ -249,6 +257,7 @@ pub struct Muxer {
     allowlist: Vec<AllowRule>,
     listener: Option<(UnixListener, PathBuf)>,
     epoll: Epoll,
+    sweep_timer: TimerFd,
     conns: HashMap<Key, Connection>,
     pending_host: HashMap<u64, PendingHost>,
     next_pending_id: u64,
@@ -278,6 +287,20 @@ impl Muxer {
                 EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
             )
             .map_err(MuxerError::Epoll)?;
+        let mut sweep_timer = TimerFd::new().map_err(|e| MuxerError::Epoll(e.into()))?;
+        sweep_timer
+            .reset(
+                HOST_CONNECT_SWEEP_INTERVAL,
+                Some(HOST_CONNECT_SWEEP_INTERVAL),
+            )
+            .map_err(|e| MuxerError::Epoll(e.into()))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                sweep_timer.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TIMER_TOKEN),
+            )
+            .map_err(MuxerError::Epoll)?;
         let event_log = match &config.event_log {
             Some(path) => Some(
                 std::fs::OpenOptions::new()
@@ -296,6 +319,7 @@ impl Muxer {
             allowlist: config.allowlist.clone(),
             listener: Some((listener, config.uds_path.clone())),
             epoll,
+            sweep_timer,
             conns: HashMap::new(),
             pending_host: HashMap::new(),
             next_pending_id: 0,
@@ -779,6 +803,10 @@ impl Muxer {
             let token = event.data();
             if token == LISTENER_TOKEN {
                 self.accept_host();
+            } else if token == TIMER_TOKEN {
+                // Reading clears the expiry count; a failed read means nothing expired.
+                let _ = self.sweep_timer.wait();
+                self.expire_host_connects(Instant::now());
             } else if token & PENDING_TOKEN_BIT != 0 {
                 self.read_host_request(token);
             } else {
@@ -876,6 +904,23 @@ impl Muxer {
                 self.register(key);
                 self.push_control(key, OP_REQUEST, 0);
             }
+        }
+    }
+
+    /// Closes host clients whose `CONNECT` the guest left unanswered for
+    /// [`HOST_CONNECT_TIMEOUT`], and tells the guest to forget the request.
+    pub fn expire_host_connects(&mut self, now: Instant) {
+        let stale: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.state == ConnState::Connecting
+                    && now.saturating_duration_since(c.created) >= HOST_CONNECT_TIMEOUT
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in stale {
+            self.reset_conn(key);
         }
     }
 
@@ -1261,6 +1306,28 @@ mod tests {
             )
         );
         assert!(last.contains("denied_egress_suppressed"));
+    }
+
+    #[test]
+    fn test_host_connect_the_guest_never_answers_is_closed_after_the_timeout() {
+        let mut f = fixture(vec![]);
+        let mut client = UnixStream::connect(&f.uds).unwrap();
+        client.write_all(b"CONNECT 9000\n").unwrap();
+        f.muxer.process_host_events(100);
+        f.muxer.process_host_events(100);
+        drain(&mut f.muxer);
+        f.muxer
+            .expire_host_connects(Instant::now() + HOST_CONNECT_TIMEOUT);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert_eq!(
+            (
+                ops(&drain(&mut f.muxer)),
+                rest.len(),
+                f.muxer.connection_count()
+            ),
+            (vec![OP_RST], 0, 0)
+        );
     }
 
     #[test]
