@@ -27,13 +27,7 @@ fn main() {
             std::process::exit(exit.exit_code());
         }
         Err(e) => {
-            let mut source: Option<&dyn std::error::Error> = Some(&e);
-            let mut n = 0;
-            while let Some(err) = source {
-                eprintln!("{n}: {err}");
-                source = err.source();
-                n += 1;
-            }
+            eprintln!("{}", bottle_vmm::error_chain(&e));
             std::process::exit(bottle_vmm::EXIT_CODE_VMM_ERROR);
         }
     }

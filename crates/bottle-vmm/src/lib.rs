@@ -78,6 +78,36 @@ pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
     Vmm::build(config)?.run()
 }
 
+/// The whole of `bot-bottle __vmm --config FILE`: reads the JSON configuration the parent wrote,
+/// runs the machine, reports on stderr, and returns the exit status for `std::process::exit`
+/// (see [`GuestExit::exit_code`]; [`EXIT_CODE_VMM_ERROR`] when the VMM itself failed).
+pub fn child_main(config_path: &std::path::Path) -> i32 {
+    let result = VmmConfig::from_file(config_path)
+        .map_err(VmmError::from)
+        .and_then(|config| run(&config));
+    match result {
+        Ok(exit) => {
+            eprintln!("bottle-vmm: guest ended: {exit:?}");
+            exit.exit_code()
+        }
+        Err(error) => {
+            eprintln!("{}", error_chain(&error));
+            EXIT_CODE_VMM_ERROR
+        }
+    }
+}
+
+/// An error and its causes, one numbered line each (the CLI convention of the workspace).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut lines = Vec::new();
+    let mut current = Some(error);
+    while let Some(err) = current {
+        lines.push(format!("bottle-vmm: {}: {err}", lines.len()));
+        current = err.source();
+    }
+    lines.join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +120,23 @@ mod tests {
             .map(|e| GuestExit::from_exit_code(e.exit_code()))
             .collect();
         assert_eq!(decoded, exits.iter().cloned().map(Some).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn test_child_main_with_a_missing_config_returns_the_vmm_error_status() {
+        assert_eq!(
+            child_main(std::path::Path::new("/nonexistent/vmm.json")),
+            EXIT_CODE_VMM_ERROR
+        );
+    }
+
+    #[test]
+    fn test_error_chain_numbers_each_cause() {
+        let error = VmmError::from(ConfigError::Vcpus(0));
+        assert_eq!(
+            error_chain(&error),
+            "bottle-vmm: 0: invalid VMM configuration\nbottle-vmm: 1: vcpus must be between 1 and 32, got 0"
+        );
     }
 
     #[test]

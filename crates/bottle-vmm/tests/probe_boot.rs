@@ -61,3 +61,18 @@ fn test_four_vcpu_machine_boots_and_its_idle_vcpus_are_stopped() {
     };
     assert_eq!(exit, GuestExit::PowerOff, "serial log:\n{log}");
 }
+
+#[test]
+fn test_child_main_exits_with_the_reset_status_for_a_guest_that_resets() {
+    if !kvm_usable("child_main") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("vmm.json");
+    let config = probe_config(dir.path(), "reset", "", 1, None);
+    std::fs::write(&config_path, serde_json::to_string(&config).unwrap()).unwrap();
+    assert_eq!(
+        bottle_vmm::child_main(&config_path),
+        bottle_vmm::EXIT_CODE_RESET
+    );
+}
