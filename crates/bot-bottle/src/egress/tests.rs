@@ -119,9 +119,17 @@ fn config() -> ProxyConfig {
     config
 }
 
-async fn start(mut config: ProxyConfig) -> Proxy {
+async fn start(config: ProxyConfig) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("egress.jsonl");
+    start_logging_to(config, events, dir).await
+}
+
+async fn start_logging_to(
+    mut config: ProxyConfig,
+    events: PathBuf,
+    dir: tempfile::TempDir,
+) -> Proxy {
     config.event_log = Some(events.clone());
     let proxy = EgressProxy::bind(config).await.unwrap();
     let addr = proxy.local_addr();
@@ -663,4 +671,43 @@ fn pure_parsers_never_panic_on_arbitrary_input() {
         .count();
 
     assert_eq!(handled, inputs.len());
+}
+
+#[tokio::test]
+async fn allowed_request_is_refused_when_its_event_cannot_be_written() {
+    // Every write to /dev/full fails with ENOSPC: a real unwritable log.
+    let up = upstream(true).await;
+    let proxy = start_logging_to(config(), "/dev/full".into(), tempfile::tempdir().unwrap()).await;
+
+    let response = exchange(
+        proxy.addr,
+        format!("CONNECT allowed.test:{} HTTP/1.1\r\n\r\n", up.addr.port()).as_bytes(),
+    )
+    .await;
+
+    assert_eq!(status_line(&response), "HTTP/1.1 503 Service Unavailable");
+    assert!(response.contains("event log"), "{response}");
+    assert_eq!(up.connections.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn denied_request_is_still_denied_when_its_event_cannot_be_written() {
+    let proxy = start_logging_to(config(), "/dev/full".into(), tempfile::tempdir().unwrap()).await;
+
+    let response = exchange(proxy.addr, b"CONNECT evil.test:443 HTTP/1.1\r\n\r\n").await;
+
+    assert_eq!(status_line(&response), EXPECTED_403);
+}
+
+#[tokio::test]
+async fn unwritable_event_log_path_fails_bind_naming_the_path() {
+    let mut config = config();
+    config.event_log = Some("/nonexistent-dir/egress.jsonl".into());
+
+    let err = EgressProxy::bind(config).await.unwrap_err();
+
+    assert!(
+        err.to_string().contains("/nonexistent-dir/egress.jsonl"),
+        "{err}"
+    );
 }
