@@ -183,6 +183,19 @@ pub async fn ensure_image(
         tracing::debug!(%tag, "image up to date");
         return Ok(tag);
     }
+    build(docker, &tag, spec, tar, labels).await?;
+    Ok(tag)
+}
+
+/// Build the context `tar` as `tag`, streaming progress.
+async fn build(
+    docker: &Docker,
+    tag: &str,
+    spec: &BuildSpec,
+    tar: Vec<u8>,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), ImageError> {
+    let tag = tag.to_owned();
     let tty = std::io::stderr().is_terminal();
     eprintln!(
         "bot-bottle: building image {tag} ({})",
@@ -227,10 +240,13 @@ pub async fn ensure_image(
             }
         }
     }
-    Ok(tag)
+    Ok(())
 }
 
 /// The sidecar image: `FROM scratch` plus this static binary as `/bot-bottle`.
+///
+/// The tag comes from the binary's GNU build id (a hash of its content that the linker
+/// writes), so the check for an existing image reads a few KiB instead of the whole binary.
 pub async fn ensure_sidecar_image(
     docker: &Docker,
     labels: &BTreeMap<String, String>,
@@ -239,58 +255,120 @@ pub async fn ensure_sidecar_image(
         path: PathBuf::from("/proc/self/exe"),
         source,
     })?;
-    if !is_static_elf(&exe)? {
+    let info = elf_info(&exe)?;
+    if !info.is_static {
         return Err(ImageError::NotStatic { path: exe });
     }
-    let spec = BuildSpec {
-        dockerfile_name: "sidecar".into(),
-        dockerfile:
-            "FROM scratch\nCOPY bot-bottle /bot-bottle\nENTRYPOINT [\"/bot-bottle\", \"sidecar\"]\n"
-                .into(),
-        files: BTreeMap::from([("bot-bottle".to_owned(), exe)]),
-    };
+    let dockerfile =
+        "FROM scratch\nCOPY bot-bottle /bot-bottle\nENTRYPOINT [\"/bot-bottle\", \"sidecar\"]\n";
     // Images outlive bottles: only the managed label, never the bottle id (cleanup keeps them).
     let image_labels: BTreeMap<String, String> = labels
         .iter()
         .filter(|(k, _)| k.as_str() == crate::plan::LABEL_MANAGED)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let spec = BuildSpec {
+        dockerfile_name: "sidecar".into(),
+        dockerfile: dockerfile.into(),
+        files: BTreeMap::from([("bot-bottle".to_owned(), exe)]),
+    };
+    if let Some(build_id) = info.build_id {
+        let tag = format!(
+            "bot-bottle-sidecar:b{}",
+            &build_id[..build_id.len().min(16)]
+        );
+        if image_exists(docker, &tag).await {
+            return Ok(tag);
+        }
+        let (_, tar) = context(&spec)?;
+        build(docker, &tag, &spec, tar, &image_labels).await?;
+        return Ok(tag);
+    }
     ensure_image(docker, "bot-bottle-sidecar", &spec, &image_labels).await
 }
 
-/// An ELF without a PT_INTERP program header needs no dynamic loader.
-pub fn is_static_elf(path: &Path) -> Result<bool, ImageError> {
-    let data = std::fs::read(path).map_err(|source| ImageError::Read {
+/// What the sidecar needs to know about an ELF file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElfInfo {
+    /// No PT_INTERP: needs no dynamic loader.
+    pub is_static: bool,
+    /// The NT_GNU_BUILD_ID note, hex.
+    pub build_id: Option<String>,
+}
+
+/// Read the ELF header, program headers and notes (not the whole file).
+pub fn elf_info(path: &Path) -> Result<ElfInfo, ImageError> {
+    use std::io::{Read, Seek, SeekFrom};
+    const PT_INTERP: u32 = 3;
+    const PT_NOTE: u32 = 4;
+    const NT_GNU_BUILD_ID: u32 = 3;
+    const MAX_NOTE_BYTES: u64 = 64 * 1024;
+    let io = |source| ImageError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    const PT_INTERP: u32 = 3;
-    let bad = || ImageError::Read {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 64-bit ELF file"),
     };
-    if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
+    let bad = || {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a 64-bit little-endian ELF file",
+        ))
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut header = [0u8; 64];
+    file.read_exact(&mut header).map_err(|_| bad())?;
+    if &header[..4] != b"\x7fELF" || header[4] != 2 || header[5] != 1 {
         return Err(bad());
     }
-    let u64_at = |o: usize| {
-        data.get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let u64_at = |b: &[u8], o: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(a)
     };
-    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let phoff = u64_at(0x20).ok_or_else(bad)? as usize;
-    let phentsize = u16_at(0x36).ok_or_else(bad)? as usize;
-    let phnum = u16_at(0x38).ok_or_else(bad)? as usize;
-    for i in 0..phnum {
-        let off = phoff + i * phentsize;
-        let p_type = data
-            .get(off..off + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .ok_or_else(bad)?;
-        if p_type == PT_INTERP {
-            return Ok(false);
+    let phoff = u64_at(&header, 0x20);
+    let phentsize = usize::from(u16_at(&header, 0x36));
+    let phnum = usize::from(u16_at(&header, 0x38));
+    if phentsize < 56 || phnum > 256 {
+        return Err(bad());
+    }
+    let mut table = vec![0u8; phentsize * phnum];
+    file.seek(SeekFrom::Start(phoff)).map_err(io)?;
+    file.read_exact(&mut table).map_err(|_| bad())?;
+    let mut info = ElfInfo {
+        is_static: true,
+        build_id: None,
+    };
+    for ph in table.chunks_exact(phentsize) {
+        match u32_at(ph, 0) {
+            PT_INTERP => info.is_static = false,
+            PT_NOTE if info.build_id.is_none() => {
+                let (offset, size) = (u64_at(ph, 8), u64_at(ph, 32).min(MAX_NOTE_BYTES));
+                let mut notes = vec![0u8; size as usize];
+                file.seek(SeekFrom::Start(offset)).map_err(io)?;
+                file.read_exact(&mut notes).map_err(|_| bad())?;
+                let mut at = 0usize;
+                while at + 12 <= notes.len() {
+                    let namesz = u32_at(&notes, at) as usize;
+                    let descsz = u32_at(&notes, at + 4) as usize;
+                    let kind = u32_at(&notes, at + 8);
+                    let name_end = at + 12 + namesz;
+                    let desc_start = at + 12 + namesz.div_ceil(4) * 4;
+                    let desc_end = desc_start + descsz;
+                    if desc_end > notes.len() {
+                        break;
+                    }
+                    if kind == NT_GNU_BUILD_ID && notes.get(at + 12..name_end) == Some(b"GNU\0") {
+                        info.build_id = Some(hex::encode(&notes[desc_start..desc_end]));
+                        break;
+                    }
+                    at = desc_start + descsz.div_ceil(4) * 4;
+                }
+            }
+            _ => {}
         }
     }
-    Ok(true)
+    Ok(info)
 }
 
 #[cfg(test)]
@@ -351,9 +429,19 @@ mod tests {
     }
 
     #[test]
-    fn this_test_binary_is_statically_linked() {
+    fn this_test_binary_is_static_with_a_build_id() {
         // The workspace builds with +crt-static (.cargo/config.toml): the sidecar relies on it.
-        assert!(is_static_elf(&std::env::current_exe().unwrap()).unwrap());
-        assert!(!is_static_elf(Path::new("/bin/ls")).unwrap());
+        let me = elf_info(&std::env::current_exe().unwrap()).unwrap();
+        assert!(me.is_static);
+        assert_eq!(me.build_id.as_ref().map(String::len), Some(40));
+        assert!(!elf_info(Path::new("/bin/ls")).unwrap().is_static);
+    }
+
+    #[test]
+    fn a_text_file_is_not_an_elf() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x");
+        std::fs::write(&f, [b'#'; 100]).unwrap();
+        assert!(elf_info(&f).is_err());
     }
 }
