@@ -452,6 +452,18 @@ impl Dev {
     }
 }
 
+/// Reads RW packets until exactly `expected` arrived (a stream may come in several packets).
+unsafe fn expect_stream(dev: &mut Dev, expected: &[u8], what: &str) {
+    let mut got = 0;
+    while got < expected.len() {
+        let pkt = dev.expect(OP_RW, what);
+        let fits = got + pkt.data.len() <= expected.len() && pkt.data == &expected[got..got + pkt.data.len()];
+        got += pkt.data.len();
+        dev.release(pkt);
+        check(fits, what);
+    }
+}
+
 /// Opens an egress stream to `target` ("a.b.c.d:port") from guest port `port`; returns the
 /// first reply packet after the vsock handshake (an RW with `OK ...`, or an RST).
 unsafe fn egress(dev: &mut Dev, port: u32, target: &[u8]) -> Pkt {
@@ -486,9 +498,7 @@ unsafe fn vsock_checks(dev: &mut Dev, cmdline: &Cmdline) {
     dev.release(request);
     check(guest_port == 7000, "host connection to guest port 7000");
     dev.send(host_port, guest_port, OP_RESPONSE, 0, &[]);
-    let hello = dev.expect(OP_RW, "host data");
-    check(hello.data == b"hello guest", "host data is 'hello guest'");
-    dev.release(hello);
+    expect_stream(dev, b"hello guest", "host data 'hello guest'");
     dev.send(host_port, guest_port, OP_RW, 0, b"hello host");
     puts("HOST CONNECT OK\n");
     dev.send(host_port, guest_port, OP_SHUTDOWN, 3, &[]);
@@ -502,9 +512,7 @@ unsafe fn vsock_checks(dev: &mut Dev, cmdline: &Cmdline) {
     dev.release(reply);
     check(ok_line, "OK line for the allowlisted destination");
     dev.send(EGRESS_PORT, 5000, OP_RW, 0, b"ping from probe");
-    let echo = dev.expect(OP_RW, "echo from the allowlisted TCP listener");
-    check(echo.data == b"echo:ping from probe", "echo payload");
-    dev.release(echo);
+    expect_stream(dev, b"echo:ping from probe", "echo from the allowlisted TCP listener");
     dev.send(EGRESS_PORT, 5000, OP_SHUTDOWN, 3, &[]);
     loop {
         let pkt = dev.recv("RST after egress SHUTDOWN");
@@ -525,9 +533,7 @@ unsafe fn vsock_checks(dev: &mut Dev, cmdline: &Cmdline) {
     let response = dev.expect(OP_RESPONSE, "RESPONSE to a direct-mode REQUEST");
     dev.release(response);
     dev.send(allowed_port, 5006, OP_RW, 0, b"ping from probe");
-    let echo = dev.expect(OP_RW, "direct-mode echo");
-    check(echo.data == b"echo:ping from probe", "direct-mode echo payload");
-    dev.release(echo);
+    expect_stream(dev, b"echo:ping from probe", "direct-mode echo");
     dev.send(allowed_port, 5006, OP_SHUTDOWN, 3, &[]);
     loop {
         let pkt = dev.recv("RST after direct-mode SHUTDOWN");
