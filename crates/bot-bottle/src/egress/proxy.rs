@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
+use tracing::Instrument;
 
 use super::events::{EgressEvent, EventLog};
 use super::http::{self, BodyFraming, HeadError, RequestHead};
@@ -168,7 +169,13 @@ impl EgressProxy {
     /// [`ProxyLimits::shutdown_grace`] to finish and cuts the rest.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), EgressError> {
         let span = tracing::info_span!("egress", bottle_id = %self.shared.bottle_id);
-        let _entered = span.enter();
+        self.serve_connections(shutdown).instrument(span).await
+    }
+
+    async fn serve_connections(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), EgressError> {
         tracing::info!(listen = %self.local_addr, "egress proxy listening");
         let permits = Arc::new(Semaphore::new(self.shared.limits.max_connections));
         let refusals = Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS));
@@ -190,10 +197,11 @@ impl EgressProxy {
                     let shared = Arc::clone(&self.shared);
                     match Arc::clone(&permits).try_acquire_owned() {
                         Ok(permit) => {
+                            let span = tracing::info_span!("egress_conn", %peer);
                             tasks.spawn(async move {
                                 handle_connection(stream, peer, &shared).await;
                                 drop(permit);
-                            });
+                            }.instrument(span));
                         }
                         Err(_) => {
                             tracing::warn!(%peer, "connection limit reached; refusing with 503");
