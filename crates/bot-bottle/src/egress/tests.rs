@@ -711,3 +711,32 @@ async fn unwritable_event_log_path_fails_bind_naming_the_path() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn concurrent_tunnels_each_carry_their_own_bytes_and_log_one_line() {
+    let up = upstream(true).await;
+    let proxy = start(config()).await;
+    let target = format!("allowed.test:{}", up.addr.port());
+
+    let clients = (0..40u8).map(|i| {
+        let target = target.clone();
+        let addr = proxy.addr;
+        tokio::spawn(async move {
+            let mut stream = tunnel(addr, &target).await;
+            let payload = vec![i; 64 * 1024];
+            let (mut r, mut w) = stream.split();
+            let mut echoed = vec![0u8; payload.len()];
+            let (written, read) = tokio::join!(w.write_all(&payload), r.read_exact(&mut echoed));
+            written.unwrap();
+            read.unwrap();
+            echoed == payload
+        })
+    });
+    let mut intact = Vec::new();
+    for client in clients.collect::<Vec<_>>() {
+        intact.push(tokio::time::timeout(STEP, client).await.unwrap().unwrap());
+    }
+
+    assert_eq!(intact, vec![true; 40]);
+    assert_eq!(proxy.events().len(), 40);
+}
