@@ -55,6 +55,45 @@ impl DuplexTransport for TcpStream {
     }
 }
 
+/// Opens a host → guest vsock stream through the VMM's Unix socket (PRD 0004: `CONNECT
+/// <port>\n`, answered `OK <port>\n`); the result is ready for [`Client::new`].
+pub fn connect_vsock(uds_path: &std::path::Path, port: u32) -> Result<UnixStream, ClientError> {
+    let io = |e| ClientError::Frame(FrameError::Io(e));
+    let mut stream = UnixStream::connect(uds_path).map_err(io)?;
+    stream.set_read_timeout(Some(CONTROL_TIMEOUT)).map_err(io)?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(io)?;
+    // Read the answer byte by byte: nothing after its newline may be consumed.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 64 && byte[0] != b'\n' {
+        match stream.read(&mut byte) {
+            Ok(0) => return Err(ClientError::Closed),
+            Ok(_) => line.push(byte[0]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ClientError::Timeout(CONTROL_TIMEOUT))
+            }
+            Err(e) => return Err(io(e)),
+        }
+    }
+    let expected = format!("OK {port}\n");
+    if line != expected.as_bytes() {
+        return Err(ClientError::Refused {
+            message: format!(
+                "VMM answered {:?} to CONNECT {port}: is the guest agent listening?",
+                String::from_utf8_lossy(&line)
+            ),
+        });
+    }
+    Ok(stream)
+}
+
 /// The host's read timeout for a command with this timeout: always longer than the command's
 /// own, and unbounded only when the command is.
 pub fn io_timeout_for(command_timeout: Option<Duration>) -> Option<Duration> {
@@ -415,6 +454,41 @@ mod tests {
     #[test]
     fn host_io_timeout_of_a_huge_command_timeout_saturates() {
         assert_eq!(io_timeout_for(Some(Duration::MAX)), Some(Duration::MAX));
+    }
+
+    #[test]
+    fn vsock_handshake_passes_the_stream_on_after_ok() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let vmm = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = [0u8; 13];
+            s.read_exact(&mut req).unwrap();
+            s.write_all(b"OK 1024\nrest").unwrap();
+            req
+        });
+
+        let mut stream = connect_vsock(&path, 1024).unwrap();
+        let mut rest = [0u8; 4];
+        stream.read_exact(&mut rest).unwrap();
+
+        assert_eq!((&vmm.join().unwrap(), &rest), (b"CONNECT 1024\n", b"rest"));
+    }
+
+    #[test]
+    fn vsock_handshake_refused_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"ERR\n").unwrap();
+        });
+
+        let err = connect_vsock(&path, 1024).unwrap_err();
+
+        assert!(matches!(err, ClientError::Refused { .. }), "{err:?}");
     }
 
     #[test]

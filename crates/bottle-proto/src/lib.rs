@@ -10,8 +10,8 @@ pub mod frame;
 pub mod message;
 
 pub use client::{
-    io_timeout_for, Client, ClientError, DuplexTransport, ExecResult, PtyInput, PtySession,
-    Transport,
+    connect_vsock, io_timeout_for, Client, ClientError, DuplexTransport, ExecResult, PtyInput,
+    PtySession, Transport,
 };
 pub use config::{ConfigError, ConfigSource, GuestConfig};
 pub use frame::{
