@@ -215,6 +215,8 @@ struct Connection {
     host_eof: bool,
     shutdown_sent: bool,
     guest_done_sending: bool,
+    /// The guest closed its socket; we still owe the host what it wrote before.
+    guest_closed: bool,
 }
 
 impl Connection {
@@ -235,6 +237,7 @@ impl Connection {
             host_eof: false,
             shutdown_sent: false,
             guest_done_sending: false,
+            guest_closed: false,
         }
     }
 
@@ -433,7 +436,11 @@ impl Muxer {
         };
         let Some(stream) = &conn.stream else { return };
         let mut events = EventSet::empty();
-        if !conn.host_readable && !conn.host_eof && conn.state == ConnState::Established {
+        if !conn.host_readable
+            && !conn.host_eof
+            && !conn.guest_closed
+            && conn.state == ConnState::Established
+        {
             events |= EventSet::IN;
         }
         if !conn.to_host.is_empty() {
@@ -573,9 +580,12 @@ impl Muxer {
             return;
         };
         let buffered = conn.to_host.len() + conn.request_line.len();
-        if buffered + data.len() > CONN_BUFFER_BYTES as usize || conn.state == ConnState::Connecting
+        if buffered + data.len() > CONN_BUFFER_BYTES as usize
+            || conn.state == ConnState::Connecting
+            || conn.guest_done_sending
         {
-            // The guest ignored our credit (or wrote before the stream was open).
+            // The guest ignored our credit (or wrote before the stream was open, or after it
+            // said it would not send any more).
             self.stats.protocol_resets += 1;
             self.reset_conn(key);
             return;
@@ -601,10 +611,9 @@ impl Muxer {
             conn.guest_done_sending = true;
         }
         if flags & (SHUTDOWN_SEND | SHUTDOWN_RCV) == (SHUTDOWN_SEND | SHUTDOWN_RCV) {
-            // The guest closed its socket: flush what we can, then confirm with RST.
-            self.flush_to_host(key);
-            self.reset_conn(key);
-            return;
+            // The guest closed its socket: deliver what it wrote, then confirm with RST
+            // (flush_to_host does both once the buffer is empty).
+            conn.guest_closed = true;
         }
         self.flush_to_host(key);
     }
@@ -692,6 +701,10 @@ impl Muxer {
         if conn.to_host.is_empty() && conn.guest_done_sending {
             stream.shutdown_write();
         }
+        if conn.to_host.is_empty() && conn.guest_closed {
+            self.reset_conn(key);
+            return;
+        }
         let credit_due = (conn.fwd_cnt - conn.last_fwd_cnt_sent).0 >= CREDIT_UPDATE_THRESHOLD_BYTES;
         if credit_due {
             self.push_control(key, OP_CREDIT_UPDATE, 0);
@@ -709,6 +722,7 @@ impl Muxer {
             .iter()
             .filter(|(_, c)| {
                 c.state == ConnState::Established
+                    && !c.guest_closed
                     && (!c.to_guest.is_empty()
                         || (c.host_readable && !c.host_eof)
                         || (c.host_eof && !c.shutdown_sent))
@@ -788,6 +802,7 @@ impl Muxer {
         !self.control.is_empty()
             || self.conns.values().any(|c| {
                 c.state == ConnState::Established
+                    && !c.guest_closed
                     && ((!c.to_guest.is_empty()
                         || c.host_readable
                         || (c.host_eof && !c.shutdown_sent))
@@ -1237,6 +1252,57 @@ mod tests {
         }
         assert_eq!(f.muxer.connection_count(), 0);
         assert!(f.muxer.stats.protocol_resets >= 1);
+    }
+
+    #[test]
+    fn test_guest_close_delivers_everything_it_wrote_before_the_rst() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let small_window: libc::c_int = 4096;
+        // SAFETY: a valid socket fd and a c_int option value of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&small_window as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let mut f = fixture(vec![rule(&listener)]);
+        let port = listener.local_addr().unwrap().port();
+        egress(&mut f.muxer, &format!("CONNECT 127.0.0.1:{port}\n"));
+        let (mut server, _) = listener.accept().unwrap();
+        let chunk = vec![7u8; MAX_PACKET_DATA_BYTES];
+        // Write until the host socket is full and part of the data waits in our buffer (each
+        // packet is within the credit we advertise: the buffer is empty before it).
+        let mut sent = 0;
+        while f.muxer.conns.values().all(|c| c.to_host.is_empty()) && sent < (256 << 20) {
+            f.muxer
+                .recv_from_guest(guest_pkt(5000, EGRESS_VSOCK_PORT, OP_RW, &chunk));
+            sent += chunk.len();
+        }
+        let mut close = guest_pkt(5000, EGRESS_VSOCK_PORT, OP_SHUTDOWN, &[]);
+        close.hdr.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
+        f.muxer.recv_from_guest(close);
+        let waiting_after_close = f.muxer.connection_count();
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            server.read_to_end(&mut all).unwrap();
+            all.len()
+        });
+        while f.muxer.connection_count() > 0 {
+            f.muxer.process_host_events(100);
+        }
+        let packets = drain(&mut f.muxer);
+        assert_eq!(
+            (
+                waiting_after_close,
+                reader.join().unwrap(),
+                packets.last().map(|p| p.hdr.op)
+            ),
+            (1, sent, Some(OP_RST))
+        );
     }
 
     #[test]
