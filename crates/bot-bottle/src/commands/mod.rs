@@ -8,6 +8,7 @@ mod plan;
 mod sidecar;
 mod start;
 mod stop;
+pub mod vmm;
 
 use clap::{Parser, Subcommand};
 
@@ -44,6 +45,9 @@ pub enum Command {
     /// Run the sidecar bundle (inside its container; started by `start`).
     #[command(hide = true)]
     Sidecar,
+    /// Run a microVM (the VMM child process of `start`).
+    #[command(hide = true, name = "__vmm")]
+    Vmm(vmm::VmmArgs),
 }
 
 /// What every command needs: where things live, where manifests come from.
@@ -62,20 +66,19 @@ impl Context {
 
 /// Run a command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
-    if matches!(cli.command, Command::Sidecar) {
-        // Inside the FROM scratch bundle: no HOME, no XDG dirs.
-        return sidecar::run().await;
-    }
-    let ctx = Context::from_env()?;
+    // The sidecar (inside a FROM scratch container) and the VMM child have no HOME or XDG
+    // dirs to resolve: they get everything from their launch configuration.
+    let ctx = Context::from_env;
     match cli.command {
-        Command::Start(args) => start::run(&ctx, args).await,
-        Command::List(args) => list::run(&ctx, args).await,
-        Command::Stop(args) => stop::run(&ctx, args).await,
-        Command::Cleanup(args) => cleanup::run(&ctx, args).await,
-        Command::Doctor(args) => doctor::run(&ctx, args).await,
-        Command::Plan(args) => plan::run(&ctx, args).await,
-        Command::Logs(args) => logs::run(&ctx, args).await,
         Command::Sidecar => sidecar::run().await,
+        Command::Vmm(args) => vmm::run(args).await,
+        Command::Start(args) => start::run(&ctx()?, args).await,
+        Command::List(args) => list::run(&ctx()?, args).await,
+        Command::Stop(args) => stop::run(&ctx()?, args).await,
+        Command::Cleanup(args) => cleanup::run(&ctx()?, args).await,
+        Command::Doctor(args) => doctor::run(&ctx()?, args).await,
+        Command::Plan(args) => plan::run(&ctx()?, args).await,
+        Command::Logs(args) => logs::run(&ctx()?, args).await,
     }
 }
 

@@ -1,0 +1,267 @@
+//! The VMM as a child process (`bot-bottle __vmm`), under real KVM with the probe guest from
+//! crates/bottle-vmm/tests/probe: the allowlist it enforces comes from the verified state DB row,
+//! and every doubt about that row refuses to boot.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use bot_bottle::plan::AllowEntry;
+use bot_bottle::state::StateDb;
+use bottle_vmm::{SerialOutput, VmmConfig, VsockConfig};
+
+const PROBE_MEM_MIB: u32 = 32;
+const ALIAS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 77);
+
+fn kvm_usable(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: CI=true but /dev/kvm is not usable"
+        );
+        eprintln!("SKIPPED {test}: /dev/kvm is not usable");
+    }
+    ok
+}
+
+/// The probe guest, built with the recipe in shared/docs/FINDINGS.md.
+fn probe_guest(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bottle-vmm/tests/probe/guest.rs");
+    let out = dir.join("probe.elf");
+    let status = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .args([
+            "--edition",
+            "2021",
+            "-O",
+            "-C",
+            "panic=abort",
+            "-C",
+            "relocation-model=static",
+        ])
+        .args([
+            "-C",
+            "target-feature=-sse,-sse2,-avx,-avx2",
+            "-C",
+            "link-arg=-nostdlib",
+        ])
+        .args([
+            "-C",
+            "link-arg=-static",
+            "-C",
+            "link-arg=-Wl,--image-base=0x200000",
+        ])
+        .args(["-C", "link-arg=-Wl,--build-id=none", "--crate-type", "bin"])
+        .arg(&source)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("rustc builds the probe guest");
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    out
+}
+
+struct Machine {
+    dir: tempfile::TempDir,
+    db: PathBuf,
+    launch: PathBuf,
+}
+
+/// A machine row verified with `allow`, and a launch file for the probe guest.
+fn machine(
+    allow: &[AllowEntry],
+    probe_args: &str,
+    file_allowlist: Vec<bottle_vmm::AllowRule>,
+) -> Machine {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("state.db");
+    let db = StateDb::open(&db_path).unwrap();
+    let cid = db.create_machine("m", "b").unwrap();
+    if !allow.is_empty() {
+        db.verify_allowlist("m", allow).unwrap();
+    }
+    let vmm = VmmConfig {
+        kernel: probe_guest(dir.path()),
+        cmdline: format!(
+            "probe.mode=vsock probe.mem_mib={PROBE_MEM_MIB} probe.cid={cid} {probe_args}"
+        ),
+        vcpus: 1,
+        mem_mib: PROBE_MEM_MIB,
+        serial: SerialOutput::File(dir.path().join("serial.log")),
+        vsock: Some(VsockConfig {
+            guest_cid: cid,
+            uds_path: dir.path().join("vsock.sock"),
+            allowlist: file_allowlist,
+            event_log: Some(dir.path().join("events.jsonl")),
+        }),
+        disks: vec![],
+    };
+    let launch = dir.path().join("launch.json");
+    let json = serde_json::json!({ "machine": "m", "state_db": db_path, "vmm": vmm });
+    std::fs::write(&launch, json.to_string()).unwrap();
+    Machine {
+        dir,
+        db: db_path,
+        launch,
+    }
+}
+
+fn run_vmm(m: &Machine) -> std::process::Output {
+    let uds = m.dir.path().join("vsock.sock");
+    // The probe expects the host to open a connection to its port 7000.
+    std::thread::spawn(move || {
+        for _ in 0..200 {
+            if let Ok(mut s) = UnixStream::connect(&uds) {
+                let _ = s.write_all(b"CONNECT 7000\n");
+                let mut ok = [0u8; 8];
+                let _ = s.read_exact(&mut ok);
+                let _ = s.write_all(b"hello guest");
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    });
+    Command::new(common::bin())
+        .arg("__vmm")
+        .arg("--config")
+        .arg(&m.launch)
+        .output()
+        .unwrap()
+}
+
+fn serial(m: &Machine) -> String {
+    std::fs::read_to_string(m.dir.path().join("serial.log")).unwrap_or_default()
+}
+
+fn echo(listener: TcpListener) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut got = vec![0u8; b"ping from probe".len()];
+            if s.read_exact(&mut got).is_ok() {
+                let _ = s.write_all(b"echo:");
+                let _ = s.write_all(&got);
+            }
+        }
+    });
+}
+
+#[test]
+fn vmm_child_enforces_the_allowlist_from_the_state_db_row() {
+    if !kvm_usable("vmm_child_enforces_the_allowlist_from_the_state_db_row") {
+        return;
+    }
+    let allowed = TcpListener::bind((ALIAS, 0)).unwrap();
+    let port = allowed.local_addr().unwrap().port();
+    let unpublished = TcpListener::bind((ALIAS, 0)).unwrap();
+    let unpublished_port = unpublished.local_addr().unwrap().port();
+    let other = TcpListener::bind("127.0.0.78:0").unwrap();
+    echo(allowed);
+    let m = machine(
+        &[AllowEntry {
+            cidr: format!("{ALIAS}/32"),
+            port,
+        }],
+        &format!(
+            "probe.allowed={ALIAS}:{port} probe.denied_port={ALIAS}:{unpublished_port} probe.denied_addr={}",
+            other.local_addr().unwrap()
+        ),
+        vec![],
+    );
+    let out = run_vmm(&m);
+    let log = serial(&m);
+    assert_eq!(
+        out.status.code(),
+        Some(bottle_vmm::EXIT_CODE_POWER_OFF),
+        "stderr: {}\nserial:\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for marker in [
+        "ALLOWED OK",
+        "DENIED_ADDR RST",
+        "DENIED_PORT RST",
+        "PROBE DONE",
+    ] {
+        assert!(log.contains(marker), "missing {marker}:\n{log}");
+    }
+    unpublished.set_nonblocking(true).unwrap();
+    other.set_nonblocking(true).unwrap();
+    assert!(
+        unpublished.accept().is_err(),
+        "the unpublished port was reached"
+    );
+    assert!(other.accept().is_err(), "the other address was reached");
+    let events = std::fs::read_to_string(m.dir.path().join("events.jsonl")).unwrap();
+    assert!(events.contains("not_allowlisted"), "{events}");
+}
+
+#[test]
+fn vmm_child_refuses_to_boot_without_a_verified_allowlist() {
+    if !kvm_usable("vmm_child_refuses_to_boot_without_a_verified_allowlist") {
+        return;
+    }
+    let m = machine(&[], "", vec![]);
+    let out = run_vmm(&m);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never verified"));
+    assert_eq!(serial(&m), "", "the guest ran");
+}
+
+#[test]
+fn vmm_child_refuses_an_allowlist_smuggled_in_the_launch_file() {
+    if !kvm_usable("vmm_child_refuses_an_allowlist_smuggled_in_the_launch_file") {
+        return;
+    }
+    let wide = vec![bottle_vmm::AllowRule {
+        addr: Ipv4Addr::new(127, 0, 0, 1),
+        port: 22,
+    }];
+    let m = machine(
+        &[AllowEntry {
+            cidr: format!("{ALIAS}/32"),
+            port: 3128,
+        }],
+        "",
+        wide,
+    );
+    let out = run_vmm(&m);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("carries its own allowlist"));
+    assert_eq!(serial(&m), "");
+}
+
+#[test]
+fn vmm_child_refuses_when_the_state_db_is_gone() {
+    if !kvm_usable("vmm_child_refuses_when_the_state_db_is_gone") {
+        return;
+    }
+    let m = machine(
+        &[AllowEntry {
+            cidr: format!("{ALIAS}/32"),
+            port: 3128,
+        }],
+        "",
+        vec![],
+    );
+    std::fs::remove_file(&m.db).unwrap();
+    let _ = std::fs::remove_file(m.db.with_extension("db-wal"));
+    let out = run_vmm(&m);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fail closed"));
+    assert_eq!(serial(&m), "");
+}
