@@ -217,6 +217,8 @@ struct Connection {
     guest_done_sending: bool,
     /// The guest closed its socket; we still owe the host what it wrote before.
     guest_closed: bool,
+    /// The host socket hung up and is no longer in the epoll set.
+    unwatched: bool,
 }
 
 impl Connection {
@@ -238,6 +240,7 @@ impl Connection {
             shutdown_sent: false,
             guest_done_sending: false,
             guest_closed: false,
+            unwatched: false,
         }
     }
 
@@ -429,12 +432,27 @@ impl Muxer {
         self.reset_conn(key);
     }
 
+    fn unwatch(&mut self, key: Key) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if let Some(stream) = &conn.stream {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, stream.fd(), EpollEvent::default());
+        }
+        conn.unwatched = true;
+    }
+
     /// Re-arms epoll interest for a connection's host socket from its state.
     fn rearm(&self, key: Key) {
         let Some(conn) = self.conns.get(&key) else {
             return;
         };
         let Some(stream) = &conn.stream else { return };
+        if conn.unwatched {
+            return;
+        }
         let mut events = EventSet::empty();
         if !conn.host_readable
             && !conn.host_eof
@@ -836,7 +854,14 @@ impl Muxer {
                     if let Some(conn) = self.conns.get_mut(&key) {
                         conn.host_readable = true;
                     }
-                    self.rearm(key);
+                    if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                        // epoll reports these whatever we ask for: stop watching the socket, or a
+                        // guest without credit would keep this thread spinning. What is left to
+                        // read is read when the guest has credit; then EOF ends the stream.
+                        self.unwatch(key);
+                    } else {
+                        self.rearm(key);
+                    }
                 }
             }
         }
@@ -1235,6 +1260,50 @@ mod tests {
             .map(|p| p.data.len())
             .sum();
         assert_eq!(sent, 32);
+    }
+
+    #[test]
+    fn test_host_hangup_while_the_guest_has_no_credit_does_not_spin_and_is_delivered_later() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut f = fixture(vec![rule(&listener)]);
+        let port = listener.local_addr().unwrap().port();
+        let mut request = guest_pkt(5000, port.into(), OP_REQUEST, &[]);
+        request.hdr.buf_alloc = 0;
+        f.muxer.recv_from_guest(request);
+        let (mut server, _) = listener.accept().unwrap();
+        server.write_all(b"bye").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        // Close with a reset (linger 0): the muxer's socket reports EPOLLHUP | EPOLLERR, which
+        // epoll signals whatever interest was registered.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket fd and a `linger` value of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                server.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        drop(server);
+        std::thread::sleep(Duration::from_millis(20));
+        f.muxer.process_host_events(100);
+        let mut events = vec![EpollEvent::default(); 4];
+        let still_ready = f.muxer.epoll.wait(0, &mut events).unwrap();
+        let mut credit = guest_pkt(5000, port.into(), OP_CREDIT_UPDATE, &[]);
+        credit.hdr.buf_alloc = 1024;
+        f.muxer.recv_from_guest(credit);
+        let packets = drain(&mut f.muxer);
+        let data: Vec<u8> = packets.iter().flat_map(|p| p.data.clone()).collect();
+        assert_eq!(
+            (still_ready, data, ops(&packets).last().copied()),
+            (0, b"bye".to_vec(), Some(OP_SHUTDOWN))
+        );
     }
 
     #[test]
