@@ -145,3 +145,28 @@ fn bad_alias_pool_setting_exits_2() {
         stderr(&out)
     );
 }
+
+#[test]
+fn kernel_build_from_a_missing_source_names_it() {
+    let sb = Sandbox::new("40-41");
+    let out = sb.run(&["kernel", "build", "--source", "/nonexistent/linux-src"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("/nonexistent/linux-src"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn doctor_reports_the_missing_guest_kernel_with_the_build_command() {
+    let sb = Sandbox::new("40-41");
+    let out = sb.run(&["doctor", "--json"]);
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let kernel = checks.iter().find(|c| c["name"] == "kernel").unwrap();
+    assert_eq!(kernel["status"], "warn");
+    assert!(kernel["fix"]
+        .as_str()
+        .unwrap()
+        .contains("bot-bottle kernel build"));
+}

@@ -184,3 +184,30 @@ pub fn check_alias_pool() -> Check {
         }
     }
 }
+
+/// The guest kernel for the microVM backend.
+pub fn check_kernel(dirs: &Dirs) -> Check {
+    let cache = crate::kernel::kernel_cache_dir(dirs);
+    match crate::kernel::cached_kernel_in(&cache, crate::kernel::FRAGMENT) {
+        Some(path) => Check::ok("kernel", format!("guest kernel {}", path.display())),
+        None => {
+            let source = std::path::Path::new(crate::kernel::DEFAULT_SOURCE);
+            let fix = if source.exists() {
+                "run `bot-bottle kernel build` (about 4 minutes on 2 cores)".to_owned()
+            } else {
+                format!(
+                    "install the kernel source (Debian/Ubuntu: `apt-get install {}`) and run `bot-bottle kernel build`, or pass --source DIR",
+                    crate::kernel::SOURCE_PACKAGE
+                )
+            };
+            Check::warn(
+                "kernel",
+                format!(
+                    "no guest kernel built for this bot-bottle in {}",
+                    cache.display()
+                ),
+                fix,
+            )
+        }
+    }
+}

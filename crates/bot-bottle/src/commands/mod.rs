@@ -2,6 +2,7 @@
 
 mod cleanup;
 mod doctor;
+mod kernel;
 mod list;
 mod logs;
 mod plan;
@@ -40,6 +41,8 @@ pub enum Command {
     Doctor(doctor::DoctorArgs),
     /// Print the resolved plan of a bottle without touching anything.
     Plan(plan::PlanArgs),
+    /// Build the guest kernel for the microVM backend.
+    Kernel(kernel::KernelArgs),
     /// Show a bottle's logs (egress decisions).
     Logs(logs::LogsArgs),
     /// Run the sidecar bundle (inside its container; started by `start`).
@@ -79,6 +82,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Doctor(args) => doctor::run(&ctx()?, args).await,
         Command::Plan(args) => plan::run(&ctx()?, args).await,
         Command::Logs(args) => logs::run(&ctx()?, args).await,
+        Command::Kernel(args) => kernel::run(&ctx()?, args).await,
     }
 }
 

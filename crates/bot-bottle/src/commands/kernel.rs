@@ -1,0 +1,103 @@
+//! `bot-bottle kernel build [--source DIR]`: build the guest kernel from a Linux source tree.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use bot_bottle::kernel::{self, KernelBuildOptions, KernelProgress};
+
+use super::Context;
+
+#[derive(Debug, clap::Args)]
+pub struct KernelArgs {
+    #[command(subcommand)]
+    command: KernelCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum KernelCommand {
+    /// Build (or reuse from the cache) the guest kernel.
+    Build(BuildArgs),
+    /// Print the path of the cached kernel for this bot-bottle, if built.
+    Path,
+}
+
+#[derive(Debug, clap::Args)]
+struct BuildArgs {
+    /// Linux source tree or tarball (default: Debian's /usr/src/linux-source-6.1.tar.xz).
+    #[arg(long)]
+    source: Option<PathBuf>,
+    /// Parallel make jobs (default: one per CPU).
+    #[arg(long, short)]
+    jobs: Option<usize>,
+    /// Rebuild even when a cached kernel matches.
+    #[arg(long)]
+    force: bool,
+}
+
+pub async fn run(ctx: &Context, args: KernelArgs) -> anyhow::Result<i32> {
+    match args.command {
+        KernelCommand::Path => {
+            match kernel::cached_kernel_in(&kernel::kernel_cache_dir(&ctx.dirs), kernel::FRAGMENT) {
+                Some(p) => {
+                    println!("{}", p.display());
+                    Ok(0)
+                }
+                None => {
+                    eprintln!(
+                        "bot-bottle: no guest kernel built yet: run `bot-bottle kernel build`"
+                    );
+                    Ok(1)
+                }
+            }
+        }
+        KernelCommand::Build(b) => {
+            let mut opts = KernelBuildOptions::new(&ctx.dirs);
+            opts.source = b.source;
+            opts.force = b.force;
+            if let Some(j) = b.jobs {
+                opts.jobs = j.max(1);
+            }
+            let tty = std::io::stderr().is_terminal();
+            let vmlinux = tokio::task::spawn_blocking(move || {
+                kernel::build_kernel(&opts, &mut |p| show(p, tty))
+            })
+            .await
+            .context("the kernel build thread panicked")??;
+            println!("{}", vmlinux.display());
+            Ok(0)
+        }
+    }
+}
+
+/// Progress: one updating line on a terminal, a line per phase (and every 500 objects) otherwise.
+fn show(p: KernelProgress, tty: bool) {
+    let mut err = std::io::stderr();
+    match p {
+        KernelProgress::Cached { vmlinux } => {
+            let _ = writeln!(err, "bot-bottle: kernel up to date: {}", vmlinux.display());
+        }
+        KernelProgress::Extracting { tarball } => {
+            let _ = writeln!(err, "bot-bottle: unpacking {}", tarball.display());
+        }
+        KernelProgress::Configuring => {
+            let _ = writeln!(
+                err,
+                "bot-bottle: configuring (tinyconfig + kernel/bottle.config)"
+            );
+        }
+        KernelProgress::Compiling { done, line } => {
+            if tty {
+                let _ = write!(err, "\r\x1b[2K  [{done:>5}] {}", line.trim());
+            } else if done % 500 == 0 {
+                let _ = writeln!(err, "  {done} objects built");
+            }
+        }
+        KernelProgress::Built { vmlinux } => {
+            if tty {
+                let _ = writeln!(err);
+            }
+            let _ = writeln!(err, "bot-bottle: kernel built: {}", vmlinux.display());
+        }
+    }
+}
