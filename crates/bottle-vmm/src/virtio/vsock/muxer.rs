@@ -268,6 +268,7 @@ pub struct Muxer {
     pending_host: HashMap<u64, PendingHost>,
     next_pending_id: u64,
     next_local_port: u32,
+    round_robin_cursor: u64,
     control: VecDeque<Packet>,
     event_log: Option<std::fs::File>,
     pub stats: MuxerStats,
@@ -330,6 +331,7 @@ impl Muxer {
             pending_host: HashMap::new(),
             next_pending_id: 0,
             next_local_port: FIRST_EPHEMERAL_PORT,
+            round_robin_cursor: 0,
             control: VecDeque::new(),
             event_log,
             stats: MuxerStats::default(),
@@ -735,7 +737,7 @@ impl Muxer {
         if let Some(pkt) = self.control.pop_front() {
             return Some(pkt);
         }
-        let keys: Vec<Key> = self
+        let mut keys: Vec<Key> = self
             .conns
             .iter()
             .filter(|(_, c)| {
@@ -747,8 +749,12 @@ impl Muxer {
             })
             .map(|(k, _)| *k)
             .collect();
+        // Round robin: start after the connection served last, so none starves the others.
+        let cursor = self.round_robin_cursor;
+        keys.sort_by_key(|key| conn_token(*key).wrapping_sub(cursor));
         for key in keys {
             if let Some(pkt) = self.data_for_guest(key, max_data) {
+                self.round_robin_cursor = conn_token(key).wrapping_add(1);
                 return Some(pkt);
             }
         }
@@ -1303,6 +1309,32 @@ mod tests {
         assert_eq!(
             (still_ready, data, ops(&packets).last().copied()),
             (0, b"bye".to_vec(), Some(OP_SHUTDOWN))
+        );
+    }
+
+    #[test]
+    fn test_two_busy_streams_take_turns_towards_the_guest() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut f = fixture(vec![rule(&listener)]);
+        let port = u32::from(listener.local_addr().unwrap().port());
+        let mut servers = Vec::new();
+        for guest_port in [5000, 5001] {
+            f.muxer
+                .recv_from_guest(guest_pkt(guest_port, port, OP_REQUEST, &[]));
+            let (mut server, _) = listener.accept().unwrap();
+            server.write_all(&[1u8; 4096]).unwrap();
+            servers.push(server);
+        }
+        drain(&mut f.muxer);
+        std::thread::sleep(Duration::from_millis(20));
+        f.muxer.process_host_events(100);
+        let first_four: Vec<u32> = (0..4)
+            .map(|_| f.muxer.pop_to_guest(1024).unwrap().hdr.dst_port)
+            .collect();
+        assert_ne!(first_four[0], first_four[1]);
+        assert_eq!(
+            (first_four[0], first_four[1]),
+            (first_four[2], first_four[3])
         );
     }
 
