@@ -1,6 +1,7 @@
 //! Boots a kernel with the serial console on stdout:
 //! `cargo run -p bottle-vmm --example boot -- KERNEL [VCPUS] [MEM_MIB] [EXTRA CMDLINE...]`.
-//! Prints how the guest ended and exits with `GuestExit::exit_code()`.
+//! `BOTTLE_VMM_INITRD=FILE` adds an initrd. Prints how the guest ended and exits with
+//! `GuestExit::exit_code()`.
 
 use bottle_vmm::{SerialOutput, VmmConfig};
 
@@ -15,6 +16,7 @@ fn main() {
     let config = VmmConfig {
         kernel: kernel.into(),
         cmdline: args.collect::<Vec<_>>().join(" "),
+        initrd: std::env::var_os("BOTTLE_VMM_INITRD").map(Into::into),
         vcpus,
         mem_mib,
         serial: SerialOutput::Stdout,

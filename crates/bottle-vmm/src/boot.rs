@@ -56,6 +56,14 @@ pub enum BootError {
     Cmdline(#[source] linux_loader::cmdline::Error),
     #[error("cannot write the boot structures into guest memory: give the guest more memory")]
     Write(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot read the initrd {path}")]
+    ReadInitrd {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the initrd {path} ({size} bytes) does not fit between the kernel and {limit:#x}: give the guest more memory or shrink the initrd")]
+    InitrdTooLarge { path: String, size: u64, limit: u64 },
 }
 
 /// How the boot vCPU enters the kernel.
@@ -71,7 +79,16 @@ pub enum EntryPoint {
 #[derive(Debug)]
 pub struct LoadedKernel {
     pub entry: EntryPoint,
+    /// First byte after the kernel image in guest memory.
+    pub end: u64,
     setup_header: Option<linux_loader::loader::bootparam::setup_header>,
+}
+
+/// Where an initrd was placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadedInitrd {
+    pub addr: u64,
+    pub size: u64,
 }
 
 /// Loads a vmlinux ELF (preferring its PVH entry) or a bzImage.
@@ -90,6 +107,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             };
             return Ok(LoadedKernel {
                 entry,
+                end: result.kernel_end,
                 setup_header: None,
             });
         }
@@ -100,6 +118,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             entry: EntryPoint::Linux64(
                 result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
             ),
+            end: result.kernel_end,
             setup_header: result.setup_header,
         }),
         Err(bzimage) => Err(BootError::LoadKernel {
@@ -108,6 +127,45 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             bzimage,
         }),
     }
+}
+
+/// Highest address (exclusive) an initrd may reach: the boot protocol's default
+/// `initrd_addr_max` (0x37ffffff), which every kernel accepts.
+const INITRD_ADDR_LIMIT: u64 = 0x3800_0000;
+const PAGE_BYTES: u64 = 0x1000;
+
+/// Copies an initrd to the top of low memory (below the MMIO gap and `INITRD_ADDR_LIMIT`),
+/// page-aligned, above the kernel.
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    path: &Path,
+) -> Result<LoadedInitrd, BootError> {
+    let display = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| BootError::ReadInitrd {
+        path: display.clone(),
+        source,
+    })?;
+    let size = bytes.len() as u64;
+    let low_end = mem
+        .iter()
+        .map(|r| r.start_addr().raw_value() + r.len())
+        .filter(|end| *end <= MMIO_GAP_START)
+        .max()
+        .unwrap_or(0);
+    let limit = low_end.min(INITRD_ADDR_LIMIT);
+    let too_large = || BootError::InitrdTooLarge {
+        path: display.clone(),
+        size,
+        limit,
+    };
+    let addr = limit.checked_sub(size).ok_or_else(too_large)? & !(PAGE_BYTES - 1);
+    if addr < kernel.end.max(HIMEM_START) {
+        return Err(too_large());
+    }
+    mem.write_slice(&bytes, GuestAddress(addr))
+        .map_err(BootError::Write)?;
+    Ok(LoadedInitrd { addr, size })
 }
 
 /// The e820 map: low RAM, the reserved EBDA/BIOS hole, RAM from 1 MiB on (around the gap).
@@ -130,8 +188,9 @@ pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
 pub fn build_cmdline(extra: &str) -> Result<Cmdline, BootError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_BYTES).map_err(BootError::Cmdline)?;
     // reboot=k: a guest reboot is an i8042 reset, which ends the VM; panic=-1: reboot on panic.
+    // (Nothing the kernel does not know: unknown words are handed to init as arguments.)
     cmdline
-        .insert_str("console=ttyS0 reboot=k panic=-1 pci=off nomodule")
+        .insert_str("console=ttyS0 reboot=k panic=-1")
         .map_err(BootError::Cmdline)?;
     if !extra.trim().is_empty() {
         cmdline
@@ -145,6 +204,7 @@ pub fn build_cmdline(extra: &str) -> Result<Cmdline, BootError> {
 pub fn write_boot_structures(
     mem: &GuestMemoryMmap,
     kernel: &LoadedKernel,
+    initrd: Option<LoadedInitrd>,
     cmdline: &Cmdline,
 ) -> Result<(), BootError> {
     let cstring = cmdline.as_cstring().map_err(BootError::Cmdline)?;
@@ -153,8 +213,8 @@ pub fn write_boot_structures(
         .map_err(BootError::Write)?;
     let e820 = e820_map(mem);
     match kernel.entry {
-        EntryPoint::Linux64(_) => write_zero_page(mem, kernel, bytes.len() - 1, &e820),
-        EntryPoint::Pvh(_) => write_pvh_start_info(mem, &e820),
+        EntryPoint::Linux64(_) => write_zero_page(mem, kernel, initrd, bytes.len() - 1, &e820),
+        EntryPoint::Pvh(_) => write_pvh_start_info(mem, initrd, &e820),
     }?;
     write_page_tables(mem)?;
     write_gdt(mem, &crate::cpu::gdt_table(kernel.entry))
@@ -163,6 +223,7 @@ pub fn write_boot_structures(
 fn write_zero_page(
     mem: &GuestMemoryMmap,
     kernel: &LoadedKernel,
+    initrd: Option<LoadedInitrd>,
     cmdline_len: usize,
     e820: &[(u64, u64, u32)],
 ) -> Result<(), BootError> {
@@ -176,6 +237,11 @@ fn write_zero_page(
     params.hdr.kernel_alignment = KERNEL_ALIGNMENT_16MIB;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = cmdline_len as u32;
+    if let Some(initrd) = initrd {
+        // Below INITRD_ADDR_LIMIT, so both fit in 32 bits.
+        params.hdr.ramdisk_image = initrd.addr as u32;
+        params.hdr.ramdisk_size = initrd.size as u32;
+    }
     for (slot, (addr, size, kind)) in params.e820_table.iter_mut().zip(e820) {
         slot.addr = *addr;
         slot.size = *size;
@@ -186,7 +252,11 @@ fn write_zero_page(
         .map_err(BootError::Write)
 }
 
-fn write_pvh_start_info(mem: &GuestMemoryMmap, e820: &[(u64, u64, u32)]) -> Result<(), BootError> {
+fn write_pvh_start_info(
+    mem: &GuestMemoryMmap,
+    initrd: Option<LoadedInitrd>,
+    e820: &[(u64, u64, u32)],
+) -> Result<(), BootError> {
     let mut memmap = Vec::new();
     for (addr, size, kind) in e820 {
         memmap.extend_from_slice(&addr.to_le_bytes());
@@ -201,8 +271,21 @@ fn write_pvh_start_info(mem: &GuestMemoryMmap, e820: &[(u64, u64, u32)]) -> Resu
     info.extend_from_slice(&PVH_START_INFO_MAGIC.to_le_bytes());
     info.extend_from_slice(&PVH_START_INFO_VERSION.to_le_bytes());
     info.extend_from_slice(&0u32.to_le_bytes()); // flags
-    info.extend_from_slice(&0u32.to_le_bytes()); // nr_modules
-    info.extend_from_slice(&0u64.to_le_bytes()); // modlist_paddr
+                                                 // The initrd is PVH module 0: struct hvm_modlist_entry { paddr, size, cmdline_paddr, reserved }.
+    let (modules, modlist) = match initrd {
+        Some(initrd) => {
+            let mut entry = Vec::with_capacity(32);
+            entry.extend_from_slice(&initrd.addr.to_le_bytes());
+            entry.extend_from_slice(&initrd.size.to_le_bytes());
+            entry.extend_from_slice(&[0u8; 16]);
+            mem.write_slice(&entry, GuestAddress(PVH_MODLIST_START))
+                .map_err(BootError::Write)?;
+            (1u32, PVH_MODLIST_START)
+        }
+        None => (0, 0),
+    };
+    info.extend_from_slice(&modules.to_le_bytes()); // nr_modules
+    info.extend_from_slice(&modlist.to_le_bytes()); // modlist_paddr
     info.extend_from_slice(&CMDLINE_START.to_le_bytes());
     info.extend_from_slice(&0u64.to_le_bytes()); // rsdp_paddr: no ACPI
     info.extend_from_slice(&PVH_MEMMAP_START.to_le_bytes());
@@ -287,7 +370,7 @@ mod tests {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), fake_bzimage(b"PAYLOAD")).unwrap();
         let kernel = load_kernel(&mem, file.path()).unwrap();
-        write_boot_structures(&mem, &kernel, &build_cmdline("").unwrap()).unwrap();
+        write_boot_structures(&mem, &kernel, None, &build_cmdline("").unwrap()).unwrap();
         let mut payload = [0u8; 7];
         mem.read_slice(&mut payload, GuestAddress(HIMEM_START))
             .unwrap();
@@ -317,9 +400,10 @@ mod tests {
         let mem = create_guest_memory(64).unwrap();
         let kernel = LoadedKernel {
             entry: EntryPoint::Pvh(GuestAddress(HIMEM_START)),
+            end: HIMEM_START,
             setup_header: None,
         };
-        write_boot_structures(&mem, &kernel, &build_cmdline("").unwrap()).unwrap();
+        write_boot_structures(&mem, &kernel, None, &build_cmdline("").unwrap()).unwrap();
         let magic: u32 = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         let cmdline: u64 = mem.read_obj(GuestAddress(PVH_INFO_START + 24)).unwrap();
         let memmap: u64 = mem.read_obj(GuestAddress(PVH_INFO_START + 40)).unwrap();
@@ -337,6 +421,40 @@ mod tests {
                 (64 << 20) - HIMEM_START
             )
         );
+    }
+
+    #[test]
+    fn test_initrd_goes_page_aligned_to_the_top_of_low_memory() {
+        let mem = create_guest_memory(64).unwrap();
+        let kernel = LoadedKernel {
+            entry: EntryPoint::Linux64(GuestAddress(HIMEM_START)),
+            end: 2 * HIMEM_START,
+            setup_header: None,
+        };
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), vec![9u8; 5000]).unwrap();
+        let initrd = load_initrd(&mem, &kernel, file.path()).unwrap();
+        assert_eq!(
+            initrd,
+            LoadedInitrd {
+                addr: ((64 << 20) - 5000) & !0xfff,
+                size: 5000
+            }
+        );
+    }
+
+    #[test]
+    fn test_initrd_that_would_overlap_the_kernel_is_refused() {
+        let mem = create_guest_memory(16).unwrap();
+        let kernel = LoadedKernel {
+            entry: EntryPoint::Linux64(GuestAddress(HIMEM_START)),
+            end: 15 << 20,
+            setup_header: None,
+        };
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), vec![9u8; 2 << 20]).unwrap();
+        let error = load_initrd(&mem, &kernel, file.path()).unwrap_err();
+        assert!(matches!(error, BootError::InitrdTooLarge { .. }));
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct VmmConfig {
     pub kernel: PathBuf,
     /// Extra kernel arguments; the VMM appends its own (console, devices, reboot mode).
     pub cmdline: String,
+    /// Initial ramdisk (e.g. a gzip'd cpio holding bottle-init), placed at the top of low memory.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
     pub vcpus: u8,
     pub mem_mib: u32,
     pub serial: SerialOutput,
@@ -155,6 +158,7 @@ mod tests {
         VmmConfig {
             kernel: "/k".into(),
             cmdline: String::new(),
+            initrd: None,
             vcpus: 1,
             mem_mib: 64,
             serial: SerialOutput::Sink,

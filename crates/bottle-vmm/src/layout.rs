@@ -9,8 +9,10 @@ pub const BOOT_GDT_ENTRIES: usize = 4;
 pub const BOOT_IDT_START: u64 = 0x520;
 /// PVH `hvm_start_info`, below the zero page.
 pub const PVH_INFO_START: u64 = 0x6000;
-/// PVH memory map, right after the 56-byte `hvm_start_info`.
+/// PVH memory map, right after the 56-byte `hvm_start_info` (room for 32 entries of 24 bytes).
 pub const PVH_MEMMAP_START: u64 = 0x6040;
+/// PVH module list (the initrd), after the memory map.
+pub const PVH_MODLIST_START: u64 = 0x6400;
 /// Linux boot protocol "zero page" (`struct boot_params`), handed over in `rsi`.
 pub const ZERO_PAGE_START: u64 = 0x7000;
 /// Initial stack pointer: top of the page below the page tables, 16-byte aligned.

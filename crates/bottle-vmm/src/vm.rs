@@ -153,7 +153,11 @@ impl Vmm {
         }
 
         let kernel = boot::load_kernel(&vmm.mem, &config.kernel)?;
-        boot::write_boot_structures(&vmm.mem, &kernel, &vmm.cmdline)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(boot::load_initrd(&vmm.mem, &kernel, path)?),
+            None => None,
+        };
+        boot::write_boot_structures(&vmm.mem, &kernel, initrd, &vmm.cmdline)?;
         mptable::setup(&vmm.mem, config.vcpus)?;
 
         let supported = kvm

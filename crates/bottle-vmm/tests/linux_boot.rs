@@ -3,7 +3,8 @@
 //!
 //! `BOTTLE_VMM_TEST_KERNEL=/path/to/vmlinux-or-bzImage` selects the kernel (built by
 //! `bot-bottle kernel build`). Without a root filesystem the kernel ends in a panic
-//! ("VFS: Unable to mount root fs"), which also exercises the panic path.
+//! ("VFS: Unable to mount root fs"), which also exercises the panic path. No initrd is passed,
+//! on purpose: the outcome must not depend on what an initrd would do.
 
 mod common;
 
@@ -38,6 +39,7 @@ fn test_linux_kernel_boots_to_its_banner_and_ends_in_a_root_fs_panic() {
     let config = VmmConfig {
         kernel: kernel.into(),
         cmdline: "earlyprintk=serial,ttyS0 loglevel=8".into(),
+        initrd: None,
         vcpus: 2,
         mem_mib: 256,
         serial: SerialOutput::File(dir.path().join("serial.log")),

@@ -76,3 +76,27 @@ fn test_child_main_exits_with_the_reset_status_for_a_guest_that_resets() {
         bottle_vmm::EXIT_CODE_RESET
     );
 }
+
+#[test]
+fn test_probe_guest_finds_the_initrd_bytes_where_the_zero_page_says() {
+    if !kvm_usable("initrd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let initrd: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(7) % 251) as u8)
+        .collect();
+    let expected_sum = initrd.iter().fold(0u32, |sum, b| {
+        sum.wrapping_mul(31).wrapping_add(u32::from(*b))
+    });
+    std::fs::write(dir.path().join("initrd.img"), &initrd).unwrap();
+    let mut config = probe_config(dir.path(), "boot", "", 1, None);
+    config.initrd = Some(dir.path().join("initrd.img"));
+    let exit = run_with_watchdog(Vmm::build(&config).unwrap(), dir.path());
+    let log = serial_log(dir.path());
+    assert_eq!(exit, GuestExit::PowerOff, "serial log:\n{log}");
+    assert!(
+        log.contains(&format!("INITRD size 300000 sum {expected_sum}\n")),
+        "serial log:\n{log}"
+    );
+}

@@ -91,6 +91,7 @@ pub fn probe_config(
     VmmConfig {
         kernel: probe_guest().to_path_buf(),
         cmdline: format!("probe.mode={mode} probe.mem_mib={PROBE_MEM_MIB} probe.cid={cid} {extra}"),
+        initrd: None,
         vcpus,
         mem_mib: PROBE_MEM_MIB,
         serial: SerialOutput::File(dir.join("serial.log")),

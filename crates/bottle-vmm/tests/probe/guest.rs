@@ -667,6 +667,22 @@ pub unsafe extern "C" fn probe_main(zero_page: u64) -> ! {
     put_num(ram_end);
     puts("\n");
 
+    // Initrd, if the VMM was given one: where it is, how big, and a checksum of its bytes.
+    let ramdisk_image = rd::<u32>(zero_page + 0x218) as u64;
+    let ramdisk_size = rd::<u32>(zero_page + 0x21c) as u64;
+    if ramdisk_size != 0 {
+        check(ramdisk_image % 4096 == 0 && ramdisk_image + ramdisk_size <= ram_end, "initrd inside RAM, page-aligned");
+        let mut sum: u32 = 0;
+        for i in 0..ramdisk_size {
+            sum = sum.wrapping_mul(31).wrapping_add(u32::from(rd::<u8>(ramdisk_image + i)));
+        }
+        puts("INITRD size ");
+        put_num(ramdisk_size);
+        puts(" sum ");
+        put_num(u64::from(sum));
+        puts("\n");
+    }
+
     match cmdline.get(b"probe.mode").unwrap_or(b"boot") {
         b"boot" => power_off(),
         b"reset" => {
