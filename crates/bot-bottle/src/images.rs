@@ -165,6 +165,28 @@ fn context(spec: &BuildSpec) -> Result<(String, Vec<u8>), ImageError> {
     Ok((hex::encode(&hasher.finalize()[..8]), tar))
 }
 
+/// Add the likely fix to a build failure Docker reported.
+fn explain_build_failure(message: &str) -> String {
+    let lower = message.to_lowercase();
+    let pull = [
+        "pull access denied",
+        "dial tcp",
+        "no such host",
+        "registry",
+        "manifest unknown",
+        "tls handshake",
+    ];
+    if pull.iter().any(|p| lower.contains(p)) {
+        format!(
+            "{message}\nthe Dockerfile's base image could not be pulled: make it available locally \
+             (`docker load`, or build it on this host), or point the bottle at a Dockerfile whose \
+             base is local"
+        )
+    } else {
+        message.to_owned()
+    }
+}
+
 async fn image_exists(docker: &Docker, tag: &str) -> bool {
     docker.inspect_image(tag).await.is_ok()
 }
@@ -212,19 +234,27 @@ async fn build(
     let mut stream = docker.build_image(options, None, Some(tar.into()));
     let mut last_lines: Vec<String> = Vec::new();
     while let Some(item) = stream.next().await {
-        let info = item.map_err(|source| DockerError::Build {
-            tag: tag.clone(),
-            source,
-        })?;
+        let info = match item {
+            Ok(info) => info,
+            Err(bollard::errors::Error::DockerStreamError { error }) => {
+                return Err(DockerError::BuildFailed {
+                    message: explain_build_failure(&error),
+                    tag,
+                }
+                .into())
+            }
+            Err(source) => return Err(DockerError::Build { tag, source }.into()),
+        };
         if let Some(err) = info.error {
             let detail = info
                 .error_detail
                 .and_then(|d| d.message)
                 .unwrap_or_default();
             let context = last_lines.join("");
+            let message = format!("{err} {detail}\n{context}");
             return Err(DockerError::BuildFailed {
                 tag,
-                message: format!("{err} {detail}\n{context}").trim().to_owned(),
+                message: explain_build_failure(message.trim()),
             }
             .into());
         }
