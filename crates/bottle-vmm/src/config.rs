@@ -14,6 +14,8 @@ pub const MIN_MEM_MIB: u32 = 16;
 pub const MAX_MEM_MIB: u32 = 64 * 1024;
 /// Most vCPUs the MP table and the APIC id space we build can describe.
 pub const MAX_VCPUS: u8 = 32;
+/// Most disks: IRQs 5..=23 serve virtio devices, one of them vsock.
+pub const MAX_DISKS: usize = 16;
 /// Guest CIDs 0..=2 are reserved by virtio-vsock (hypervisor, local, host).
 pub const FIRST_GUEST_CID: u32 = 3;
 
@@ -30,8 +32,8 @@ pub enum ConfigError {
     EmptyAllowlist,
     #[error("allowlist rule {addr}:{port} is not usable: port 0 and the unspecified or broadcast address are refused")]
     BadRule { addr: Ipv4Addr, port: u16 },
-    #[error("disks are not supported by this VMM yet: remove them from the configuration")]
-    DisksUnsupported,
+    #[error("{0} disks do not fit the virtio IRQ range next to vsock: use at most {MAX_DISKS}")]
+    TooManyDisks(usize),
     #[error("cannot read the VMM configuration {path}")]
     Read {
         path: PathBuf,
@@ -60,7 +62,7 @@ pub struct VmmConfig {
     pub mem_mib: u32,
     pub serial: SerialOutput,
     pub vsock: Option<VsockConfig>,
-    /// Not implemented yet: must be empty.
+    /// virtio-blk disks, in order: the first is /dev/vda in a Linux guest.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
 }
@@ -92,7 +94,7 @@ pub struct AllowRule {
     pub port: u16,
 }
 
-/// A block device (reserved for virtio-blk).
+/// A virtio-blk disk backed by a host file (raw image; its size is rounded down to 512 bytes).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
@@ -120,8 +122,8 @@ impl VmmConfig {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
             return Err(ConfigError::Memory(self.mem_mib));
         }
-        if !self.disks.is_empty() {
-            return Err(ConfigError::DisksUnsupported);
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks(self.disks.len()));
         }
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;

@@ -22,6 +22,7 @@ use crate::layout::*;
 use crate::memory::{self, MemoryError};
 use crate::mptable::{self, MptableError};
 use crate::vcpu::{ExitSignal, VcpuError, VcpuHandles, VcpuShared};
+use crate::virtio::block::{Block, BlockError, BlockStats};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::vsock::{Vsock, VsockError, VsockStats};
 use crate::virtio::VirtioDevice;
@@ -66,6 +67,8 @@ pub enum VmmError {
     Serial(#[from] SerialError),
     #[error("vsock device setup failed")]
     Vsock(#[from] VsockError),
+    #[error("disk setup failed")]
+    Block(#[from] BlockError),
     #[error("device event loop failed")]
     EventLoop(#[from] EventLoopError),
     #[error("too many virtio devices: at most {} fit the IRQ range", LAST_IRQ - FIRST_DEVICE_IRQ + 1)]
@@ -88,6 +91,7 @@ pub struct Vmm {
     next_irq: u32,
     next_mmio_base: u64,
     vsock_stats: Option<Arc<Mutex<VsockStats>>>,
+    block_stats: Vec<Arc<Mutex<BlockStats>>>,
 }
 
 impl Vmm {
@@ -145,10 +149,16 @@ impl Vmm {
             next_irq: FIRST_DEVICE_IRQ,
             next_mmio_base: MMIO_DEVICES_START,
             vsock_stats: None,
+            block_stats: Vec::new(),
         };
         if let Some(vsock) = &config.vsock {
             let device = Vsock::new(vsock)?;
             vmm.vsock_stats = Some(device.stats());
+            vmm.attach_virtio_device(Box::new(device))?;
+        }
+        for (index, disk) in config.disks.iter().enumerate() {
+            let device = Block::new(disk, index)?;
+            vmm.block_stats.push(device.stats());
             vmm.attach_virtio_device(Box::new(device))?;
         }
 
@@ -218,6 +228,11 @@ impl Vmm {
     /// and after the machine runs. `None` without a vsock device.
     pub fn vsock_stats(&self) -> Option<Arc<Mutex<VsockStats>>> {
         self.vsock_stats.clone()
+    }
+
+    /// Counters of each disk, in `VmmConfig::disks` order.
+    pub fn block_stats(&self) -> Vec<Arc<Mutex<BlockStats>>> {
+        self.block_stats.clone()
     }
 
     /// Starts the vCPUs and the device loop, blocks until the guest ends, stops everything.

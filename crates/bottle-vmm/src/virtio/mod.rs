@@ -1,5 +1,6 @@
 //! Virtio devices behind our virtio-mmio (version 2) transport.
 
+pub mod block;
 pub mod mmio;
 /// A simulated driver over plain memory, for tests and benchmarks (not for production use).
 #[doc(hidden)]
