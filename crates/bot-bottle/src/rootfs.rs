@@ -221,6 +221,14 @@ pub fn tar_to_squashfs(
             kind: Kind::Dir,
         });
     }
+    // The kernel opens /dev/console for init before anything is mounted on /dev.
+    items.entry(PathBuf::from("dev/console")).or_insert(Item {
+        header: NodeHeader {
+            permissions: 0o600,
+            ..root_dir
+        },
+        kind: Kind::CharDevice(encode_dev(5, 1)),
+    });
     items.insert(
         PathBuf::from(INIT_PATH),
         Item {
@@ -443,7 +451,7 @@ mod tests {
     }
 
     #[test]
-    fn image_carries_bottle_init_and_the_mount_points() {
+    fn image_carries_bottle_init_console_and_mount_points() {
         let built = build(&sample_tar());
 
         let l = listing(&built.image);
@@ -451,6 +459,10 @@ mod tests {
         assert_eq!(
             l["/.bottle/init"],
             (0o755, 0, 0, "file:\u{7f}ELF fake init".to_string())
+        );
+        assert_eq!(
+            l["/dev/console"],
+            (0o600, 0, 0, format!("char:{}", encode_dev(5, 1)))
         );
         assert_eq!(
             ["/proc", "/sys", "/tmp"].map(|p| l[p].3.clone()),
