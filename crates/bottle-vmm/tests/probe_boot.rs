@@ -100,3 +100,69 @@ fn test_probe_guest_finds_the_initrd_bytes_where_the_zero_page_says() {
         "serial log:\n{log}"
     );
 }
+
+const DISK_SECTORS: usize = 64;
+
+fn disk_image() -> Vec<u8> {
+    (0..DISK_SECTORS * 512).map(|i| (i % 253) as u8).collect()
+}
+
+fn checksum(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0u32, |sum, b| {
+        sum.wrapping_mul(31).wrapping_add(u32::from(*b))
+    })
+}
+
+/// Boots the probe in `blk` mode with one disk; returns the exit, the serial log, the disk after.
+fn boot_with_disk(read_only: bool) -> Option<(GuestExit, String, Vec<u8>)> {
+    if !kvm_usable("virtio-blk") {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, disk_image()).unwrap();
+    let extra = format!(
+        "probe.blk_sectors={DISK_SECTORS} probe.blk_ro={}",
+        u8::from(read_only)
+    );
+    let mut config = probe_config(dir.path(), "blk", &extra, 1, None);
+    config.disks = vec![bottle_vmm::DiskConfig {
+        path: disk.clone(),
+        read_only,
+    }];
+    let exit = run_with_watchdog(Vmm::build(&config).unwrap(), dir.path());
+    Some((exit, serial_log(dir.path()), std::fs::read(&disk).unwrap()))
+}
+
+#[test]
+fn test_probe_guest_reads_and_writes_a_virtio_blk_disk() {
+    let Some((exit, log, after)) = boot_with_disk(false) else {
+        return;
+    };
+    let mut expected = disk_image();
+    expected[1024..1024 + 20].copy_from_slice(b"PROBE WROTE SECTOR 2");
+    expected[1024 + 20..1536].fill(0);
+    assert_eq!(exit, GuestExit::PowerOff, "serial log:\n{log}");
+    let read_line = format!(
+        "BLK READ sectors {DISK_SECTORS} sum {}",
+        checksum(&disk_image())
+    );
+    assert!(
+        log.contains(&read_line) && log.contains("BLK WRITE OK") && log.contains("BLK BOUNDS OK"),
+        "serial log:\n{log}"
+    );
+    assert!(
+        after == expected,
+        "sector 2 was not written as the guest asked"
+    );
+}
+
+#[test]
+fn test_probe_guest_cannot_write_a_read_only_disk() {
+    let Some((exit, log, after)) = boot_with_disk(true) else {
+        return;
+    };
+    assert_eq!(exit, GuestExit::PowerOff, "serial log:\n{log}");
+    assert!(log.contains("BLK RO REFUSED"), "serial log:\n{log}");
+    assert!(after == disk_image(), "the read-only disk changed");
+}

@@ -635,6 +635,99 @@ impl Dev {
     }
 }
 
+// ---- virtio-blk ----
+
+const BLK_HEADER: u64 = 0x58_0000;
+const BLK_STATUS: u64 = 0x58_1000;
+const BLK_DATA: u64 = 0x60_0000;
+const DESC_F_NEXT: u16 = 1;
+
+unsafe fn set_desc_next(vq: &Vq, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    let d = vq.desc + u64::from(i) * 16;
+    wr(d, addr);
+    wr(d + 8, len);
+    wr(d + 12, flags);
+    wr(d + 14, next);
+}
+
+/// One request: header, one data buffer, status. Returns the status byte.
+unsafe fn blk_request(base: u64, vq: &mut Vq, kind: u32, sector: u64, len: u32) -> u8 {
+    wr(BLK_HEADER, kind);
+    wr(BLK_HEADER + 4, 0u32);
+    wr(BLK_HEADER + 8, sector);
+    wr(BLK_STATUS, 0xffu8);
+    let data_flags = if kind == 0 { DESC_F_NEXT | DESC_F_WRITE } else { DESC_F_NEXT };
+    set_desc_next(vq, 0, BLK_HEADER, 16, DESC_F_NEXT, 1);
+    set_desc_next(vq, 1, BLK_DATA, len, data_flags, 2);
+    set_desc_next(vq, 2, BLK_STATUS, 1, DESC_F_WRITE, 0);
+    vq.publish(0);
+    wr(base + 0x050, 0u32);
+    let mut n = 0;
+    while vq.pop_used().is_none() {
+        n += 1;
+        check(n < WAIT_LIMIT, "blk request completed");
+    }
+    rd::<u8>(BLK_STATUS)
+}
+
+unsafe fn blk_checks(base: u64, cmdline: &Cmdline) {
+    check(rd::<u32>(base) == 0x7472_6976 && rd::<u32>(base + 4) == 2, "virtio-mmio v2");
+    check(rd::<u32>(base + 0x008) == 2, "device id 2 (block)");
+    wr(base + 0x070, 0u32);
+    wr(base + 0x070, 3u32);
+    wr(base + 0x014, 0u32);
+    let low = rd::<u32>(base + 0x010);
+    let want_ro = cmdline.get(b"probe.blk_ro") == Some(b"1");
+    check(((low >> 5) & 1 == 1) == want_ro, "VIRTIO_BLK_F_RO matches the disk");
+    wr(base + 0x024, 0u32);
+    wr(base + 0x020, 1u32 << 9); // FLUSH
+    wr(base + 0x024, 1u32);
+    wr(base + 0x020, 1u32); // VERSION_1
+    wr(base + 0x070, 3u32 | 8);
+    check(rd::<u32>(base + 0x070) & 8 == 8, "blk FEATURES_OK");
+    let mut vq = Vq::new(0);
+    wr(base + 0x030, 0u32);
+    wr(base + 0x038, u32::from(QUEUE_SIZE));
+    wr(base + 0x080, vq.desc as u32);
+    wr(base + 0x084, 0u32);
+    wr(base + 0x090, vq.avail as u32);
+    wr(base + 0x094, 0u32);
+    wr(base + 0x0a0, vq.used as u32);
+    wr(base + 0x0a4, 0u32);
+    wr(base + 0x044, 1u32);
+    wr(base + 0x070, 3u32 | 8 | 4);
+    check(rd::<u32>(base + 0x070) & 4 == 4, "blk DRIVER_OK");
+    let sectors = u64::from(rd::<u32>(base + 0x100)) | (u64::from(rd::<u32>(base + 0x104)) << 32);
+    let want = cmdline.get(b"probe.blk_sectors").and_then(parse_num).unwrap_or(0);
+    check(sectors == want && sectors > 0 && sectors <= 128, "blk capacity");
+
+    check(blk_request(base, &mut vq, 0, 0, (sectors * 512) as u32) == 0, "blk read of the whole disk");
+    let mut sum: u32 = 0;
+    for i in 0..sectors * 512 {
+        sum = sum.wrapping_mul(31).wrapping_add(u32::from(rd::<u8>(BLK_DATA + i)));
+    }
+    puts("BLK READ sectors ");
+    put_num(sectors);
+    puts(" sum ");
+    put_num(u64::from(sum));
+    puts("\n");
+
+    let message = b"PROBE WROTE SECTOR 2";
+    memset(BLK_DATA as *mut u8, 0, 512);
+    memcpy(BLK_DATA as *mut u8, message.as_ptr(), message.len());
+    let wrote = blk_request(base, &mut vq, 1, 2, 512);
+    if want_ro {
+        check(wrote == 1, "write to a read-only disk fails with IOERR");
+        puts("BLK RO REFUSED\n");
+    } else {
+        check(wrote == 0, "blk write");
+        check(blk_request(base, &mut vq, 4, 0, 0) == 0, "blk flush");
+        puts("BLK WRITE OK\n");
+    }
+    check(blk_request(base, &mut vq, 0, sectors, 512) == 1, "read past the end fails");
+    puts("BLK BOUNDS OK\n");
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn probe_main(zero_page: u64) -> ! {
     puts("PROBE START\n");
@@ -694,6 +787,12 @@ pub unsafe extern "C" fn probe_main(zero_page: u64) -> ! {
             // The boot IDT is empty: #UD → #GP → #DF → triple fault.
             asm!("ud2");
             loop {}
+        }
+        b"blk" => {
+            let device = cmdline.get(b"virtio_mmio.device").and_then(parse_virtio_device);
+            let (base, _) = device.unwrap_or_else(|| fail("virtio_mmio.device missing"));
+            blk_checks(base, &cmdline);
+            power_off()
         }
         b"vsock" | b"echo" => {
             let device = cmdline.get(b"virtio_mmio.device").and_then(parse_virtio_device);
