@@ -97,16 +97,20 @@ impl Upstream for VsockUpstream {
     }
 }
 
-/// Starts one listener thread per forward.
+/// Starts one listener thread per forward; returns the addresses bound (port 0 in the config
+/// gets an ephemeral port, for tests).
 pub fn start_forwarders(
     forwards: &[EgressForward],
     upstream: Arc<dyn Upstream>,
-) -> Result<(), NetError> {
+) -> Result<Vec<std::net::SocketAddr>, NetError> {
+    let mut bound = Vec::new();
     for fwd in forwards {
-        let listener = TcpListener::bind(fwd.listen).map_err(|source| NetError::Listen {
+        let listen_err = |source| NetError::Listen {
             what: fwd.listen.to_string(),
             source,
-        })?;
+        };
+        let listener = TcpListener::bind(fwd.listen).map_err(listen_err)?;
+        bound.push(listener.local_addr().map_err(listen_err)?);
         let fwd = fwd.clone();
         let upstream = upstream.clone();
         thread::spawn(move || {
@@ -123,7 +127,7 @@ pub fn start_forwarders(
             }
         });
     }
-    Ok(())
+    Ok(bound)
 }
 
 /// Copies both ways until each side has finished, passing half-closes along.
