@@ -1,8 +1,9 @@
 //! bottle-vmm: the microVM embedded in bot-bottle.
 //!
-//! A KVM virtual machine that boots a Linux guest (vmlinux or bzImage) with a serial console, an
-//! i8042 whose reset ends the VM, and one virtio-mmio vsock device: the guest's only channel out,
-//! through which it reaches only the (address, port) pairs of its allowlist.
+//! A KVM virtual machine that boots a Linux guest (vmlinux or bzImage, optional initrd) with a
+//! serial console, an i8042 whose reset ends the VM, virtio-blk disks, and one virtio-mmio vsock
+//! device: the guest's only channel out, through which it reaches only the (address, port) pairs
+//! of its allowlist. See `prds/0004-microvm.md` for the egress mapping the guest follows.
 //!
 //! The VMM is meant to run in a child process (`bot-bottle __vmm --config FILE`): [`run`] blocks
 //! until the guest ends and [`GuestExit::exit_code`] is that process's exit status.
@@ -21,6 +22,7 @@ pub mod virtio;
 pub mod vm;
 
 pub use config::{AllowRule, ConfigError, DiskConfig, SerialOutput, VmmConfig, VsockConfig};
+pub use virtio::block::BlockStats;
 pub use virtio::vsock::{DeniedEgress, DenyReason, VsockStats, EGRESS_VSOCK_PORT, HOST_CID};
 pub use vm::{KvmError, Vmm, VmmError};
 
