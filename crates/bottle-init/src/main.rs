@@ -57,6 +57,7 @@ fn main() {
 }
 
 fn run() -> Result<Stop, InitError> {
+    reaper::start();
     boot::mount_early()?;
     let cfg = boot::read_config()?;
     boot::assemble_root(&cfg)?;

@@ -40,6 +40,11 @@ fn lock() -> std::sync::MutexGuard<'static, Table> {
     table().lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Starts the reaper thread now (PID 1 calls this first); `spawn` would start it otherwise.
+pub fn start() {
+    let _ = table();
+}
+
 /// Spawns `cmd` and returns the child with a channel that yields its exit status exactly once.
 /// `std::process::Child::wait` must not be called on the result.
 pub fn spawn(cmd: &mut Command) -> std::io::Result<(Child, Receiver<ExitStatus>)> {

@@ -17,7 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bottle_proto::config::{
-    AgentUser, BlockFs, ControlChannel, GuestConfig, Upper, WorkspaceMount,
+    AgentCommand, AgentUser, BlockFs, ControlChannel, GuestConfig, Upper, WorkspaceMount,
 };
 use bottle_proto::{Client, ClientError, ExecRequest, PtyRequest, UserIds, WindowSize};
 
@@ -290,8 +290,45 @@ struct Vm {
     _serial: std::sync::MutexGuard<'static, ()>,
 }
 
+/// How to start a guest beyond the defaults of [`config`].
+struct Boot {
+    cfg: GuestConfig,
+    /// Pass the config on a raw disk (`bottle.config=dev:`) instead of the command line.
+    config_on_disk: bool,
+    /// A writable disk attached after the root and workspace images (`/dev/vdc`).
+    rw_disk: Option<PathBuf>,
+}
+
+impl Default for Boot {
+    fn default() -> Boot {
+        Boot {
+            cfg: config(),
+            config_on_disk: false,
+            rw_disk: None,
+        }
+    }
+}
+
 impl Vm {
     fn boot(p: &Prereqs) -> Vm {
+        Vm::boot_with(p, Boot::default())
+    }
+
+    /// Starts a guest and waits until its agent answers.
+    fn boot_with(p: &Prereqs, boot: Boot) -> Vm {
+        let start = Instant::now();
+        let mut vm = Vm::start(p, boot);
+        vm.boot_time = vm.wait_ready(start);
+        eprintln!(
+            "guest ready {:?} after QEMU started; console: {}",
+            vm.boot_time,
+            vm.ready_line()
+        );
+        vm
+    }
+
+    /// Starts a guest without waiting for anything.
+    fn start(p: &Prereqs, boot: Boot) -> Vm {
         static SERIAL: Mutex<()> = Mutex::new(());
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let work = tempfile::tempdir().unwrap();
@@ -301,38 +338,47 @@ impl Vm {
         let ws = workspace_image(p, work.path());
         let socket = work.path().join("control.sock");
         let console = work.path().join("console.log");
-        let cmdline = format!(
-            "console=ttyS0 reboot=t panic=-1 quiet {}",
-            config().to_cmdline_arg(256).unwrap()
-        );
-        let drive = |id: &str, path: &Path| {
+        let mut disks = vec![(root, true), (ws, true)];
+        disks.extend(boot.rw_disk.map(|d| (d, false)));
+        let config_arg = if boot.config_on_disk {
+            let disk = work.path().join("config.img");
+            let mut bytes = boot.cfg.to_disk_bytes().unwrap();
+            bytes.resize(bytes.len().div_ceil(4096) * 4096, 0);
+            fs::write(&disk, bytes).unwrap();
+            disks.push((disk, true));
             format!(
-                "id={id},file={},format=raw,if=none,readonly=on",
-                path.display()
+                "bottle.config=dev:/dev/vd{}",
+                (b'a' + disks.len() as u8 - 1) as char
             )
+        } else {
+            boot.cfg.to_cmdline_arg(256).unwrap()
         };
-        let start = Instant::now();
-        let qemu = Command::new(&p.qemu)
-            .args([
-                "-M",
-                "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pit=on,pic=on",
-            ])
-            .args(["-cpu", "max", "-m", "256", "-smp", "1"])
-            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()))
-            .arg("-kernel")
-            .arg(&p.kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .arg("-append")
-            .arg(&cmdline)
-            .arg("-drive")
-            .arg(drive("root", &root))
-            .args(["-device", "virtio-blk-device,drive=root"])
-            .arg("-drive")
-            .arg(drive("ws", &ws))
-            .args(["-device", "virtio-blk-device,drive=ws"])
+        let cmdline = format!("console=ttyS0 reboot=t panic=-1 quiet {config_arg}");
+        let mut cmd = Command::new(&p.qemu);
+        cmd.args([
+            "-M",
+            "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pit=on,pic=on",
+        ])
+        .args(["-cpu", "max", "-m", "256", "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(&p.kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(&cmdline);
+        for (i, (disk, readonly)) in disks.iter().enumerate() {
+            cmd.arg("-drive")
+                .arg(format!(
+                    "id=d{i},file={},format=raw,if=none,readonly={}",
+                    disk.display(),
+                    if *readonly { "on" } else { "off" }
+                ))
+                .args(["-device", &format!("virtio-blk-device,drive=d{i}")]);
+        }
+        let qemu = cmd
             .args(["-device", "virtio-serial-device"])
             .arg("-chardev")
             .arg(format!(
@@ -348,21 +394,14 @@ impl Vm {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut vm = Vm {
+        Vm {
             qemu,
             socket,
             console,
             _work: work,
             boot_time: Duration::ZERO,
             _serial: serial,
-        };
-        vm.boot_time = vm.wait_ready(start);
-        eprintln!(
-            "guest ready {:?} after QEMU started; console: {}",
-            vm.boot_time,
-            vm.ready_line()
-        );
-        vm
+        }
     }
 
     fn wait_ready(&mut self, start: Instant) -> Duration {
@@ -660,4 +699,101 @@ fn wrong_token_is_refused_by_the_guest() {
         "{err:?}"
     );
     let _ = std::io::stderr().flush();
+}
+
+#[test]
+fn config_from_a_disk_boots_like_the_command_line() {
+    let Some(p) = prereqs() else { return };
+    let mut boot = Boot {
+        config_on_disk: true,
+        ..Boot::default()
+    };
+    boot.cfg.hostname = "from-disk".into();
+    let vm = Vm::boot_with(p, boot);
+
+    let r = vm.sh("hostname");
+
+    assert_eq!(text(&r.stdout), "from-disk\n");
+}
+
+#[test]
+fn writable_layer_on_a_disk_survives_a_reboot() {
+    let Some(p) = prereqs() else { return };
+    let keep = tempfile::tempdir().unwrap();
+    let disk = keep.path().join("upper.ext4");
+    fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(mkfs.success(), "mkfs.ext4 (e2fsprogs)");
+    let boot = || {
+        let mut b = Boot {
+            rw_disk: Some(disk.clone()),
+            ..Boot::default()
+        };
+        b.cfg.upper = Upper::Device(BlockFs {
+            device: "/dev/vdc".into(),
+            fstype: "ext4".into(),
+        });
+        b
+    };
+    let mut first = Vm::boot_with(p, boot());
+    let mut req = ExecRequest::new(["/bin/sh", "-c", "echo kept > /etc/state"]);
+    req.user = Some(UserIds { uid: 0, gid: 0 });
+    first.client().exec(&req, b"").unwrap();
+    first.client().shutdown().unwrap();
+    let first_exit = first.wait_exit(Duration::from_secs(60));
+    drop(first);
+
+    let second = Vm::boot_with(p, boot());
+    let r = second.sh("cat /etc/state");
+
+    assert!(first_exit.is_some());
+    assert_eq!(text(&r.stdout), "kept\n");
+}
+
+#[test]
+fn agent_command_exit_powers_the_guest_off() {
+    let Some(p) = prereqs() else { return };
+    let mut boot = Boot::default();
+    boot.cfg.agent = Some(AgentCommand {
+        argv: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo agent says hi; exit 3".into(),
+        ],
+        cwd: None,
+    });
+    let mut vm = Vm::start(p, boot);
+
+    let exited = vm.wait_exit(BOOT_DEADLINE);
+
+    let console = vm.console_text();
+    assert!(exited.is_some(), "QEMU still running; console:\n{console}");
+    assert!(
+        console.contains("agent says hi") && console.contains("agent exited (3)"),
+        "{console}"
+    );
+}
+
+#[test]
+fn attached_pty_session_with_power_off_ends_the_guest() {
+    let mut vm = vm_or_skip!();
+    let req = PtyRequest {
+        argv: vec!["/bin/sh".into(), "-c".into(), "exit 0".into()],
+        power_off_on_exit: true,
+        ..PtyRequest::default()
+    };
+
+    let (status, _) = vm.client().pty(&req).unwrap().run(&mut Vec::new()).unwrap();
+    let exited = vm.wait_exit(Duration::from_secs(60));
+
+    assert_eq!(status.code, Some(0));
+    assert!(
+        exited.is_some(),
+        "QEMU still running; console:\n{}",
+        vm.console_text()
+    );
 }
