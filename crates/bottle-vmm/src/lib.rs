@@ -24,7 +24,7 @@ pub mod vm;
 pub use config::{AllowRule, ConfigError, DiskConfig, SerialOutput, VmmConfig, VsockConfig};
 pub use virtio::block::BlockStats;
 pub use virtio::vsock::{DeniedEgress, DenyReason, VsockStats, EGRESS_VSOCK_PORT, HOST_CID};
-pub use vm::{KvmError, Vmm, VmmError};
+pub use vm::{install_stop_signals, KvmError, StopHandle, Vmm, VmmError};
 
 /// How the guest ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +50,9 @@ pub const EXIT_CODE_PANIC: i32 = 0x21;
 pub const EXIT_CODE_CRASH: i32 = 0x22;
 /// Exit status when the VMM itself failed (bad config, no KVM...): `run` returned an error.
 pub const EXIT_CODE_VMM_ERROR: i32 = 0x23;
+/// Exit status when the VMM was stopped by SIGTERM, SIGINT or SIGHUP before the guest ended
+/// (the machine was still torn down cleanly). SIGKILL leaves no status: the parent sees it.
+pub const EXIT_CODE_STOPPED: i32 = 0x24;
 
 impl GuestExit {
     /// The child process's exit status for this end. A VMM killed by a signal has no status:
@@ -86,11 +89,16 @@ pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
 pub fn child_main(config_path: &std::path::Path) -> i32 {
     let result = VmmConfig::from_file(config_path)
         .map_err(VmmError::from)
+        .and_then(|config| install_stop_signals().map(|()| config))
         .and_then(|config| run(&config));
     match result {
         Ok(exit) => {
             eprintln!("bottle-vmm: guest ended: {exit:?}");
             exit.exit_code()
+        }
+        Err(VmmError::Stopped) => {
+            eprintln!("bottle-vmm: stopped by a signal before the guest ended");
+            EXIT_CODE_STOPPED
         }
         Err(error) => {
             eprintln!("{}", error_chain(&error));

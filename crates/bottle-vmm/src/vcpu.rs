@@ -36,6 +36,7 @@ pub enum VcpuError {
 /// The first reason a guest ended, with an eventfd the main thread waits on.
 pub struct ExitSignal {
     reason: Mutex<Option<GuestExit>>,
+    stop_requested: AtomicBool,
     pub evt: EventFd,
 }
 
@@ -43,8 +44,20 @@ impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
+            stop_requested: AtomicBool::new(false),
             evt: EventFd::new(0)?,
         })
+    }
+
+    /// The host wants the machine stopped (no guest exit): wakes the waiter.
+    pub fn request_stop(&self) {
+        self.stop_requested.store(true, Ordering::SeqCst);
+        // Fails only when the counter is saturated, i.e. the waiter is already woken.
+        let _ = self.evt.write(1);
+    }
+
+    pub fn stop_requested(&self) -> bool {
+        self.stop_requested.load(Ordering::SeqCst)
     }
 
     /// Records `exit` unless an earlier one was recorded, and wakes the waiter.

@@ -1,7 +1,8 @@
 //! Building a machine from a [`VmmConfig`] in the order rust-vmm's reference VMM uses: KVM,
 //! memory, VM (TSS, irqchip, PIT), kernel and boot structures, devices, vCPUs; then running it.
 
-use std::sync::atomic::AtomicBool;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
@@ -73,6 +74,10 @@ pub enum VmmError {
     EventLoop(#[from] EventLoopError),
     #[error("too many virtio devices: at most {} fit the IRQ range", LAST_IRQ - FIRST_DEVICE_IRQ + 1)]
     TooManyDevices,
+    #[error("the VMM was asked to stop (signal or stop handle) before the guest ended")]
+    Stopped,
+    #[error("cannot install the VMM's stop signal handlers")]
+    StopSignals(#[source] vmm_sys_util::errno::Error),
 }
 
 fn setup(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
@@ -92,6 +97,45 @@ pub struct Vmm {
     next_mmio_base: u64,
     vsock_stats: Option<Arc<Mutex<VsockStats>>>,
     block_stats: Vec<Arc<Mutex<BlockStats>>>,
+    exit: Arc<ExitSignal>,
+}
+
+/// Stops a running (or about to run) machine from another thread: `Vmm::run` then returns
+/// `Err(VmmError::Stopped)` after stopping the vCPUs and devices.
+#[derive(Clone)]
+pub struct StopHandle(Arc<ExitSignal>);
+
+impl StopHandle {
+    pub fn stop(&self) {
+        self.0.request_stop();
+    }
+}
+
+/// The exit eventfd of the machine running in this process, for the signal handler
+/// (-1: none). One machine per process is the child-process model.
+static SIGNAL_EXIT_FD: AtomicI32 = AtomicI32::new(-1);
+/// Set by the signal handler; read by `run`.
+static SIGNAL_STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    SIGNAL_STOP_REQUESTED.store(true, Ordering::SeqCst);
+    let fd = SIGNAL_EXIT_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; `one` is a live 8-byte value and `fd` is the
+        // exit eventfd, which `run` keeps open while it is published here.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), std::mem::size_of::<u64>()) };
+    }
+}
+
+/// Makes SIGTERM, SIGINT and SIGHUP stop the machine cleanly (vCPUs joined, sockets removed):
+/// `run` returns `Err(VmmError::Stopped)`. For the child process (`child_main` calls it).
+pub fn install_stop_signals() -> Result<(), VmmError> {
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        vmm_sys_util::signal::register_signal_handler(signal, on_stop_signal)
+            .map_err(VmmError::StopSignals)?;
+    }
+    Ok(())
 }
 
 impl Vmm {
@@ -150,6 +194,7 @@ impl Vmm {
             next_mmio_base: MMIO_DEVICES_START,
             vsock_stats: None,
             block_stats: Vec::new(),
+            exit: Arc::new(ExitSignal::new().map_err(|e| KvmError::EventFd("the exit signal", e))?),
         };
         if let Some(vsock) = &config.vsock {
             let device = Vsock::new(vsock)?;
@@ -235,10 +280,19 @@ impl Vmm {
         self.block_stats.clone()
     }
 
-    /// Starts the vCPUs and the device loop, blocks until the guest ends, stops everything.
+    /// A handle that stops this machine from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.exit.clone())
+    }
+
+    /// Starts the vCPUs and the device loop, blocks until the guest ends (or a stop is
+    /// requested), stops everything.
     pub fn run(self) -> Result<GuestExit, VmmError> {
-        let exit =
-            Arc::new(ExitSignal::new().map_err(|e| KvmError::EventFd("the exit signal", e))?);
+        let exit = self.exit.clone();
+        SIGNAL_EXIT_FD.store(exit.evt.as_raw_fd(), Ordering::SeqCst);
+        if SIGNAL_STOP_REQUESTED.load(Ordering::SeqCst) {
+            exit.request_stop();
+        }
         let event_loop = self.event_loop.start(exit.clone())?;
         let shared = VcpuShared {
             pio: self.pio.clone(),
@@ -247,15 +301,20 @@ impl Vmm {
             stop: Arc::new(AtomicBool::new(false)),
         };
         let handles = VcpuHandles::start(self.vcpus, shared)?;
-        // Blocks until a vCPU records an exit (an eventfd read without O_NONBLOCK waits).
+        // Blocks until a vCPU records an exit or a stop is requested (an eventfd read without
+        // O_NONBLOCK waits).
         let waited = exit.evt.read();
         let stopped = handles.stop();
         let loop_result = event_loop.stop();
+        SIGNAL_EXIT_FD.store(-1, Ordering::SeqCst);
         waited.map_err(|e| KvmError::EventFd("the exit signal", e))?;
         stopped?;
-        let guest_exit = exit
-            .take()
-            .unwrap_or_else(|| GuestExit::Crash("a vCPU thread ended without a reason".into()));
+        let stop_requested = exit.stop_requested() || SIGNAL_STOP_REQUESTED.load(Ordering::SeqCst);
+        let guest_exit = match exit.take() {
+            Some(guest_exit) => guest_exit,
+            None if stop_requested => return Err(VmmError::Stopped),
+            None => GuestExit::Crash("a vCPU thread ended without a reason".into()),
+        };
         // A failed device loop has already turned the exit into a crash that names it.
         if !matches!(guest_exit, GuestExit::Crash(_)) {
             loop_result?;

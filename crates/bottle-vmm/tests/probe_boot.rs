@@ -166,3 +166,31 @@ fn test_probe_guest_cannot_write_a_read_only_disk() {
     assert!(log.contains("BLK RO REFUSED"), "serial log:\n{log}");
     assert!(after == disk_image(), "the read-only disk changed");
 }
+
+#[test]
+fn test_stop_handle_ends_a_guest_that_never_exits() {
+    if !kvm_usable("stop handle") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = probe_config(dir.path(), "spin", "", 2, None);
+    let vmm = Vmm::build(&config).unwrap();
+    let stop = vmm.stop_handle();
+    let log = dir.path().join("serial.log");
+    std::thread::spawn(move || {
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("SPINNING")
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        stop.stop();
+    });
+    let started = std::time::Instant::now();
+    let result = vmm.run();
+    assert!(
+        matches!(result, Err(bottle_vmm::VmmError::Stopped)),
+        "{result:?}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}

@@ -783,6 +783,12 @@ pub unsafe extern "C" fn probe_main(zero_page: u64) -> ! {
             loop {}
         }
         b"panic" => fail("panic requested"),
+        b"spin" => {
+            puts("SPINNING\n");
+            loop {
+                core::hint::spin_loop();
+            }
+        }
         b"triple-fault" => {
             // The boot IDT is empty: #UD → #GP → #DF → triple fault.
             asm!("ud2");
