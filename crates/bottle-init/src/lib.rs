@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod boot;
 pub mod net;
+pub mod pid1;
 pub mod reaper;
 
 pub use agent::chain;
