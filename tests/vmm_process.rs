@@ -107,6 +107,7 @@ fn machine(
             allowlist: file_allowlist,
             event_log: Some(dir.path().join("events.jsonl")),
         }),
+        initrd: None,
         disks: vec![],
     };
     let launch = dir.path().join("launch.json");
@@ -264,4 +265,62 @@ fn vmm_child_refuses_when_the_state_db_is_gone() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("fail closed"));
     assert_eq!(serial(&m), "");
+}
+
+#[test]
+fn microvm_start_whose_guest_ends_early_reports_its_console_and_leaves_nothing() {
+    if !kvm_usable("microvm_start_whose_guest_ends_early")
+        || !common::docker_available("microvm_start_whose_guest_ends_early")
+    {
+        return;
+    }
+    // The probe guest stands in for a kernel: it boots under this machine's KVM, prints its
+    // command line and powers off without a control agent, as a broken guest would.
+    let sb = common::Sandbox::new("84-84");
+    let probe = probe_guest(sb.dir.path());
+    let out = sb
+        .cmd()
+        .env("BOT_BOTTLE_KERNEL", &probe)
+        .args(["start", "test", "--backend", "microvm", "--", "true"])
+        .output()
+        .unwrap();
+    let err = common::stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("before its control agent answered"), "{err}");
+    assert!(err.contains("PROBE START"), "console not shown:\n{err}");
+    // The guest was told its configuration on the command line, and the VMM was given the
+    // root image and the vsock device.
+    assert!(err.contains("bottle.config="), "{err}");
+    assert!(err.matches("virtio_mmio.device=").count() >= 2, "{err}");
+    assert!(sb.rows().is_empty());
+    assert!(
+        sb.docker_leftovers().is_empty(),
+        "{:?}",
+        sb.docker_leftovers()
+    );
+}
+
+#[test]
+fn microvm_start_without_a_kernel_says_how_to_build_one() {
+    if !kvm_usable("microvm_start_without_a_kernel")
+        || !common::docker_available("microvm_start_without_a_kernel")
+    {
+        return;
+    }
+    let sb = common::Sandbox::new("85-85");
+    let out = sb
+        .cmd()
+        .env_remove("BOT_BOTTLE_KERNEL")
+        .args(["start", "test", "--backend", "microvm", "--", "true"])
+        .output()
+        .unwrap();
+    let err = common::stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("bot-bottle kernel build"), "{err}");
+    assert!(sb.rows().is_empty());
+    assert!(
+        sb.docker_leftovers().is_empty(),
+        "{:?}",
+        sb.docker_leftovers()
+    );
 }

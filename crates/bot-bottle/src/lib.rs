@@ -13,6 +13,8 @@ pub mod images;
 pub mod kernel;
 pub mod logging;
 pub mod manifest;
+pub mod microvm;
+pub mod microvm_run;
 pub mod mounts;
 pub mod paths;
 pub mod plan;

@@ -168,13 +168,7 @@ async fn session(
     db.set_status(id, "running")?;
     match resolved.backend {
         Backend::Docker => run_docker(ctx, &docker, &plan, args, stack).await,
-        Backend::Microvm => bail!(
-            "the microvm backend allocated and verified bottle {} (alias {}, CID {}), but booting \
-             the guest is not wired into `start` yet: use --backend docker",
-            plan.id,
-            plan.alias,
-            plan.guest_cid
-        ),
+        Backend::Microvm => run_microvm(ctx, &docker, &plan, args, stack).await,
     }
 }
 
@@ -249,4 +243,133 @@ fn push_remove_container(stack: &mut GuardStack, name: &str) {
         let docker = docker::connect().await?;
         docker::remove_container(&docker, &name).await
     });
+}
+
+async fn run_microvm(
+    ctx: &Context,
+    docker: &bollard::Docker,
+    plan: &BottlePlan,
+    args: &StartArgs,
+    stack: &mut GuardStack,
+) -> anyhow::Result<i32> {
+    use bot_bottle::microvm::{self, MicrovmError};
+    use bot_bottle::{docker_backend, images, microvm_run};
+    if !plan.mounts.is_empty() {
+        return Err(MicrovmError::MountsUnsupported.into());
+    }
+    let kernel = microvm::find_kernel(&ctx.dirs)?;
+    let init = microvm::find_init()?;
+
+    // Images: the sidecar, the agent, and the agent's root image for the guest.
+    let sidecar_image = images::ensure_sidecar_image(docker, &plan.labels).await?;
+    let spec = images::load_dockerfile(&plan.agent.dockerfile, &ctx.dirs.bottles_dir())?;
+    let image_labels = std::collections::BTreeMap::from([(
+        bot_bottle::plan::LABEL_MANAGED.to_owned(),
+        "true".to_owned(),
+    )]);
+    let agent_image =
+        images::ensure_image(docker, &plan.agent.image_repo, &spec, &image_labels).await?;
+    let (rootfs, accounts) = microvm_run::prepare_rootfs(
+        docker,
+        &agent_image,
+        &init,
+        &ctx.dirs.cache,
+        &plan.labels,
+        &format!("bot-bottle-{}-export", plan.id),
+    )
+    .await?;
+    let (ids, home) = microvm::resolve_user(&plan.agent.user, &accounts.passwd, &accounts.group)?;
+    pause_point("images").await;
+
+    // The bundle, published on the alias: the VMM dials it for the guest.
+    let bottle_dir = ctx.dirs.bottle_dir(&plan.id);
+    docker_backend::prepare_log_dir(&bottle_dir)?;
+    push_remove_container(stack, &plan.bundle.container);
+    docker_backend::create_bundle(docker, plan, &sidecar_image, &bottle_dir).await?;
+    docker_backend::start_bundle(docker, plan).await?;
+    pause_point("bundle").await;
+
+    // The VMM child, with a launch file that carries no allowlist.
+    let token = hex::encode(random_bytes::<16>()?);
+    let guest = microvm::guest_config(plan, &token, ids, &home);
+    let launch = microvm::launch(
+        plan,
+        &guest,
+        &kernel,
+        &rootfs,
+        &bottle_dir,
+        &ctx.dirs.db_path(),
+    )?;
+    let launch_path = bottle_dir.join("launch.json");
+    write_private(&launch_path, &serde_json::to_vec_pretty(&launch)?)?;
+    let uds = bottle_dir.join("vsock.sock");
+    let console = bottle_dir.join("serial.log");
+    let _ = std::fs::remove_file(&uds);
+    let exe = std::env::current_exe().context("locating the bot-bottle executable")?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("__vmm")
+        .arg("--config")
+        .arg(&launch_path)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| microvm_run::MicrovmRunError::Spawn { source })?;
+    // Normally the child is waited for below (and killed on drop); this undo covers a session
+    // that ends early. Our unreaped child's pid cannot be reused, so signalling it is safe.
+    if let Some(pid) = child.id() {
+        stack.push_sync("stop the VMM", move || {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+                Err(e) => Err(std::io::Error::from(e)),
+            }
+        });
+    }
+    eprintln!(
+        "bot-bottle: booting {} (console: {})",
+        plan.agent.name,
+        console.display()
+    );
+    let client = microvm_run::connect_control(&mut child, &uds, &token, &console).await?;
+    pause_point("vm").await;
+
+    let argv = if args.command.is_empty() {
+        plan.agent.command.clone()
+    } else {
+        args.command.clone()
+    };
+    let (code, mut client) = microvm_run::exec(client, argv, plan.agent.workdir.clone()).await?;
+    let _ = tokio::task::spawn_blocking(move || client.shutdown()).await;
+    if tokio::time::timeout(microvm_run::POWER_OFF_TIMEOUT, child.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the guest did not power off in time: killing the VMM");
+        let _ = child.kill().await;
+    }
+    Ok(code)
+}
+
+fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    Ok(bytes)
+}
+
+/// Write a file only this user can read (the launch file holds the per-boot token).
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
 }

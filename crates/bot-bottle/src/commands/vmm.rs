@@ -9,27 +9,16 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
+use bot_bottle::microvm::Launch;
 use bot_bottle::plan::AllowEntry;
 use bot_bottle::state::StateDb;
-use bottle_vmm::{AllowRule, VmmConfig};
-use serde::{Deserialize, Serialize};
+use bottle_vmm::AllowRule;
 
 #[derive(Debug, clap::Args)]
 pub struct VmmArgs {
     /// The launch file written by `start` (JSON: machine name, state DB, VMM config).
     #[arg(long)]
     config: PathBuf,
-}
-
-/// What `start` hands the VMM child.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Launch {
-    /// The machine row holding the verified allowlist.
-    pub machine: String,
-    /// The state database holding that row.
-    pub state_db: PathBuf,
-    /// The machine; `vsock.allowlist` must be empty (it is filled from the DB).
-    pub vmm: VmmConfig,
 }
 
 /// Turn verified DB entries into the VMM's rules. Only /32s are accepted.

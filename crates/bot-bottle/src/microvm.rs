@@ -1,0 +1,325 @@
+//! The microVM backend's host side: what the guest is told (bottle-init's `GuestConfig`), what
+//! the VMM child is given (its launch file), and where the pieces come from. Pure builders
+//! here; the effects (image export, child process, control connection) are in `start`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+
+use bottle_proto::config::{
+    AgentUser, BlockFs, ControlChannel, EgressForward, GuestConfig, CONTROL_VSOCK_PORT,
+};
+use bottle_proto::message::UserIds;
+use bottle_vmm::{DiskConfig, SerialOutput, VmmConfig, VsockConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::plan::BottlePlan;
+
+/// Our part of the kernel command line before `bottle.config=` (the VMM itself adds the serial
+/// console, `reboot=k` and `panic=-1`, and the virtio-mmio devices).
+pub const BASE_CMDLINE: &str = "quiet";
+/// Room left on the command line for what the VMM appends (virtio-mmio device entries).
+const CMDLINE_ROOM: usize = 512;
+/// Overrides the guest kernel (a vmlinux or bzImage), e.g. for a kernel built elsewhere.
+pub const KERNEL_ENV: &str = "BOT_BOTTLE_KERNEL";
+/// Overrides where `bottle-init` (the guest's PID 1) is found.
+pub const INIT_ENV: &str = "BOT_BOTTLE_INIT";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MicrovmError {
+    #[error(
+        "no guest kernel: run `bot-bottle kernel build` (or set {KERNEL_ENV}=/path/to/vmlinux)"
+    )]
+    NoKernel,
+    #[error(
+        "bottle-init (the guest's PID 1) not found next to {exe}: build it with \
+         `cargo build -p bottle-init` (or set {INIT_ENV}=/path/to/bottle-init)"
+    )]
+    NoInit { exe: PathBuf },
+    #[error("agent user `{user}` is not in the image's /etc/passwd: use a user the image defines, or uid:gid")]
+    UnknownUser { user: String },
+    #[error("agent group `{group}` is not in the image's /etc/group: use a group the image defines, or a number")]
+    UnknownGroup { group: String },
+    #[error("the bottle configuration does not fit on the kernel command line")]
+    Cmdline {
+        #[source]
+        source: bottle_proto::ConfigError,
+    },
+    #[error("workspace mounts are not supported by the microvm backend yet: use --backend docker, or drop --mount")]
+    MountsUnsupported,
+}
+
+/// The VMM child's launch file (read by `bot-bottle __vmm`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Launch {
+    /// The machine row holding the verified allowlist.
+    pub machine: String,
+    /// The state database holding that row.
+    pub state_db: PathBuf,
+    /// The machine; `vsock.allowlist` stays empty (the child fills it from the DB).
+    pub vmm: VmmConfig,
+}
+
+/// Resolve the manifest's `user` (`name`, `name:group`, `uid`, `uid:gid`) against the image's
+/// passwd and group files. Returns the ids and the home directory.
+pub fn resolve_user(
+    user: &str,
+    passwd: &str,
+    group: &str,
+) -> Result<(UserIds, String), MicrovmError> {
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let entry = passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        (f.len() >= 7 && (f[0] == u || f[2] == u)).then(|| {
+            (
+                f[2].parse::<u32>().ok(),
+                f[3].parse::<u32>().ok(),
+                f[5].to_owned(),
+            )
+        })
+    });
+    let (uid, primary_gid, home) = match (entry, u.parse::<u32>()) {
+        (Some((Some(uid), gid, home)), _) => (uid, gid, home),
+        (_, Ok(uid)) => (
+            uid,
+            None,
+            if uid == 0 {
+                "/root".into()
+            } else {
+                "/home/agent".into()
+            },
+        ),
+        _ => {
+            return Err(MicrovmError::UnknownUser {
+                user: user.to_owned(),
+            })
+        }
+    };
+    let gid = match g {
+        None => primary_gid.unwrap_or(uid),
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => group
+                .lines()
+                .find_map(|line| {
+                    let f: Vec<&str> = line.split(':').collect();
+                    (f.len() >= 3 && f[0] == g)
+                        .then(|| f[2].parse::<u32>().ok())
+                        .flatten()
+                })
+                .ok_or_else(|| MicrovmError::UnknownGroup {
+                    group: g.to_owned(),
+                })?,
+        },
+    };
+    Ok((UserIds { uid, gid }, home))
+}
+
+/// What bottle-init is told: the root image, the agent user, env, and one egress forwarder per
+/// published bundle port (alias:port in the guest → the same alias:port on the host).
+pub fn guest_config(plan: &BottlePlan, token: &str, user: UserIds, home: &str) -> GuestConfig {
+    let egress = plan
+        .bundle
+        .ports
+        .iter()
+        .map(|p| EgressForward {
+            listen: SocketAddrV4::new(plan.alias, p.host_port),
+            vsock_port: u32::from(p.host_port),
+        })
+        .collect();
+    let mut env: BTreeMap<String, String> = plan.agent.env.clone();
+    env.insert("HOME".into(), home.to_owned());
+    GuestConfig {
+        token: token.to_owned(),
+        hostname: plan.bottle.clone(),
+        control: ControlChannel::Vsock {
+            port: CONTROL_VSOCK_PORT,
+        },
+        root: Some(BlockFs {
+            device: "/dev/vda".into(),
+            fstype: "squashfs".into(),
+        }),
+        upper: Default::default(),
+        mounts: Vec::new(),
+        user: AgentUser {
+            ids: user,
+            home: home.to_owned(),
+        },
+        env,
+        agent: None,
+        egress,
+    }
+}
+
+/// The VMM launch file for a plan.
+pub fn launch(
+    plan: &BottlePlan,
+    guest: &GuestConfig,
+    kernel: &Path,
+    rootfs: &Path,
+    bottle_dir: &Path,
+    state_db: &Path,
+) -> Result<Launch, MicrovmError> {
+    let arg = guest
+        .to_cmdline_arg(BASE_CMDLINE.len() + CMDLINE_ROOM)
+        .map_err(|source| MicrovmError::Cmdline { source })?;
+    Ok(Launch {
+        machine: plan.agent.name.clone(),
+        state_db: state_db.to_path_buf(),
+        vmm: VmmConfig {
+            kernel: kernel.to_path_buf(),
+            cmdline: format!("{BASE_CMDLINE} {arg}"),
+            vcpus: plan.agent.vcpus,
+            mem_mib: plan.agent.memory_mib,
+            serial: SerialOutput::File(bottle_dir.join("serial.log")),
+            vsock: Some(VsockConfig {
+                guest_cid: plan.guest_cid,
+                uds_path: bottle_dir.join("vsock.sock"),
+                allowlist: Vec::new(),
+                event_log: Some(bottle_dir.join("vsock-egress.jsonl")),
+            }),
+            initrd: None,
+            disks: vec![DiskConfig {
+                path: rootfs.to_path_buf(),
+                read_only: true,
+            }],
+        },
+    })
+}
+
+/// The guest kernel: `$BOT_BOTTLE_KERNEL`, else the cached build for this fragment.
+pub fn find_kernel(dirs: &crate::paths::Dirs) -> Result<PathBuf, MicrovmError> {
+    if let Some(p) = std::env::var_os(KERNEL_ENV).filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    crate::kernel::cached_kernel_in(
+        &crate::kernel::kernel_cache_dir(dirs),
+        crate::kernel::FRAGMENT,
+    )
+    .ok_or(MicrovmError::NoKernel)
+}
+
+/// bottle-init: `$BOT_BOTTLE_INIT`, else the `bottle-init` built next to this executable.
+pub fn find_init() -> Result<PathBuf, MicrovmError> {
+    if let Some(p) = std::env::var_os(INIT_ENV).filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let candidate = exe.with_file_name("bottle-init");
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        Err(MicrovmError::NoInit { exe })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Backend, ManifestSource};
+    use crate::plan::{derive_cid, plan, HostFacts};
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nnode:x:1000:1000::/home/node:/bin/bash\n";
+    const GROUP: &str = "root:x:0:\nnode:x:1000:\nstaff:x:50:\n";
+
+    fn test_plan() -> BottlePlan {
+        let m = ManifestSource::new(PathBuf::from("/nonexistent"))
+            .load("claude")
+            .unwrap();
+        plan(
+            &m,
+            &HostFacts {
+                bottle_id: "claude-abcdef".into(),
+                alias: std::net::Ipv4Addr::new(127, 0, 0, 18),
+                guest_cid: derive_cid("claude-abcdef", 0),
+                backend: Backend::Microvm,
+                mounts: vec![],
+                runsc: false,
+                state_tag: "t".into(),
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn user_names_resolve_through_the_images_passwd_and_group() {
+        let (ids, home) = resolve_user("node", PASSWD, GROUP).unwrap();
+        assert_eq!(
+            (ids.uid, ids.gid, home.as_str()),
+            (1000, 1000, "/home/node")
+        );
+        let (ids, _) = resolve_user("node:staff", PASSWD, GROUP).unwrap();
+        assert_eq!(ids.gid, 50);
+        let (ids, _) = resolve_user("2000:3000", PASSWD, GROUP).unwrap();
+        assert_eq!((ids.uid, ids.gid), (2000, 3000));
+    }
+
+    #[test]
+    fn unknown_user_or_group_is_named() {
+        assert!(matches!(
+            resolve_user("ghost", PASSWD, GROUP),
+            Err(MicrovmError::UnknownUser { .. })
+        ));
+        assert!(matches!(
+            resolve_user("node:ghosts", PASSWD, GROUP),
+            Err(MicrovmError::UnknownGroup { .. })
+        ));
+    }
+
+    #[test]
+    fn guest_forwards_every_published_port_on_the_alias_over_the_same_vsock_port() {
+        let p = test_plan();
+        let g = guest_config(
+            &p,
+            "tok",
+            UserIds {
+                uid: 1000,
+                gid: 1000,
+            },
+            "/home/node",
+        );
+        let listens: Vec<String> = g.egress.iter().map(|e| e.listen.to_string()).collect();
+        assert_eq!(
+            listens,
+            ["127.0.0.18:3128", "127.0.0.18:9418", "127.0.0.18:7070"]
+        );
+        assert!(g
+            .egress
+            .iter()
+            .all(|e| e.vsock_port == u32::from(e.listen.port())));
+        assert_eq!(g.env["HTTPS_PROXY"], "http://127.0.0.18:3128");
+    }
+
+    #[test]
+    fn launch_carries_no_allowlist_and_the_config_fits_the_command_line() {
+        let p = test_plan();
+        let g = guest_config(
+            &p,
+            "tok",
+            UserIds {
+                uid: 1000,
+                gid: 1000,
+            },
+            "/home/node",
+        );
+        let l = launch(
+            &p,
+            &g,
+            Path::new("/k"),
+            Path::new("/r.sqfs"),
+            Path::new("/b"),
+            Path::new("/s.db"),
+        )
+        .unwrap();
+        let vsock = l.vmm.vsock.unwrap();
+        assert!(vsock.allowlist.is_empty());
+        assert_eq!(vsock.guest_cid, p.guest_cid);
+        assert!(l.vmm.cmdline.starts_with(BASE_CMDLINE));
+        assert!(l.vmm.cmdline.contains("bottle.config="));
+        assert!(l.vmm.disks[0].read_only);
+        assert_eq!(l.machine, "bot-bottle-claude-abcdef-vm");
+    }
+}

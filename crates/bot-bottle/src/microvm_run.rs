@@ -1,0 +1,288 @@
+//! The microVM backend's effects: the root image from the agent image, the VMM child process,
+//! the control connection and the attached session.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bollard::container::{Config, CreateContainerOptions, DownloadFromContainerOptions};
+use bollard::Docker;
+use bottle_proto::client::{connect_vsock, Client};
+use bottle_proto::config::CONTROL_VSOCK_PORT;
+use bottle_proto::message::{ExecRequest, ExitStatus};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use crate::docker::{remove_container, DockerError};
+
+/// How long the guest has from VMM start to its control agent answering `health`.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a powered-off request waits for the VMM child to end before killing it.
+pub const POWER_OFF_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MicrovmRunError {
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error("cannot read {path} from the agent image")]
+    ImageFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("building the root image failed")]
+    Rootfs {
+        #[source]
+        source: crate::rootfs::RootfsError,
+    },
+    #[error("the VM ended (status {status}) before its control agent answered; the end of its console:\n{console}")]
+    EndedBeforeReady { status: String, console: String },
+    #[error("the guest's control agent did not answer within {}s; the end of its console:\n{console}", BOOT_TIMEOUT.as_secs())]
+    BootTimeout { console: String },
+    #[error("cannot start the VMM child process")]
+    Spawn {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the control channel to the guest failed")]
+    Control {
+        #[source]
+        source: bottle_proto::ClientError,
+    },
+}
+
+/// The last `lines` lines of a console log.
+pub fn console_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Files read out of the agent image (for the user's ids).
+pub struct ImageAccounts {
+    pub passwd: String,
+    pub group: String,
+}
+
+async fn read_file(
+    docker: &Docker,
+    container: &str,
+    path: &str,
+) -> Result<String, MicrovmRunError> {
+    let mut stream = docker.download_from_container(
+        container,
+        Some(DownloadFromContainerOptions {
+            path: path.to_owned(),
+        }),
+    );
+    let mut tar_bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(b) => tar_bytes.extend_from_slice(&b),
+            // A missing file (scratch images have none) reads as empty.
+            Err(_) => return Ok(String::new()),
+        }
+    }
+    let mut archive = tar::Archive::new(tar_bytes.as_slice());
+    let mut text = String::new();
+    let entries = archive
+        .entries()
+        .map_err(|source| MicrovmRunError::ImageFile {
+            path: path.to_owned(),
+            source,
+        })?;
+    if let Some(entry) = entries.flatten().next() {
+        let mut entry = entry;
+        entry
+            .read_to_string(&mut text)
+            .map_err(|source| MicrovmRunError::ImageFile {
+                path: path.to_owned(),
+                source,
+            })?;
+    }
+    Ok(text)
+}
+
+/// The root image for `image` (cached by image id and bottle-init), and its accounts.
+pub async fn prepare_rootfs(
+    docker: &Docker,
+    image: &str,
+    init: &Path,
+    cache: &Path,
+    labels: &std::collections::BTreeMap<String, String>,
+    scratch_name: &str,
+) -> Result<(PathBuf, ImageAccounts), MicrovmRunError> {
+    let image_id = docker
+        .inspect_image(image)
+        .await
+        .map_err(|source| DockerError::Inspect {
+            what: "image",
+            name: image.to_owned(),
+            source,
+        })?
+        .id
+        .unwrap_or_else(|| image.to_owned());
+    // A created (never started) container gives access to the image's files.
+    docker
+        .create_container(
+            Some(CreateContainerOptions {
+                name: scratch_name.to_owned(),
+                platform: None,
+            }),
+            Config {
+                image: Some(image.to_owned()),
+                cmd: Some(vec!["/nonexistent".to_owned()]),
+                labels: Some(labels.clone().into_iter().collect()),
+                network_disabled: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|source| DockerError::CreateContainer {
+            name: scratch_name.to_owned(),
+            source,
+        })?;
+    let result = async {
+        let accounts = ImageAccounts {
+            passwd: read_file(docker, scratch_name, "/etc/passwd").await?,
+            group: read_file(docker, scratch_name, "/etc/group").await?,
+        };
+        let key = crate::rootfs::rootfs_key(&image_id, init)
+            .map_err(|source| MicrovmRunError::Rootfs { source })?;
+        let target = cache.join("rootfs").join(format!("{key}.sqfs"));
+        if target.is_file() {
+            return Ok((target, accounts));
+        }
+        eprintln!("bot-bottle: building the root image from {image} (once per image)");
+        std::fs::create_dir_all(cache.join("rootfs")).map_err(|source| MicrovmRunError::Write {
+            path: cache.join("rootfs"),
+            source,
+        })?;
+        let tar_path = cache.join("rootfs").join(format!(".{key}.export.tar"));
+        let mut file =
+            tokio::fs::File::create(&tar_path)
+                .await
+                .map_err(|source| MicrovmRunError::Write {
+                    path: tar_path.clone(),
+                    source,
+                })?;
+        let mut export = docker.export_container(scratch_name);
+        while let Some(chunk) = export.next().await {
+            let chunk = chunk.map_err(|source| DockerError::Inspect {
+                what: "container export",
+                name: scratch_name.to_owned(),
+                source,
+            })?;
+            file.write_all(&chunk)
+                .await
+                .map_err(|source| MicrovmRunError::Write {
+                    path: tar_path.clone(),
+                    source,
+                })?;
+        }
+        file.flush()
+            .await
+            .map_err(|source| MicrovmRunError::Write {
+                path: tar_path.clone(),
+                source,
+            })?;
+        drop(file);
+        let (cache, image_id, init, tar) = (
+            cache.to_path_buf(),
+            image_id.clone(),
+            init.to_path_buf(),
+            tar_path.clone(),
+        );
+        let built = tokio::task::spawn_blocking(move || {
+            crate::rootfs::cached_rootfs(&cache, &image_id, &init, || std::fs::File::open(&tar))
+        })
+        .await
+        .map_err(|e| MicrovmRunError::Write {
+            path: tar_path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let _ = std::fs::remove_file(&tar_path);
+        let image = built.map_err(|source| MicrovmRunError::Rootfs { source })?;
+        Ok((image, accounts))
+    }
+    .await;
+    if let Err(e) = remove_container(docker, scratch_name).await {
+        tracing::warn!(error = %e, "cannot remove the export container; `bot-bottle cleanup` will");
+    }
+    result
+}
+
+/// Wait until the guest's control agent answers, or the VMM child ends, or time runs out.
+pub async fn connect_control(
+    child: &mut tokio::process::Child,
+    uds: &Path,
+    token: &str,
+    console: &Path,
+) -> Result<Client<std::os::unix::net::UnixStream>, MicrovmRunError> {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(MicrovmRunError::EndedBeforeReady {
+                status: status.to_string(),
+                console: console_tail(console, 30),
+            });
+        }
+        if uds.exists() {
+            let (uds, token) = (uds.to_path_buf(), token.to_owned());
+            let attempt = tokio::task::spawn_blocking(move || {
+                let stream = connect_vsock(&uds, CONTROL_VSOCK_PORT)?;
+                let mut client = Client::new(stream, token);
+                client.health().map(|_| client)
+            })
+            .await;
+            if let Ok(Ok(client)) = attempt {
+                return Ok(client);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(MicrovmRunError::BootTimeout {
+                console: console_tail(console, 30),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Run `argv` in the guest with the host's stdin/stdout/stderr; returns the exit code.
+pub async fn exec(
+    mut client: Client<std::os::unix::net::UnixStream>,
+    argv: Vec<String>,
+    cwd: String,
+) -> Result<(i32, Client<std::os::unix::net::UnixStream>), MicrovmRunError> {
+    tokio::task::spawn_blocking(move || {
+        let mut req = ExecRequest::new(argv);
+        req.cwd = Some(cwd);
+        let status = client.exec_streaming(
+            &req,
+            std::io::stdin(),
+            &mut std::io::stdout(),
+            &mut std::io::stderr(),
+        )?;
+        Ok((exit_code(&status), client))
+    })
+    .await
+    .map_err(|e| MicrovmRunError::Control {
+        source: bottle_proto::ClientError::Input(std::io::Error::other(e.to_string())),
+    })?
+    .map_err(|source| MicrovmRunError::Control { source })
+}
+
+/// A shell-style exit code: the code, or 128 + signal.
+pub fn exit_code(status: &ExitStatus) -> i32 {
+    match (status.code, status.signal) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        (None, None) => 1,
+    }
+}
