@@ -218,7 +218,7 @@ fn vmm_child_refuses_to_boot_without_a_verified_allowlist() {
     }
     let m = machine(&[], "", vec![]);
     let out = run_vmm(&m);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(bottle_vmm::EXIT_CODE_VMM_ERROR));
     assert!(String::from_utf8_lossy(&out.stderr).contains("never verified"));
     assert_eq!(serial(&m), "", "the guest ran");
 }
@@ -241,7 +241,7 @@ fn vmm_child_refuses_an_allowlist_smuggled_in_the_launch_file() {
         wide,
     );
     let out = run_vmm(&m);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(bottle_vmm::EXIT_CODE_VMM_ERROR));
     assert!(String::from_utf8_lossy(&out.stderr).contains("carries its own allowlist"));
     assert_eq!(serial(&m), "");
 }
@@ -262,7 +262,7 @@ fn vmm_child_refuses_when_the_state_db_is_gone() {
     std::fs::remove_file(&m.db).unwrap();
     let _ = std::fs::remove_file(m.db.with_extension("db-wal"));
     let out = run_vmm(&m);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(bottle_vmm::EXIT_CODE_VMM_ERROR));
     assert!(String::from_utf8_lossy(&out.stderr).contains("fail closed"));
     assert_eq!(serial(&m), "");
 }

@@ -41,7 +41,7 @@ pub enum MicrovmRunError {
         #[source]
         source: crate::rootfs::RootfsError,
     },
-    #[error("the VM ended (status {status}) before its control agent answered; the end of its console:\n{console}")]
+    #[error("the VM ended ({status}) before its control agent answered; the end of its console:\n{console}")]
     EndedBeforeReady { status: String, console: String },
     #[error("the guest's control agent did not answer within {}s; the end of its console:\n{console}", BOOT_TIMEOUT.as_secs())]
     BootTimeout { console: String },
@@ -229,7 +229,7 @@ pub async fn connect_control(
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(MicrovmRunError::EndedBeforeReady {
-                status: status.to_string(),
+                status: describe_vmm_exit(status),
                 console: console_tail(console, 30),
             });
         }
@@ -276,6 +276,24 @@ pub async fn exec(
         source: bottle_proto::ClientError::Input(std::io::Error::other(e.to_string())),
     })?
     .map_err(|source| MicrovmRunError::Control { source })
+}
+
+/// How the VMM child ended, in words.
+pub fn describe_vmm_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(bottle_vmm::EXIT_CODE_VMM_ERROR), _) => "the VMM refused or failed; see above".into(),
+        (Some(bottle_vmm::EXIT_CODE_STOPPED), _) => "the VMM was stopped".into(),
+        (Some(code), _) => match bottle_vmm::GuestExit::from_exit_code(code) {
+            Some(bottle_vmm::GuestExit::PowerOff) => "the guest powered off".into(),
+            Some(bottle_vmm::GuestExit::Reset) => "the guest rebooted".into(),
+            Some(bottle_vmm::GuestExit::Panic) => "the guest kernel panicked".into(),
+            Some(bottle_vmm::GuestExit::Crash(_)) => "the VM crashed".into(),
+            None => format!("exit code {code}"),
+        },
+        (None, Some(sig)) => format!("the VMM was killed by signal {sig}"),
+        (None, None) => "unknown".into(),
+    }
 }
 
 /// A shell-style exit code: the code, or 128 + signal.

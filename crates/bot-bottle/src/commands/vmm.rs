@@ -41,7 +41,22 @@ pub fn rules_from_entries(entries: &[AllowEntry]) -> anyhow::Result<Vec<AllowRul
         .collect()
 }
 
+/// Exit status: how the guest ended (`bottle_vmm::EXIT_CODE_*`); `EXIT_CODE_VMM_ERROR` with the
+/// cause on stderr when the VM was refused or could not run.
 pub async fn run(args: VmmArgs) -> anyhow::Result<i32> {
+    match boot(args).await {
+        Ok(code) => Ok(code),
+        Err(err) => {
+            eprintln!("bot-bottle __vmm: error: {err}");
+            for (i, cause) in err.chain().skip(1).enumerate() {
+                eprintln!("  {}: {cause}", i + 1);
+            }
+            Ok(bottle_vmm::EXIT_CODE_VMM_ERROR)
+        }
+    }
+}
+
+async fn boot(args: VmmArgs) -> anyhow::Result<i32> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading the VMM launch file {}", args.config.display()))?;
     let mut launch: Launch = serde_json::from_str(&text)
@@ -75,9 +90,16 @@ pub async fn run(args: VmmArgs) -> anyhow::Result<i32> {
     drop(db);
     tracing::info!(machine = %launch.machine, rules = vsock.allowlist.len(), "booting");
     let config = launch.vmm;
-    let exit = tokio::task::spawn_blocking(move || bottle_vmm::run(&config))
+    // SIGTERM/SIGINT stop the vCPUs, join them and remove the vsock socket.
+    bottle_vmm::install_stop_signals().context("installing the VMM's stop signals")?;
+    let result = tokio::task::spawn_blocking(move || bottle_vmm::run(&config))
         .await
-        .context("the VMM thread panicked")??;
+        .context("the VMM thread panicked")?;
+    let exit = match result {
+        Ok(exit) => exit,
+        Err(bottle_vmm::VmmError::Stopped) => return Ok(bottle_vmm::EXIT_CODE_STOPPED),
+        Err(e) => return Err(e.into()),
+    };
     if let bottle_vmm::GuestExit::Crash(why) = &exit {
         eprintln!("bot-bottle: the VM crashed: {why}");
     }
