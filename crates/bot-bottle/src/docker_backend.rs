@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::docker::DockerError;
 use crate::plan::BottlePlan;
 use crate::sidecar::{SidecarConfig, CONFIG_ENV, EGRESS_LOG, LOG_DIR_IN_BUNDLE};
+use crate::terminal::{terminal_size, RawMode};
 
 /// How long the bundle has to accept connections on its published proxy port.
 const BUNDLE_READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -260,50 +261,6 @@ pub async fn create_agent(
     Ok(())
 }
 
-/// Puts the terminal in raw mode; restores it on drop.
-struct RawMode {
-    saved: nix::sys::termios::Termios,
-}
-
-impl RawMode {
-    fn enter() -> Result<Self, BackendError> {
-        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
-        let stdin = std::io::stdin();
-        let saved = tcgetattr(&stdin).map_err(|e| BackendError::Terminal {
-            source: std::io::Error::from(e),
-        })?;
-        let mut raw = saved.clone();
-        cfmakeraw(&mut raw);
-        tcsetattr(&stdin, SetArg::TCSANOW, &raw).map_err(|e| BackendError::Terminal {
-            source: std::io::Error::from(e),
-        })?;
-        Ok(Self { saved })
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        use nix::sys::termios::{tcsetattr, SetArg};
-        if let Err(e) = tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.saved) {
-            tracing::warn!(error = %e, "cannot restore the terminal; run `reset`");
-        }
-    }
-}
-
-/// The terminal's (rows, columns), via `stty size` (this crate has no `unsafe` for the ioctl).
-fn terminal_size() -> Option<(u16, u16)> {
-    let out = std::process::Command::new("stty")
-        .arg("size")
-        .stdin(std::process::Stdio::inherit())
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut parts = text.split_whitespace();
-    let rows = parts.next()?.parse().ok()?;
-    let cols = parts.next()?.parse().ok()?;
-    Some((rows, cols))
-}
-
 async fn resize(docker: &Docker, name: &str) {
     if let Some((rows, cols)) = terminal_size() {
         let _ = docker
@@ -341,7 +298,7 @@ pub async fn run_agent(docker: &Docker, name: &str, tty: bool) -> Result<i32, Ba
             source,
         })?;
     let _raw = if tty && std::io::stdin().is_terminal() {
-        Some(RawMode::enter()?)
+        Some(RawMode::enter().map_err(|source| BackendError::Terminal { source })?)
     } else {
         None
     };

@@ -22,3 +22,4 @@ pub mod preflight;
 pub mod rootfs;
 pub mod sidecar;
 pub mod state;
+pub mod terminal;

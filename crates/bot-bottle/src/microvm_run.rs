@@ -296,6 +296,71 @@ pub fn describe_vmm_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
+/// Attach the user's terminal to `argv` in a guest PTY (raw mode, window size forwarded on
+/// SIGWINCH). The guest powers off when the command exits. Returns the exit code.
+pub async fn attach_pty(
+    client: Client<std::os::unix::net::UnixStream>,
+    argv: Vec<String>,
+    cwd: String,
+) -> Result<i32, MicrovmRunError> {
+    use bottle_proto::message::{PtyRequest, WindowSize};
+    use std::io::Read as _;
+    let control = |source| MicrovmRunError::Control { source };
+    let (rows, cols) = crate::terminal::terminal_size().unwrap_or((24, 80));
+    let req = PtyRequest {
+        argv,
+        env: Default::default(),
+        cwd: Some(cwd),
+        size: WindowSize { rows, cols },
+        user: None,
+        power_off_on_exit: true,
+    };
+    let session = tokio::task::spawn_blocking(move || client.pty(&req))
+        .await
+        .map_err(|e| {
+            control(bottle_proto::ClientError::Input(std::io::Error::other(
+                e.to_string(),
+            )))
+        })?
+        .map_err(control)?;
+    let input = session.input();
+    let _raw = crate::terminal::RawMode::enter().ok();
+    // Keyboard -> guest. A thread: stdin reads block and cannot be cancelled.
+    let keys = input.clone();
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 || keys.write(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    // Window size changes -> guest.
+    let resizer = tokio::spawn(async move {
+        let Ok(mut winch) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+        else {
+            return;
+        };
+        while winch.recv().await.is_some() {
+            if let Some((rows, cols)) = crate::terminal::terminal_size() {
+                let _ = input.resize(WindowSize { rows, cols });
+            }
+        }
+    });
+    let result = tokio::task::spawn_blocking(move || session.run(&mut std::io::stdout())).await;
+    resizer.abort();
+    let (status, _client) = result
+        .map_err(|e| {
+            control(bottle_proto::ClientError::Input(std::io::Error::other(
+                e.to_string(),
+            )))
+        })?
+        .map_err(control)?;
+    Ok(exit_code(&status))
+}
+
 /// A shell-style exit code: the code, or 128 + signal.
 pub fn exit_code(status: &ExitStatus) -> i32 {
     match (status.code, status.signal) {

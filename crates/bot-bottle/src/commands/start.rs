@@ -338,8 +338,16 @@ async fn run_microvm(
     } else {
         args.command.clone()
     };
-    let (code, mut client) = microvm_run::exec(client, argv, plan.agent.workdir.clone()).await?;
-    let _ = tokio::task::spawn_blocking(move || client.shutdown()).await;
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let code = if interactive {
+        // The guest powers itself off when the attached command exits.
+        microvm_run::attach_pty(client, argv, plan.agent.workdir.clone()).await?
+    } else {
+        let (code, mut client) =
+            microvm_run::exec(client, argv, plan.agent.workdir.clone()).await?;
+        let _ = tokio::task::spawn_blocking(move || client.shutdown()).await;
+        code
+    };
     if tokio::time::timeout(microvm_run::POWER_OFF_TIMEOUT, child.wait())
         .await
         .is_err()
