@@ -186,3 +186,48 @@ fn cleanup_leaves_other_state_dirs_bottles_alone() {
     run.wait();
     assert_nothing_left(&theirs);
 }
+
+#[test]
+fn cleanup_images_removes_other_builds_sidecar_images_and_keeps_this_ones() {
+    if !docker_available("cleanup_images_removes_other_builds_sidecar_images") {
+        return;
+    }
+    let sb = Sandbox::new("63-63");
+    // This build's sidecar image exists after a start.
+    let out = sb.run(&["start", "test", "--", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let build_id = bot_bottle::images::elf_info(&common::bin())
+        .unwrap()
+        .build_id
+        .unwrap();
+    let this_build = format!("bot-bottle-sidecar:b{}", &build_id[..16]);
+    // An old build's image: any tag under the sidecar repository.
+    let stale = "bot-bottle-sidecar:b0000000000000000";
+    assert!(std::process::Command::new("docker")
+        .args(["tag", &this_build, stale])
+        .status()
+        .unwrap()
+        .success());
+    let out = sb.run(&["cleanup", "--images"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        common::stdout(&out).contains(stale),
+        "{}",
+        common::stdout(&out)
+    );
+    let left = std::process::Command::new("docker")
+        .args([
+            "images",
+            "--format",
+            "{{.Repository}}:{{.Tag}}",
+            "bot-bottle-sidecar",
+        ])
+        .output()
+        .unwrap();
+    let left = String::from_utf8_lossy(&left.stdout).into_owned();
+    assert!(!left.contains(stale), "{left}");
+    assert!(
+        left.contains(&this_build),
+        "this build's image was removed: {left}"
+    );
+}

@@ -317,6 +317,52 @@ pub async fn ensure_sidecar_image(
     ensure_image(docker, "bot-bottle-sidecar", &spec, &image_labels).await
 }
 
+/// Repository of the sidecar images.
+pub const SIDECAR_REPO: &str = "bot-bottle-sidecar";
+
+fn sidecar_tag_for(build_id: Option<&str>) -> Option<String> {
+    build_id.map(|id| format!("{SIDECAR_REPO}:b{}", &id[..id.len().min(16)]))
+}
+
+/// The sidecar tag this binary uses (when it has a build id).
+pub fn current_sidecar_tag() -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    sidecar_tag_for(elf_info(&exe).ok()?.build_id.as_deref())
+}
+
+/// Remove sidecar images of other bot-bottle builds that no container uses. Returns the tags
+/// removed; images in use are skipped.
+pub async fn prune_sidecar_images(docker: &Docker) -> Result<Vec<String>, DockerError> {
+    use bollard::image::{ListImagesOptions, RemoveImageOptions};
+    let keep = current_sidecar_tag();
+    let images = docker
+        .list_images(Some(ListImagesOptions::<String> {
+            filters: HashMap::from([("reference".to_owned(), vec![SIDECAR_REPO.to_owned()])]),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|source| DockerError::List {
+            what: "images",
+            source,
+        })?;
+    let mut removed = Vec::new();
+    for image in images {
+        for tag in image.repo_tags {
+            if Some(&tag) == keep.as_ref() {
+                continue;
+            }
+            let options = RemoveImageOptions {
+                force: false,
+                noprune: false,
+            };
+            if docker.remove_image(&tag, Some(options), None).await.is_ok() {
+                removed.push(tag);
+            }
+        }
+    }
+    Ok(removed)
+}
+
 /// What the sidecar needs to know about an ELF file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ElfInfo {

@@ -14,6 +14,9 @@ pub struct CleanupArgs {
     /// Only print what would be removed.
     #[arg(long)]
     dry_run: bool,
+    /// Also remove sidecar images of other bot-bottle builds (each build makes its own).
+    #[arg(long)]
+    images: bool,
 }
 
 pub async fn run(ctx: &Context, args: CleanupArgs) -> anyhow::Result<i32> {
@@ -72,6 +75,11 @@ pub async fn run(ctx: &Context, args: CleanupArgs) -> anyhow::Result<i32> {
     if let Some(db) = &db {
         if !args.dry_run {
             db.prune_dead_leases()?;
+        }
+    }
+    if args.images && !args.dry_run {
+        for tag in bot_bottle::images::prune_sidecar_images(&docker).await? {
+            println!("removed image {tag}");
         }
     }
     if dead.is_empty() {
