@@ -202,25 +202,10 @@ async fn run_docker(
     args: &StartArgs,
     stack: &mut GuardStack,
 ) -> anyhow::Result<i32> {
-    use bot_bottle::{docker_backend, images};
-    // Images: the sidecar (this binary) and the agent, each built once per content hash.
-    let sidecar_image = images::ensure_sidecar_image(docker, &plan.labels).await?;
-    let spec = images::load_dockerfile(&plan.agent.dockerfile, &ctx.dirs.bottles_dir())?;
-    let image_labels = std::collections::BTreeMap::from([(
-        bot_bottle::plan::LABEL_MANAGED.to_owned(),
-        "true".to_owned(),
-    )]);
-    let agent_image =
-        images::ensure_image(docker, &plan.agent.image_repo, &spec, &image_labels).await?;
+    use bot_bottle::docker_backend;
+    let images = build_images(ctx, docker, plan).await?;
     pause_point("images").await;
-
-    // The bundle: egress proxy (+ placeholders), ports published on the alias only.
-    let log_dir = ctx.dirs.bottle_dir(&plan.id);
-    docker_backend::prepare_log_dir(&log_dir)?;
-    push_remove_container(stack, &plan.bundle.container);
-    docker_backend::create_bundle(docker, plan, &sidecar_image, &log_dir).await?;
-    docker_backend::start_bundle(docker, plan).await?;
-    pause_point("bundle").await;
+    start_bundle(ctx, docker, plan, &images.sidecar, stack).await?;
 
     // The agent: on the internal network only.
     let command = if args.command.is_empty() {
@@ -230,11 +215,53 @@ async fn run_docker(
     };
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
     push_remove_container(stack, &plan.agent.name);
-    docker_backend::create_agent(docker, plan, &agent_image, &command, tty).await?;
+    docker_backend::create_agent(docker, plan, &images.agent, &command, tty).await?;
     pause_point("agent").await;
     let code = docker_backend::run_agent(docker, &plan.agent.name, tty).await?;
     tracing::info!(code, "agent exited");
     Ok(code)
+}
+
+/// The two images every backend needs.
+struct Images {
+    sidecar: String,
+    agent: String,
+}
+
+/// The sidecar (this binary) and the agent image, each built once per content hash.
+async fn build_images(
+    ctx: &Context,
+    docker: &bollard::Docker,
+    plan: &BottlePlan,
+) -> anyhow::Result<Images> {
+    use bot_bottle::images;
+    let sidecar = images::ensure_sidecar_image(docker, &plan.labels).await?;
+    let spec = images::load_dockerfile(&plan.agent.dockerfile, &ctx.dirs.bottles_dir())?;
+    let image_labels = std::collections::BTreeMap::from([(
+        bot_bottle::plan::LABEL_MANAGED.to_owned(),
+        "true".to_owned(),
+    )]);
+    let agent = images::ensure_image(docker, &plan.agent.image_repo, &spec, &image_labels).await?;
+    Ok(Images { sidecar, agent })
+}
+
+/// The bundle: egress proxy (+ placeholders), ports published on the alias only. Returns the
+/// bottle's directory (logs, sockets).
+async fn start_bundle(
+    ctx: &Context,
+    docker: &bollard::Docker,
+    plan: &BottlePlan,
+    sidecar_image: &str,
+    stack: &mut GuardStack,
+) -> anyhow::Result<std::path::PathBuf> {
+    use bot_bottle::docker_backend;
+    let bottle_dir = ctx.dirs.bottle_dir(&plan.id);
+    docker_backend::prepare_log_dir(&bottle_dir)?;
+    push_remove_container(stack, &plan.bundle.container);
+    docker_backend::create_bundle(docker, plan, sidecar_image, &bottle_dir).await?;
+    docker_backend::start_bundle(docker, plan).await?;
+    pause_point("bundle").await;
+    Ok(bottle_dir)
 }
 
 fn push_remove_container(stack: &mut GuardStack, name: &str) {
@@ -253,7 +280,7 @@ async fn run_microvm(
     stack: &mut GuardStack,
 ) -> anyhow::Result<i32> {
     use bot_bottle::microvm::{self, MicrovmError};
-    use bot_bottle::{docker_backend, images, microvm_run};
+    use bot_bottle::microvm_run;
     if !plan.mounts.is_empty() {
         return Err(MicrovmError::MountsUnsupported.into());
     }
@@ -261,17 +288,10 @@ async fn run_microvm(
     let init = microvm::find_init()?;
 
     // Images: the sidecar, the agent, and the agent's root image for the guest.
-    let sidecar_image = images::ensure_sidecar_image(docker, &plan.labels).await?;
-    let spec = images::load_dockerfile(&plan.agent.dockerfile, &ctx.dirs.bottles_dir())?;
-    let image_labels = std::collections::BTreeMap::from([(
-        bot_bottle::plan::LABEL_MANAGED.to_owned(),
-        "true".to_owned(),
-    )]);
-    let agent_image =
-        images::ensure_image(docker, &plan.agent.image_repo, &spec, &image_labels).await?;
+    let images = build_images(ctx, docker, plan).await?;
     let (rootfs, accounts) = microvm_run::prepare_rootfs(
         docker,
-        &agent_image,
+        &images.agent,
         &init,
         &ctx.dirs.cache,
         &plan.labels,
@@ -282,12 +302,7 @@ async fn run_microvm(
     pause_point("images").await;
 
     // The bundle, published on the alias: the VMM dials it for the guest.
-    let bottle_dir = ctx.dirs.bottle_dir(&plan.id);
-    docker_backend::prepare_log_dir(&bottle_dir)?;
-    push_remove_container(stack, &plan.bundle.container);
-    docker_backend::create_bundle(docker, plan, &sidecar_image, &bottle_dir).await?;
-    docker_backend::start_bundle(docker, plan).await?;
-    pause_point("bundle").await;
+    let bottle_dir = start_bundle(ctx, docker, plan, &images.sidecar, stack).await?;
 
     // The VMM child, with a launch file that carries no allowlist.
     let token = hex::encode(random_bytes::<16>()?);
