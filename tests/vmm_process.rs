@@ -34,44 +34,9 @@ fn kvm_usable(test: &str) -> bool {
     ok
 }
 
-/// The probe guest, built with the recipe in shared/docs/FINDINGS.md.
+/// The probe guest (see `bottle_vmm::probe`).
 fn probe_guest(dir: &Path) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bottle-vmm/tests/probe/guest.rs");
-    let out = dir.join("probe.elf");
-    let status = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
-        .args([
-            "--edition",
-            "2021",
-            "-O",
-            "-C",
-            "panic=abort",
-            "-C",
-            "relocation-model=static",
-        ])
-        .args([
-            "-C",
-            "target-feature=-sse,-sse2,-avx,-avx2",
-            "-C",
-            "link-arg=-nostdlib",
-        ])
-        .args([
-            "-C",
-            "link-arg=-static",
-            "-C",
-            "link-arg=-Wl,--image-base=0x200000",
-        ])
-        .args(["-C", "link-arg=-Wl,--build-id=none", "--crate-type", "bin"])
-        .arg(&source)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .expect("rustc builds the probe guest");
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    out
+    bottle_vmm::probe::build(dir).unwrap()
 }
 
 struct Machine {

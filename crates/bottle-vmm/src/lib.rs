@@ -17,6 +17,7 @@ pub mod kvm_check;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod probe;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -33,49 +32,13 @@ pub fn kvm_usable(test: &str) -> bool {
     usable
 }
 
-/// Builds the probe guest once per test binary (rustc, no SSE, static, no std).
+/// Builds the probe guest once per test binary (see `bottle_vmm::probe`).
 pub fn probe_guest() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("bottle-vmm-probe-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/probe/guest.rs");
-        let out = dir.join("guest.elf");
-        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-        let output = Command::new(rustc)
-            .args([
-                "--edition",
-                "2021",
-                "-O",
-                "-C",
-                "panic=abort",
-                "-C",
-                "relocation-model=static",
-            ])
-            .args([
-                "-C",
-                "target-feature=-sse,-sse2,-avx,-avx2",
-                "-C",
-                "link-arg=-nostdlib",
-            ])
-            .args([
-                "-C",
-                "link-arg=-static",
-                "-C",
-                "link-arg=-Wl,--image-base=0x200000",
-            ])
-            .args(["-C", "link-arg=-Wl,--build-id=none", "--crate-type", "bin"])
-            .arg(&source)
-            .arg("-o")
-            .arg(&out)
-            .output()
-            .expect("rustc must be on PATH to build the probe guest");
-        assert!(
-            output.status.success(),
-            "building the probe guest failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        out
+        bottle_vmm::probe::build(&dir).unwrap()
     })
 }
 

@@ -1,0 +1,38 @@
+//! Test support: building the probe guest, a tiny `no_std` guest whose source lives in
+//! `tests/probe/guest.rs`. It checks the boot parameters it was handed and drives our
+//! virtio-mmio devices through real KVM exits (the recipe is in shared/docs/FINDINGS.md).
+//! Used by this crate's tests and benchmarks and by bot-bottle's process tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where the probe guest's source is.
+pub fn source() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/probe/guest.rs")
+}
+
+/// Compile the probe guest into `out_dir/guest.elf` with `$RUSTC` (or `rustc`): no SSE (the
+/// nested KVM here faults on it), static, no std, loaded at 2 MiB like a vmlinux.
+pub fn build(out_dir: &Path) -> Result<PathBuf, String> {
+    let out = out_dir.join("guest.elf");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let output = Command::new(&rustc)
+        .args(["--edition", "2021", "-O", "-C", "panic=abort"])
+        .args(["-C", "relocation-model=static"])
+        .args(["-C", "target-feature=-sse,-sse2,-avx,-avx2"])
+        .args(["-C", "link-arg=-nostdlib", "-C", "link-arg=-static"])
+        .args(["-C", "link-arg=-Wl,--image-base=0x200000"])
+        .args(["-C", "link-arg=-Wl,--build-id=none", "--crate-type", "bin"])
+        .arg(source())
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .map_err(|e| format!("cannot run {rustc} to build the probe guest: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "building the probe guest failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(out)
+}
