@@ -289,3 +289,59 @@ fn microvm_start_without_a_kernel_says_how_to_build_one() {
         sb.docker_leftovers()
     );
 }
+
+#[test]
+fn microvm_start_with_a_mount_attaches_its_snapshot_and_never_touches_the_host_tree() {
+    if !kvm_usable("microvm_start_with_a_mount")
+        || !common::docker_available("microvm_start_with_a_mount")
+    {
+        return;
+    }
+    let sb = common::Sandbox::new("86-86");
+    let host = sb.dir.path().join("project");
+    std::fs::create_dir_all(host.join("src")).unwrap();
+    std::fs::write(host.join("src/main.rs"), "fn main() {}\n").unwrap();
+    let checksum = || {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("find . -printf '%p %m %s %T@\\n' | sort; find . -type f -exec sha256sum {} + | sort")
+            .current_dir(&host)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = checksum();
+    let probe = probe_guest(sb.dir.path());
+    let out = sb
+        .cmd()
+        .env("BOT_BOTTLE_KERNEL", &probe)
+        .args(["start", "test", "--backend", "microvm", "--mount"])
+        .arg(&host)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    let err = common::stderr(&out);
+    assert!(err.contains("snapshotting"), "{err}");
+    // Root image, workspace snapshot and vsock: three devices on the guest's command line.
+    assert_eq!(err.matches("virtio_mmio.device=").count(), 3, "{err}");
+    assert_eq!(checksum(), before, "the host tree changed");
+    let leftovers: Vec<_> = walk(&sb.state())
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "sqfs"))
+        .collect();
+    assert!(leftovers.is_empty(), "snapshots left behind: {leftovers:?}");
+    assert!(sb.rows().is_empty());
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

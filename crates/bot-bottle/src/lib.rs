@@ -23,3 +23,4 @@ pub mod rootfs;
 pub mod sidecar;
 pub mod state;
 pub mod terminal;
+pub mod workspace;

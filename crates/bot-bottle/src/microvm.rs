@@ -7,7 +7,8 @@ use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 
 use bottle_proto::config::{
-    AgentUser, BlockFs, ControlChannel, EgressForward, GuestConfig, CONTROL_VSOCK_PORT,
+    AgentUser, BlockFs, ControlChannel, EgressForward, GuestConfig, WorkspaceMount,
+    CONTROL_VSOCK_PORT,
 };
 use bottle_proto::message::UserIds;
 use bottle_vmm::{DiskConfig, SerialOutput, VmmConfig, VsockConfig};
@@ -45,8 +46,6 @@ pub enum MicrovmError {
         #[source]
         source: bottle_proto::ConfigError,
     },
-    #[error("workspace mounts are not supported by the microvm backend yet: use --backend docker, or drop --mount")]
-    MountsUnsupported,
 }
 
 /// The VMM child's launch file (read by `bot-bottle __vmm`).
@@ -143,7 +142,19 @@ pub fn guest_config(plan: &BottlePlan, token: &str, user: UserIds, home: &str) -
             fstype: "squashfs".into(),
         }),
         upper: Default::default(),
-        mounts: Vec::new(),
+        // Workspace i is the snapshot image attached as disk i + 1 (after the root image).
+        mounts: plan
+            .mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| WorkspaceMount {
+                lower: BlockFs {
+                    device: crate::workspace::guest_device(i),
+                    fstype: "squashfs".into(),
+                },
+                guest_path: m.guest.display().to_string(),
+            })
+            .collect(),
         user: AgentUser {
             ids: user,
             home: home.to_owned(),
@@ -154,15 +165,24 @@ pub fn guest_config(plan: &BottlePlan, token: &str, user: UserIds, home: &str) -
     }
 }
 
-/// The VMM launch file for a plan.
+/// The VMM launch file for a plan. `workspaces` are the snapshot images of `plan.mounts`, in
+/// order.
 pub fn launch(
     plan: &BottlePlan,
     guest: &GuestConfig,
     kernel: &Path,
     rootfs: &Path,
+    workspaces: &[PathBuf],
     bottle_dir: &Path,
     state_db: &Path,
 ) -> Result<Launch, MicrovmError> {
+    let disks = std::iter::once(rootfs)
+        .chain(workspaces.iter().map(PathBuf::as_path))
+        .map(|path| DiskConfig {
+            path: path.to_path_buf(),
+            read_only: true,
+        })
+        .collect();
     let arg = guest
         .to_cmdline_arg(BASE_CMDLINE.len() + CMDLINE_ROOM)
         .map_err(|source| MicrovmError::Cmdline { source })?;
@@ -182,10 +202,7 @@ pub fn launch(
                 event_log: Some(bottle_dir.join("vsock-egress.jsonl")),
             }),
             initrd: None,
-            disks: vec![DiskConfig {
-                path: rootfs.to_path_buf(),
-                read_only: true,
-            }],
+            disks,
         },
     })
 }
@@ -294,6 +311,42 @@ mod tests {
     }
 
     #[test]
+    fn workspaces_become_read_only_disks_after_the_root_and_overlay_mounts_in_the_guest() {
+        let mut p = test_plan();
+        p.mounts = vec![
+            crate::plan::MountPlan {
+                host: "/src/a".into(),
+                guest: "/workspace".into(),
+            },
+            crate::plan::MountPlan {
+                host: "/src/b".into(),
+                guest: "/data".into(),
+            },
+        ];
+        let g = guest_config(&p, "tok", UserIds { uid: 1, gid: 1 }, "/h");
+        let devices: Vec<(&str, &str)> = g
+            .mounts
+            .iter()
+            .map(|m| (m.lower.device.as_str(), m.guest_path.as_str()))
+            .collect();
+        assert_eq!(devices, [("/dev/vdb", "/workspace"), ("/dev/vdc", "/data")]);
+        let images = [PathBuf::from("/b/ws-0.sqfs"), PathBuf::from("/b/ws-1.sqfs")];
+        let l = launch(
+            &p,
+            &g,
+            Path::new("/k"),
+            Path::new("/r.sqfs"),
+            &images,
+            Path::new("/b"),
+            Path::new("/s.db"),
+        )
+        .unwrap();
+        let disks: Vec<&Path> = l.vmm.disks.iter().map(|d| d.path.as_path()).collect();
+        assert_eq!(disks, [Path::new("/r.sqfs"), &images[0], &images[1]]);
+        assert!(l.vmm.disks.iter().all(|d| d.read_only));
+    }
+
+    #[test]
     fn launch_carries_no_allowlist_and_the_config_fits_the_command_line() {
         let p = test_plan();
         let g = guest_config(
@@ -310,6 +363,7 @@ mod tests {
             &g,
             Path::new("/k"),
             Path::new("/r.sqfs"),
+            &[],
             Path::new("/b"),
             Path::new("/s.db"),
         )

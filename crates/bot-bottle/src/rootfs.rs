@@ -109,14 +109,11 @@ fn header_of(h: &tar::Header) -> NodeHeader {
     }
 }
 
-/// Writes the squashfs image of the tar stream `tar`, plus `init` at [`INIT_PATH`], to `out`.
-/// `spool` is an empty scratch directory for file contents (on the same disk as the cache).
-pub fn tar_to_squashfs(
+/// The entries of a tar stream, file contents spooled under `spool`.
+fn read_tar(
     tar: impl Read,
-    init: &Path,
     spool: &Path,
-    out: &Path,
-) -> Result<RootfsStats, RootfsError> {
+) -> Result<(BTreeMap<PathBuf, Item>, RootfsStats), RootfsError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| RootfsError::Io { path, source }
@@ -204,6 +201,30 @@ pub fn tar_to_squashfs(
         // A later entry for the same path replaces the earlier one, as tar extraction would.
         items.insert(path, Item { header, kind });
     }
+    Ok((items, stats))
+}
+
+/// Writes the squashfs image of the tar stream `tar` as it is (no init, no mount points): a
+/// workspace snapshot. `spool` is an empty scratch directory.
+pub fn tar_to_plain_squashfs(
+    tar: impl Read,
+    spool: &Path,
+    out: &Path,
+) -> Result<RootfsStats, RootfsError> {
+    let (items, stats) = read_tar(tar, spool)?;
+    write_image(&items, out)?;
+    Ok(stats)
+}
+
+/// Writes the squashfs image of the tar stream `tar`, plus `init` at [`INIT_PATH`], to `out`.
+/// `spool` is an empty scratch directory for file contents (on the same disk as the cache).
+pub fn tar_to_squashfs(
+    tar: impl Read,
+    init: &Path,
+    spool: &Path,
+    out: &Path,
+) -> Result<RootfsStats, RootfsError> {
+    let (mut items, stats) = read_tar(tar, spool)?;
     let init_copy = spool.join("bottle-init");
     fs::copy(init, &init_copy).map_err(|source| RootfsError::Init {
         path: init.to_path_buf(),

@@ -279,11 +279,8 @@ async fn run_microvm(
     args: &StartArgs,
     stack: &mut GuardStack,
 ) -> anyhow::Result<i32> {
-    use bot_bottle::microvm::{self, MicrovmError};
+    use bot_bottle::microvm;
     use bot_bottle::microvm_run;
-    if !plan.mounts.is_empty() {
-        return Err(MicrovmError::MountsUnsupported.into());
-    }
     let kernel = microvm::find_kernel(&ctx.dirs)?;
     let init = microvm::find_init()?;
 
@@ -304,6 +301,9 @@ async fn run_microvm(
     // The bundle, published on the alias: the VMM dials it for the guest.
     let bottle_dir = start_bundle(ctx, docker, plan, &images.sidecar, stack).await?;
 
+    // Workspaces: each host directory snapshotted read-only; the guest overlays it.
+    let workspaces = snapshot_workspaces(plan, &bottle_dir, stack).await?;
+
     // The VMM child, with a launch file that carries no allowlist.
     let token = hex::encode(random_bytes::<16>()?);
     let guest = microvm::guest_config(plan, &token, ids, &home);
@@ -312,6 +312,7 @@ async fn run_microvm(
         &guest,
         &kernel,
         &rootfs,
+        &workspaces,
         &bottle_dir,
         &ctx.dirs.db_path(),
     )?;
@@ -371,6 +372,46 @@ async fn run_microvm(
         let _ = child.kill().await;
     }
     Ok(code)
+}
+
+/// Snapshot every mount into `bottle_dir/workspace-N.sqfs` (removed at teardown).
+async fn snapshot_workspaces(
+    plan: &BottlePlan,
+    bottle_dir: &std::path::Path,
+    stack: &mut GuardStack,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut images = Vec::new();
+    for (i, mount) in plan.mounts.iter().enumerate() {
+        let image = bottle_dir.join(format!("workspace-{i}.sqfs"));
+        let spool = bottle_dir.join(format!(".workspace-{i}.spool"));
+        {
+            let image = image.clone();
+            stack.push_sync(format!("remove workspace snapshot {i}"), move || {
+                match std::fs::remove_file(&image) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            });
+        }
+        eprintln!(
+            "bot-bottle: snapshotting {} for {}",
+            mount.host.display(),
+            mount.guest.display()
+        );
+        let (host, out) = (mount.host.clone(), image.clone());
+        let stats = tokio::task::spawn_blocking(move || {
+            bot_bottle::workspace::snapshot(&host, &out, &spool)
+        })
+        .await
+        .context("the snapshot thread panicked")??;
+        tracing::info!(
+            files = stats.files,
+            bytes = stats.bytes,
+            "workspace snapshot"
+        );
+        images.push(image);
+    }
+    Ok(images)
 }
 
 fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
