@@ -10,8 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::Pid;
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 
 use bottle_proto::ExitStatus;
 
@@ -55,35 +54,56 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<(Child, Receiver<ExitStatus>)
     Ok((child, rx))
 }
 
+/// Waits for any child to exit *without* reaping it, then reaps that one pid under the table
+/// lock. `spawn` holds the same lock while `Command::spawn` runs, and std reaps a child whose
+/// exec failed inside `spawn`: reaping only under the lock means we never take that child
+/// from std (which would make its `spawn` fail or panic).
 fn reap_forever() {
     loop {
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(WaitStatus::Exited(pid, code)) => deliver(
-                pid,
-                ExitStatus {
-                    code: Some(code),
-                    signal: None,
-                    timed_out: false,
-                },
-            ),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => deliver(
-                pid,
-                ExitStatus {
-                    code: None,
-                    signal: Some(sig as i32),
-                    timed_out: false,
-                },
-            ),
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(_) => thread::sleep(IDLE_POLL),
+        let pid = match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Ok(status) => status.pid(),
+            Err(Errno::EINTR) => continue,
+            Err(_) => {
+                thread::sleep(IDLE_POLL);
+                continue;
+            }
+        };
+        let Some(pid) = pid else { continue };
+        let mut t = lock();
+        let status = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => ExitStatus {
+                code: Some(code),
+                signal: None,
+                timed_out: false,
+            },
+            Ok(WaitStatus::Signaled(_, sig, _)) => ExitStatus {
+                code: None,
+                signal: Some(sig as i32),
+                timed_out: false,
+            },
+            // Already reaped by std (failed exec inside `spawn`), or not ours to report.
+            _ => continue,
+        };
+        // An orphan we inherited is not in the table: reaping it was the point.
+        if let Some(tx) = t.waiting.remove(&pid.as_raw()) {
+            let _ = tx.send(status);
         }
     }
 }
 
-fn deliver(pid: Pid, status: ExitStatus) {
-    let mut t = lock();
-    // An orphan we inherited is not in the table: reaping it was the point.
-    if let Some(tx) = t.waiting.remove(&pid.as_raw()) {
-        let _ = tx.send(status);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_execs_stay_errors_while_the_reaper_runs() {
+        let (_sleeper, sleeper_exit) = spawn(Command::new("/bin/sleep").arg("2")).unwrap();
+
+        let failures = (0..200)
+            .filter(|_| spawn(&mut Command::new("/no/such/program")).is_err())
+            .count();
+
+        assert_eq!(failures, 200);
+        assert_eq!(sleeper_exit.recv().unwrap().code, Some(0));
     }
 }
