@@ -94,13 +94,16 @@ fn reap_forever() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::CommandExt;
 
     #[test]
     fn failed_execs_stay_errors_while_the_reaper_runs() {
         let (_sleeper, sleeper_exit) = spawn(Command::new("/bin/sleep").arg("2")).unwrap();
 
+        // Setting the uid makes std fork and reap the failed child itself (not posix_spawn).
+        let uid = nix::unistd::getuid().as_raw();
         let failures = (0..200)
-            .filter(|_| spawn(&mut Command::new("/no/such/program")).is_err())
+            .filter(|_| spawn(Command::new("/no/such/program").uid(uid)).is_err())
             .count();
 
         assert_eq!(failures, 200);
