@@ -16,9 +16,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::plan::BottlePlan;
 
-/// Our part of the kernel command line before `bottle.config=` (the VMM itself adds the serial
-/// console, `reboot=k` and `panic=-1`, and the virtio-mmio devices).
-pub const BASE_CMDLINE: &str = "quiet";
+/// Our part of the kernel command line before `bottle.config=`: the kernel mounts the root
+/// image (`/dev/vda`, read-only squashfs) and runs bottle-init from it. The VMM itself adds the
+/// serial console, `reboot=k`, `panic=-1` and the virtio-mmio devices.
+pub const BASE_CMDLINE: &str =
+    "quiet root=/dev/vda rootfstype=squashfs ro init=/.bottle/init";
 /// Room left on the command line for what the VMM appends (virtio-mmio device entries).
 const CMDLINE_ROOM: usize = 512;
 /// Overrides the guest kernel (a vmlinux or bzImage), e.g. for a kernel built elsewhere.
@@ -372,6 +374,7 @@ mod tests {
         assert!(vsock.allowlist.is_empty());
         assert_eq!(vsock.guest_cid, p.guest_cid);
         assert!(l.vmm.cmdline.starts_with(BASE_CMDLINE));
+        assert!(BASE_CMDLINE.ends_with(&format!("init=/{}", crate::rootfs::INIT_PATH)));
         assert!(l.vmm.cmdline.contains("bottle.config="));
         assert!(l.vmm.disks[0].read_only);
         assert_eq!(l.machine, "bot-bottle-claude-abcdef-vm");
