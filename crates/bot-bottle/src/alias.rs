@@ -78,16 +78,36 @@ pub fn pick_free(
     leased: &[(Ipv4Addr, String)],
     published: &[(Ipv4Addr, String)],
 ) -> Result<Ipv4Addr, AliasError> {
+    pick_usable(pool, leased, published, |_| None)
+}
+
+/// Like [`pick_free`], skipping addresses `busy` describes as unusable (e.g. a port held by
+/// another program); those are named in the exhaustion error.
+pub fn pick_usable(
+    pool: &RangeInclusive<u8>,
+    leased: &[(Ipv4Addr, String)],
+    published: &[(Ipv4Addr, String)],
+    busy: impl Fn(Ipv4Addr) -> Option<String>,
+) -> Result<Ipv4Addr, AliasError> {
     let taken = |addr: Ipv4Addr| {
         leased.iter().any(|(a, _)| *a == addr) || published.iter().any(|(a, _)| *a == addr)
     };
-    pool.clone()
-        .map(|n| Ipv4Addr::new(127, 0, 0, n))
-        .find(|a| !taken(*a))
-        .ok_or_else(|| {
+    let mut blocked: Vec<(Ipv4Addr, String)> = Vec::new();
+    for addr in pool.clone().map(|n| Ipv4Addr::new(127, 0, 0, n)) {
+        if taken(addr) {
+            continue;
+        }
+        match busy(addr) {
+            None => return Ok(addr),
+            Some(why) => blocked.push((addr, why)),
+        }
+    }
+    Err({
+        {
             let mut holders: Vec<String> = leased
                 .iter()
                 .chain(published)
+                .chain(&blocked)
                 .map(|(a, b)| format!("{a} by {b}"))
                 .collect();
             holders.sort();
@@ -97,7 +117,17 @@ pub fn pick_free(
                 last: *pool.end(),
                 holders,
             }
-        })
+        }
+    })
+}
+
+/// Why `addr` cannot publish `ports` (another program listening there, or on 0.0.0.0).
+pub fn ports_busy(addr: Ipv4Addr, ports: &[u16]) -> Option<String> {
+    ports.iter().find_map(|&port| {
+        std::net::TcpListener::bind((addr, port))
+            .err()
+            .map(|e| format!("another program on port {port} ({e})"))
+    })
 }
 
 /// An exclusive lock on the pool; released when dropped.
@@ -173,18 +203,21 @@ impl Drop for AliasLease {
 ///
 /// `published` lists addresses Docker containers with our labels publish on (gathered by the
 /// caller: this module does no Docker I/O).
+/// `ports` must be free on the address (the bundle publishes them there): an address where
+/// another program holds one is skipped.
 pub fn allocate(
     db_path: &Path,
     lock_path: &Path,
     pool: &RangeInclusive<u8>,
     published: &[(Ipv4Addr, String)],
+    ports: &[u16],
     bottle_id: &str,
 ) -> Result<AliasLease, AliasError> {
     let _lock = PoolLock::acquire(lock_path)?;
     let db = StateDb::open(db_path)?;
     db.prune_dead_leases()?;
     let leased = db.live_leases()?;
-    let addr = pick_free(pool, &leased, published)?;
+    let addr = pick_usable(pool, &leased, published, |a| ports_busy(a, ports))?;
     db.insert_lease(addr, bottle_id, Owner::current())?;
     Ok(AliasLease {
         addr,
@@ -246,12 +279,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("s.db");
         let lock = dir.path().join("l");
-        let first = allocate(&db, &lock, &(16..=16), &[], "b1").unwrap();
-        assert!(allocate(&db, &lock, &(16..=16), &[], "b2").is_err());
+        let first = allocate(&db, &lock, &(16..=16), &[], &[], "b1").unwrap();
+        assert!(allocate(&db, &lock, &(16..=16), &[], &[], "b2").is_err());
         drop(first);
         assert_eq!(
-            allocate(&db, &lock, &(16..=16), &[], "b3").unwrap().addr(),
+            allocate(&db, &lock, &(16..=16), &[], &[], "b3")
+                .unwrap()
+                .addr(),
             a(16)
+        );
+    }
+
+    #[test]
+    fn address_where_another_program_holds_a_port_is_skipped_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, lock) = (dir.path().join("s.db"), dir.path().join("l"));
+        // Another program listens on the first address of the pool.
+        let squatter = std::net::TcpListener::bind((a(64), 0)).unwrap();
+        let port = squatter.local_addr().unwrap().port();
+        let lease = allocate(&db, &lock, &(64..=65), &[], &[port], "b1").unwrap();
+        assert_eq!(lease.addr(), a(65));
+        let err = allocate(&db, &lock, &(64..=65), &[], &[port], "b2").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("127.0.0.64 by another program on port {port}")),
+            "{msg}"
         );
     }
 }

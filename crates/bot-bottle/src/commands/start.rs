@@ -116,7 +116,8 @@ async fn session(
             id.to_owned(),
         );
         tokio::task::spawn_blocking(move || {
-            alias::allocate(&db_path, &lock, &pool, &published, &id)
+            let ports = [plan::PROXY_PORT, plan::GIT_GATE_PORT, plan::SUPERVISOR_PORT];
+            alias::allocate(&db_path, &lock, &pool, &published, &ports, &id)
         })
         .await??
     };
