@@ -67,3 +67,59 @@ fn agent_without_a_terminal_reads_piped_stdin() {
     assert!(text.contains("not a tty"), "{text}");
     assert!(text.contains("100000"), "{text}");
 }
+
+#[test]
+fn exec_runs_in_the_running_bottle_and_passes_its_exit_code() {
+    if !docker_available("exec_runs_in_the_running_bottle") {
+        return;
+    }
+    let sb = Sandbox::new("82-82");
+    let mut cmd = sb.cmd();
+    cmd.args([
+        "start",
+        "test",
+        "--",
+        "sh",
+        "-c",
+        "echo ready > /tmp/state; sleep 600",
+    ]);
+    let run = common::Running::spawn(cmd);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let id = loop {
+        let rows = sb.rows();
+        if let Some(row) = rows.iter().find(|r| r["status"] == "running") {
+            break row["id"].as_str().unwrap().to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "bottle never ran");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    // The agent may still be starting its shell: wait for the file it writes.
+    let mut out = sb.run(&["exec", &id, "--", "cat", "/tmp/state"]);
+    while !common::stdout(&out).contains("ready") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        out = sb.run(&["exec", &id, "--", "cat", "/tmp/state"]);
+    }
+    assert_eq!(common::stdout(&out), "ready\n");
+
+    let out = sb.run(&[
+        "exec",
+        "test",
+        "--",
+        "sh",
+        "-c",
+        "id -u; echo oops >&2; exit 5",
+    ]);
+
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    run.wait();
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert_eq!(common::stdout(&out), "1000\n");
+    assert!(stderr(&out).contains("oops"));
+    let gone = sb.run(&["exec", "test", "--", "true"]);
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(
+        stderr(&gone).contains("no running bottle"),
+        "{}",
+        stderr(&gone)
+    );
+}

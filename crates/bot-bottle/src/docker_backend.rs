@@ -382,3 +382,67 @@ pub fn prepare_log_dir(dir: &Path) -> Result<(), BackendError> {
         source,
     })
 }
+
+/// Run `argv` in the running agent container (non-interactive: stdin, stdout and stderr
+/// streamed); returns its exit code.
+pub async fn exec_in_agent(
+    docker: &Docker,
+    container: &str,
+    argv: &[String],
+) -> Result<i32, BackendError> {
+    use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+    let exec_err = |source| DockerError::Exec {
+        name: container.to_owned(),
+        source,
+    };
+    let created = docker
+        .create_exec(
+            container,
+            CreateExecOptions::<String> {
+                attach_stdin: Some(true),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                cmd: Some(argv.to_vec()),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(exec_err)?;
+    let started = docker
+        .start_exec(
+            &created.id,
+            Some(StartExecOptions {
+                detach: false,
+                tty: false,
+                output_capacity: None,
+            }),
+        )
+        .await
+        .map_err(exec_err)?;
+    if let StartExecResults::Attached {
+        mut output,
+        mut input,
+    } = started
+    {
+        let stdin_task = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut input).await;
+            let _ = input.shutdown().await;
+        });
+        let mut stdout = tokio::io::stdout();
+        let mut stderr = tokio::io::stderr();
+        while let Some(chunk) = output.next().await {
+            let result = match chunk.map_err(exec_err)? {
+                LogOutput::StdErr { message } => stderr.write_all(&message).await,
+                LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                    stdout.write_all(&message).await
+                }
+                LogOutput::StdIn { .. } => Ok(()),
+            };
+            result.map_err(|source| BackendError::Terminal { source })?;
+        }
+        let _ = stdout.flush().await;
+        stdin_task.abort();
+    }
+    let inspected = docker.inspect_exec(&created.id).await.map_err(exec_err)?;
+    Ok(inspected.exit_code.map_or(1, |c| c as i32))
+}

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::manifest::{Backend, Manifest};
 
@@ -71,13 +71,13 @@ pub struct HostFacts {
 }
 
 /// A mount whose host side has been checked: absolute, existing directory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostMount {
     pub host: PathBuf,
     pub guest: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BottlePlan {
     pub id: String,
     pub bottle: String,
@@ -94,7 +94,7 @@ pub struct BottlePlan {
     pub mounts: Vec<MountPlan>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkPlan {
     /// Bridge network the bundle uses to reach the outside and publish its ports.
     pub egress: String,
@@ -102,7 +102,7 @@ pub struct NetworkPlan {
     pub internal: Option<InternalNetwork>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InternalNetwork {
     pub name: String,
     pub subnet: String,
@@ -110,7 +110,7 @@ pub struct InternalNetwork {
     pub agent_ip: Ipv4Addr,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BundlePlan {
     pub container: String,
     pub image_repo: String,
@@ -119,7 +119,7 @@ pub struct BundlePlan {
     pub hosts: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortPlan {
     pub service: String,
     pub container_port: u16,
@@ -127,7 +127,7 @@ pub struct PortPlan {
     pub host_port: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentPlan {
     /// Docker backend: the container name. microVM backend: the machine name.
     pub name: String,
@@ -143,7 +143,7 @@ pub struct AgentPlan {
     pub runtime: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressPlan {
     pub allow: Vec<String>,
     pub deny: Vec<String>,
@@ -152,14 +152,14 @@ pub struct EgressPlan {
     pub credential_hosts: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct AllowEntry {
     /// Always a /32 today: `127.0.0.N/32`.
     pub cidr: String,
     pub port: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MountPlan {
     pub host: PathBuf,
     pub guest: PathBuf,
@@ -459,6 +459,13 @@ mod tests {
         );
         f.backend = Backend::Microvm;
         assert_eq!(plan(&manifest("test"), &f).unwrap().agent.runtime, None);
+    }
+
+    #[test]
+    fn plan_round_trips_through_json_as_stored_in_the_state_db() {
+        let p = plan(&manifest("claude"), &facts(Backend::Docker)).unwrap();
+        let back: BottlePlan = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
     }
 
     #[test]

@@ -2,13 +2,14 @@
 
 mod cleanup;
 mod doctor;
+mod exec;
 mod kernel;
 mod list;
 mod logs;
 mod plan;
 mod sidecar;
 mod start;
-mod stop;
+pub mod stop;
 pub mod vmm;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,8 @@ pub struct Cli {
 pub enum Command {
     /// Build what is missing, start the bottle and attach to its agent.
     Start(start::StartArgs),
+    /// Run a command in a running bottle (its exit code passes through).
+    Exec(exec::ExecArgs),
     /// List running bottles.
     List(list::ListArgs),
     /// Stop a running bottle (its `start` tears everything down).
@@ -77,6 +80,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Vmm(args) => vmm::run(args).await,
         Command::Start(args) => start::run(&ctx()?, args).await,
         Command::List(args) => list::run(&ctx()?, args).await,
+        Command::Exec(args) => exec::run(&ctx()?, args).await,
         Command::Stop(args) => stop::run(&ctx()?, args).await,
         Command::Cleanup(args) => cleanup::run(&ctx()?, args).await,
         Command::Doctor(args) => doctor::run(&ctx()?, args).await,

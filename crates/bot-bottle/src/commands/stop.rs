@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use bot_bottle::state::StateDb;
+use bot_bottle::state::{BottleRow, StateDb};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -18,26 +18,30 @@ pub struct StopArgs {
     target: String,
 }
 
-pub async fn run(ctx: &Context, args: StopArgs) -> anyhow::Result<i32> {
-    let db = StateDb::open_existing(&ctx.dirs.db_path()).context("no bottles to stop")?;
-    let rows: Vec<_> = db
+/// The one live bottle `target` names (an id, or a name only one live bottle has).
+pub fn find_live(db: &StateDb, target: &str) -> anyhow::Result<BottleRow> {
+    let rows: Vec<BottleRow> = db
         .bottles()?
         .into_iter()
-        .filter(|r| r.live && (r.id == args.target || r.bottle == args.target))
+        .filter(|r| r.live && (r.id == target || r.bottle == target))
         .collect();
-    let row = match rows.as_slice() {
-        [one] => one.clone(),
-        [] => bail!("no running bottle `{}`: see `bot-bottle list`", args.target),
+    match rows.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("no running bottle `{target}`: see `bot-bottle list`"),
         many => bail!(
-            "`{}` matches {} bottles ({}): give the id",
-            args.target,
+            "`{target}` matches {} bottles ({}): give the id",
             many.len(),
             many.iter()
                 .map(|r| r.id.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-    };
+    }
+}
+
+pub async fn run(ctx: &Context, args: StopArgs) -> anyhow::Result<i32> {
+    let db = StateDb::open_existing(&ctx.dirs.db_path()).context("no bottles to stop")?;
+    let row = find_live(&db, &args.target)?;
     let pid = Pid::from_raw(i32::try_from(row.pid).context("bad pid in state row")?);
     kill(pid, Signal::SIGTERM)
         .with_context(|| format!("signalling bottle {} (pid {pid})", row.id))?;
