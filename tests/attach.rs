@@ -85,14 +85,7 @@ fn exec_runs_in_the_running_bottle_and_passes_its_exit_code() {
     ]);
     let run = common::Running::spawn(cmd);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
-    let id = loop {
-        let rows = sb.rows();
-        if let Some(row) = rows.iter().find(|r| r["status"] == "running") {
-            break row["id"].as_str().unwrap().to_owned();
-        }
-        assert!(std::time::Instant::now() < deadline, "bottle never ran");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let id = sb.wait_running(std::time::Duration::from_secs(180));
     // The agent may still be starting its shell: wait for the file it writes.
     let mut out = sb.run(&["exec", &id, "--", "cat", "/tmp/state"]);
     while !common::stdout(&out).contains("ready") && std::time::Instant::now() < deadline {
@@ -121,5 +114,43 @@ fn exec_runs_in_the_running_bottle_and_passes_its_exit_code() {
         stderr(&gone).contains("no running bottle"),
         "{}",
         stderr(&gone)
+    );
+}
+
+#[test]
+fn cp_copies_a_tree_into_a_running_bottle_and_the_agents_output_back_out() {
+    if !docker_available("cp_copies_a_tree_into_a_running_bottle") {
+        return;
+    }
+    let sb = Sandbox::new("83-83");
+    // Under runsc /tmp is the sandbox's own tmpfs, out of Docker's reach: use the home dir.
+    let mut cmd = sb.cmd();
+    cmd.args(["start", "test", "--", "sleep", "600"]);
+    let run = common::Running::spawn(cmd);
+    sb.wait_running(std::time::Duration::from_secs(180));
+    let local = sb.dir.path().join("proj");
+    std::fs::create_dir_all(local.join("src")).unwrap();
+    std::fs::write(local.join("src/input.txt"), "from the host\n").unwrap();
+
+    let copied_in = sb.run(&["cp", local.to_str().unwrap(), "test:/home/agent"]);
+    let worked = sb.run(&[
+        "exec",
+        "test",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p ~/result && tr a-z A-Z < ~/proj/src/input.txt > ~/result/out.txt",
+    ]);
+    let got = sb.dir.path().join("got");
+    let copied_out = sb.run(&["cp", "test:/home/agent/result", got.to_str().unwrap()]);
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    run.wait();
+
+    assert!(copied_in.status.success(), "{}", stderr(&copied_in));
+    assert!(worked.status.success(), "{}", stderr(&worked));
+    assert!(copied_out.status.success(), "{}", stderr(&copied_out));
+    assert_eq!(
+        std::fs::read_to_string(got.join("result/out.txt")).unwrap(),
+        "FROM THE HOST\n"
     );
 }

@@ -225,3 +225,18 @@ pub fn stdout(out: &Output) -> String {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+impl Sandbox {
+    /// Wait until a bottle of this sandbox is `running`; returns its id.
+    pub fn wait_running(&self, timeout: Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let rows = self.rows();
+            if let Some(row) = rows.iter().find(|r| r["status"] == "running") {
+                return row["id"].as_str().unwrap().to_owned();
+            }
+            assert!(std::time::Instant::now() < deadline, "bottle never ran");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}

@@ -276,7 +276,13 @@ async fn resize(docker: &Docker, name: &str) {
 }
 
 /// Start the agent, stream its I/O (a TTY when stdin is a terminal), and return its exit code.
-pub async fn run_agent(docker: &Docker, name: &str, tty: bool) -> Result<i32, BackendError> {
+/// `on_started` runs once the container is running (the bottle is then usable by `exec`).
+pub async fn run_agent(
+    docker: &Docker,
+    name: &str,
+    tty: bool,
+    on_started: impl FnOnce(),
+) -> Result<i32, BackendError> {
     let AttachContainerResults {
         mut output,
         mut input,
@@ -303,6 +309,7 @@ pub async fn run_agent(docker: &Docker, name: &str, tty: bool) -> Result<i32, Ba
         None
     };
     start(docker, name).await?;
+    on_started();
     if tty {
         resize(docker, name).await;
     }

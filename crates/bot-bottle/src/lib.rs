@@ -23,4 +23,5 @@ pub mod rootfs;
 pub mod sidecar;
 pub mod state;
 pub mod terminal;
+pub mod transfer;
 pub mod workspace;

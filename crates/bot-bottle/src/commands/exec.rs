@@ -67,7 +67,7 @@ pub async fn run(ctx: &Context, args: ExecArgs) -> anyhow::Result<i32> {
 }
 
 /// The per-boot token, read back from the guest configuration on the command line.
-fn launch_token(launch: &Launch) -> anyhow::Result<String> {
+pub fn launch_token(launch: &Launch) -> anyhow::Result<String> {
     match bottle_proto::config::parse_cmdline(&launch.vmm.cmdline)? {
         bottle_proto::ConfigSource::Inline(cfg) => Ok(cfg.token),
         _ => bail!("the launch file does not carry the guest configuration inline"),

@@ -1,6 +1,7 @@
 //! One file per subcommand; `anyhow` with context at this edge only.
 
 mod cleanup;
+mod cp;
 mod doctor;
 mod exec;
 mod kernel;
@@ -34,6 +35,8 @@ pub enum Command {
     Start(start::StartArgs),
     /// Run a command in a running bottle (its exit code passes through).
     Exec(exec::ExecArgs),
+    /// Copy files out of (BOTTLE:/path DIR) or into (PATH BOTTLE:/dir) a running bottle.
+    Cp(cp::CpArgs),
     /// List running bottles.
     List(list::ListArgs),
     /// Stop a running bottle (its `start` tears everything down).
@@ -81,6 +84,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Start(args) => start::run(&ctx()?, args).await,
         Command::List(args) => list::run(&ctx()?, args).await,
         Command::Exec(args) => exec::run(&ctx()?, args).await,
+        Command::Cp(args) => cp::run(&ctx()?, args).await,
         Command::Stop(args) => stop::run(&ctx()?, args).await,
         Command::Cleanup(args) => cleanup::run(&ctx()?, args).await,
         Command::Doctor(args) => doctor::run(&ctx()?, args).await,

@@ -166,7 +166,6 @@ async fn session(
     create_networks(&docker, &plan, stack).await?;
     pause_point("network").await;
 
-    db.set_status(id, "running")?;
     match resolved.backend {
         Backend::Docker => run_docker(ctx, &docker, &plan, args, stack).await,
         Backend::Microvm => run_microvm(ctx, &docker, &plan, args, stack).await,
@@ -218,9 +217,20 @@ async fn run_docker(
     push_remove_container(stack, &plan.agent.name);
     docker_backend::create_agent(docker, plan, &images.agent, &command, tty).await?;
     pause_point("agent").await;
-    let code = docker_backend::run_agent(docker, &plan.agent.name, tty).await?;
+    let code = docker_backend::run_agent(docker, &plan.agent.name, tty, || {
+        mark_running(ctx, &plan.id)
+    })
+    .await?;
     tracing::info!(code, "agent exited");
     Ok(code)
+}
+
+/// The agent is up: `list` shows it running and `exec`/`cp` may reach it.
+fn mark_running(ctx: &Context, id: &str) {
+    let result = StateDb::open(&ctx.dirs.db_path()).and_then(|db| db.set_status(id, "running"));
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "cannot record the bottle as running");
+    }
 }
 
 /// The two images every backend needs.
@@ -348,6 +358,7 @@ async fn run_microvm(
         console.display()
     );
     let client = microvm_run::connect_control(&mut child, &uds, &token, &console).await?;
+    mark_running(ctx, &plan.id);
     pause_point("vm").await;
 
     let argv = if args.command.is_empty() {

@@ -1,0 +1,248 @@
+//! `bot-bottle cp`: tar streams in and out of a bottle. What comes out of a bottle was made by
+//! the agent's side and is untrusted: it is unpacked only inside the destination directory
+//! (no absolute paths, no `..`, no writing through links), without owners or setuid bits.
+
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("`{arg}` names no bottle path: write BOTTLE:/path on exactly one side, e.g. `bot-bottle cp claude:/workspace/out ./out`")]
+    NoBottleSide { arg: String },
+    #[error("both `{src}` and `{dst}` name a bottle: copy between a bottle and this host")]
+    BothBottles { src: String, dst: String },
+    #[error("the path in the bottle must be absolute: `{path}`")]
+    RelativeGuestPath { path: String },
+    #[error("cannot read {path} to copy it in")]
+    Pack {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot unpack into {path}")]
+    Unpack {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the archive from the bottle has an entry that would land outside {dst}: `{entry}` (refused)")]
+    Escape { dst: PathBuf, entry: String },
+}
+
+/// Which way a copy goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Direction {
+    /// `bottle:/guest/path` → local directory.
+    Out {
+        bottle: String,
+        guest: String,
+        local: PathBuf,
+    },
+    /// local path → `bottle:/guest/dir`.
+    In {
+        local: PathBuf,
+        bottle: String,
+        guest: String,
+    },
+}
+
+fn split_bottle(arg: &str) -> Option<(String, String)> {
+    // A local path may contain ':' too; a bottle side starts with a bottle name or id.
+    let (bottle, path) = arg.split_once(':')?;
+    let ok = !bottle.is_empty()
+        && bottle
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    ok.then(|| (bottle.to_owned(), path.to_owned()))
+}
+
+/// Parse `cp SRC DST`.
+pub fn parse(src: &str, dst: &str) -> Result<Direction, TransferError> {
+    let checked = |path: String| {
+        if path.starts_with('/') {
+            Ok(path)
+        } else {
+            Err(TransferError::RelativeGuestPath { path })
+        }
+    };
+    match (split_bottle(src), split_bottle(dst)) {
+        (Some(_), Some(_)) => Err(TransferError::BothBottles {
+            src: src.to_owned(),
+            dst: dst.to_owned(),
+        }),
+        (Some((bottle, guest)), None) => Ok(Direction::Out {
+            bottle,
+            guest: checked(guest)?,
+            local: PathBuf::from(dst),
+        }),
+        (None, Some((bottle, guest))) => Ok(Direction::In {
+            local: PathBuf::from(src),
+            bottle,
+            guest: checked(guest)?,
+        }),
+        (None, None) => Err(TransferError::NoBottleSide {
+            arg: format!("{src} {dst}"),
+        }),
+    }
+}
+
+/// A tar of `local` (a file or a directory, recursively; links kept as links) whose top entry
+/// is its file name.
+pub fn pack(local: &Path) -> Result<Vec<u8>, TransferError> {
+    let err = |source| TransferError::Pack {
+        path: local.to_path_buf(),
+        source,
+    };
+    let name = local
+        .file_name()
+        .map(PathBuf::from)
+        .ok_or_else(|| err(std::io::Error::other("no file name")))?;
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.follow_symlinks(false);
+    let meta = std::fs::symlink_metadata(local).map_err(err)?;
+    if meta.is_dir() {
+        builder.append_dir_all(&name, local).map_err(err)?;
+    } else {
+        builder.append_path_with_name(local, &name).map_err(err)?;
+    }
+    builder.into_inner().map_err(err)
+}
+
+/// Unpack an untrusted tar stream into `dst` (created if missing). Returns the entry count.
+pub fn unpack_safely(tar: impl Read, dst: &Path) -> Result<usize, TransferError> {
+    let err = |source| TransferError::Unpack {
+        path: dst.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dst).map_err(err)?;
+    let mut archive = tar::Archive::new(tar);
+    archive.set_preserve_permissions(false);
+    archive.set_preserve_ownerships(false);
+    archive.set_unpack_xattrs(false);
+    archive.set_overwrite(true);
+    let mut count = 0;
+    for entry in archive.entries().map_err(err)? {
+        let mut entry = entry.map_err(err)?;
+        let path = entry.path().map_err(err)?.into_owned();
+        let bad = path.is_absolute()
+            || path
+                .components()
+                .any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)));
+        if bad {
+            return Err(TransferError::Escape {
+                dst: dst.to_path_buf(),
+                entry: path.display().to_string(),
+            });
+        }
+        // `unpack_in` also refuses to write through a symlink that leads outside `dst`.
+        if !entry.unpack_in(dst).map_err(err)? {
+            return Err(TransferError::Escape {
+                dst: dst.to_path_buf(),
+                entry: path.display().to_string(),
+            });
+        }
+        count += 1;
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(kind: tar::EntryType, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(0o4755);
+        h.set_size(size);
+        h
+    }
+
+    #[test]
+    fn parse_tells_the_bottle_side_and_checks_the_guest_path() {
+        assert_eq!(
+            parse("claude-1a2b3c:/workspace/out", "./here").unwrap(),
+            Direction::Out {
+                bottle: "claude-1a2b3c".into(),
+                guest: "/workspace/out".into(),
+                local: "./here".into()
+            }
+        );
+        assert!(matches!(
+            parse("./a", "test:/tmp").unwrap(),
+            Direction::In { .. }
+        ));
+        assert!(matches!(
+            parse("a:/x", "b:/y"),
+            Err(TransferError::BothBottles { .. })
+        ));
+        assert!(matches!(
+            parse("./a", "./b"),
+            Err(TransferError::NoBottleSide { .. })
+        ));
+        assert!(matches!(
+            parse("test:tmp", "."),
+            Err(TransferError::RelativeGuestPath { .. })
+        ));
+    }
+
+    #[test]
+    fn pack_then_unpack_round_trips_a_tree_without_setuid() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("proj");
+        std::fs::create_dir_all(src.join("a/b")).unwrap();
+        std::fs::write(src.join("a/b/f.txt"), "content").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            src.join("a/b/f.txt"),
+            std::fs::Permissions::from_mode(0o4755),
+        )
+        .unwrap();
+        let tar = pack(&src).unwrap();
+        let dst = dir.path().join("out");
+        let n = unpack_safely(tar.as_slice(), &dst).unwrap();
+        assert!(n >= 3);
+        assert_eq!(
+            std::fs::read_to_string(dst.join("proj/a/b/f.txt")).unwrap(),
+            "content"
+        );
+        let mode = std::fs::metadata(dst.join("proj/a/b/f.txt"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o4000, 0, "setuid kept: {mode:o}");
+    }
+
+    #[test]
+    fn archive_climbing_out_with_dotdot_is_refused_and_writes_nothing_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = header(tar::EntryType::Regular, 4);
+        // `append_data` refuses `..`; write the name into the header directly, as an attacker would.
+        h.as_gnu_mut().unwrap().name[..12].copy_from_slice(b"../escaped.t");
+        h.set_cksum();
+        b.append(&h, &b"evil"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let dst = dir.path().join("out");
+        let err = unpack_safely(tar.as_slice(), &dst).unwrap_err();
+        assert!(matches!(err, TransferError::Escape { .. }), "{err}");
+        assert!(!dir.path().join("escaped.t").exists());
+    }
+
+    #[test]
+    fn archive_writing_through_a_symlink_out_of_the_destination_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut link = header(tar::EntryType::Symlink, 0);
+        b.append_link(&mut link, "link", &outside).unwrap();
+        let mut file = header(tar::EntryType::Regular, 4);
+        b.append_data(&mut file, "link/pwned", &b"evil"[..])
+            .unwrap();
+        let tar = b.into_inner().unwrap();
+        let result = unpack_safely(tar.as_slice(), &dir.path().join("out"));
+        assert!(result.is_err(), "{result:?}");
+        assert!(!outside.join("pwned").exists());
+    }
+}
