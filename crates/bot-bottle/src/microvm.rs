@@ -19,8 +19,7 @@ use crate::plan::BottlePlan;
 /// Our part of the kernel command line before `bottle.config=`: the kernel mounts the root
 /// image (`/dev/vda`, read-only squashfs) and runs bottle-init from it. The VMM itself adds the
 /// serial console, `reboot=k`, `panic=-1` and the virtio-mmio devices.
-pub const BASE_CMDLINE: &str =
-    "quiet root=/dev/vda rootfstype=squashfs ro init=/.bottle/init";
+pub const BASE_CMDLINE: &str = "quiet root=/dev/vda rootfstype=squashfs ro init=/.bottle/init";
 /// Room left on the command line for what the VMM appends (virtio-mmio device entries).
 const CMDLINE_ROOM: usize = 512;
 /// Overrides the guest kernel (a vmlinux or bzImage), e.g. for a kernel built elsewhere.
