@@ -268,7 +268,8 @@ fn agent_runs_as_the_manifest_user_with_proxy_env() {
         "--",
         "sh",
         "-c",
-        "id -u; echo $HTTPS_PROXY; echo $NO_PROXY",
+        "id -u; echo $HTTPS_PROXY; echo $NO_PROXY; \
+         for p in 9418 7070; do printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 198.18.76.2 $p; done",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
@@ -276,4 +277,13 @@ fn agent_runs_as_the_manifest_user_with_proxy_env() {
     assert_eq!(lines[0], "1000");
     assert_eq!(lines[1], "http://198.18.76.2:3128");
     assert!(lines[2].contains("198.18.76.2"));
+    // The git gate and the supervisor are placeholders that say so.
+    assert!(
+        text.contains("the git gate is not enabled for this bottle"),
+        "{text}"
+    );
+    assert!(
+        text.contains("the supervisor is not enabled for this bottle"),
+        "{text}"
+    );
 }
