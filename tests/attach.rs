@@ -154,3 +154,38 @@ fn cp_copies_a_tree_into_a_running_bottle_and_the_agents_output_back_out() {
         "FROM THE HOST\n"
     );
 }
+
+#[test]
+fn docker_backend_mount_is_readable_and_read_only() {
+    if !docker_available("docker_backend_mount_is_readable_and_read_only") {
+        return;
+    }
+    let sb = Sandbox::new("87-87");
+    // A manifest mount whose host path holds a ':' (which a `binds` string could not carry).
+    let host = sb.dir.path().join("my:project");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(host.join("notes.txt"), "keep me\n").unwrap();
+    sb.add_bottle(
+        "mounted",
+        &format!(
+            "extends = \"test\"\n[[mount]]\nhost = \"{}\"\nguest = \"/workspace\"\n",
+            host.display()
+        ),
+    );
+    let out = sb.run(&[
+        "start",
+        "mounted",
+        "--",
+        "sh",
+        "-c",
+        "cat /workspace/notes.txt; echo changed > /workspace/notes.txt || echo write-refused",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = common::stdout(&out);
+    assert!(text.starts_with("keep me\n"), "{text}");
+    assert!(text.contains("write-refused"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(host.join("notes.txt")).unwrap(),
+        "keep me\n"
+    );
+}

@@ -10,7 +10,9 @@ use bollard::container::{
     AttachContainerOptions, AttachContainerResults, Config, CreateContainerOptions, LogOutput,
     LogsOptions, NetworkingConfig, ResizeContainerTtyOptions, WaitContainerOptions,
 };
-use bollard::models::{EndpointIpamConfig, EndpointSettings, HostConfig, PortBinding};
+use bollard::models::{
+    EndpointIpamConfig, EndpointSettings, HostConfig, Mount, MountTypeEnum, PortBinding,
+};
 use bollard::Docker;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -220,10 +222,17 @@ pub async fn create_agent(
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    let binds: Vec<String> = plan
+    // The Mounts API, not `binds`: a host path may contain ':'.
+    let mounts: Vec<Mount> = plan
         .mounts
         .iter()
-        .map(|m| format!("{}:{}:ro", m.host.display(), m.guest.display()))
+        .map(|m| Mount {
+            source: Some(m.host.display().to_string()),
+            target: Some(m.guest.display().to_string()),
+            typ: Some(MountTypeEnum::BIND),
+            read_only: Some(true),
+            ..Default::default()
+        })
         .collect();
     let config = Config {
         image: Some(image.to_owned()),
@@ -241,7 +250,7 @@ pub async fn create_agent(
         host_config: Some(HostConfig {
             network_mode: Some(internal.name.clone()),
             runtime: plan.agent.runtime.clone(),
-            binds: Some(binds),
+            mounts: Some(mounts),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges".into()]),
             memory: Some(i64::from(plan.agent.memory_mib) * 1024 * 1024),
