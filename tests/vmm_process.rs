@@ -322,8 +322,8 @@ fn microvm_start_with_a_mount_attaches_its_snapshot_and_never_touches_the_host_t
         .unwrap();
     let err = common::stderr(&out);
     assert!(err.contains("snapshotting"), "{err}");
-    // Root image, workspace snapshot and vsock: three devices on the guest's command line.
-    assert_eq!(err.matches("virtio_mmio.device=").count(), 3, "{err}");
+    // Root image, workspace snapshot, writable layer and vsock on the guest's command line.
+    assert_eq!(err.matches("virtio_mmio.device=").count(), 4, "{err}");
     assert_eq!(checksum(), before, "the host tree changed");
     let leftovers: Vec<_> = walk(&sb.state())
         .into_iter()
@@ -344,4 +344,74 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+#[test]
+fn microvm_writable_layer_is_kept_resumed_and_only_discarded_when_asked() {
+    if !kvm_usable("microvm_writable_layer_is_kept")
+        || !common::docker_available("microvm_writable_layer_is_kept")
+    {
+        return;
+    }
+    let sb = common::Sandbox::new("88-88");
+    let probe = probe_guest(sb.dir.path());
+    let start = |args: &[&str]| {
+        sb.cmd()
+            .env("BOT_BOTTLE_KERNEL", &probe)
+            .args(args)
+            .args(["--backend", "microvm", "--", "true"])
+            .output()
+            .unwrap()
+    };
+    let disk = sb.state().join("disks/test/upper.ext4");
+    // Stands for the agent's work: bytes in the layer's last block, which mkfs leaves unused.
+    let mark = || {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(b"agent-work", f.metadata().unwrap().len() - 4096)
+            .unwrap();
+    };
+    let marked = || {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(&disk).unwrap();
+        let mut buf = [0u8; 10];
+        f.read_exact_at(&mut buf, f.metadata().unwrap().len() - 4096)
+            .unwrap();
+        &buf == b"agent-work"
+    };
+
+    // The probe guest ends at once (as a broken guest would); what matters is the layer.
+    let first = start(&["start", "test"]);
+    assert!(
+        common::stderr(&first).contains("booting"),
+        "{}",
+        common::stderr(&first)
+    );
+    mark();
+    let again = start(&["start", "test"]);
+    let resumed = start(&["resume", "test"]);
+    let kept_after_resume = marked();
+    let fresh = start(&["start", "test", "--fresh"]);
+    let kept_after_fresh = marked();
+    let ephemeral = start(&["start", "test", "--tmpfs"]);
+
+    let again_err = common::stderr(&again);
+    assert_eq!(again.status.code(), Some(1), "{again_err}");
+    assert!(again_err.contains("bot-bottle resume test"), "{again_err}");
+    assert!(
+        !again_err.contains("booting"),
+        "booted over a kept layer: {again_err}"
+    );
+    assert!(
+        common::stderr(&resumed).contains("booting"),
+        "{}",
+        common::stderr(&resumed)
+    );
+    assert!(kept_after_resume, "resume lost the kept layer");
+    assert!(common::stderr(&fresh).contains("booting"));
+    assert!(!kept_after_fresh, "--fresh kept the old layer");
+    // tmpfs: root image and vsock only.
+    let eph = common::stderr(&ephemeral);
+    assert_eq!(eph.matches("virtio_mmio.device=").count(), 2, "{eph}");
+    assert!(sb.rows().is_empty());
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use bot_bottle::manifest::{Backend, ManifestSource};
 use bot_bottle::plan::{self, HostFacts, HostMount};
+use bot_bottle::upper::WritableLayer;
 use bot_bottle::{images, kernel, microvm, microvm_run, workspace};
 use bottle_proto::config::ControlChannel;
 use bottle_proto::{Client, ExecRequest};
@@ -54,17 +55,32 @@ impl Drop for Qemu {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn agent_image_becomes_a_bootable_root_with_its_user_env_and_workspace_overlay() {
-    if !common::docker_available("agent_image_becomes_a_bootable_root") {
-        return;
+/// Everything `start` prepares before it launches the VMM, for the bundled test bottle with
+/// one workspace.
+struct Prepared {
+    work: tempfile::TempDir,
+    kernel: PathBuf,
+    qemu: PathBuf,
+    plan: plan::BottlePlan,
+    rootfs: PathBuf,
+    ids: bottle_proto::UserIds,
+    home: String,
+    workspace: PathBuf,
+    host: PathBuf,
+}
+
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+async fn prepare(test: &str) -> Option<Prepared> {
+    if !common::docker_available(test) {
+        return None;
     }
     let (kernel, qemu) = match prereqs() {
         Ok(p) => p,
         Err(why) => {
             assert!(!in_ci(), "CI=true but {why}");
-            eprintln!("SKIPPED agent_image_becomes_a_bootable_root: {why}");
-            return;
+            eprintln!("SKIPPED {test}: {why}");
+            return None;
         }
     };
     // bottle-init is built beside bot-bottle (the workspace links statically).
@@ -75,8 +91,6 @@ async fn agent_image_becomes_a_bootable_root_with_its_user_env_and_workspace_ove
         init.display()
     );
     let work = tempfile::tempdir().unwrap();
-
-    // Arrange: a plan for the bundled test bottle with one workspace, as `start` makes it.
     let host = work.path().join("project");
     std::fs::create_dir_all(host.join("src")).unwrap();
     std::fs::write(host.join("src/lib.rs"), "pub fn answer() -> u32 { 42 }\n").unwrap();
@@ -108,35 +122,54 @@ async fn agent_image_becomes_a_bootable_root_with_its_user_env_and_workspace_ove
         &init,
         &work.path().join("cache"),
         &labels,
-        "bot-bottle-e2e-export-test",
+        &format!("bot-bottle-e2e-export-{}", std::process::id()),
     )
     .await
     .unwrap();
     let (ids, home) =
         microvm::resolve_user(&plan.agent.user, &accounts.passwd, &accounts.group).unwrap();
-    let ws = work.path().join("workspace-0.sqfs");
-    workspace::snapshot(&host, &ws, &work.path().join("spool")).unwrap();
-    let token = "0123456789abcdef0123456789abcdef";
-    let mut guest = microvm::guest_config(&plan, token, ids, &home);
+    let workspace = work.path().join("workspace-0.sqfs");
+    workspace::snapshot(&host, &workspace, &work.path().join("spool")).unwrap();
+    Some(Prepared {
+        work,
+        kernel,
+        qemu,
+        plan,
+        rootfs,
+        ids,
+        home,
+        workspace,
+        host,
+    })
+}
+
+/// Boot what `microvm::launch` describes under QEMU and run `script` as the agent; returns
+/// (exit code, stdout, console).
+fn boot_and_run(
+    p: &Prepared,
+    layer: &WritableLayer,
+    script: &str,
+) -> (Option<i32>, String, String) {
+    let mut guest = microvm::guest_config(&p.plan, TOKEN, p.ids, &p.home, layer);
     // The one substitution: the control channel on a virtio serial port instead of vsock.
     guest.control = ControlChannel::VirtioPort {
         name: PORT_NAME.into(),
     };
     let launch = microvm::launch(
-        &plan,
+        &p.plan,
         &guest,
-        &kernel,
-        &rootfs,
-        std::slice::from_ref(&ws),
-        work.path(),
-        &work.path().join("state.db"),
+        &p.kernel,
+        &p.rootfs,
+        std::slice::from_ref(&p.workspace),
+        layer,
+        p.work.path(),
+        &p.work.path().join("state.db"),
     )
     .unwrap();
-
-    // Act: boot the launch's kernel, command line and disks under QEMU.
-    let socket = work.path().join("control.sock");
-    let console = work.path().join("console.log");
-    let mut cmd = Command::new(qemu);
+    let socket = p.work.path().join("control.sock");
+    let console = p.work.path().join("console.log");
+    let _ = std::fs::remove_file(&socket);
+    let mut cmd = Command::new(&p.qemu);
     cmd.args([
         "-M",
         "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pit=on,pic=on",
@@ -153,11 +186,11 @@ async fn agent_image_becomes_a_bootable_root_with_its_user_env_and_workspace_ove
         launch.vmm.cmdline
     ));
     for (i, disk) in launch.vmm.disks.iter().enumerate() {
-        assert!(disk.read_only);
         cmd.arg("-drive")
             .arg(format!(
-                "id=d{i},file={},format=raw,if=none,readonly=on",
-                disk.path.display()
+                "id=d{i},file={},format=raw,if=none,readonly={}",
+                disk.path.display(),
+                if disk.read_only { "on" } else { "off" }
             ))
             .args(["-device", &format!("virtio-blk-device,drive=d{i}")]);
     }
@@ -187,7 +220,7 @@ async fn agent_image_becomes_a_bootable_root_with_its_user_env_and_workspace_ove
             panic!("QEMU exited ({status}); console:\n{}", console_text());
         }
         if let Ok(stream) = UnixStream::connect(&socket) {
-            let mut c = Client::new(stream, token);
+            let mut c = Client::new(stream, TOKEN);
             if c.health().is_ok() {
                 break c;
             }
@@ -198,31 +231,70 @@ async fn agent_image_becomes_a_bootable_root_with_its_user_env_and_workspace_ove
         "agent image root: boot to agent-ready {:?}",
         started.elapsed()
     );
+    let mut req = ExecRequest::new(["/bin/sh", "-c", script]);
+    req.cwd = Some(p.plan.agent.workdir.clone());
+    let result = client.exec(&req, b"").unwrap();
+    // A clean power-off (sync, reset): what a stopped bottle does.
+    let _ = client.shutdown();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(vm);
+    (
+        result.status.code,
+        String::from_utf8_lossy(&result.stdout).into_owned(),
+        format!(
+            "{}\nagent stderr:\n{}",
+            console_text(),
+            String::from_utf8_lossy(&result.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_image_becomes_a_bootable_root_with_its_user_env_and_workspace_overlay() {
+    let Some(p) = prepare("agent_image_becomes_a_bootable_root").await else {
+        return;
+    };
     let script = "id -u; id -g; echo $HTTPS_PROXY; pwd; cat /workspace/src/lib.rs; \
                   echo changed > /workspace/src/lib.rs && cat /workspace/src/lib.rs; \
                   stat -c '%u %a' /workspace/src/lib.rs /tmp; hostname; tr '\\0' ' ' </proc/1/cmdline";
-    let mut req = ExecRequest::new(["/bin/sh", "-c", script]);
-    req.cwd = Some(plan.agent.workdir.clone());
-    let result = client.exec(&req, b"").unwrap();
-    let out = String::from_utf8_lossy(&result.stdout).into_owned();
-    let _ = client.shutdown();
-    drop(vm);
 
-    // Assert: the manifest's user (Dockerfile.test's 1000:1000), the planned proxy env, the
-    // workspace readable and writable in the overlay, and the host file untouched.
-    assert_eq!(
-        result.status.code,
-        Some(0),
-        "{out}\n{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    let (code, out, console) = boot_and_run(&p, &WritableLayer::Tmpfs, script);
+
+    // The manifest's user (Dockerfile.test's 1000:1000), the planned proxy env, the workspace
+    // readable and writable in the overlay, and the host file untouched.
+    assert_eq!(code, Some(0), "{out}\nconsole:\n{console}");
     let expected = format!(
         "1000\n1000\nhttp://127.0.0.90:3128\n/workspace\npub fn answer() -> u32 {{ 42 }}\nchanged\n1000 644\n0 1777\ntest\n/{} ",
         bot_bottle::rootfs::INIT_PATH
     );
-    assert_eq!(out, expected, "console:\n{}", console_text());
+    assert_eq!(out, expected, "console:\n{console}");
     assert_eq!(
-        std::fs::read_to_string(host.join("src/lib.rs")).unwrap(),
+        std::fs::read_to_string(p.host.join("src/lib.rs")).unwrap(),
         "pub fn answer() -> u32 { 42 }\n"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writable_layer_disk_keeps_the_agents_changes_for_resume() {
+    let Some(p) = prepare("writable_layer_disk_keeps_the_agents_changes").await else {
+        return;
+    };
+    let disk = p.work.path().join("disks/test/upper.ext4");
+    bot_bottle::upper::create(&disk, 1).unwrap();
+    let layer = WritableLayer::Disk(disk);
+
+    let (first, out1, console1) = boot_and_run(
+        &p,
+        &layer,
+        "echo from-the-first-run > ~/kept.txt && mkdir -p ~/.tool && echo v1 > ~/.tool/version && echo written",
+    );
+    let (second, out2, console2) = boot_and_run(&p, &layer, "cat ~/kept.txt ~/.tool/version");
+
+    assert_eq!(first, Some(0), "{out1}\nconsole:\n{console1}");
+    assert_eq!(out1, "written\n");
+    assert_eq!(second, Some(0), "{out2}\nconsole:\n{console2}");
+    assert_eq!(out2, "from-the-first-run\nv1\n");
 }

@@ -24,4 +24,5 @@ pub mod sidecar;
 pub mod state;
 pub mod terminal;
 pub mod transfer;
+pub mod upper;
 pub mod workspace;

@@ -7,7 +7,7 @@ use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 
 use bottle_proto::config::{
-    AgentUser, BlockFs, ControlChannel, EgressForward, GuestConfig, WorkspaceMount,
+    AgentUser, BlockFs, ControlChannel, EgressForward, GuestConfig, Upper, WorkspaceMount,
     CONTROL_VSOCK_PORT,
 };
 use bottle_proto::message::UserIds;
@@ -15,6 +15,7 @@ use bottle_vmm::{DiskConfig, SerialOutput, VmmConfig, VsockConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::BottlePlan;
+use crate::upper::WritableLayer;
 
 /// Our part of the kernel command line before `bottle.config=`: the kernel mounts the root
 /// image (`/dev/vda`, read-only squashfs) and runs bottle-init from it. The VMM itself adds the
@@ -120,7 +121,14 @@ pub fn resolve_user(
 
 /// What bottle-init is told: the root image, the agent user, env, and one egress forwarder per
 /// published bundle port (alias:port in the guest → the same alias:port on the host).
-pub fn guest_config(plan: &BottlePlan, token: &str, user: UserIds, home: &str) -> GuestConfig {
+/// The writable layer is a disk after the root image and the workspaces, or tmpfs.
+pub fn guest_config(
+    plan: &BottlePlan,
+    token: &str,
+    user: UserIds,
+    home: &str,
+    layer: &WritableLayer,
+) -> GuestConfig {
     let egress = plan
         .bundle
         .ports
@@ -142,7 +150,13 @@ pub fn guest_config(plan: &BottlePlan, token: &str, user: UserIds, home: &str) -
             device: "/dev/vda".into(),
             fstype: "squashfs".into(),
         }),
-        upper: Default::default(),
+        upper: match layer {
+            WritableLayer::Tmpfs => Upper::Tmpfs,
+            WritableLayer::Disk(_) => Upper::Device(BlockFs {
+                device: crate::workspace::guest_device(plan.mounts.len()),
+                fstype: "ext4".into(),
+            }),
+        },
         // Workspace i is the snapshot image attached as disk i + 1 (after the root image).
         mounts: plan
             .mounts
@@ -174,16 +188,23 @@ pub fn launch(
     kernel: &Path,
     rootfs: &Path,
     workspaces: &[PathBuf],
+    layer: &WritableLayer,
     bottle_dir: &Path,
     state_db: &Path,
 ) -> Result<Launch, MicrovmError> {
-    let disks = std::iter::once(rootfs)
+    let mut disks: Vec<DiskConfig> = std::iter::once(rootfs)
         .chain(workspaces.iter().map(PathBuf::as_path))
         .map(|path| DiskConfig {
             path: path.to_path_buf(),
             read_only: true,
         })
         .collect();
+    if let WritableLayer::Disk(path) = layer {
+        disks.push(DiskConfig {
+            path: path.clone(),
+            read_only: false,
+        });
+    }
     let arg = guest
         .to_cmdline_arg(BASE_CMDLINE.len() + CMDLINE_ROOM)
         .map_err(|source| MicrovmError::Cmdline { source })?;
@@ -298,6 +319,7 @@ mod tests {
                 gid: 1000,
             },
             "/home/node",
+            &WritableLayer::Tmpfs,
         );
         let listens: Vec<String> = g.egress.iter().map(|e| e.listen.to_string()).collect();
         assert_eq!(
@@ -324,7 +346,8 @@ mod tests {
                 guest: "/data".into(),
             },
         ];
-        let g = guest_config(&p, "tok", UserIds { uid: 1, gid: 1 }, "/h");
+        let layer = WritableLayer::Disk(PathBuf::from("/state/disks/claude/upper.ext4"));
+        let g = guest_config(&p, "tok", UserIds { uid: 1, gid: 1 }, "/h", &layer);
         let devices: Vec<(&str, &str)> = g
             .mounts
             .iter()
@@ -338,13 +361,34 @@ mod tests {
             Path::new("/k"),
             Path::new("/r.sqfs"),
             &images,
+            &layer,
             Path::new("/b"),
             Path::new("/s.db"),
         )
         .unwrap();
-        let disks: Vec<&Path> = l.vmm.disks.iter().map(|d| d.path.as_path()).collect();
-        assert_eq!(disks, [Path::new("/r.sqfs"), &images[0], &images[1]]);
-        assert!(l.vmm.disks.iter().all(|d| d.read_only));
+        let disks: Vec<(&Path, bool)> = l
+            .vmm
+            .disks
+            .iter()
+            .map(|d| (d.path.as_path(), d.read_only))
+            .collect();
+        // Root and workspaces read-only, then the writable layer read-write as /dev/vdd.
+        assert_eq!(
+            disks,
+            [
+                (Path::new("/r.sqfs"), true),
+                (images[0].as_path(), true),
+                (images[1].as_path(), true),
+                (Path::new("/state/disks/claude/upper.ext4"), false)
+            ]
+        );
+        assert_eq!(
+            g.upper,
+            Upper::Device(BlockFs {
+                device: "/dev/vdd".into(),
+                fstype: "ext4".into()
+            })
+        );
     }
 
     #[test]
@@ -358,6 +402,7 @@ mod tests {
                 gid: 1000,
             },
             "/home/node",
+            &WritableLayer::Tmpfs,
         );
         let l = launch(
             &p,
@@ -365,6 +410,7 @@ mod tests {
             Path::new("/k"),
             Path::new("/r.sqfs"),
             &[],
+            &WritableLayer::Tmpfs,
             Path::new("/b"),
             Path::new("/s.db"),
         )
@@ -376,6 +422,8 @@ mod tests {
         assert!(BASE_CMDLINE.ends_with(&format!("init=/{}", crate::rootfs::INIT_PATH)));
         assert!(l.vmm.cmdline.contains("bottle.config="));
         assert!(l.vmm.disks[0].read_only);
+        assert_eq!(l.vmm.disks.len(), 1, "tmpfs layer: no writable disk");
+        assert_eq!(g.upper, Upper::Tmpfs);
         assert_eq!(l.machine, "bot-bottle-claude-abcdef-vm");
     }
 }

@@ -37,6 +37,8 @@ pub enum Command {
     Exec(exec::ExecArgs),
     /// Copy files out of (BOTTLE:/path DIR) or into (PATH BOTTLE:/dir) a running bottle.
     Cp(cp::CpArgs),
+    /// Start a bottle again on the writable layer its last microVM run kept.
+    Resume(start::StartArgs),
     /// List running bottles.
     List(list::ListArgs),
     /// Stop a running bottle (its `start` tears everything down).
@@ -82,6 +84,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Sidecar => sidecar::run().await,
         Command::Vmm(args) => vmm::run(args).await,
         Command::Start(args) => start::run(&ctx()?, args).await,
+        Command::Resume(mut args) => {
+            args.resume = true;
+            start::run(&ctx()?, args).await
+        }
         Command::List(args) => list::run(&ctx()?, args).await,
         Command::Exec(args) => exec::run(&ctx()?, args).await,
         Command::Cp(args) => cp::run(&ctx()?, args).await,

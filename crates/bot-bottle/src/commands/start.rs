@@ -24,6 +24,16 @@ pub struct StartArgs {
     /// Host directory shown read-only with a writable overlay, HOST[:GUEST] (repeatable).
     #[arg(long = "mount", value_name = "HOST[:GUEST]")]
     mounts: Vec<String>,
+    /// microVM: keep the writable layer in guest memory (gone at power-off) instead of the
+    /// bottle's kept disk.
+    #[arg(long, conflicts_with = "fresh")]
+    tmpfs: bool,
+    /// microVM: discard the bottle's kept writable layer and start a new one.
+    #[arg(long)]
+    fresh: bool,
+    /// Set by `bot-bottle resume`: continue the kept writable layer.
+    #[arg(skip)]
+    pub resume: bool,
     /// Run this command in the bottle instead of the agent, then tear down; exit code passes through.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -94,6 +104,12 @@ async fn session(
     id: &str,
     stack: &mut GuardStack,
 ) -> anyhow::Result<i32> {
+    if resolved.backend == Backend::Docker && (args.resume || args.fresh || args.tmpfs) {
+        bail!(
+            "resume, --fresh and --tmpfs are about the microVM's writable layer: the docker \
+             backend's container layer is always new"
+        );
+    }
     // Preflight: Docker always (the sidecar bundle runs there), KVM for the microVM.
     let docker = docker::connect().await?;
     if resolved.backend == Backend::Microvm {
@@ -315,15 +331,35 @@ async fn run_microvm(
     // Workspaces: each host directory snapshotted read-only; the guest overlays it.
     let workspaces = snapshot_workspaces(plan, &bottle_dir, stack).await?;
 
+    // The writable layer: the bottle's kept disk (locked while in use), or tmpfs.
+    let request = match (args.resume, args.fresh, args.tmpfs) {
+        (true, _, _) => bot_bottle::upper::LayerRequest::Resume,
+        (_, true, _) => bot_bottle::upper::LayerRequest::Fresh,
+        (_, _, true) => bot_bottle::upper::LayerRequest::Tmpfs,
+        _ => bot_bottle::upper::LayerRequest::Start,
+    };
+    let held = bot_bottle::upper::acquire(
+        &bot_bottle::upper::disk_path(&ctx.dirs, &plan.bottle),
+        &plan.bottle,
+        request,
+        bot_bottle::upper::DEFAULT_SIZE_GIB,
+    )?;
+    let layer = held.layer.clone();
+    stack.push_sync("unlock the writable layer", move || {
+        drop(held);
+        Ok::<(), std::io::Error>(())
+    });
+
     // The VMM child, with a launch file that carries no allowlist.
     let token = hex::encode(random_bytes::<16>()?);
-    let guest = microvm::guest_config(plan, &token, ids, &home);
+    let guest = microvm::guest_config(plan, &token, ids, &home, &layer);
     let launch = microvm::launch(
         plan,
         &guest,
         &kernel,
         &rootfs,
         &workspaces,
+        &layer,
         &bottle_dir,
         &ctx.dirs.db_path(),
     )?;
