@@ -159,9 +159,11 @@ fn boot_and_run(
         &p.plan,
         &guest,
         &p.kernel,
-        &p.rootfs,
-        std::slice::from_ref(&p.workspace),
-        layer,
+        microvm::Disks {
+            rootfs: &p.rootfs,
+            workspaces: std::slice::from_ref(&p.workspace),
+            layer,
+        },
         p.work.path(),
         &p.work.path().join("state.db"),
     )

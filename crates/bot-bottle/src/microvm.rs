@@ -180,18 +180,31 @@ pub fn guest_config(
     }
 }
 
-/// The VMM launch file for a plan. `workspaces` are the snapshot images of `plan.mounts`, in
-/// order.
+/// The guest's disks, in the order the guest sees them (`/dev/vda`, `/dev/vdb`, ...).
+#[derive(Debug, Clone, Copy)]
+pub struct Disks<'a> {
+    /// The read-only root image.
+    pub rootfs: &'a Path,
+    /// The snapshot images of `plan.mounts`, in order.
+    pub workspaces: &'a [PathBuf],
+    /// The writable layer (a disk last, or none for tmpfs).
+    pub layer: &'a WritableLayer,
+}
+
+/// The VMM launch file for a plan.
 pub fn launch(
     plan: &BottlePlan,
     guest: &GuestConfig,
     kernel: &Path,
-    rootfs: &Path,
-    workspaces: &[PathBuf],
-    layer: &WritableLayer,
+    disks: Disks<'_>,
     bottle_dir: &Path,
     state_db: &Path,
 ) -> Result<Launch, MicrovmError> {
+    let Disks {
+        rootfs,
+        workspaces,
+        layer,
+    } = disks;
     let mut disks: Vec<DiskConfig> = std::iter::once(rootfs)
         .chain(workspaces.iter().map(PathBuf::as_path))
         .map(|path| DiskConfig {
@@ -359,9 +372,11 @@ mod tests {
             &p,
             &g,
             Path::new("/k"),
-            Path::new("/r.sqfs"),
-            &images,
-            &layer,
+            Disks {
+                rootfs: Path::new("/r.sqfs"),
+                workspaces: &images,
+                layer: &layer,
+            },
             Path::new("/b"),
             Path::new("/s.db"),
         )
@@ -408,9 +423,11 @@ mod tests {
             &p,
             &g,
             Path::new("/k"),
-            Path::new("/r.sqfs"),
-            &[],
-            &WritableLayer::Tmpfs,
+            Disks {
+                rootfs: Path::new("/r.sqfs"),
+                workspaces: &[],
+                layer: &WritableLayer::Tmpfs,
+            },
             Path::new("/b"),
             Path::new("/s.db"),
         )

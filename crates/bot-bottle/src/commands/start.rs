@@ -357,9 +357,11 @@ async fn run_microvm(
         plan,
         &guest,
         &kernel,
-        &rootfs,
-        &workspaces,
-        &layer,
+        microvm::Disks {
+            rootfs: &rootfs,
+            workspaces: &workspaces,
+            layer: &layer,
+        },
         &bottle_dir,
         &ctx.dirs.db_path(),
     )?;
