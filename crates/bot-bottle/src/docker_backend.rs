@@ -362,14 +362,7 @@ pub async fn run_agent(
                 break;
             }
             Some(Some(Ok(chunk))) => {
-                let result = match chunk {
-                    LogOutput::StdErr { message } => stderr.write_all(&message).await,
-                    LogOutput::StdOut { message } | LogOutput::Console { message } => {
-                        stdout.write_all(&message).await
-                    }
-                    LogOutput::StdIn { .. } => Ok(()),
-                };
-                result.map_err(|source| BackendError::Terminal { source })?;
+                forward(chunk, &mut stdout, &mut stderr).await?;
                 let _ = stdout.flush().await;
             }
         }
@@ -397,6 +390,22 @@ pub fn prepare_log_dir(dir: &Path) -> Result<(), BackendError> {
         path: dir.to_path_buf(),
         source,
     })
+}
+
+/// Copy one chunk of a container's output to our stdout or stderr.
+async fn forward(
+    chunk: LogOutput,
+    stdout: &mut tokio::io::Stdout,
+    stderr: &mut tokio::io::Stderr,
+) -> Result<(), BackendError> {
+    let result = match chunk {
+        LogOutput::StdErr { message } => stderr.write_all(&message).await,
+        LogOutput::StdOut { message } | LogOutput::Console { message } => {
+            stdout.write_all(&message).await
+        }
+        LogOutput::StdIn { .. } => Ok(()),
+    };
+    result.map_err(|source| BackendError::Terminal { source })
 }
 
 /// Run `argv` in the running agent container (non-interactive: stdin, stdout and stderr
@@ -447,14 +456,7 @@ pub async fn exec_in_agent(
         let mut stdout = tokio::io::stdout();
         let mut stderr = tokio::io::stderr();
         while let Some(chunk) = output.next().await {
-            let result = match chunk.map_err(exec_err)? {
-                LogOutput::StdErr { message } => stderr.write_all(&message).await,
-                LogOutput::StdOut { message } | LogOutput::Console { message } => {
-                    stdout.write_all(&message).await
-                }
-                LogOutput::StdIn { .. } => Ok(()),
-            };
-            result.map_err(|source| BackendError::Terminal { source })?;
+            forward(chunk.map_err(exec_err)?, &mut stdout, &mut stderr).await?;
         }
         let _ = stdout.flush().await;
         stdin_task.abort();
