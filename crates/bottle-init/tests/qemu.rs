@@ -533,15 +533,14 @@ fn exec_in_guest_streams_large_output_and_stdin() {
     let mut c = vm.client();
     let input = vec![b'q'; 1_000_000];
 
-    let big = c
-        .exec(
-            &ExecRequest::new(["/bin/head", "-c", "4000000", "/dev/zero"]),
-            b"",
-        )
-        .unwrap();
-    let echoed = c
-        .exec(&ExecRequest::new(["/bin/wc", "-c"]), &input)
-        .unwrap();
+    // Timeouts bound the host's reads too (command timeout + grace): a stalled guest fails the
+    // test instead of hanging it.
+    let mut big_req = ExecRequest::new(["/bin/head", "-c", "4000000", "/dev/zero"]);
+    big_req.timeout_ms = Some(60_000);
+    let big = c.exec(&big_req, b"").unwrap();
+    let mut wc_req = ExecRequest::new(["/bin/wc", "-c"]);
+    wc_req.timeout_ms = Some(60_000);
+    let echoed = c.exec(&wc_req, &input).unwrap();
 
     assert_eq!(
         (big.stdout.len(), text(&echoed.stdout).trim()),
