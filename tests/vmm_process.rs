@@ -234,21 +234,11 @@ fn vmm_child_refuses_when_the_state_db_is_gone() {
 
 #[test]
 fn microvm_start_whose_guest_ends_early_reports_its_console_and_leaves_nothing() {
-    if !kvm_usable("microvm_start_whose_guest_ends_early")
-        || !common::docker_available("microvm_start_whose_guest_ends_early")
-    {
+    if !kvm_and_docker("microvm_start_whose_guest_ends_early") {
         return;
     }
-    // The probe guest stands in for a kernel: it boots under this machine's KVM, prints its
-    // command line and powers off without a control agent, as a broken guest would.
     let sb = common::Sandbox::new("84-84");
-    let probe = probe_guest(sb.dir.path());
-    let out = sb
-        .cmd()
-        .env("BOT_BOTTLE_KERNEL", &probe)
-        .args(["start", "test", "--backend", "microvm", "--", "true"])
-        .output()
-        .unwrap();
+    let out = start_on_probe(&sb, &["start", "test"]);
     let err = common::stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("before its control agent answered"), "{err}");
@@ -257,19 +247,12 @@ fn microvm_start_whose_guest_ends_early_reports_its_console_and_leaves_nothing()
     // root image and the vsock device.
     assert!(err.contains("bottle.config="), "{err}");
     assert!(err.matches("virtio_mmio.device=").count() >= 2, "{err}");
-    assert!(sb.rows().is_empty());
-    assert!(
-        sb.docker_leftovers().is_empty(),
-        "{:?}",
-        sb.docker_leftovers()
-    );
+    assert_left_nothing(&sb);
 }
 
 #[test]
 fn microvm_start_without_a_kernel_says_how_to_build_one() {
-    if !kvm_usable("microvm_start_without_a_kernel")
-        || !common::docker_available("microvm_start_without_a_kernel")
-    {
+    if !kvm_and_docker("microvm_start_without_a_kernel") {
         return;
     }
     let sb = common::Sandbox::new("85-85");
@@ -282,19 +265,12 @@ fn microvm_start_without_a_kernel_says_how_to_build_one() {
     let err = common::stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("bot-bottle kernel build"), "{err}");
-    assert!(sb.rows().is_empty());
-    assert!(
-        sb.docker_leftovers().is_empty(),
-        "{:?}",
-        sb.docker_leftovers()
-    );
+    assert_left_nothing(&sb);
 }
 
 #[test]
 fn microvm_start_with_a_mount_attaches_its_snapshot_and_never_touches_the_host_tree() {
-    if !kvm_usable("microvm_start_with_a_mount")
-        || !common::docker_available("microvm_start_with_a_mount")
-    {
+    if !kvm_and_docker("microvm_start_with_a_mount") {
         return;
     }
     let sb = common::Sandbox::new("86-86");
@@ -311,15 +287,7 @@ fn microvm_start_with_a_mount_attaches_its_snapshot_and_never_touches_the_host_t
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let before = checksum();
-    let probe = probe_guest(sb.dir.path());
-    let out = sb
-        .cmd()
-        .env("BOT_BOTTLE_KERNEL", &probe)
-        .args(["start", "test", "--backend", "microvm", "--mount"])
-        .arg(&host)
-        .args(["--", "true"])
-        .output()
-        .unwrap();
+    let out = start_on_probe(&sb, &["start", "test", "--mount", host.to_str().unwrap()]);
     let err = common::stderr(&out);
     assert!(err.contains("snapshotting"), "{err}");
     // Root image, workspace snapshot, writable layer and vsock on the guest's command line.
@@ -330,7 +298,38 @@ fn microvm_start_with_a_mount_attaches_its_snapshot_and_never_touches_the_host_t
         .filter(|p| p.extension().is_some_and(|e| e == "sqfs"))
         .collect();
     assert!(leftovers.is_empty(), "snapshots left behind: {leftovers:?}");
-    assert!(sb.rows().is_empty());
+    assert_left_nothing(&sb);
+}
+
+/// KVM for the VMM child and Docker for the bundle.
+fn kvm_and_docker(test: &str) -> bool {
+    kvm_usable(test) && common::docker_available(test)
+}
+
+/// `bot-bottle <args> --backend microvm -- true` with the probe guest standing in for the
+/// kernel: it boots under this machine's KVM, prints its command line and powers off without
+/// a control agent, as a broken guest would.
+fn start_on_probe(sb: &common::Sandbox, args: &[&str]) -> std::process::Output {
+    let probe = sb.dir.path().join("guest.elf");
+    if !probe.is_file() {
+        probe_guest(sb.dir.path());
+    }
+    sb.cmd()
+        .env("BOT_BOTTLE_KERNEL", &probe)
+        .args(args)
+        .args(["--backend", "microvm", "--", "true"])
+        .output()
+        .unwrap()
+}
+
+/// No state rows and no Docker objects of this sandbox remain.
+fn assert_left_nothing(sb: &common::Sandbox) {
+    assert!(sb.rows().is_empty(), "{:?}", sb.rows());
+    assert!(
+        sb.docker_leftovers().is_empty(),
+        "{:?}",
+        sb.docker_leftovers()
+    );
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -348,21 +347,11 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn microvm_writable_layer_is_kept_resumed_and_only_discarded_when_asked() {
-    if !kvm_usable("microvm_writable_layer_is_kept")
-        || !common::docker_available("microvm_writable_layer_is_kept")
-    {
+    if !kvm_and_docker("microvm_writable_layer_is_kept") {
         return;
     }
     let sb = common::Sandbox::new("88-88");
-    let probe = probe_guest(sb.dir.path());
-    let start = |args: &[&str]| {
-        sb.cmd()
-            .env("BOT_BOTTLE_KERNEL", &probe)
-            .args(args)
-            .args(["--backend", "microvm", "--", "true"])
-            .output()
-            .unwrap()
-    };
+    let start = |args: &[&str]| start_on_probe(&sb, args);
     let disk = sb.state().join("disks/test/upper.ext4");
     // Stands for the agent's work: bytes in the layer's last block, which mkfs leaves unused.
     let mark = || {
@@ -413,5 +402,5 @@ fn microvm_writable_layer_is_kept_resumed_and_only_discarded_when_asked() {
     // tmpfs: root image and vsock only.
     let eph = common::stderr(&ephemeral);
     assert_eq!(eph.matches("virtio_mmio.device=").count(), 2, "{eph}");
-    assert!(sb.rows().is_empty());
+    assert_left_nothing(&sb);
 }

@@ -7,12 +7,12 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "qemu_vm.rs"]
+mod qemu_vm;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bot_bottle::manifest::{Backend, ManifestSource};
@@ -20,10 +20,8 @@ use bot_bottle::plan::{self, HostFacts, HostMount};
 use bot_bottle::upper::WritableLayer;
 use bot_bottle::{images, kernel, microvm, microvm_run, workspace};
 use bottle_proto::config::ControlChannel;
-use bottle_proto::{Client, ExecRequest};
-
-const PORT_NAME: &str = "bottle.control";
-const BOOT_DEADLINE: Duration = Duration::from_secs(180);
+use bottle_proto::ExecRequest;
+use qemu_vm::{Qemu, PORT_NAME};
 
 fn in_ci() -> bool {
     std::env::var("CI").as_deref() == Ok("true")
@@ -44,15 +42,6 @@ fn prereqs() -> Result<(PathBuf, PathBuf), String> {
         return Err("qemu-system-x86_64 missing: apt-get install qemu-system-x86".into());
     }
     Ok((kernel, qemu))
-}
-
-struct Qemu(Child);
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Everything `start` prepares before it launches the VMM, for the bundled test bottle with
@@ -168,87 +157,35 @@ fn boot_and_run(
         &p.work.path().join("state.db"),
     )
     .unwrap();
-    let socket = p.work.path().join("control.sock");
-    let console = p.work.path().join("console.log");
-    let _ = std::fs::remove_file(&socket);
-    let mut cmd = Command::new(&p.qemu);
-    cmd.args([
-        "-M",
-        "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pit=on,pic=on",
-    ])
-    .args(["-cpu", "max", "-m", "256", "-smp", "1"])
-    .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-    .arg("-serial")
-    .arg(format!("file:{}", console.display()))
-    .arg("-kernel")
-    .arg(&launch.vmm.kernel)
-    .arg("-append")
-    .arg(format!(
-        "console=ttyS0 reboot=t panic=-1 {}",
-        launch.vmm.cmdline
-    ));
-    for (i, disk) in launch.vmm.disks.iter().enumerate() {
-        cmd.arg("-drive")
-            .arg(format!(
-                "id=d{i},file={},format=raw,if=none,readonly={}",
-                disk.path.display(),
-                if disk.read_only { "on" } else { "off" }
-            ))
-            .args(["-device", &format!("virtio-blk-device,drive=d{i}")]);
-    }
-    cmd.args(["-device", "virtio-serial-device"])
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=ctl,path={},server=on,wait=off",
-            socket.display()
-        ))
-        .args([
-            "-device",
-            &format!("virtserialport,chardev=ctl,name={PORT_NAME}"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let disks: Vec<(PathBuf, bool)> = launch
+        .vmm
+        .disks
+        .iter()
+        .map(|d| (d.path.clone(), d.read_only))
+        .collect();
     let started = Instant::now();
-    let mut vm = Qemu(cmd.spawn().unwrap());
-    let console_text = || std::fs::read_to_string(&console).unwrap_or_default();
-    let mut client = loop {
-        assert!(
-            started.elapsed() < BOOT_DEADLINE,
-            "agent not ready; console:\n{}",
-            console_text()
-        );
-        if let Ok(Some(status)) = vm.0.try_wait() {
-            panic!("QEMU exited ({status}); console:\n{}", console_text());
-        }
-        if let Ok(stream) = UnixStream::connect(&socket) {
-            let mut c = Client::new(stream, TOKEN);
-            if c.health().is_ok() {
-                break c;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    eprintln!(
-        "agent image root: boot to agent-ready {:?}",
-        started.elapsed()
+    let mut vm = Qemu::spawn(
+        &p.qemu,
+        &launch.vmm.kernel,
+        &launch.vmm.cmdline,
+        &disks,
+        p.work.path(),
     );
+    let (mut client, ready) = vm.wait_for_agent(TOKEN, started);
+    eprintln!("agent image root: boot to agent-ready {ready:?}");
     let mut req = ExecRequest::new(["/bin/sh", "-c", script]);
     req.cwd = Some(p.plan.agent.workdir.clone());
     let result = client.exec(&req, b"").unwrap();
     // A clean power-off (sync, reset): what a stopped bottle does.
     let _ = client.shutdown();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while vm.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    vm.wait_exit(Duration::from_secs(30));
+    let console = vm.console_text();
     drop(vm);
     (
         result.status.code,
         String::from_utf8_lossy(&result.stdout).into_owned(),
         format!(
-            "{}\nagent stderr:\n{}",
-            console_text(),
+            "{console}\nagent stderr:\n{}",
             String::from_utf8_lossy(&result.stderr)
         ),
     )

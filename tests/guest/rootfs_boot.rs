@@ -10,17 +10,17 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bot_bottle::{kernel, rootfs};
+#[path = "qemu_vm.rs"]
+mod qemu_vm;
 use bottle_proto::config::{AgentUser, BlockFs, ControlChannel, GuestConfig, Upper};
 use bottle_proto::{Client, ExecRequest, UserIds};
+use qemu_vm::{Qemu, PORT_NAME};
 
 const TOKEN: &str = "feedfacefeedfacefeedfacefeedface";
-const PORT_NAME: &str = "bottle.control";
-const BOOT_DEADLINE: Duration = Duration::from_secs(180);
 const APPLETS: &[&str] = &[
     "sh", "cat", "stat", "id", "ls", "readlink", "mount", "grep", "touch", "tr",
 ];
@@ -175,24 +175,10 @@ fn image_tar(busybox: &Path) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// A booted guest and the directory holding its images.
 struct Vm {
-    qemu: Child,
-    socket: PathBuf,
-    console: PathBuf,
+    qemu: Qemu,
     _work: tempfile::TempDir,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.qemu.kill();
-        let _ = self.qemu.wait();
-    }
-}
-
-impl Vm {
-    fn console_text(&self) -> String {
-        fs::read_to_string(&self.console).unwrap_or_default()
-    }
 }
 
 fn boot(p: &Prereqs) -> (Vm, Duration) {
@@ -224,71 +210,14 @@ fn boot(p: &Prereqs) -> (Vm, Duration) {
         egress: vec![],
     };
     let cmdline = format!(
-        "console=ttyS0 reboot=t panic=-1 quiet root=/dev/vda rootfstype=squashfs ro init=/{} {}",
+        "quiet root=/dev/vda rootfstype=squashfs ro init=/{} {}",
         rootfs::INIT_PATH,
         cfg.to_cmdline_arg(256).unwrap()
     );
-    let socket = work.path().join("control.sock");
-    let console = work.path().join("console.log");
     let start = Instant::now();
-    let qemu = Command::new(&p.qemu)
-        .args([
-            "-M",
-            "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pit=on,pic=on",
-        ])
-        .args(["-cpu", "max", "-m", "256", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-kernel")
-        .arg(&p.kernel)
-        .arg("-append")
-        .arg(&cmdline)
-        .arg("-drive")
-        .arg(format!(
-            "id=root,file={},format=raw,if=none,readonly=on",
-            image.display()
-        ))
-        .args(["-device", "virtio-blk-device,drive=root"])
-        .args(["-device", "virtio-serial-device"])
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=ctl,path={},server=on,wait=off",
-            socket.display()
-        ))
-        .args([
-            "-device",
-            &format!("virtserialport,chardev=ctl,name={PORT_NAME}"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut vm = Vm {
-        qemu,
-        socket,
-        console,
-        _work: work,
-    };
-    while start.elapsed() < BOOT_DEADLINE {
-        if let Ok(Some(status)) = vm.qemu.try_wait() {
-            panic!(
-                "QEMU exited ({status}) before the agent answered; console:\n{}",
-                vm.console_text()
-            );
-        }
-        if let Ok(stream) = UnixStream::connect(&vm.socket) {
-            if Client::new(stream, TOKEN).health().is_ok() {
-                return (vm, start.elapsed());
-            }
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "agent not ready within {BOOT_DEADLINE:?}; console:\n{}",
-        vm.console_text()
-    );
+    let mut qemu = Qemu::spawn(&p.qemu, &p.kernel, &cmdline, &[(image, true)], work.path());
+    let (_, ready) = qemu.wait_for_agent(TOKEN, start);
+    (Vm { qemu, _work: work }, ready)
 }
 
 #[test]
@@ -296,7 +225,7 @@ fn root_image_from_a_tar_stream_boots_with_its_owners_modes_and_links() {
     let Some(p) = prereqs() else { return };
     let (vm, ready) = boot(&p);
     eprintln!("root image boot to agent-ready: {ready:?}");
-    let mut c = Client::new(UnixStream::connect(&vm.socket).unwrap(), TOKEN);
+    let mut c = Client::new(UnixStream::connect(&vm.qemu.socket).unwrap(), TOKEN);
     let mut req = ExecRequest::new([
         "/bin/sh",
         "-c",
@@ -316,6 +245,6 @@ fn root_image_from_a_tar_stream_boots_with_its_owners_modes_and_links() {
         ),
         "{out}{}\nconsole:\n{}",
         String::from_utf8_lossy(&r.stderr),
-        vm.console_text()
+        vm.qemu.console_text()
     );
 }

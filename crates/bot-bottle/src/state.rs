@@ -351,8 +351,8 @@ impl StateDb {
 
     // ---- leases (loopback aliases) ----------------------------------------------------------
 
-    /// Aliases held by a live process, with the bottle holding each.
-    pub fn live_leases(&self) -> Result<Vec<(Ipv4Addr, String)>, StateError> {
+    /// Every lease row: (alias, bottle id, owner), ordered by alias.
+    fn leases(&self) -> Result<Vec<(String, String, Owner)>, StateError> {
         let mut stmt = self
             .conn
             .prepare("SELECT alias, bottle_id, pid, pid_start FROM leases ORDER BY alias")
@@ -369,19 +369,20 @@ impl StateDb {
                 ))
             })
             .map_err(query("list leases"))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (alias, bottle, owner) = row.map_err(query("read lease row"))?;
-            if owner.is_alive() {
-                if let Ok(addr) = alias.parse() {
-                    out.push((addr, bottle));
-                }
-            }
-        }
-        Ok(out)
+        rows.collect::<Result<_, _>>()
+            .map_err(query("read lease row"))
     }
 
-    /// Record a lease (replacing a stale one for the same alias). Caller holds the pool lock.
+    /// Aliases held by a live process, with the bottle holding each.
+    pub fn live_leases(&self) -> Result<Vec<(Ipv4Addr, String)>, StateError> {
+        Ok(self
+            .leases()?
+            .into_iter()
+            .filter(|(_, _, owner)| owner.is_alive())
+            .filter_map(|(alias, bottle, _)| alias.parse().ok().map(|a| (a, bottle)))
+            .collect())
+    }
+
     pub fn insert_lease(
         &self,
         alias: Ipv4Addr,
@@ -409,23 +410,9 @@ impl StateDb {
 
     /// Remove leases whose process is gone; returns how many.
     pub fn prune_dead_leases(&self) -> Result<usize, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT alias, bottle_id, pid, pid_start FROM leases")
-            .map_err(query("list leases"))?;
-        let dead: Vec<(String, String)> = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    Owner {
-                        pid: r.get(2)?,
-                        start: r.get::<_, i64>(3)? as u64,
-                    },
-                ))
-            })
-            .map_err(query("list leases"))?
-            .filter_map(Result::ok)
+        let dead: Vec<(String, String)> = self
+            .leases()?
+            .into_iter()
             .filter(|(_, _, owner)| !owner.is_alive())
             .map(|(a, b, _)| (a, b))
             .collect();

@@ -25,19 +25,18 @@ pub async fn run(ctx: &Context, args: PlanArgs) -> anyhow::Result<i32> {
     // The address `start` would take now, read without locking or writing anything. Docker
     // is consulted when reachable; a plan is still printed when it is not.
     let pool = bot_bottle::alias::pool_from_env()?;
-    let published = match bot_bottle::docker::connect().await {
-        Ok(d) => bot_bottle::docker::published_aliases(&d)
-            .await
-            .unwrap_or_default(),
-        Err(_) => Vec::new(),
+    let (published, runsc) = match bot_bottle::docker::connect().await {
+        Ok(d) => (
+            bot_bottle::docker::published_aliases(&d)
+                .await
+                .unwrap_or_default(),
+            bot_bottle::docker::runsc_registered(&d)
+                .await
+                .unwrap_or(false),
+        ),
+        Err(_) => (Vec::new(), false),
     };
     let alias = bot_bottle::alias::peek(&ctx.dirs.db_path(), &pool, &published)?;
-    let runsc = match bot_bottle::docker::connect().await {
-        Ok(d) => bot_bottle::docker::runsc_registered(&d)
-            .await
-            .unwrap_or(false),
-        Err(_) => false,
-    };
     let id = format!("{}-xxxxxx", resolved.manifest.name);
     let facts = HostFacts {
         guest_cid: derive_cid(&id, 0),

@@ -1,0 +1,129 @@
+//! A microVM under QEMU software emulation for the guest tests: the machine flags verified in
+//! shared/docs/FINDINGS.md, disks as virtio-blk (`/dev/vda`, `/dev/vdb`, ... in order), and the
+//! control channel on a virtio serial port (no vhost-vsock on these hosts).
+#![allow(dead_code)]
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bottle_proto::Client;
+
+/// Name of the virtio serial port bottle-init serves the control protocol on.
+pub const PORT_NAME: &str = "bottle.control";
+/// Longest a guest may take to answer `health` under emulation on a loaded 2-core machine.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(180);
+
+/// A running QEMU; killed on drop.
+pub struct Qemu {
+    child: Child,
+    pub socket: PathBuf,
+    pub console: PathBuf,
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Qemu {
+    /// Boot `kernel` with `append` (the console, reboot and panic options are added) and
+    /// `disks` as (image, read-only). Sockets and the console log go in `work`.
+    pub fn spawn(
+        qemu: &Path,
+        kernel: &Path,
+        append: &str,
+        disks: &[(PathBuf, bool)],
+        work: &Path,
+    ) -> Qemu {
+        let socket = work.join("control.sock");
+        let console = work.join("console.log");
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = Command::new(qemu);
+        cmd.args([
+            "-M",
+            "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pit=on,pic=on",
+        ])
+        .args(["-cpu", "max", "-m", "256", "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-append")
+        .arg(format!("console=ttyS0 reboot=t panic=-1 {append}"));
+        for (i, (disk, read_only)) in disks.iter().enumerate() {
+            cmd.arg("-drive")
+                .arg(format!(
+                    "id=d{i},file={},format=raw,if=none,readonly={}",
+                    disk.display(),
+                    if *read_only { "on" } else { "off" }
+                ))
+                .args(["-device", &format!("virtio-blk-device,drive=d{i}")]);
+        }
+        let child = cmd
+            .args(["-device", "virtio-serial-device"])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=ctl,path={},server=on,wait=off",
+                socket.display()
+            ))
+            .args([
+                "-device",
+                &format!("virtserialport,chardev=ctl,name={PORT_NAME}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 starts");
+        Qemu {
+            child,
+            socket,
+            console,
+        }
+    }
+
+    pub fn console_text(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// A client once the agent answers `health`, and how long that took from `started`.
+    pub fn wait_for_agent(
+        &mut self,
+        token: &str,
+        started: Instant,
+    ) -> (Client<UnixStream>, Duration) {
+        loop {
+            assert!(
+                started.elapsed() < BOOT_DEADLINE,
+                "agent not ready within {BOOT_DEADLINE:?}; console:\n{}",
+                self.console_text()
+            );
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "QEMU exited ({status}) before the agent answered; console:\n{}",
+                    self.console_text()
+                );
+            }
+            if let Ok(stream) = UnixStream::connect(&self.socket) {
+                let mut c = Client::new(stream, token);
+                if c.health().is_ok() {
+                    return (c, started.elapsed());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait (up to `limit`) for the guest to power itself off.
+    pub fn wait_exit(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
