@@ -198,15 +198,19 @@ async fn agent_image_becomes_a_bootable_root_with_its_user_env_and_workspace_ove
     };
     let script = "id -u; id -g; echo $HTTPS_PROXY; pwd; cat /workspace/src/lib.rs; \
                   echo changed > /workspace/src/lib.rs && cat /workspace/src/lib.rs; \
-                  stat -c '%u %a' /workspace/src/lib.rs /tmp; hostname; tr '\\0' ' ' </proc/1/cmdline";
+                  stat -c '%u %a' /workspace/src/lib.rs /tmp; hostname; \
+                  stat -c '%h' /bin/busybox; \
+                  [ $(stat -c %i /bin/busybox) = $(stat -c %i /usr/sbin/busybox-hardlink) ] && echo same-inode; \
+                  tr '\\0' ' ' </proc/1/cmdline";
 
     let (code, out, console) = boot_and_run(&p, &WritableLayer::Tmpfs, script);
 
     // The manifest's user (Dockerfile.test's 1000:1000), the planned proxy env, the workspace
-    // readable and writable in the overlay, and the host file untouched.
+    // readable and writable in the overlay, the image's hard link still one inode with two
+    // names, and the host file untouched.
     assert_eq!(code, Some(0), "{out}\nconsole:\n{console}");
     let expected = format!(
-        "1000\n1000\nhttp://127.0.0.90:3128\n/workspace\npub fn answer() -> u32 {{ 42 }}\nchanged\n1000 644\n0 1777\ntest\n/{} ",
+        "1000\n1000\nhttp://127.0.0.90:3128\n/workspace\npub fn answer() -> u32 {{ 42 }}\nchanged\n1000 644\n0 1777\ntest\n2\nsame-inode\n/{} ",
         bot_bottle::rootfs::INIT_PATH
     );
     assert_eq!(out, expected, "console:\n{console}");

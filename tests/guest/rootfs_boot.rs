@@ -185,7 +185,14 @@ fn boot(p: &Prereqs) -> (Vm, Duration) {
     let work = tempfile::tempdir().unwrap();
     let image = work.path().join("root.sqfs");
     let tar = image_tar(&p.busybox);
-    rootfs::tar_to_squashfs(tar.as_slice(), &p.init, &work.path().join("spool"), &image).unwrap();
+    rootfs::tar_to_squashfs(
+        tar.as_slice(),
+        &p.init,
+        &work.path().join("spool"),
+        &image,
+        &mut |_, _| {},
+    )
+    .unwrap();
     let cfg = GuestConfig {
         token: TOKEN.into(),
         hostname: "bottle-rootfs".into(),
@@ -229,7 +236,7 @@ fn root_image_from_a_tar_stream_boots_with_its_owners_modes_and_links() {
     let mut req = ExecRequest::new([
         "/bin/sh",
         "-c",
-        "stat -c '%n %a %u' /bin/suid /bin/suid-hardlink /home/node /home/node/.npmrc; \
+        "stat -c '%n %a %u %h' /bin/suid /bin/suid-hardlink /home/node /home/node/.npmrc; \
          cat /bin/suid-hardlink; echo; readlink /bin/sh; tr '\\0' '\\n' </proc/1/cmdline; \
          touch /etc/new && echo writable; mount | grep ' / '",
     ]);
@@ -240,7 +247,7 @@ fn root_image_from_a_tar_stream_boots_with_its_owners_modes_and_links() {
     let out = String::from_utf8_lossy(&r.stdout).into_owned();
     assert!(
         out.starts_with(
-            "/bin/suid 4711 0\n/bin/suid-hardlink 4711 0\n/home/node 750 1000\n/home/node/.npmrc 600 1000\n\
+            "/bin/suid 4711 0 2\n/bin/suid-hardlink 4711 0 2\n/home/node 750 1000 2\n/home/node/.npmrc 600 1000 1\n\
              suid\nbusybox\n/.bottle/init\nwritable\noverlay on / type overlay"
         ),
         "{out}{}\nconsole:\n{}",

@@ -21,6 +21,7 @@ pub mod plan;
 pub mod preflight;
 pub mod rootfs;
 pub mod sidecar;
+pub mod squashfs;
 pub mod state;
 pub mod terminal;
 pub mod transfer;

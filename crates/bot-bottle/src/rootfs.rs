@@ -1,36 +1,35 @@
 //! Root filesystem images made from the agent Docker image.
 //!
 //! The image's flattened file system (a `docker export` tar stream) becomes a read-only squashfs
-//! (zstd, which the guest kernel reads) through `backhand`, with `bottle-init` added at
-//! [`INIT_PATH`]. Owners, modes (setuid included), mtimes, symlinks, devices and FIFOs are kept.
-//! Hard links become separate inodes with the same content: backhand cannot write hard links,
-//! and its duplicate detection stores the data once. Extended attributes are dropped.
-//! Images are cached by image id and bottle-init's content.
+//! (zstd, which the guest kernel reads) written by [`crate::squashfs`], with `bottle-init` added
+//! at [`INIT_PATH`]. Owners, modes (setuid included), mtimes, symlinks, hard links (one inode,
+//! several names), devices, FIFOs and extended attributes (`SCHILY.xattr.*` PAX records, as
+//! Docker writes them) are kept. Images are cached by image id and bottle-init's content.
 
-use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Read};
-use std::path::{Component, Path, PathBuf};
+use std::io::{self, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
 
-use backhand::compression::Compressor;
-use backhand::{FilesystemCompressor, FilesystemWriter, NodeHeader};
 use sha2::{Digest, Sha256};
+
+use crate::squashfs::{Builder, Content, Meta, SquashfsError, WriteStats};
 
 /// Where bottle-init lives in the image; boot with `init=/.bottle/init`. bottle-init mounts its
 /// staging tmpfs over `/.bottle` once running.
 pub const INIT_PATH: &str = ".bottle/init";
 
 /// Directories the guest mounts over; created when the image lacks them.
-const MOUNT_POINTS: [&str; 6] = ["dev", "proc", "sys", "tmp", "run", ".bottle"];
+const MOUNT_POINTS: [&str; 5] = ["dev", "proc", "sys", "tmp", "run"];
+
+/// The PAX record prefix under which Docker (and GNU tar) store extended attributes.
+const PAX_XATTR: &str = "SCHILY.xattr.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
     #[error("cannot read the image's tar stream")]
     Tar(#[source] io::Error),
-    #[error("tar entry {path} escapes the root (absolute or `..`)")]
-    UnsafePath { path: String },
-    #[error("hard link {path} points at {target}, which is not an earlier regular file")]
-    DanglingHardLink { path: String, target: String },
+    #[error("the image's file tree cannot be stored")]
+    Tree(#[source] SquashfsError),
     #[error("cannot read bottle-init at {path}: build it with `cargo build --release -p bottle-init` (static)")]
     Init {
         path: PathBuf,
@@ -43,16 +42,16 @@ pub enum RootfsError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot build the squashfs image for {path}")]
-    Squashfs {
-        path: String,
+    #[error("cannot build the squashfs image {path}")]
+    Image {
+        path: PathBuf,
         #[source]
-        source: backhand::BackhandError,
+        source: SquashfsError,
     },
 }
 
 /// Counts of what went into an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RootfsStats {
     pub files: usize,
     pub dirs: usize,
@@ -60,22 +59,11 @@ pub struct RootfsStats {
     pub hardlinks: usize,
     pub devices: usize,
     pub fifos: usize,
+    /// Entries carrying extended attributes.
+    pub xattrs: usize,
     pub bytes: u64,
-}
-
-enum Kind {
-    Dir,
-    /// Content spooled to this file.
-    File(PathBuf),
-    Symlink(PathBuf),
-    CharDevice(u32),
-    BlockDevice(u32),
-    Fifo,
-}
-
-struct Item {
-    header: NodeHeader,
-    kind: Kind,
+    /// What the image writer reported.
+    pub image: WriteStats,
 }
 
 /// Linux's `new_encode_dev`, the device number squashfs stores.
@@ -83,57 +71,54 @@ pub fn encode_dev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
 }
 
-/// A tar path as a clean relative path, or `None` for the root itself.
-fn clean(path: &Path) -> Result<Option<PathBuf>, RootfsError> {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(p) => out.push(p),
-            Component::CurDir => {}
-            _ => {
-                return Err(RootfsError::UnsafePath {
-                    path: path.display().to_string(),
-                })
-            }
-        }
-    }
-    Ok((!out.as_os_str().is_empty()).then_some(out))
-}
-
-fn header_of(h: &tar::Header) -> NodeHeader {
-    NodeHeader {
-        permissions: (h.mode().unwrap_or(0o644) & 0o7777) as u16,
+fn meta_of<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, RootfsError> {
+    let h = entry.header();
+    let mut meta = Meta {
+        mode: (h.mode().unwrap_or(0o644) & 0o7777) as u16,
         uid: h.uid().unwrap_or(0) as u32,
         gid: h.gid().unwrap_or(0) as u32,
         mtime: h.mtime().unwrap_or(0) as u32,
+        xattrs: Vec::new(),
+    };
+    if let Some(pax) = entry.pax_extensions().map_err(RootfsError::Tar)? {
+        for ext in pax {
+            let ext = ext.map_err(RootfsError::Tar)?;
+            if let Some(name) = ext.key_bytes().strip_prefix(PAX_XATTR.as_bytes()) {
+                meta.xattrs
+                    .push((name.to_vec(), ext.value_bytes().to_vec()));
+            }
+        }
     }
+    Ok(meta)
 }
 
 /// The entries of a tar stream, file contents spooled under `spool`.
-fn read_tar(
-    tar: impl Read,
-    spool: &Path,
-) -> Result<(BTreeMap<PathBuf, Item>, RootfsStats), RootfsError> {
+fn read_tar(tar: impl Read, spool: &Path) -> Result<(Builder, RootfsStats), RootfsError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| RootfsError::Io { path, source }
     };
     fs::create_dir_all(spool).map_err(io_err(spool))?;
-    let mut items: BTreeMap<PathBuf, Item> = BTreeMap::new();
+    let mut tree = Builder::new();
     let mut stats = RootfsStats::default();
     let mut archive = tar::Archive::new(tar);
     let mut spooled = 0usize;
     for entry in archive.entries().map_err(RootfsError::Tar)? {
         let mut entry = entry.map_err(RootfsError::Tar)?;
-        let raw_path = entry.path().map_err(RootfsError::Tar)?.into_owned();
-        let Some(path) = clean(&raw_path)? else {
-            continue;
+        let path = entry.path().map_err(RootfsError::Tar)?.into_owned();
+        let meta = meta_of(&mut entry)?;
+        let link_target = || -> Result<PathBuf, RootfsError> {
+            Ok(entry
+                .link_name()
+                .map_err(RootfsError::Tar)?
+                .unwrap_or_default()
+                .into_owned())
         };
-        let header = header_of(entry.header());
-        let kind = match entry.header().entry_type() {
+        let kind = entry.header().entry_type();
+        let content = match kind {
             tar::EntryType::Directory => {
                 stats.dirs += 1;
-                Kind::Dir
+                Content::Dir
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 spooled += 1;
@@ -141,67 +126,62 @@ fn read_tar(
                 let mut f = fs::File::create(&file).map_err(io_err(&file))?;
                 stats.bytes += io::copy(&mut entry, &mut f).map_err(RootfsError::Tar)?;
                 stats.files += 1;
-                Kind::File(file)
+                Content::File(file)
             }
             tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(RootfsError::Tar)?
-                    .unwrap_or_default();
                 stats.symlinks += 1;
-                Kind::Symlink(target.into_owned())
+                Content::Symlink(link_target()?.into_os_string().into_encoded_bytes())
             }
             tar::EntryType::Link => {
-                let target = entry
-                    .link_name()
-                    .map_err(RootfsError::Tar)?
-                    .unwrap_or_default();
-                let dangling = || RootfsError::DanglingHardLink {
-                    path: path.display().to_string(),
-                    target: target.display().to_string(),
-                };
-                let target_path = clean(&target)?.ok_or_else(dangling)?;
-                match items.get(&target_path) {
-                    Some(Item {
-                        kind: Kind::File(content),
-                        header,
-                    }) => {
-                        stats.hardlinks += 1;
-                        let (content, header) = (content.clone(), *header);
-                        items.insert(
-                            path,
-                            Item {
-                                header,
-                                kind: Kind::File(content),
-                            },
-                        );
-                        continue;
-                    }
-                    _ => return Err(dangling()),
-                }
+                let target = link_target()?;
+                tree.link(&path, &target).map_err(RootfsError::Tree)?;
+                stats.hardlinks += 1;
+                continue;
             }
             tar::EntryType::Char | tar::EntryType::Block => {
                 let major = entry.header().device_major().ok().flatten().unwrap_or(0);
                 let minor = entry.header().device_minor().ok().flatten().unwrap_or(0);
                 stats.devices += 1;
                 let dev = encode_dev(major, minor);
-                if entry.header().entry_type() == tar::EntryType::Char {
-                    Kind::CharDevice(dev)
+                if kind == tar::EntryType::Char {
+                    Content::CharDevice(dev)
                 } else {
-                    Kind::BlockDevice(dev)
+                    Content::BlockDevice(dev)
                 }
             }
             tar::EntryType::Fifo => {
                 stats.fifos += 1;
-                Kind::Fifo
+                Content::Fifo
             }
             // pax/GNU extension headers are consumed by `entries()`; anything else is skipped.
             _ => continue,
         };
+        if !meta.xattrs.is_empty() {
+            stats.xattrs += 1;
+        }
         // A later entry for the same path replaces the earlier one, as tar extraction would.
-        items.insert(path, Item { header, kind });
+        tree.insert(&path, meta, content)
+            .map_err(RootfsError::Tree)?;
     }
-    Ok((items, stats))
+    Ok((tree, stats))
+}
+
+fn write_image(
+    tree: Builder,
+    out: &Path,
+    stats: &mut RootfsStats,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), RootfsError> {
+    stats.image = tree
+        .write(out, progress)
+        .map_err(|source| RootfsError::Image {
+            path: out.to_path_buf(),
+            source,
+        })?;
+    for (path, name) in &stats.image.dropped_xattrs {
+        tracing::warn!(%path, %name, "squashfs cannot hold this extended attribute; dropped");
+    }
+    Ok(())
 }
 
 /// Writes the squashfs image of the tar stream `tar` as it is (no init, no mount points): a
@@ -211,8 +191,8 @@ pub fn tar_to_plain_squashfs(
     spool: &Path,
     out: &Path,
 ) -> Result<RootfsStats, RootfsError> {
-    let (items, stats) = read_tar(tar, spool)?;
-    write_image(&items, out)?;
+    let (tree, mut stats) = read_tar(tar, spool)?;
+    write_image(tree, out, &mut stats, &mut |_, _| {})?;
     Ok(stats)
 }
 
@@ -223,105 +203,62 @@ pub fn tar_to_squashfs(
     init: &Path,
     spool: &Path,
     out: &Path,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<RootfsStats, RootfsError> {
-    let (mut items, stats) = read_tar(tar, spool)?;
+    let (mut tree, mut stats) = read_tar(tar, spool)?;
     let init_copy = spool.join("bottle-init");
     fs::copy(init, &init_copy).map_err(|source| RootfsError::Init {
         path: init.to_path_buf(),
         source,
     })?;
-    let root_dir = NodeHeader {
-        permissions: 0o755,
-        uid: 0,
-        gid: 0,
-        mtime: 0,
+    let add = |tree: &mut Builder, path: &str, mode: u16, content: Content| {
+        tree.insert(Path::new(path), Meta::root(mode), content)
+            .map_err(RootfsError::Tree)
     };
     for dir in MOUNT_POINTS {
-        items.entry(PathBuf::from(dir)).or_insert(Item {
-            header: root_dir,
-            kind: Kind::Dir,
-        });
+        if tree.get(Path::new(dir)).is_none() {
+            add(&mut tree, dir, 0o755, Content::Dir)?;
+        }
     }
     // The kernel opens /dev/console for init before anything is mounted on /dev.
-    items.entry(PathBuf::from("dev/console")).or_insert(Item {
-        header: NodeHeader {
-            permissions: 0o600,
-            ..root_dir
-        },
-        kind: Kind::CharDevice(encode_dev(5, 1)),
-    });
-    items.insert(
-        PathBuf::from(INIT_PATH),
-        Item {
-            header: NodeHeader {
-                permissions: 0o755,
-                ..root_dir
-            },
-            kind: Kind::File(init_copy),
-        },
-    );
-    write_image(&items, out)?;
+    if tree.get(Path::new("dev/console")).is_none() {
+        add(
+            &mut tree,
+            "dev/console",
+            0o600,
+            Content::CharDevice(encode_dev(5, 1)),
+        )?;
+    }
+    add(&mut tree, ".bottle", 0o755, Content::Dir)?;
+    add(&mut tree, INIT_PATH, 0o755, Content::File(init_copy))?;
+    write_image(tree, out, &mut stats, progress)?;
     Ok(stats)
 }
 
-fn write_image(items: &BTreeMap<PathBuf, Item>, out: &Path) -> Result<(), RootfsError> {
-    let sq = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| RootfsError::Squashfs { path, source }
-    };
-    let mut fs_writer = FilesystemWriter::default();
-    fs_writer.set_root_mode(0o755);
-    fs_writer.set_time(0);
-    let compressor = FilesystemCompressor::new(Compressor::Zstd, None).map_err(sq(out))?;
-    fs_writer.set_compressor(compressor);
-    let implied = NodeHeader {
-        permissions: 0o755,
-        uid: 0,
-        gid: 0,
-        mtime: 0,
-    };
-    // Sorted paths put every parent before its children; parents the tar never listed get
-    // root-owned 0755 directories.
-    let mut dirs: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
-    for (path, item) in items {
-        let mut missing: Vec<&Path> = path
-            .ancestors()
-            .skip(1)
-            .filter(|a| !a.as_os_str().is_empty() && !dirs.contains(*a))
-            .collect();
-        missing.reverse();
-        for parent in missing {
-            if items.contains_key(parent) {
-                continue;
-            }
-            fs_writer.push_dir(parent, implied).map_err(sq(parent))?;
-            dirs.insert(parent.to_path_buf());
-        }
-        let h = item.header;
-        match &item.kind {
-            Kind::Dir => {
-                fs_writer.push_dir(path, h).map_err(sq(path))?;
-                dirs.insert(path.clone());
-            }
-            Kind::File(content) => fs_writer
-                .push_file_from_path(content, path, h)
-                .map_err(sq(path))?,
-            Kind::Symlink(target) => fs_writer.push_symlink(target, path, h).map_err(sq(path))?,
-            Kind::CharDevice(d) => fs_writer.push_char_device(*d, path, h).map_err(sq(path))?,
-            Kind::BlockDevice(d) => fs_writer.push_block_device(*d, path, h).map_err(sq(path))?,
-            Kind::Fifo => fs_writer.push_fifo(path, h).map_err(sq(path))?,
+/// Progress of a root image build on stderr: one updating line on a terminal, a line per
+/// quarter otherwise.
+fn report_progress() -> impl FnMut(u64, u64) {
+    let tty = io::stderr().is_terminal();
+    let mut shown = 0u64;
+    move |done, total| {
+        let step = if tty { 1 } else { 25 };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        if pct / step > shown / step || (pct == 100 && shown < 100) {
+            shown = pct;
+            let mib = |b: u64| b / (1024 * 1024);
+            let line = format!(
+                "bot-bottle: compressing the root image: {pct:>3}% ({} of {} MiB)",
+                mib(done),
+                mib(total)
+            );
+            let mut err = io::stderr().lock();
+            let _ = if tty {
+                write!(err, "\r{line}{}", if pct == 100 { "\n" } else { "" })
+            } else {
+                writeln!(err, "{line}")
+            };
         }
     }
-    let tmp = out.with_extension("partial");
-    let mut file = fs::File::create(&tmp).map_err(|source| RootfsError::Io {
-        path: tmp.clone(),
-        source,
-    })?;
-    fs_writer.write(&mut file).map_err(sq(out))?;
-    fs::rename(&tmp, out).map_err(|source| RootfsError::Io {
-        path: out.to_path_buf(),
-        source,
-    })
 }
 
 /// The cache key of a root image: the Docker image id and bottle-init's content.
@@ -355,7 +292,7 @@ pub fn cached_rootfs<R: Read>(
     let _ = fs::remove_dir_all(&spool);
     let result = export()
         .map_err(RootfsError::Tar)
-        .and_then(|tar| tar_to_squashfs(tar, init, &spool, &image));
+        .and_then(|tar| tar_to_squashfs(tar, init, &spool, &image, &mut report_progress()));
     let _ = fs::remove_dir_all(&spool);
     result.map(|_| image)
 }
@@ -364,6 +301,7 @@ pub fn cached_rootfs<R: Read>(
 mod tests {
     use super::*;
     use backhand::{FilesystemReader, InnerNode};
+    use std::collections::BTreeMap;
     use std::io::BufReader;
 
     fn header(kind: tar::EntryType, mode: u32, uid: u64) -> tar::Header {
@@ -415,7 +353,14 @@ mod tests {
         let init = dir.path().join("init");
         fs::write(&init, b"\x7fELF fake init").unwrap();
         let image = dir.path().join("root.sqfs");
-        let stats = tar_to_squashfs(tar, &init, &dir.path().join("spool"), &image).unwrap();
+        let stats = tar_to_squashfs(
+            tar,
+            &init,
+            &dir.path().join("spool"),
+            &image,
+            &mut |_, _| {},
+        )
+        .unwrap();
         Built {
             _dir: dir,
             image,
@@ -495,17 +440,18 @@ mod tests {
     fn stats_count_each_kind() {
         let built = build(&sample_tar());
 
+        let s = &built.stats;
         assert_eq!(
-            built.stats,
-            RootfsStats {
-                files: 2,
-                dirs: 2,
-                symlinks: 1,
-                hardlinks: 1,
-                devices: 1,
-                fifos: 1,
-                bytes: 8
-            }
+            (
+                s.files,
+                s.dirs,
+                s.symlinks,
+                s.hardlinks,
+                s.devices,
+                s.fifos,
+                s.bytes
+            ),
+            (2, 2, 1, 1, 1, 1, 8)
         );
     }
 
@@ -528,10 +474,14 @@ mod tests {
             &init,
             &dir.path().join("s"),
             &dir.path().join("o"),
+            &mut |_, _| {},
         )
         .unwrap_err();
 
-        assert!(matches!(err, RootfsError::UnsafePath { .. }), "{err}");
+        assert!(
+            matches!(err, RootfsError::Tree(SquashfsError::UnsafePath { .. })),
+            "{err}"
+        );
     }
 
     #[test]
