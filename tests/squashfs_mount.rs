@@ -604,3 +604,201 @@ async fn docker_image_hard_links_and_file_capabilities_reach_the_root_image() {
         b"\x7fELF stand-in for bottle-init"
     );
 }
+
+/// Deterministic xorshift, so a failing seed can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+}
+
+/// A random host tree: nested directories, files of sizes around the block size, shared
+/// contents, hard links, symlinks, FIFOs, names with non-ASCII and non-UTF-8 bytes, setuid
+/// and sticky modes, owners beyond 16 bits.
+fn random_tree(root: &Path, seed: u64) {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut dirs = vec![root.to_path_buf()];
+    let mut files: Vec<PathBuf> = Vec::new();
+    let alphabet: &[&[u8]] = &[
+        b"a",
+        b"b",
+        b"Z",
+        b"0",
+        b".",
+        b"-",
+        b" ",
+        "é".as_bytes(),
+        b"\xff",
+        b"_",
+    ];
+    for i in 0..150 {
+        let parent = dirs[rng.below(dirs.len())].clone();
+        let mut name: Vec<u8> = Vec::new();
+        let len = if rng.below(20) == 0 {
+            240
+        } else {
+            1 + rng.below(12)
+        };
+        while name.len() < len {
+            name.extend_from_slice(rng.pick(alphabet));
+        }
+        name.truncate(len);
+        if name == b"." || name == b".." || name.starts_with(b"\xc3") && name.len() == 1 {
+            name.push(b'x');
+        }
+        name.extend_from_slice(format!("~{i}").as_bytes());
+        let path = parent.join(OsStr::from_bytes(&name));
+        match rng.below(10) {
+            0 | 1 => {
+                fs::create_dir(&path).unwrap();
+                let mode = rng.pick(&[0o755, 0o700, 0o1777, 0o2755]);
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+                dirs.push(path.clone());
+            }
+            2..=5 => {
+                let size = rng.pick(&[
+                    0,
+                    1,
+                    100,
+                    4095,
+                    BLOCK_SIZE - 1,
+                    BLOCK_SIZE,
+                    BLOCK_SIZE + 1,
+                    300_000,
+                ]);
+                let data = if rng.below(2) == 0 {
+                    noise(size, rng.next())
+                } else {
+                    vec![b'a' + rng.below(26) as u8; size]
+                };
+                fs::write(&path, data).unwrap();
+                let mode = rng.pick(&[0o644, 0o600, 0o755, 0o4755, 0o2711, 0o000]);
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+                files.push(path.clone());
+            }
+            6 if !files.is_empty() => {
+                fs::hard_link(&files[rng.below(files.len())], &path).unwrap();
+            }
+            7 => {
+                let target = rng.pick(&["../x", "/etc/shadow", "é/\u{1F600}", "a/b/c/d", "~1"]);
+                std::os::unix::fs::symlink(target, &path).unwrap();
+            }
+            8 => {
+                nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o640))
+                    .unwrap();
+            }
+            _ if !files.is_empty() => {
+                fs::copy(&files[rng.below(files.len())], &path).unwrap();
+                files.push(path.clone());
+            }
+            _ => continue,
+        }
+        let uid = rng.pick(&[0, 1000, 65534, 70_000, 123_456]);
+        let gid = rng.pick(&[0, 1000, 100_000]);
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).unwrap();
+    }
+}
+
+/// Everything `stat`, `readlink` and `read` tell about a tree, keyed by relative path; hard
+/// links are recorded as the first path (in sorted order) of the same inode.
+fn observe(root: &Path) -> BTreeMap<PathBuf, String> {
+    use sha2::Digest;
+    let mut paths: Vec<PathBuf> = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if fs::symlink_metadata(&p).unwrap().is_dir() {
+                stack.push(p.clone());
+            }
+            paths.push(p);
+        }
+    }
+    paths.push(root.to_path_buf());
+    paths.sort();
+    let mut first_of: BTreeMap<u64, PathBuf> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for p in paths {
+        let m = fs::symlink_metadata(&p).unwrap();
+        let rel = p.strip_prefix(root).unwrap().to_path_buf();
+        let ft = m.file_type();
+        let what = if ft.is_symlink() {
+            format!("link {:?}", fs::read_link(&p).unwrap())
+        } else if ft.is_dir() {
+            "dir".to_owned()
+        } else if ft.is_fifo() {
+            "fifo".to_owned()
+        } else {
+            let data = fs::read(&p).unwrap();
+            format!(
+                "file {} {}",
+                data.len(),
+                hex::encode(sha2::Sha256::digest(&data))
+            )
+        };
+        let group = if ft.is_dir() {
+            String::new()
+        } else {
+            format!("{:?}", first_of.entry(m.ino()).or_insert(rel.clone()))
+        };
+        // Symlink mtimes are not compared: the host sets them when the link is made, and
+        // readers may report them either way.
+        let mtime = if ft.is_symlink() { 0 } else { m.mtime() };
+        out.insert(
+            rel,
+            format!(
+                "{what} mode={:o} uid={} gid={} mtime={mtime} nlink={} same-as={group}",
+                m.mode() & 0o7777,
+                m.uid(),
+                m.gid(),
+                m.nlink()
+            ),
+        );
+    }
+    out
+}
+
+#[test]
+fn random_host_trees_read_back_identically_through_the_kernel() {
+    for seed in 1..=12 {
+        let work = tempfile::tempdir().unwrap();
+        let host = work.path().join("host");
+        fs::create_dir(&host).unwrap();
+        random_tree(&host, seed);
+        let image = work.path().join("ws.sqfs");
+
+        bot_bottle::workspace::snapshot(&host, &image).unwrap();
+
+        let Some(m) = mount(&image, "random_host_trees_read_back_identically") else {
+            return;
+        };
+        let (want, got) = (observe(&host), observe(&m.path()));
+        let differ: Vec<String> = want
+            .iter()
+            .filter(|(p, w)| got.get(*p) != Some(*w))
+            .map(|(p, w)| format!("{p:?}\n  host:  {w}\n  image: {:?}", got.get(p)))
+            .collect();
+        assert!(
+            differ.is_empty() && want.len() == got.len(),
+            "seed {seed}: {} of {} entries differ ({} in the image):\n{}",
+            differ.len(),
+            want.len(),
+            got.len(),
+            differ.join("\n")
+        );
+    }
+}

@@ -184,18 +184,6 @@ fn write_image(
     Ok(())
 }
 
-/// Writes the squashfs image of the tar stream `tar` as it is (no init, no mount points): a
-/// workspace snapshot. `spool` is an empty scratch directory.
-pub fn tar_to_plain_squashfs(
-    tar: impl Read,
-    spool: &Path,
-    out: &Path,
-) -> Result<RootfsStats, RootfsError> {
-    let (tree, mut stats) = read_tar(tar, spool)?;
-    write_image(tree, out, &mut stats, &mut |_, _| {})?;
-    Ok(stats)
-}
-
 /// Writes the squashfs image of the tar stream `tar`, plus `init` at [`INIT_PATH`], to `out`.
 /// `spool` is an empty scratch directory for file contents (on the same disk as the cache).
 pub fn tar_to_squashfs(

@@ -1,17 +1,26 @@
 //! Workspace mounts for the microVM: each host directory is snapshotted at start into a
 //! read-only squashfs image that the guest mounts as the lower layer of an overlay. The agent
 //! writes into the overlay; the host files are only ever read.
+//!
+//! The snapshot walks the host tree itself (no tar, no spooled copy): owners, modes, mtimes,
+//! symlinks (kept as links, never followed) and hard links (one inode, as pnpm's
+//! `node_modules` and `git clone --local` make them) are kept. Sockets and device nodes are
+//! left out: they mean nothing in a snapshot, and a device node must not reach the guest
+//! from the user's tree. Extended attributes are not copied (a host's SELinux labels mean
+//! nothing in the guest).
 
-use std::io::Write;
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::rootfs::{tar_to_plain_squashfs, RootfsError, RootfsStats};
+use crate::squashfs::{Builder, Content, Meta, SquashfsError, WriteStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
-    #[error("cannot read the workspace {host} (a file it holds could not be archived)")]
-    Archive {
+    #[error("cannot read {path} in the workspace {host}; fix its permissions or move it out of the mount")]
+    Read {
         host: PathBuf,
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -19,65 +28,144 @@ pub enum WorkspaceError {
     Image {
         host: PathBuf,
         #[source]
-        source: RootfsError,
+        source: SquashfsError,
     },
 }
 
-/// Snapshot `host` (recursively; symlinks kept as links, never followed) into the squashfs
-/// image `out`. `spool` is an empty scratch directory, removed afterwards.
-pub fn snapshot(host: &Path, out: &Path, spool: &Path) -> Result<RootfsStats, WorkspaceError> {
-    let (reader, writer) = std::io::pipe().map_err(|source| WorkspaceError::Archive {
-        host: host.to_path_buf(),
-        source,
-    })?;
-    let root = host.to_path_buf();
-    // The tar stream is produced on a thread and consumed here, so nothing is held whole.
-    let producer = std::thread::spawn(move || -> std::io::Result<()> {
-        let mut builder = tar::Builder::new(writer);
-        builder.follow_symlinks(false);
-        builder.mode(tar::HeaderMode::Complete);
-        append_tree(&mut builder, &root, Path::new("."))?;
-        builder.into_inner()?.flush()
-    });
-    let image = tar_to_plain_squashfs(reader, spool, out);
-    let archived = producer
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the archiving thread panicked")));
-    let _ = std::fs::remove_dir_all(spool);
-    archived.map_err(|source| WorkspaceError::Archive {
-        host: host.to_path_buf(),
-        source,
-    })?;
-    image.map_err(|source| WorkspaceError::Image {
-        host: host.to_path_buf(),
-        source,
-    })
+/// What a snapshot holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotStats {
+    pub files: usize,
+    pub dirs: usize,
+    pub symlinks: usize,
+    /// Names beyond the first of a hard-linked file.
+    pub hardlinks: usize,
+    pub fifos: usize,
+    /// Sockets and device nodes left out.
+    pub skipped: usize,
+    pub bytes: u64,
+    pub image: WriteStats,
 }
 
-/// Archive `dir` as `name`, recursively. Sockets are skipped: they mean nothing in a snapshot
-/// (git's fsmonitor leaves one in `.git`).
-fn append_tree<W: Write>(
-    builder: &mut tar::Builder<W>,
-    dir: &Path,
-    name: &Path,
-) -> std::io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    builder.append_path_with_name(dir, name)?;
-    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let path = entry.path();
-        let child = name.join(entry.file_name());
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            append_tree(builder, &path, &child)?;
-        } else if kind.is_socket() {
-            tracing::debug!(path = %path.display(), "socket left out of the workspace snapshot");
-        } else {
-            builder.append_path_with_name(&path, &child)?;
-        }
+/// Snapshot `host` (recursively) into the squashfs image `out`.
+pub fn snapshot(host: &Path, out: &Path) -> Result<SnapshotStats, WorkspaceError> {
+    let mut walk = Walk {
+        host,
+        tree: Builder::new(),
+        stats: SnapshotStats::default(),
+        inodes: HashMap::new(),
+    };
+    let root = walk.meta(host)?;
+    walk.tree.set_root(meta_of(&root));
+    walk.dir(host, Path::new(""))?;
+    let Walk {
+        tree, mut stats, ..
+    } = walk;
+    stats.image = tree
+        .write(out, &mut |_, _| {})
+        .map_err(|source| match source {
+            SquashfsError::Read {
+                source_file,
+                source,
+                ..
+            } => WorkspaceError::Read {
+                host: host.to_path_buf(),
+                path: source_file,
+                source,
+            },
+            source => WorkspaceError::Image {
+                host: host.to_path_buf(),
+                source,
+            },
+        })?;
+    Ok(stats)
+}
+
+fn meta_of(m: &std::fs::Metadata) -> Meta {
+    Meta {
+        mode: (m.mode() & 0o7777) as u16,
+        uid: m.uid(),
+        gid: m.gid(),
+        mtime: m.mtime().clamp(0, i64::from(u32::MAX)) as u32,
+        xattrs: Vec::new(),
     }
-    Ok(())
+}
+
+struct Walk<'a> {
+    host: &'a Path,
+    tree: Builder,
+    stats: SnapshotStats,
+    /// (device, inode) of multiply-linked files → their first name in the image.
+    inodes: HashMap<(u64, u64), PathBuf>,
+}
+
+impl Walk<'_> {
+    fn read_err(&self, path: &Path) -> impl FnOnce(std::io::Error) -> WorkspaceError {
+        let (host, path) = (self.host.to_path_buf(), path.to_path_buf());
+        move |source| WorkspaceError::Read { host, path, source }
+    }
+
+    fn meta(&self, path: &Path) -> Result<std::fs::Metadata, WorkspaceError> {
+        std::fs::symlink_metadata(path).map_err(self.read_err(path))
+    }
+
+    fn insert(&mut self, name: &Path, meta: Meta, content: Content) -> Result<(), WorkspaceError> {
+        let host = self.host.to_path_buf();
+        self.tree
+            .insert(name, meta, content)
+            .map_err(|source| WorkspaceError::Image { host, source })
+    }
+
+    /// Adds the entries of the host directory `dir`, named `name` in the image.
+    fn dir(&mut self, dir: &Path, name: &Path) -> Result<(), WorkspaceError> {
+        use std::os::unix::fs::FileTypeExt;
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(self.read_err(dir))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            let child = name.join(entry.file_name());
+            let m = self.meta(&path)?;
+            let kind = m.file_type();
+            let meta = meta_of(&m);
+            if kind.is_dir() {
+                self.stats.dirs += 1;
+                self.insert(&child, meta, Content::Dir)?;
+                self.dir(&path, &child)?;
+            } else if kind.is_file() {
+                if m.nlink() > 1 {
+                    if let Some(first) = self.inodes.get(&(m.dev(), m.ino())) {
+                        let host = self.host.to_path_buf();
+                        self.tree
+                            .link(&child, first)
+                            .map_err(|source| WorkspaceError::Image { host, source })?;
+                        self.stats.hardlinks += 1;
+                        continue;
+                    }
+                    self.inodes.insert((m.dev(), m.ino()), child.clone());
+                }
+                self.stats.files += 1;
+                self.stats.bytes += m.len();
+                self.insert(&child, meta, Content::File(path))?;
+            } else if kind.is_symlink() {
+                let target = std::fs::read_link(&path).map_err(self.read_err(&path))?;
+                self.stats.symlinks += 1;
+                self.insert(
+                    &child,
+                    meta,
+                    Content::Symlink(target.into_os_string().into_encoded_bytes()),
+                )?;
+            } else if kind.is_fifo() {
+                self.stats.fifos += 1;
+                self.insert(&child, meta, Content::Fifo)?;
+            } else {
+                tracing::debug!(path = %path.display(), "socket or device left out of the workspace snapshot");
+                self.stats.skipped += 1;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The guest block device of the `index`-th workspace: the root image is `/dev/vda`.
@@ -132,7 +220,7 @@ mod tests {
         let before = tree(&host);
 
         let out = dir.path().join("ws.sqfs");
-        let stats = snapshot(&host, &out, &dir.path().join("spool")).unwrap();
+        let stats = snapshot(&host, &out).unwrap();
 
         assert_eq!(tree(&host), before, "the host tree changed");
         assert_eq!(stats.files, 2);
@@ -162,7 +250,6 @@ mod tests {
         assert!(seen.contains(&("/src/link".into(), 0o777, "-> ../README".into())));
         // A link out of the tree stays a link: its target's content is not copied in.
         assert!(seen.contains(&("/escape".into(), 0o777, "-> /etc/shadow".into())));
-        assert!(!dir.path().join("spool").exists());
     }
 
     #[test]
@@ -172,26 +259,16 @@ mod tests {
         std::fs::create_dir(&host).unwrap();
         std::os::unix::net::UnixListener::bind(host.join("agent.sock")).unwrap();
         std::fs::write(host.join("ok"), "x").unwrap();
-        let result = snapshot(
-            &host,
-            &dir.path().join("ws.sqfs"),
-            &dir.path().join("spool"),
-        );
-        let stats = result.unwrap();
-        assert_eq!(stats.files, 1);
+        let stats = snapshot(&host, &dir.path().join("ws.sqfs")).unwrap();
+        assert_eq!((stats.files, stats.skipped), (1, 1));
     }
 
     #[test]
     fn workspace_that_vanished_is_named_in_the_error() {
         let dir = tempfile::tempdir().unwrap();
         let host = dir.path().join("gone");
-        let err = snapshot(
-            &host,
-            &dir.path().join("ws.sqfs"),
-            &dir.path().join("spool"),
-        )
-        .unwrap_err();
-        assert!(matches!(err, WorkspaceError::Archive { .. }));
+        let err = snapshot(&host, &dir.path().join("ws.sqfs")).unwrap_err();
+        assert!(matches!(err, WorkspaceError::Read { .. }));
         assert!(err.to_string().contains("gone"), "{err}");
     }
 

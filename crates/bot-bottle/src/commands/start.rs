@@ -433,7 +433,6 @@ async fn snapshot_workspaces(
     let mut images = Vec::new();
     for (i, mount) in plan.mounts.iter().enumerate() {
         let image = bottle_dir.join(format!("workspace-{i}.sqfs"));
-        let spool = bottle_dir.join(format!(".workspace-{i}.spool"));
         {
             let image = image.clone();
             stack.push_sync(format!("remove workspace snapshot {i}"), move || {
@@ -449,11 +448,10 @@ async fn snapshot_workspaces(
             mount.guest.display()
         );
         let (host, out) = (mount.host.clone(), image.clone());
-        let stats = tokio::task::spawn_blocking(move || {
-            bot_bottle::workspace::snapshot(&host, &out, &spool)
-        })
-        .await
-        .context("the snapshot thread panicked")??;
+        let stats =
+            tokio::task::spawn_blocking(move || bot_bottle::workspace::snapshot(&host, &out))
+                .await
+                .context("the snapshot thread panicked")??;
         tracing::info!(
             files = stats.files,
             bytes = stats.bytes,
