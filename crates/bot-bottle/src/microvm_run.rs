@@ -160,6 +160,7 @@ pub async fn prepare_rootfs(
             return Ok((target, accounts));
         }
         eprintln!("bot-bottle: building the root image from {image} (once per image)");
+        let started = Instant::now();
         std::fs::create_dir_all(cache.join("rootfs")).map_err(|source| MicrovmRunError::Write {
             path: cache.join("rootfs"),
             source,
@@ -209,6 +210,12 @@ pub async fn prepare_rootfs(
         })?;
         let _ = std::fs::remove_file(&tar_path);
         let image = built.map_err(|source| MicrovmRunError::Rootfs { source })?;
+        let size = std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
+        eprintln!(
+            "bot-bottle: root image ready in {:.1} s ({:.1} MiB, cached for this image)",
+            started.elapsed().as_secs_f64(),
+            size as f64 / (1024.0 * 1024.0)
+        );
         Ok((image, accounts))
     }
     .await;
