@@ -781,7 +781,7 @@ fn random_host_trees_read_back_identically_through_the_kernel() {
         random_tree(&host, seed);
         let image = work.path().join("ws.sqfs");
 
-        bot_bottle::workspace::snapshot(&host, &image).unwrap();
+        bot_bottle::workspace::snapshot(&host, &image, &mut |_, _| {}).unwrap();
 
         let Some(m) = mount(&image, "random_host_trees_read_back_identically") else {
             return;

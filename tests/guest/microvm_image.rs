@@ -118,7 +118,7 @@ async fn prepare(test: &str) -> Option<Prepared> {
     let (ids, home) =
         microvm::resolve_user(&plan.agent.user, &accounts.passwd, &accounts.group).unwrap();
     let workspace = work.path().join("workspace-0.sqfs");
-    workspace::snapshot(&host, &workspace).unwrap();
+    workspace::snapshot(&host, &workspace, &mut |_, _| {}).unwrap();
     Some(Prepared {
         work,
         kernel,

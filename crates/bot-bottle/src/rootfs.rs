@@ -7,12 +7,12 @@
 //! Docker writes them) are kept. Images are cached by image id and bottle-init's content.
 
 use std::fs;
-use std::io::{self, IsTerminal, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::squashfs::{Builder, Content, Meta, SquashfsError, WriteStats};
+use crate::squashfs::{self, Builder, Content, Meta, SquashfsError, WriteStats};
 
 /// Where bottle-init lives in the image; boot with `init=/.bottle/init`. bottle-init mounts its
 /// staging tmpfs over `/.bottle` once running.
@@ -223,32 +223,6 @@ pub fn tar_to_squashfs(
     Ok(stats)
 }
 
-/// Progress of a root image build on stderr: one updating line on a terminal, a line per
-/// quarter otherwise.
-fn report_progress() -> impl FnMut(u64, u64) {
-    let tty = io::stderr().is_terminal();
-    let mut shown = 0u64;
-    move |done, total| {
-        let step = if tty { 1 } else { 25 };
-        let pct = (done * 100).checked_div(total).unwrap_or(100);
-        if pct / step > shown / step || (pct == 100 && shown < 100) {
-            shown = pct;
-            let mib = |b: u64| b / (1024 * 1024);
-            let line = format!(
-                "bot-bottle: compressing the root image: {pct:>3}% ({} of {} MiB)",
-                mib(done),
-                mib(total)
-            );
-            let mut err = io::stderr().lock();
-            let _ = if tty {
-                write!(err, "\r{line}{}", if pct == 100 { "\n" } else { "" })
-            } else {
-                writeln!(err, "{line}")
-            };
-        }
-    }
-}
-
 /// The cache key of a root image: the Docker image id and bottle-init's content.
 pub fn rootfs_key(image_id: &str, init: &Path) -> Result<String, RootfsError> {
     let bytes = fs::read(init).map_err(|source| RootfsError::Init {
@@ -278,9 +252,15 @@ pub fn cached_rootfs<R: Read>(
     }
     let spool = dir.join(format!(".{key}.spool"));
     let _ = fs::remove_dir_all(&spool);
-    let result = export()
-        .map_err(RootfsError::Tar)
-        .and_then(|tar| tar_to_squashfs(tar, init, &spool, &image, &mut report_progress()));
+    let result = export().map_err(RootfsError::Tar).and_then(|tar| {
+        tar_to_squashfs(
+            tar,
+            init,
+            &spool,
+            &image,
+            &mut squashfs::progress_on_stderr("compressing the root image"),
+        )
+    });
     let _ = fs::remove_dir_all(&spool);
     result.map(|_| image)
 }

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, IsTerminal, Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -962,4 +962,31 @@ fn read_block(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// Progress of an image build on stderr, as `bot-bottle: {what}: 45% (12 of 27 MiB)`: one
+/// updating line on a terminal, a line per quarter otherwise.
+pub fn progress_on_stderr(what: &str) -> impl FnMut(u64, u64) {
+    let what = what.to_owned();
+    let tty = io::stderr().is_terminal();
+    let mut shown = 0u64;
+    move |done, total| {
+        let step = if tty { 1 } else { 25 };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        if pct / step > shown / step || (pct == 100 && shown < 100) {
+            shown = pct;
+            let mib = |b: u64| b / (1024 * 1024);
+            let line = format!(
+                "bot-bottle: {what}: {pct:>3}% ({} of {} MiB)",
+                mib(done),
+                mib(total)
+            );
+            let mut err = io::stderr().lock();
+            let _ = if tty {
+                write!(err, "\r{line}{}", if pct == 100 { "\n" } else { "" })
+            } else {
+                writeln!(err, "{line}")
+            };
+        }
+    }
 }

@@ -47,8 +47,13 @@ pub struct SnapshotStats {
     pub image: WriteStats,
 }
 
-/// Snapshot `host` (recursively) into the squashfs image `out`.
-pub fn snapshot(host: &Path, out: &Path) -> Result<SnapshotStats, WorkspaceError> {
+/// Snapshot `host` (recursively) into the squashfs image `out`; `progress(done, total)` gets
+/// content bytes as they are compressed.
+pub fn snapshot(
+    host: &Path,
+    out: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<SnapshotStats, WorkspaceError> {
     let mut walk = Walk {
         host,
         tree: Builder::new(),
@@ -61,23 +66,21 @@ pub fn snapshot(host: &Path, out: &Path) -> Result<SnapshotStats, WorkspaceError
     let Walk {
         tree, mut stats, ..
     } = walk;
-    stats.image = tree
-        .write(out, &mut |_, _| {})
-        .map_err(|source| match source {
-            SquashfsError::Read {
-                source_file,
-                source,
-                ..
-            } => WorkspaceError::Read {
-                host: host.to_path_buf(),
-                path: source_file,
-                source,
-            },
-            source => WorkspaceError::Image {
-                host: host.to_path_buf(),
-                source,
-            },
-        })?;
+    stats.image = tree.write(out, progress).map_err(|source| match source {
+        SquashfsError::Read {
+            source_file,
+            source,
+            ..
+        } => WorkspaceError::Read {
+            host: host.to_path_buf(),
+            path: source_file,
+            source,
+        },
+        source => WorkspaceError::Image {
+            host: host.to_path_buf(),
+            source,
+        },
+    })?;
     Ok(stats)
 }
 
@@ -220,7 +223,7 @@ mod tests {
         let before = tree(&host);
 
         let out = dir.path().join("ws.sqfs");
-        let stats = snapshot(&host, &out).unwrap();
+        let stats = snapshot(&host, &out, &mut |_, _| {}).unwrap();
 
         assert_eq!(tree(&host), before, "the host tree changed");
         assert_eq!(stats.files, 2);
@@ -259,7 +262,7 @@ mod tests {
         std::fs::create_dir(&host).unwrap();
         std::os::unix::net::UnixListener::bind(host.join("agent.sock")).unwrap();
         std::fs::write(host.join("ok"), "x").unwrap();
-        let stats = snapshot(&host, &dir.path().join("ws.sqfs")).unwrap();
+        let stats = snapshot(&host, &dir.path().join("ws.sqfs"), &mut |_, _| {}).unwrap();
         assert_eq!((stats.files, stats.skipped), (1, 1));
     }
 
@@ -267,7 +270,7 @@ mod tests {
     fn workspace_that_vanished_is_named_in_the_error() {
         let dir = tempfile::tempdir().unwrap();
         let host = dir.path().join("gone");
-        let err = snapshot(&host, &dir.path().join("ws.sqfs")).unwrap_err();
+        let err = snapshot(&host, &dir.path().join("ws.sqfs"), &mut |_, _| {}).unwrap_err();
         assert!(matches!(err, WorkspaceError::Read { .. }));
         assert!(err.to_string().contains("gone"), "{err}");
     }

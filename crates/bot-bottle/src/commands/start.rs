@@ -448,10 +448,13 @@ async fn snapshot_workspaces(
             mount.guest.display()
         );
         let (host, out) = (mount.host.clone(), image.clone());
-        let stats =
-            tokio::task::spawn_blocking(move || bot_bottle::workspace::snapshot(&host, &out))
-                .await
-                .context("the snapshot thread panicked")??;
+        let stats = tokio::task::spawn_blocking(move || {
+            let mut progress =
+                bot_bottle::squashfs::progress_on_stderr("snapshotting the workspace");
+            bot_bottle::workspace::snapshot(&host, &out, &mut progress)
+        })
+        .await
+        .context("the snapshot thread panicked")??;
         tracing::info!(
             files = stats.files,
             bytes = stats.bytes,
