@@ -582,6 +582,15 @@ async fn docker_image_hard_links_and_file_capabilities_reach_the_root_image() {
     let _ = Command::new("docker").args(["rmi", "-f", &tag]).output();
     let (image, accounts) = prepared.unwrap();
     assert!(accounts.passwd.starts_with("root:x:0:0"));
+    let left: Vec<PathBuf> = fs::read_dir(cache.join("rootfs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        left,
+        [image.clone()],
+        "the export and the spool are removed"
+    );
 
     let Some(m) = mount(&image, test) else {
         return;

@@ -109,6 +109,15 @@ async fn read_file(
     Ok(text)
 }
 
+/// A scratch file removed when this is dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// The root image for `image` (cached by image id and bottle-init), and its accounts.
 pub async fn prepare_rootfs(
     docker: &Docker,
@@ -166,6 +175,8 @@ pub async fn prepare_rootfs(
             source,
         })?;
         let tar_path = cache.join("rootfs").join(format!(".{key}.export.tar"));
+        // The export is scratch: gone however this ends (error, panic or success).
+        let _export_file = RemoveOnDrop(tar_path.clone());
         let mut file =
             tokio::fs::File::create(&tar_path)
                 .await
@@ -208,7 +219,6 @@ pub async fn prepare_rootfs(
             path: tar_path.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        let _ = std::fs::remove_file(&tar_path);
         let image = built.map_err(|source| MicrovmRunError::Rootfs { source })?;
         let size = std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
         eprintln!(
