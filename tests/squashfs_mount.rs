@@ -591,7 +591,7 @@ async fn docker_image_hard_links_and_file_capabilities_reach_the_root_image() {
         .collect();
     assert_eq!(
         left,
-        [image.clone()],
+        std::slice::from_ref(&image),
         "the export and the spool are removed"
     );
 

@@ -36,6 +36,10 @@ const FLAG_DUPLICATES: u16 = 1 << 6;
 const FLAG_NO_XATTRS: u16 = 1 << 9;
 const UNCOMPRESSED_METADATA: u16 = 1 << 15;
 const UNCOMPRESSED_BLOCK: u32 = 1 << 24;
+/// Most compression threads.
+const MAX_THREADS: usize = 16;
+/// Data blocks each thread compresses per batch (1 MiB).
+const BATCH_PER_THREAD: usize = 8;
 /// Longest name in a directory entry.
 const NAME_MAX: usize = 256;
 /// Longest symlink target the kernel reads (one page).
@@ -273,14 +277,6 @@ impl Builder {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<WriteStats, SquashfsError> {
         let tree = self.tree()?;
-        let total: u64 = tree
-            .order
-            .iter()
-            .filter_map(|&id| match &self.nodes[id].1 {
-                Content::File(p) => std::fs::metadata(p).ok().map(|m| m.len()),
-                _ => None,
-            })
-            .sum();
         let mut w = ImageWriter {
             out: BufWriter::new(file),
             path: path.to_path_buf(),
@@ -292,14 +288,14 @@ impl Builder {
             id_index: HashMap::new(),
             xattr_sets: Vec::new(),
             xattr_index: HashMap::new(),
-            seen: HashMap::new(),
             stats: WriteStats::default(),
             done: 0,
-            total,
+            total: 0,
         };
         // The superblock is written last, once the tables' places are known.
         w.put(&[0u8; SUPERBLOCK_LEN as usize])?;
-        let root_ref = w.write_tree(&self.nodes, &tree, progress)?;
+        let data = w.write_data(&self.nodes, &tree, progress)?;
+        let root_ref = w.write_tree(&self.nodes, &tree, &data)?;
         w.finish(root_ref, tree.order.len() as u32)
     }
 
@@ -556,8 +552,6 @@ struct ImageWriter {
     id_index: HashMap<u32, u16>,
     xattr_sets: Vec<XattrSet>,
     xattr_index: HashMap<XattrSet, u32>,
-    /// Content already written: (size, sha256) → (first block, block sizes).
-    seen: HashMap<(u64, [u8; 32]), (u64, Vec<u32>)>,
     stats: WriteStats,
     done: u64,
     total: u64,
@@ -622,7 +616,7 @@ impl ImageWriter {
         &mut self,
         nodes: &[(Meta, Content)],
         tree: &Tree,
-        progress: &mut dyn FnMut(u64, u64),
+        data: &[Option<FileData>],
     ) -> Result<MetaRef, SquashfsError> {
         let mut refs: Vec<Option<MetaRef>> = vec![None; nodes.len()];
         let count = tree.order.len() as u32;
@@ -645,8 +639,10 @@ impl ImageWriter {
                 Ok(())
             };
             match content {
-                Content::File(src) => {
-                    let (start, sizes, size) = self.write_data(src, &path, progress)?;
+                Content::File(_) => {
+                    let FileData { start, sizes, size } = data[id]
+                        .clone()
+                        .expect("every file's content is written first");
                     if nlink > 1 {
                         self.stats.hard_linked_inodes += 1;
                     }
@@ -777,70 +773,124 @@ impl ImageWriter {
         Ok((at, b.len() as u32))
     }
 
-    /// Writes a file's content as data blocks, or finds the same content already written.
+    /// Writes every distinct file content as data blocks, compressing on every core, in tree
+    /// order. Returns where each file node's content is.
     fn write_data(
         &mut self,
-        src: &Path,
-        path: &str,
+        nodes: &[(Meta, Content)],
+        tree: &Tree,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<(u64, Vec<u32>, u64), SquashfsError> {
-        let read_err = |source| SquashfsError::Read {
-            path: path.to_owned(),
-            source_file: src.to_path_buf(),
-            source,
+    ) -> Result<Vec<Option<FileData>>, SquashfsError> {
+        let read_err = |id: usize, src: &Path| {
+            let (path, source_file) = (tree.path(id), src.to_path_buf());
+            move |source| SquashfsError::Read {
+                path,
+                source_file,
+                source,
+            }
         };
-        let mut f = File::open(src).map_err(read_err)?;
         let mut block = vec![0u8; BLOCK_SIZE];
-        let mut hash = Sha256::new();
-        let mut size = 0u64;
+        // Pass 1: hash every file, so each distinct content is written once.
+        let mut first: HashMap<(u64, [u8; 32]), usize> = HashMap::new();
+        let mut same_as: Vec<(usize, usize)> = Vec::new();
+        let mut unique: Vec<(usize, &Path, u64)> = Vec::new();
+        for &id in &tree.order {
+            let Content::File(src) = &nodes[id].1 else {
+                continue;
+            };
+            let mut f = File::open(src).map_err(read_err(id, src))?;
+            let mut hash = Sha256::new();
+            let mut size = 0u64;
+            loop {
+                let n = read_block(&mut f, &mut block).map_err(read_err(id, src))?;
+                if n == 0 {
+                    break;
+                }
+                hash.update(&block[..n]);
+                size += n as u64;
+            }
+            self.stats.data_in += size;
+            match first.entry((size, hash.finalize().into())) {
+                std::collections::hash_map::Entry::Occupied(e) => {
+                    self.stats.deduplicated_files += 1;
+                    same_as.push((id, *e.get()));
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(id);
+                    unique.push((id, src, size));
+                }
+            }
+        }
+        self.total = unique.iter().map(|u| u.2).sum();
+
+        // Pass 2: batches of blocks read in order, compressed in parallel, written in order.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_THREADS);
+        let mut compressors = (0..threads)
+            .map(|_| zstd::bulk::Compressor::new(ZSTD_LEVEL))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(SquashfsError::Compress)?;
+        let mut data: Vec<Option<FileData>> = vec![None; nodes.len()];
+        let mut next = 0;
+        let mut open: Option<(usize, File, u64)> = None;
         loop {
-            let n = read_block(&mut f, &mut block).map_err(read_err)?;
-            if n == 0 {
+            let mut jobs: Vec<(usize, Vec<u8>)> = Vec::with_capacity(threads * BATCH_PER_THREAD);
+            while jobs.len() < threads * BATCH_PER_THREAD {
+                if open.is_none() {
+                    let Some(&(id, src, _)) = unique.get(next) else {
+                        break;
+                    };
+                    open = Some((next, File::open(src).map_err(read_err(id, src))?, 0));
+                    next += 1;
+                }
+                let Some((u, f, got)) = open.as_mut() else {
+                    break;
+                };
+                let (id, src, size) = unique[*u];
+                let mut buf = vec![0u8; BLOCK_SIZE];
+                let n = read_block(f, &mut buf).map_err(read_err(id, src))?;
+                if n == 0 {
+                    if *got != size {
+                        return Err(read_err(id, src)(io::Error::other(
+                            "the file changed while the image was written",
+                        )));
+                    }
+                    if size == 0 {
+                        // No blocks: its place is anywhere. Others get theirs when written.
+                        data[id] = Some(FileData::at(self.pos, 0));
+                    }
+                    open = None;
+                    continue;
+                }
+                buf.truncate(n);
+                *got += n as u64;
+                jobs.push((*u, buf));
+            }
+            if jobs.is_empty() {
                 break;
             }
-            hash.update(&block[..n]);
-            size += n as u64;
-        }
-        let key = (size, <[u8; 32]>::from(hash.finalize()));
-        self.stats.data_in += size;
-        if let Some((start, sizes)) = self.seen.get(&key) {
-            self.stats.deduplicated_files += 1;
-            self.done += size;
-            progress(self.done, self.total);
-            return Ok((*start, sizes.clone(), size));
-        }
-        f.seek(SeekFrom::Start(0)).map_err(read_err)?;
-        let start = self.pos;
-        let mut sizes = Vec::new();
-        let mut written = 0u64;
-        loop {
-            let n = read_block(&mut f, &mut block).map_err(read_err)?;
-            if n == 0 {
-                break;
+            let compressed = compress_all(&jobs, &mut compressors);
+            for ((u, raw), z) in jobs.iter().zip(compressed) {
+                let z = z.map_err(SquashfsError::Compress)?;
+                let (id, _, size) = unique[*u];
+                let pos = self.pos;
+                let entry = data[id].get_or_insert_with(|| FileData::at(pos, size));
+                if z.len() < raw.len() {
+                    entry.sizes.push(z.len() as u32);
+                    self.put(&z)?;
+                } else {
+                    entry.sizes.push(raw.len() as u32 | UNCOMPRESSED_BLOCK);
+                    self.put(raw)?;
+                }
+                self.done += raw.len() as u64;
             }
-            let z = self
-                .compressor
-                .compress(&block[..n])
-                .map_err(SquashfsError::Compress)?;
-            if z.len() < n {
-                sizes.push(z.len() as u32);
-                self.put(&z)?;
-            } else {
-                sizes.push(n as u32 | UNCOMPRESSED_BLOCK);
-                let raw = block[..n].to_vec();
-                self.put(&raw)?;
-            }
-            written += n as u64;
-            self.done += n as u64;
             progress(self.done, self.total);
         }
-        if written != size {
-            return Err(read_err(io::Error::other(
-                "the spooled content changed while the image was written",
-            )));
+        for (id, original) in same_as {
+            data[id] = data[original].clone();
         }
-        self.seen.insert(key, (start, sizes.clone()));
-        Ok((start, sizes, size))
+        Ok(data)
     }
 
     /// Writes the tables after the data, then the superblock.
@@ -948,6 +998,56 @@ impl ImageWriter {
         self.stats.image_bytes = bytes_used + pad;
         Ok(self.stats)
     }
+}
+
+/// Where one file's content is: its first block, each block's stored size, its length.
+#[derive(Debug, Clone)]
+struct FileData {
+    start: u64,
+    sizes: Vec<u32>,
+    size: u64,
+}
+
+impl FileData {
+    fn at(start: u64, size: u64) -> Self {
+        FileData {
+            start,
+            sizes: Vec::new(),
+            size,
+        }
+    }
+}
+
+/// Compresses each job's block, the jobs split in contiguous runs over the compressors'
+/// threads; results in job order.
+fn compress_all(
+    jobs: &[(usize, Vec<u8>)],
+    compressors: &mut [zstd::bulk::Compressor<'static>],
+) -> Vec<io::Result<Vec<u8>>> {
+    if compressors.len() == 1 || jobs.len() == 1 {
+        return jobs
+            .iter()
+            .map(|(_, b)| compressors[0].compress(b))
+            .collect();
+    }
+    let per = jobs.len().div_ceil(compressors.len());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .chunks(per)
+            .zip(compressors.iter_mut())
+            .map(|(run, c)| {
+                s.spawn(move || run.iter().map(|(_, b)| c.compress(b)).collect::<Vec<_>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    vec![Err(io::Error::other("a compression thread panicked"))]
+                })
+            })
+            .collect()
+    })
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.
