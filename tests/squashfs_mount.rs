@@ -814,3 +814,65 @@ fn random_host_trees_read_back_identically_through_the_kernel() {
         );
     }
 }
+
+#[test]
+fn root_images_keep_file_capabilities_and_user_xattrs_and_nothing_else() {
+    let test = "root_images_keep_file_capabilities_and_user_xattrs_and_nothing_else";
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, kind: tar::EntryType, pax: &[(&str, &[u8])]| {
+        b.append_pax_extensions(pax.iter().copied()).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_cksum();
+        b.append_data(&mut h, path, &b""[..]).unwrap();
+    };
+    let cap = cap_net_raw();
+    add(
+        "lower/",
+        tar::EntryType::Directory,
+        &[("SCHILY.xattr.trusted.overlay.opaque", b"y")],
+    );
+    add(
+        "lower/ping",
+        tar::EntryType::Regular,
+        &[
+            ("SCHILY.xattr.security.capability", cap.as_slice()),
+            ("SCHILY.xattr.user.note", b"kept"),
+            (
+                "SCHILY.xattr.security.selinux",
+                b"system_u:object_r:bin_t:s0",
+            ),
+        ],
+    );
+    let tar = b.into_inner().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let init = work.path().join("init");
+    fs::write(&init, b"init").unwrap();
+    let image = work.path().join("root.sqfs");
+
+    let stats = bot_bottle::rootfs::tar_to_squashfs(
+        tar.as_slice(),
+        &init,
+        &work.path().join("spool"),
+        &image,
+        &mut |_, _| {},
+    )
+    .unwrap();
+
+    assert_eq!((stats.xattrs, stats.ignored_xattrs), (1, 2));
+    let Some(m) = mount(&image, test) else {
+        return;
+    };
+    let names = |p: &str| -> Vec<String> {
+        let mut v: Vec<String> = xattr::list(m.path().join(p))
+            .unwrap()
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names("lower/ping"), ["security.capability", "user.note"]);
+    assert!(names("lower").is_empty(), "{:?}", names("lower"));
+}

@@ -3,8 +3,9 @@
 //! The image's flattened file system (a `docker export` tar stream) becomes a read-only squashfs
 //! (zstd, which the guest kernel reads) written by [`crate::squashfs`], with `bottle-init` added
 //! at [`INIT_PATH`]. Owners, modes (setuid included), mtimes, symlinks, hard links (one inode,
-//! several names), devices, FIFOs and extended attributes (`SCHILY.xattr.*` PAX records, as
-//! Docker writes them) are kept. Images are cached by image id and bottle-init's content.
+//! several names), devices, FIFOs and the extended attributes that mean something in the guest
+//! (`security.capability` and `user.*`, from `SCHILY.xattr.*` PAX records as Docker writes
+//! them) are kept. Images are cached by image id and bottle-init's content.
 
 use std::fs;
 use std::io::{self, Read};
@@ -20,6 +21,10 @@ pub const INIT_PATH: &str = ".bottle/init";
 
 /// Directories the guest mounts over; created when the image lacks them.
 const MOUNT_POINTS: [&str; 5] = ["dev", "proc", "sys", "tmp", "run"];
+
+/// Part of every cache key: bump it when the images written for the same input change (2:
+/// hard links and xattrs kept).
+const IMAGE_FORMAT: &[u8] = b"bot-bottle root image 2\0";
 
 /// The PAX record prefix under which Docker (and GNU tar) store extended attributes.
 const PAX_XATTR: &str = "SCHILY.xattr.";
@@ -59,8 +64,10 @@ pub struct RootfsStats {
     pub hardlinks: usize,
     pub devices: usize,
     pub fifos: usize,
-    /// Entries carrying extended attributes.
+    /// Entries carrying extended attributes the image keeps.
     pub xattrs: usize,
+    /// Extended attributes left out (neither `security.capability` nor `user.*`).
+    pub ignored_xattrs: usize,
     pub bytes: u64,
     /// What the image writer reported.
     pub image: WriteStats,
@@ -71,7 +78,17 @@ pub fn encode_dev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
 }
 
-fn meta_of<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, RootfsError> {
+/// Extended attributes a root image keeps: file capabilities and the user namespace. Anything
+/// else is left out: `trusted.overlay.*` would speak to the guest's overlayfs, and SELinux
+/// labels and ACLs from the build host mean nothing in the guest.
+fn kept_xattr(name: &[u8]) -> bool {
+    name == b"security.capability" || name.starts_with(b"user.")
+}
+
+fn meta_of<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    ignored: &mut usize,
+) -> Result<Meta, RootfsError> {
     let h = entry.header();
     let mut meta = Meta {
         mode: (h.mode().unwrap_or(0o644) & 0o7777) as u16,
@@ -84,8 +101,13 @@ fn meta_of<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, RootfsError> 
         for ext in pax {
             let ext = ext.map_err(RootfsError::Tar)?;
             if let Some(name) = ext.key_bytes().strip_prefix(PAX_XATTR.as_bytes()) {
-                meta.xattrs
-                    .push((name.to_vec(), ext.value_bytes().to_vec()));
+                if kept_xattr(name) {
+                    meta.xattrs
+                        .push((name.to_vec(), ext.value_bytes().to_vec()));
+                } else {
+                    *ignored += 1;
+                    tracing::debug!(name = %String::from_utf8_lossy(name), "extended attribute left out of the root image");
+                }
             }
         }
     }
@@ -106,7 +128,7 @@ fn read_tar(tar: impl Read, spool: &Path) -> Result<(Builder, RootfsStats), Root
     for entry in archive.entries().map_err(RootfsError::Tar)? {
         let mut entry = entry.map_err(RootfsError::Tar)?;
         let path = entry.path().map_err(RootfsError::Tar)?.into_owned();
-        let meta = meta_of(&mut entry)?;
+        let meta = meta_of(&mut entry, &mut stats.ignored_xattrs)?;
         let link_target = || -> Result<PathBuf, RootfsError> {
             Ok(entry
                 .link_name()
@@ -223,13 +245,15 @@ pub fn tar_to_squashfs(
     Ok(stats)
 }
 
-/// The cache key of a root image: the Docker image id and bottle-init's content.
+/// The cache key of a root image: the image format, the Docker image id and bottle-init's
+/// content.
 pub fn rootfs_key(image_id: &str, init: &Path) -> Result<String, RootfsError> {
     let bytes = fs::read(init).map_err(|source| RootfsError::Init {
         path: init.to_path_buf(),
         source,
     })?;
     let mut h = Sha256::new();
+    h.update(IMAGE_FORMAT);
     h.update(image_id.as_bytes());
     h.update([0u8]);
     h.update(&bytes);
