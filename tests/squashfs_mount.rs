@@ -60,6 +60,10 @@ fn mount(image: &Path, test: &str) -> Option<Mounted> {
     None
 }
 
+fn put(b: &mut Builder, path: &str, meta: Meta, content: Content) {
+    b.insert(Path::new(path), meta, content).unwrap();
+}
+
 fn meta(mode: u16, uid: u32, gid: u32) -> Meta {
     Meta {
         mode,
@@ -104,16 +108,14 @@ fn sample() -> Sample {
         .chain(std::iter::repeat_n(b'z', BLOCK_SIZE))
         .collect();
     let mut b = Builder::new();
-    b.insert(Path::new("usr"), meta(0o755, 0, 0), Content::Dir)
-        .unwrap();
-    b.insert(Path::new("usr/bin"), meta(0o755, 0, 0), Content::Dir)
-        .unwrap();
-    b.insert(
-        Path::new("usr/bin/su"),
+    put(&mut b, "usr", meta(0o755, 0, 0), Content::Dir);
+    put(&mut b, "usr/bin", meta(0o755, 0, 0), Content::Dir);
+    put(
+        &mut b,
+        "usr/bin/su",
         meta(0o4755, 0, 0),
         spool("su", b"setuid!"),
-    )
-    .unwrap();
+    );
     b.link(Path::new("usr/bin/su-again"), Path::new("usr/bin/su"))
         .unwrap();
     b.link(Path::new("sbin-su"), Path::new("usr/bin/su"))
@@ -124,90 +126,77 @@ fn sample() -> Sample {
         (b"user.origin".to_vec(), b"test".to_vec()),
         (b"system.posix_acl_access".to_vec(), vec![2, 0, 0, 0]),
     ];
-    b.insert(
-        Path::new("usr/bin/ping"),
-        ping,
-        spool("ping", b"ping binary"),
-    )
-    .unwrap();
-    b.insert(
-        Path::new("usr/bin/big"),
-        meta(0o644, 0, 0),
-        spool("big", &big),
-    )
-    .unwrap();
-    b.insert(
-        Path::new("usr/bin/empty"),
+    put(&mut b, "usr/bin/ping", ping, spool("ping", b"ping binary"));
+    put(&mut b, "usr/bin/big", meta(0o644, 0, 0), spool("big", &big));
+    put(
+        &mut b,
+        "usr/bin/empty",
         meta(0o600, 0, 0),
         spool("empty", b""),
-    )
-    .unwrap();
-    b.insert(
-        Path::new("usr/bin/copy-of-su"),
+    );
+    put(
+        &mut b,
+        "usr/bin/copy-of-su",
         meta(0o755, 0, 0),
         spool("copy", b"setuid!"),
-    )
-    .unwrap();
-    b.insert(
-        Path::new("usr/bin/sh"),
+    );
+    put(
+        &mut b,
+        "usr/bin/sh",
         meta(0o777, 0, 0),
         Content::Symlink(b"busybox".to_vec()),
-    )
-    .unwrap();
+    );
     let long_target = "d/".repeat(1000);
-    b.insert(
-        Path::new("usr/long-link"),
+    put(
+        &mut b,
+        "usr/long-link",
         meta(0o777, 0, 0),
         Content::Symlink(long_target.clone().into_bytes()),
-    )
-    .unwrap();
-    b.insert(
-        Path::new("dev/null"),
+    );
+    put(
+        &mut b,
+        "dev/null",
         meta(0o666, 0, 0),
         Content::CharDevice(0x103),
-    )
-    .unwrap();
-    b.insert(
-        Path::new("dev/sda"),
+    );
+    put(
+        &mut b,
+        "dev/sda",
         meta(0o660, 0, 6),
         Content::BlockDevice(0x800),
-    )
-    .unwrap();
-    b.insert(Path::new("run/fifo"), meta(0o620, 0, 0), Content::Fifo)
-        .unwrap();
-    b.insert(Path::new("run/sock"), meta(0o755, 0, 0), Content::Socket)
-        .unwrap();
+    );
+    put(&mut b, "run/fifo", meta(0o620, 0, 0), Content::Fifo);
+    put(&mut b, "run/sock", meta(0o755, 0, 0), Content::Socket);
     let mut tagged = meta(0o750, 100_000, 100_001);
     tagged.xattrs = vec![(b"user.dir".to_vec(), b"yes".to_vec())];
-    b.insert(Path::new("home/agent"), tagged, Content::Dir)
-        .unwrap();
-    b.insert(
-        Path::new("home/agent/deep/er/file"),
+    put(&mut b, "home/agent", tagged, Content::Dir);
+    put(
+        &mut b,
+        "home/agent/deep/er/file",
         meta(0o640, 1000, 1000),
         spool("deep", b"deep"),
-    )
-    .unwrap();
+    );
     // Replaced: the later entry wins, and the first inode is not written.
-    b.insert(
-        Path::new("etc/motd"),
+    put(
+        &mut b,
+        "etc/motd",
         meta(0o644, 0, 0),
         spool("motd1", b"old"),
-    )
-    .unwrap();
-    b.insert(
-        Path::new("etc/motd"),
+    );
+    put(
+        &mut b,
+        "etc/motd",
         meta(0o644, 0, 0),
         spool("motd2", b"new"),
-    )
-    .unwrap();
+    );
     for i in 0..MANY {
         let name = format!("many/entry-with-a-longish-name-{i:04}");
-        b.insert(
-            Path::new(&name),
+        put(
+            &mut b,
+            &name,
             meta(0o644, i % 7, 0),
             spool(&format!("m{i}"), name.as_bytes()),
-        )
-        .unwrap();
+        );
     }
     let image = work.path().join("image.sqfs");
     let mut calls = 0;
