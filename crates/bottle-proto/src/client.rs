@@ -82,8 +82,13 @@ pub fn connect_vsock(uds_path: &std::path::Path, port: u32) -> Result<UnixStream
             Err(e) => return Err(io(e)),
         }
     }
-    let expected = format!("OK {port}\n");
-    if line != expected.as_bytes() {
+    // `OK <n>\n`: our VMM echoes the guest port, Firecracker-style backends (such as
+    // rust-vmm's vhost-device-vsock) name the host-side port they assigned.
+    let ok = line
+        .strip_prefix(b"OK ")
+        .and_then(|rest| rest.strip_suffix(b"\n"))
+        .is_some_and(|n| !n.is_empty() && n.iter().all(u8::is_ascii_digit));
+    if !ok {
         return Err(ClientError::Refused {
             message: format!(
                 "VMM answered {:?} to CONNECT {port}: is the guest agent listening?",
@@ -474,6 +479,37 @@ mod tests {
         stream.read_exact(&mut rest).unwrap();
 
         assert_eq!((&vmm.join().unwrap(), &rest), (b"CONNECT 1024\n", b"rest"));
+    }
+
+    #[test]
+    fn vsock_handshake_accepts_the_host_side_port_firecracker_style() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = [0u8; 13];
+            s.read_exact(&mut req).unwrap();
+            s.write_all(b"OK 40321\n").unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        });
+
+        assert!(connect_vsock(&path, 1024).is_ok());
+    }
+
+    #[test]
+    fn vsock_handshake_with_garbage_after_ok_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"OK 10x24\n").unwrap();
+        });
+
+        let err = connect_vsock(&path, 1024).unwrap_err();
+
+        assert!(matches!(err, ClientError::Refused { .. }), "{err:?}");
     }
 
     #[test]
