@@ -2,13 +2,17 @@
 //! Docker from `dockerfiles/Dockerfile.test`, exported and turned into the root image by
 //! `microvm_run::prepare_rootfs`, a host directory is snapshotted by `workspace::snapshot`,
 //! and the kernel command line and disks come from `microvm::launch` — exactly what `start`
-//! hands our VMM. QEMU stands in for the VMM (this machine's nested KVM cannot boot Linux) and
-//! a virtio serial port stands in for vsock (no vhost-vsock here); everything else is real.
+//! hands our VMM. QEMU stands in for the VMM (this machine's nested KVM cannot boot Linux).
+//! Most tests use a virtio serial port for the control channel; the vsock test keeps the
+//! guest configuration untouched and serves its virtio-vsock device with rust-vmm's
+//! `vhost-device-vsock`, which speaks our VMM's Unix-socket convention.
 
 #[path = "../common/mod.rs"]
 mod common;
 #[path = "qemu_vm.rs"]
 mod qemu_vm;
+#[path = "vhost_vsock.rs"]
+mod vhost_vsock;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -22,6 +26,7 @@ use bot_bottle::{images, kernel, microvm, microvm_run, workspace};
 use bottle_proto::config::ControlChannel;
 use bottle_proto::ExecRequest;
 use qemu_vm::{Qemu, PORT_NAME};
+use vhost_vsock::VsockBackend;
 
 fn in_ci() -> bool {
     std::env::var("CI").as_deref() == Ok("true")
@@ -240,4 +245,161 @@ async fn writable_layer_disk_keeps_the_agents_changes_for_resume() {
     assert_eq!(out1, "written\n");
     assert_eq!(second, Some(0), "{out2}\nconsole:\n{console2}");
     assert_eq!(out2, "from-the-first-run\nv1\n");
+}
+
+/// What our VMM does with a guest connection to the host's vsock port `port`: hand it to the
+/// bundle's port on the alias. Here each `<uds>_<port>` connection of the vsock backend is
+/// joined to `target`.
+fn bridge_vsock_port(uds: &std::path::Path, port: u16, target: std::net::SocketAddr) {
+    let listener = tokio::net::UnixListener::bind(format!("{}_{port}", uds.display())).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut guest, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut guest, &mut up).await;
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_s_guest_answers_over_vsock_and_its_egress_meets_the_bottles_proxy() {
+    use bot_bottle::egress::{EgressPolicy, EgressProxy, ProxyConfig, Resolver};
+    let test = "start_s_guest_answers_over_vsock";
+    let Some(p) = prepare(test).await else {
+        return;
+    };
+    let Some(backend) = VsockBackend::start() else {
+        return;
+    };
+    // The bottle's egress proxy with the bottle's policy, as the bundle runs it; allowed.test
+    // is a server on this host.
+    let upstream = common::http_server("hello from allowed.test");
+    let egress = &p.plan.egress;
+    let mut config = ProxyConfig::new(
+        &p.plan.id,
+        "127.0.0.1:0".parse().unwrap(),
+        EgressPolicy::new(&egress.allow, &egress.deny, &egress.deny_message).unwrap(),
+    );
+    config.resolver = Resolver::fixed([("allowed.test", Ipv4Addr::LOCALHOST.into())]);
+    config.allow_loopback_upstream = true;
+    let proxy = EgressProxy::bind(config).await.unwrap();
+    let proxy_addr = proxy.local_addr();
+    tokio::spawn(proxy.run(std::future::pending()));
+    let proxy_port = p
+        .plan
+        .bundle
+        .ports
+        .iter()
+        .find(|port| port.service == "egress-proxy")
+        .unwrap()
+        .host_port;
+    bridge_vsock_port(&backend.uds(), proxy_port, proxy_addr);
+
+    // The guest exactly as `start` configures it: control and egress over vsock.
+    let layer = WritableLayer::Tmpfs;
+    let guest = microvm::guest_config(&p.plan, TOKEN, p.ids, &p.home, &layer);
+    let launch = microvm::launch(
+        &p.plan,
+        &guest,
+        &p.kernel,
+        microvm::Disks {
+            rootfs: &p.rootfs,
+            workspaces: std::slice::from_ref(&p.workspace),
+            layer: &layer,
+        },
+        p.work.path(),
+        &p.work.path().join("state.db"),
+    )
+    .unwrap();
+    let disks: Vec<(PathBuf, bool)> = launch
+        .vmm
+        .disks
+        .iter()
+        .map(|d| (d.path.clone(), d.read_only))
+        .collect();
+    let (cmd, _, console) = Qemu::command(
+        &p.qemu,
+        &launch.vmm.kernel,
+        &launch.vmm.cmdline,
+        &disks,
+        p.work.path(),
+        Some(&backend.vhost()),
+    );
+    let started = Instant::now();
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    // `start` and `exec` reach the agent this way.
+    let client = microvm_run::connect_control(&mut child, &backend.uds(), TOKEN, &console)
+        .await
+        .unwrap();
+    eprintln!("boot to agent-ready over vsock: {:?}", started.elapsed());
+    let argv = |script: &str| vec!["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()];
+    let (code, mut client) =
+        microvm_run::exec(client, argv("exit 7"), p.plan.agent.workdir.clone())
+            .await
+            .unwrap();
+    assert_eq!(code, 7, "the exit code passes through");
+
+    // From the workspace, as the agent user: an allowed host through the planned proxy env,
+    // and a denied one with the bottle's message.
+    let script = format!(
+        "id -u; cat src/lib.rs; wget -qO- http://allowed.test:{upstream}/; echo; \
+         printf 'GET http://denied.allowed.test/ HTTP/1.0\\r\\n\\r\\n' | nc {} {proxy_port}",
+        p.plan.alias
+    );
+    let mut req = ExecRequest::new(argv(&script));
+    req.cwd = Some(p.plan.agent.workdir.clone());
+    let result = tokio::task::block_in_place(|| client.exec(&req, b"")).unwrap();
+    let out = String::from_utf8_lossy(&result.stdout).into_owned();
+    let why = format!(
+        "{out}\nstderr: {}\nconsole:\n{}",
+        String::from_utf8_lossy(&result.stderr),
+        std::fs::read_to_string(&console).unwrap_or_default()
+    );
+    assert!(
+        out.starts_with(
+            "1000\npub fn answer() -> u32 { 42 }\nhello from allowed.test\nHTTP/1.1 403"
+        ),
+        "{why}"
+    );
+    assert!(out.contains(&egress.deny_message), "{why}");
+
+    // `cp` both ways over a fresh vsock connection, as the CLI does it.
+    let local = p.work.path().join("to-guest");
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::write(local.join("notes.txt"), "copied in\n").unwrap();
+    let back = p.work.path().join("from-guest");
+    std::fs::create_dir_all(&back).unwrap();
+    let uds = backend.uds();
+    let copied = tokio::task::spawn_blocking({
+        let (local, back) = (local.clone(), back.clone());
+        move || {
+            let stream =
+                bottle_proto::connect_vsock(&uds, bottle_proto::config::CONTROL_VSOCK_PORT)
+                    .unwrap();
+            let mut c = bottle_proto::Client::new(stream, TOKEN);
+            c.copy_in(
+                "/workspace",
+                bot_bottle::transfer::pack(&local).unwrap().as_slice(),
+            )
+            .unwrap();
+            let mut tar = Vec::new();
+            c.copy_out("/workspace/to-guest/notes.txt", &mut tar)
+                .unwrap();
+            bot_bottle::transfer::unpack_safely(tar.as_slice(), &back).unwrap();
+            let _ = c.shutdown();
+        }
+    })
+    .await;
+    copied.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(back.join("notes.txt")).unwrap(),
+        "copied in\n"
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
 }

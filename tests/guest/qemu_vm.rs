@@ -1,6 +1,7 @@
 //! A microVM under QEMU software emulation for the guest tests: the machine flags verified in
 //! shared/docs/FINDINGS.md, disks as virtio-blk (`/dev/vda`, `/dev/vdb`, ... in order), and the
-//! control channel on a virtio serial port (no vhost-vsock on these hosts).
+//! control channel on a virtio serial port, or on virtio-vsock served by rust-vmm's
+//! `vhost-device-vsock` (no `/dev/vhost-vsock` on these hosts).
 #![allow(dead_code)]
 
 use std::os::unix::net::UnixStream;
@@ -39,22 +40,48 @@ impl Qemu {
         disks: &[(PathBuf, bool)],
         work: &Path,
     ) -> Qemu {
+        let (mut cmd, socket, console) = Qemu::command(qemu, kernel, append, disks, work, None);
+        let child = cmd.spawn().expect("qemu-system-x86_64 starts");
+        Qemu {
+            child,
+            socket,
+            console,
+        }
+    }
+
+    /// The QEMU command line (and its control socket and console log). With `vhost_vsock`,
+    /// the guest also gets a virtio-vsock device served by the vhost-user backend listening
+    /// there (its memory shared with that process).
+    pub fn command(
+        qemu: &Path,
+        kernel: &Path,
+        append: &str,
+        disks: &[(PathBuf, bool)],
+        work: &Path,
+        vhost_vsock: Option<&Path>,
+    ) -> (Command, PathBuf, PathBuf) {
         let socket = work.join("control.sock");
         let console = work.join("console.log");
         let _ = std::fs::remove_file(&socket);
+        let mut machine =
+            "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pit=on,pic=on".to_owned();
         let mut cmd = Command::new(qemu);
-        cmd.args([
-            "-M",
-            "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pit=on,pic=on",
-        ])
-        .args(["-cpu", "max", "-m", "256", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-append")
-        .arg(format!("console=ttyS0 reboot=t panic=-1 {append}"));
+        if let Some(vhost) = vhost_vsock {
+            machine.push_str(",memory-backend=mem");
+            cmd.args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+                .arg("-chardev")
+                .arg(format!("socket,id=vsock,path={}", vhost.display()))
+                .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
+        }
+        cmd.args(["-M", &machine])
+            .args(["-cpu", "max", "-m", "256", "-smp", "1"])
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-append")
+            .arg(format!("console=ttyS0 reboot=t panic=-1 {append}"));
         for (i, (disk, read_only)) in disks.iter().enumerate() {
             cmd.arg("-drive")
                 .arg(format!(
@@ -64,8 +91,7 @@ impl Qemu {
                 ))
                 .args(["-device", &format!("virtio-blk-device,drive=d{i}")]);
         }
-        let child = cmd
-            .args(["-device", "virtio-serial-device"])
+        cmd.args(["-device", "virtio-serial-device"])
             .arg("-chardev")
             .arg(format!(
                 "socket,id=ctl,path={},server=on,wait=off",
@@ -77,14 +103,8 @@ impl Qemu {
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86_64 starts");
-        Qemu {
-            child,
-            socket,
-            console,
-        }
+            .stderr(Stdio::null());
+        (cmd, socket, console)
     }
 
     pub fn console_text(&self) -> String {

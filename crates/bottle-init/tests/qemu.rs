@@ -23,6 +23,10 @@ use bottle_proto::config::{
 };
 use bottle_proto::{Client, ClientError, ExecRequest, PtyRequest, UserIds, WindowSize};
 
+#[path = "../../../tests/guest/vhost_vsock.rs"]
+mod vhost_vsock;
+use vhost_vsock::VsockBackend;
+
 const TOKEN: &str = "5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e";
 const PORT_NAME: &str = "bottle.control";
 const AGENT: UserIds = UserIds {
@@ -807,73 +811,6 @@ fn attached_pty_session_with_power_off_ends_the_guest() {
         "QEMU still running; console:\n{}",
         vm.console_text()
     );
-}
-
-/// rust-vmm's `vhost-device-vsock`: a virtio-vsock device served from a host process, with the
-/// Unix-socket convention our VMM uses (the host sends `CONNECT <port>` on the main socket; a
-/// guest connection to the host's port P arrives on `<socket>_P`). It stands in for our VMM,
-/// which cannot boot Linux under this machine's nested KVM.
-struct VsockBackend {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl VsockBackend {
-    fn start() -> Option<VsockBackend> {
-        let binary = which("vhost-device-vsock").or_else(|| {
-            let home = std::env::var_os("CARGO_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
-            Some(home.join("bin/vhost-device-vsock")).filter(|p| p.is_file())
-        });
-        let Some(binary) = binary else {
-            let why = "`vhost-device-vsock` not found: cargo install --locked vhost-device-vsock";
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but {why}"
-            );
-            eprintln!("SKIPPED: vsock guest test: {why}");
-            return None;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let backend = VsockBackend {
-            child: Command::new(binary)
-                .args(["--guest-cid", "3", "--socket"])
-                .arg(dir.path().join("vhost.sock"))
-                .arg("--uds-path")
-                .arg(dir.path().join("vm.vsock"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-            dir,
-        };
-        let start = Instant::now();
-        while !backend.vhost().exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "vhost-device-vsock did not create its socket"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        Some(backend)
-    }
-
-    fn vhost(&self) -> PathBuf {
-        self.dir.path().join("vhost.sock")
-    }
-
-    /// The host side of the guest's vsock.
-    fn uds(&self) -> PathBuf {
-        self.dir.path().join("vm.vsock")
-    }
-}
-
-impl Drop for VsockBackend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
