@@ -27,6 +27,9 @@ const CMDLINE_ROOM: usize = 512;
 pub const KERNEL_ENV: &str = "BOT_BOTTLE_KERNEL";
 /// Overrides where `bottle-init` (the guest's PID 1) is found.
 pub const INIT_ENV: &str = "BOT_BOTTLE_INIT";
+/// A stand-in for the VMM child, given the same arguments (`__vmm --config <launch.json>`):
+/// `examples/qemu_vmm.rs` runs the guest under QEMU where this host's KVM cannot run ours.
+pub const VMM_ENV: &str = "BOT_BOTTLE_VMM";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MicrovmError {

@@ -370,7 +370,17 @@ async fn run_microvm(
     let uds = bottle_dir.join("vsock.sock");
     let console = bottle_dir.join("serial.log");
     let _ = std::fs::remove_file(&uds);
-    let exe = std::env::current_exe().context("locating the bot-bottle executable")?;
+    let exe = match std::env::var_os(microvm::VMM_ENV) {
+        Some(stand_in) => {
+            eprintln!(
+                "bot-bottle: the VMM is {} ({})",
+                std::path::Path::new(&stand_in).display(),
+                microvm::VMM_ENV
+            );
+            std::path::PathBuf::from(stand_in)
+        }
+        None => std::env::current_exe().context("locating the bot-bottle executable")?,
+    };
     let mut child = tokio::process::Command::new(exe)
         .arg("__vmm")
         .arg("--config")

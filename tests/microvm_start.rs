@@ -1,0 +1,223 @@
+//! `bot-bottle start --backend microvm` end to end, with QEMU standing in for our VMM
+//! (`BOT_BOTTLE_VMM` = `examples/qemu_vmm.rs`): this machine's nested KVM cannot boot Linux
+//! under our VMM, everything else is the real thing — the agent image built by Docker, the
+//! root image and workspace snapshot, the bundle published on the bottle's alias with the real
+//! egress proxy, the guest configuration, the control channel over vsock (served by rust-vmm's
+//! `vhost-device-vsock`, same Unix-socket convention as our VMM), `exec`, `cp`, `stop` and the
+//! teardown. The stand-in enforces the verified allowlist the way our VMM does (only the alias
+//! and the bundle's ports are bridged), but not our VMM's device model: that is tested under
+//! real KVM with the probe guest (`crates/bottle-vmm`).
+//!
+//! Needs Docker, `qemu-system-x86_64`, a guest kernel (`bot-bottle kernel build`),
+//! `vhost-device-vsock` and the stand-in (`cargo build -p bot-bottle --example qemu_vmm`); each
+//! missing piece skips with the reason, and fails under `CI=true`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Running, Sandbox};
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// (stand-in VMM, guest kernel), or why the test cannot run here.
+fn prereqs(test: &str) -> Option<(PathBuf, PathBuf)> {
+    if !common::docker_available(test) {
+        return None;
+    }
+    let stand_in = common::bin().with_file_name("examples").join("qemu_vmm");
+    let cargo_bin = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cargo/bin/vhost-device-vsock"))
+        .filter(|p| p.is_file());
+    let kernel = bot_bottle::paths::Dirs::from_env().ok().and_then(|dirs| {
+        bot_bottle::kernel::cached_kernel_in(
+            &bot_bottle::kernel::kernel_cache_dir(&dirs),
+            bot_bottle::kernel::FRAGMENT,
+        )
+    });
+    let why = if !stand_in.is_file() {
+        "the QEMU stand-in VMM is not built: cargo build -p bot-bottle --example qemu_vmm"
+    } else if on_path("qemu-system-x86_64").is_none() {
+        "qemu-system-x86_64 missing: apt-get install qemu-system-x86"
+    } else if on_path("vhost-device-vsock").or(cargo_bin).is_none() {
+        "vhost-device-vsock missing: cargo install --locked vhost-device-vsock"
+    } else if kernel.is_none() {
+        "no guest kernel: run `bot-bottle kernel build`"
+    } else {
+        return Some((stand_in, kernel.unwrap()));
+    };
+    assert!(!in_ci(), "{test}: CI=true but {why}");
+    eprintln!("SKIPPED {test}: {why}");
+    None
+}
+
+/// `start test --backend microvm` with the stand-in VMM and the kernel built for this
+/// checkout (the sandbox's private cache has none).
+fn start_cmd(s: &Sandbox, stand_in: &Path, kernel: &Path, args: &[&str]) -> Command {
+    let mut c = s.cmd();
+    c.env(bot_bottle::microvm::VMM_ENV, stand_in)
+        .env("BOT_BOTTLE_KERNEL", kernel)
+        .arg("start")
+        .arg("test")
+        .args(["--backend", "microvm"])
+        .args(args);
+    c
+}
+
+/// Processes whose command line mentions `dir` (QEMU and the vsock device name files in the
+/// bottle's directory).
+fn processes_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect()
+}
+
+#[test]
+fn start_runs_the_agent_in_the_guest_with_its_workspace_egress_and_exit_code() {
+    let test = "start_runs_the_agent_in_the_guest";
+    let Some((stand_in, kernel)) = prereqs(test) else {
+        return;
+    };
+    let s = Sandbox::new("64-64");
+    let project = s.dir.path().join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(project.join("notes.txt"), "from the host\n").unwrap();
+    let upstream = common::http_server("hello from allowed.test");
+    let script = format!(
+        "id -u; cat notes.txt; echo edited > notes.txt; \
+         wget -qO- http://allowed.test:{upstream}/; echo; \
+         wget -qO- http://example.com/ 2>&1; exit 3"
+    );
+
+    let out = start_cmd(
+        &s,
+        &stand_in,
+        &kernel,
+        &[
+            "--mount",
+            project.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    )
+    .output()
+    .unwrap();
+
+    let (stdout, stderr) = (common::stdout(&out), common::stderr(&out));
+    let why = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(out.status.code(), Some(3), "{why}");
+    assert!(
+        stdout.starts_with("1000\nfrom the host\nhello from allowed.test\n"),
+        "{why}"
+    );
+    assert!(
+        stdout.contains("403 Forbidden (bot-bottle test bottle: egress to this host is denied)"),
+        "{why}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(project.join("notes.txt")).unwrap(),
+        "from the host\n",
+        "the host's workspace is never written"
+    );
+    // Nothing left: containers, networks, the VM's processes, its sockets and snapshots.
+    assert_eq!(s.docker_leftovers(), Vec::<String>::new());
+    assert_eq!(processes_under(&s.state()), Vec::<String>::new());
+    for entry in walk(&s.state().join("bottles")) {
+        let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            !name.starts_with("vsock.sock") && !name.ends_with(".sqfs"),
+            "{} left behind",
+            entry.display()
+        );
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+fn exec_cp_and_stop_reach_a_running_microvm_bottle() {
+    let test = "exec_cp_and_stop_reach_a_running_microvm_bottle";
+    let Some((stand_in, kernel)) = prereqs(test) else {
+        return;
+    };
+    let s = Sandbox::new("65-65");
+    let mut running = Running::spawn(start_cmd(
+        &s,
+        &stand_in,
+        &kernel,
+        &["--", "sh", "-c", "sleep 120"],
+    ));
+    running.wait_for("booting", Duration::from_secs(240));
+    let id = s.wait_running(Duration::from_secs(180));
+
+    let exec = s.run(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo $((6 * 7)) in $(pwd); exit 5",
+    ]);
+    let local = s.dir.path().join("to-guest");
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::write(local.join("hello.txt"), "copied in\n").unwrap();
+    let cp_in = s.run(&["cp", local.to_str().unwrap(), &format!("{id}:/tmp")]);
+    let back = s.dir.path().join("back");
+    std::fs::create_dir_all(&back).unwrap();
+    let cp_out = s.run(&[
+        "cp",
+        &format!("{id}:/tmp/to-guest/hello.txt"),
+        back.to_str().unwrap(),
+    ]);
+    let stop = s.run(&["stop", &id]);
+    let status = running.wait();
+
+    assert_eq!(
+        (exec.status.code(), common::stdout(&exec)),
+        (Some(5), "42 in /workspace\n".to_owned()),
+        "{}",
+        common::stderr(&exec)
+    );
+    assert!(cp_in.status.success(), "{}", common::stderr(&cp_in));
+    assert!(cp_out.status.success(), "{}", common::stderr(&cp_out));
+    assert_eq!(
+        std::fs::read_to_string(back.join("hello.txt")).unwrap(),
+        "copied in\n"
+    );
+    assert!(stop.status.success(), "{}", common::stderr(&stop));
+    assert!(
+        status.code().is_some(),
+        "start ended by a signal: {status:?}"
+    );
+    assert_eq!(s.docker_leftovers(), Vec::<String>::new());
+    assert_eq!(processes_under(&s.state()), Vec::<String>::new());
+}
