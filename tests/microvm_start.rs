@@ -221,3 +221,98 @@ fn exec_cp_and_stop_reach_a_running_microvm_bottle() {
     assert_eq!(s.docker_leftovers(), Vec::<String>::new());
     assert_eq!(processes_under(&s.state()), Vec::<String>::new());
 }
+
+#[test]
+fn start_on_a_terminal_gives_the_agent_a_tty_of_its_size() {
+    let test = "start_on_a_terminal_gives_the_agent_a_tty_of_its_size";
+    let Some((stand_in, kernel)) = prereqs(test) else {
+        return;
+    };
+    let s = Sandbox::new("66-66");
+    // `script` runs bot-bottle on a fresh pty whose size `stty` sets first.
+    let inner = format!(
+        "stty rows 33 cols 111; {} start test --backend microvm -- sh -c 'tty; stty size; exit 3'",
+        common::bin().display()
+    );
+    let start = start_cmd(&s, &stand_in, &kernel, &[]);
+    let mut script = Command::new("script");
+    script.args(["-qec", &inner, "/dev/null"]);
+    for (k, v) in start.get_envs() {
+        match v {
+            Some(v) => script.env(k, v),
+            None => script.env_remove(k),
+        };
+    }
+
+    let out = script
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script (util-linux) runs");
+
+    let text = common::stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{text}\n{}",
+        common::stderr(&out)
+    );
+    assert!(text.contains("/dev/pts/"), "no TTY in the agent:\n{text}");
+    assert!(text.contains("33 111"), "terminal size not passed:\n{text}");
+    assert_eq!(s.docker_leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn the_agents_changes_survive_until_resume_and_start_will_not_discard_them() {
+    let test = "the_agents_changes_survive_until_resume";
+    let Some((stand_in, kernel)) = prereqs(test) else {
+        return;
+    };
+    let s = Sandbox::new("67-67");
+    let run = |args: &[&str]| {
+        let mut c = s.cmd();
+        c.env(bot_bottle::microvm::VMM_ENV, &stand_in)
+            .env("BOT_BOTTLE_KERNEL", &kernel)
+            .args(args);
+        c.output().unwrap()
+    };
+
+    let first = run(&[
+        "start",
+        "test",
+        "--backend",
+        "microvm",
+        "--",
+        "sh",
+        "-c",
+        "echo installed > ~/tool.txt",
+    ]);
+    let again = run(&["start", "test", "--backend", "microvm", "--", "true"]);
+    let resumed = run(&[
+        "resume",
+        "test",
+        "--backend",
+        "microvm",
+        "--",
+        "cat",
+        "/home/agent/tool.txt",
+    ]);
+
+    assert_eq!(first.status.code(), Some(0), "{}", common::stderr(&first));
+    assert_ne!(
+        again.status.code(),
+        Some(0),
+        "start discarded the kept layer"
+    );
+    assert!(
+        common::stderr(&again).contains("resume"),
+        "the refusal names the way on: {}",
+        common::stderr(&again)
+    );
+    assert_eq!(
+        (resumed.status.code(), common::stdout(&resumed)),
+        (Some(0), "installed\n".to_owned()),
+        "{}",
+        common::stderr(&resumed)
+    );
+    assert_eq!(s.docker_leftovers(), Vec::<String>::new());
+}
