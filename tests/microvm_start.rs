@@ -316,3 +316,50 @@ fn the_agents_changes_survive_until_resume_and_start_will_not_discard_them() {
     );
     assert_eq!(s.docker_leftovers(), Vec::<String>::new());
 }
+
+#[test]
+fn the_guest_has_no_way_out_but_its_bundle() {
+    let test = "the_guest_has_no_way_out_but_its_bundle";
+    let Some((stand_in, kernel)) = prereqs(test) else {
+        return;
+    };
+    let s = Sandbox::new("68-68");
+    let upstream = common::http_server("reached the host directly");
+    // The agent tries the ways out a container would have, each printing how it ended. (nc,
+    // not wget: busybox wget crashes on an unreachable network.)
+    let attempts = [
+        ("public", "1.1.1.1 80".to_owned()),
+        ("docker0", format!("172.17.0.1 {upstream}")),
+        ("gateway", format!("10.0.2.2 {upstream}")),
+        ("alias", format!("127.0.0.68 {upstream}")),
+    ];
+    let mut script = String::from("ip -o link | cut -d: -f2; ");
+    for (name, target) in &attempts {
+        script.push_str(&format!(
+            "echo x | nc -w 3 {target} 2>&1; echo \"{name} rc=$?\"; "
+        ));
+    }
+    script.push_str("nslookup example.com 8.8.8.8 2>&1; echo \"dns rc=$?\"");
+
+    let out = start_cmd(&s, &stand_in, &kernel, &["--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+
+    let text = common::stdout(&out);
+    let why = format!("{text}\n{}", common::stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{why}");
+    assert!(
+        text.starts_with(" lo\n"),
+        "only the loopback interface: {why}"
+    );
+    for name in ["public", "docker0", "gateway", "dns"] {
+        assert!(text.contains(&format!("{name} rc=1")), "{name}: {why}");
+    }
+    // Inside the guest the alias is the guest's own loopback: nothing listens there.
+    assert!(
+        text.contains("127.0.0.68): Connection refused\nalias rc=1"),
+        "{why}"
+    );
+    assert_eq!(text.matches("Network is unreachable").count(), 4, "{why}");
+    assert!(!text.contains("reached the host directly"), "{why}");
+}
