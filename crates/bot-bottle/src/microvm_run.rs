@@ -127,16 +127,19 @@ pub async fn prepare_rootfs(
     labels: &std::collections::BTreeMap<String, String>,
     scratch_name: &str,
 ) -> Result<(PathBuf, ImageAccounts), MicrovmRunError> {
-    let image_id = docker
+    let inspected = docker
         .inspect_image(image)
         .await
         .map_err(|source| DockerError::Inspect {
             what: "image",
             name: image.to_owned(),
             source,
-        })?
-        .id
-        .unwrap_or_else(|| image.to_owned());
+        })?;
+    let image_size = inspected
+        .size
+        .and_then(|s| u64::try_from(s).ok())
+        .unwrap_or(0);
+    let image_id = inspected.id.unwrap_or_else(|| image.to_owned());
     // A created (never started) container gives access to the image's files.
     docker
         .create_container(
@@ -185,6 +188,8 @@ pub async fn prepare_rootfs(
                     source,
                 })?;
         let mut export = docker.export_container(scratch_name);
+        let mut progress = crate::squashfs::progress_on_stderr("exporting the image");
+        let mut exported = 0u64;
         while let Some(chunk) = export.next().await {
             let chunk = chunk.map_err(|source| DockerError::Inspect {
                 what: "container export",
@@ -197,6 +202,14 @@ pub async fn prepare_rootfs(
                     path: tar_path.clone(),
                     source,
                 })?;
+            exported += chunk.len() as u64;
+            // The tar is a little larger than the image: hold at 99% until it ends.
+            if image_size > 0 {
+                progress(exported.min(image_size * 99 / 100), image_size);
+            }
+        }
+        if image_size > 0 {
+            progress(image_size, image_size);
         }
         file.flush()
             .await

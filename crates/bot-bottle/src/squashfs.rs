@@ -1072,10 +1072,10 @@ pub fn progress_on_stderr(what: &str) -> impl FnMut(u64, u64) {
     let mut shown = 0u64;
     move |done, total| {
         let step = if tty { 1 } else { 25 };
-        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        let pct = (done * 100).checked_div(total).unwrap_or(100).min(100);
         if pct / step > shown / step || (pct == 100 && shown < 100) {
             shown = pct;
-            let mib = |b: u64| b / (1024 * 1024);
+            let mib = |b: u64| format!("{:.1}", b as f64 / (1024.0 * 1024.0));
             let line = format!(
                 "bot-bottle: {what}: {pct:>3}% ({} of {} MiB)",
                 mib(done),
