@@ -141,7 +141,7 @@ fn start_runs_the_agent_in_the_guest_with_its_workspace_egress_and_exit_code() {
     // Nothing left: containers, networks, the VM's processes, its sockets and snapshots.
     assert_eq!(s.docker_leftovers(), Vec::<String>::new());
     assert_eq!(processes_under(&s.state()), Vec::<String>::new());
-    for entry in walk(&s.state().join("bottles")) {
+    for entry in common::files_under(&s.state().join("bottles")) {
         let name = entry.file_name().unwrap().to_string_lossy().into_owned();
         assert!(
             !name.starts_with("vsock.sock") && !name.ends_with(".sqfs"),
@@ -149,18 +149,6 @@ fn start_runs_the_agent_in_the_guest_with_its_workspace_egress_and_exit_code() {
             entry.display()
         );
     }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        }
-        out.push(p);
-    }
-    out
 }
 
 #[test]

@@ -293,7 +293,7 @@ fn microvm_start_with_a_mount_attaches_its_snapshot_and_never_touches_the_host_t
     // Root image, workspace snapshot, writable layer and vsock on the guest's command line.
     assert_eq!(err.matches("virtio_mmio.device=").count(), 4, "{err}");
     assert_eq!(checksum(), before, "the host tree changed");
-    let leftovers: Vec<_> = walk(&sb.state())
+    let leftovers: Vec<_> = common::files_under(&sb.state())
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "sqfs"))
         .collect();
@@ -330,19 +330,6 @@ fn assert_left_nothing(sb: &common::Sandbox) {
         "{:?}",
         sb.docker_leftovers()
     );
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[test]

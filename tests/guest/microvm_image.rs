@@ -25,7 +25,7 @@ use bot_bottle::upper::WritableLayer;
 use bot_bottle::{images, kernel, microvm, microvm_run, workspace};
 use bottle_proto::config::ControlChannel;
 use bottle_proto::ExecRequest;
-use qemu_vm::{Qemu, PORT_NAME};
+use qemu_vm::{Machine, Qemu, PORT_NAME};
 use vhost_vsock::VsockBackend;
 
 fn in_ci() -> bool {
@@ -137,6 +137,34 @@ async fn prepare(test: &str) -> Option<Prepared> {
     })
 }
 
+/// What `start` hands the VMM for this guest, and its disks as (image, read-only).
+fn launch(
+    p: &Prepared,
+    guest: &bottle_proto::config::GuestConfig,
+    layer: &WritableLayer,
+) -> (microvm::Launch, Vec<(PathBuf, bool)>) {
+    let launch = microvm::launch(
+        &p.plan,
+        guest,
+        &p.kernel,
+        microvm::Disks {
+            rootfs: &p.rootfs,
+            workspaces: std::slice::from_ref(&p.workspace),
+            layer,
+        },
+        p.work.path(),
+        &p.work.path().join("state.db"),
+    )
+    .unwrap();
+    let disks = launch
+        .vmm
+        .disks
+        .iter()
+        .map(|d| (d.path.clone(), d.read_only))
+        .collect();
+    (launch, disks)
+}
+
 /// Boot what `microvm::launch` describes under QEMU and run `script` as the agent; returns
 /// (exit code, stdout, console).
 fn boot_and_run(
@@ -149,25 +177,7 @@ fn boot_and_run(
     guest.control = ControlChannel::VirtioPort {
         name: PORT_NAME.into(),
     };
-    let launch = microvm::launch(
-        &p.plan,
-        &guest,
-        &p.kernel,
-        microvm::Disks {
-            rootfs: &p.rootfs,
-            workspaces: std::slice::from_ref(&p.workspace),
-            layer,
-        },
-        p.work.path(),
-        &p.work.path().join("state.db"),
-    )
-    .unwrap();
-    let disks: Vec<(PathBuf, bool)> = launch
-        .vmm
-        .disks
-        .iter()
-        .map(|d| (d.path.clone(), d.read_only))
-        .collect();
+    let (launch, disks) = launch(p, &guest, layer);
     let started = Instant::now();
     let mut vm = Qemu::spawn(
         &p.qemu,
@@ -300,33 +310,18 @@ async fn start_s_guest_answers_over_vsock_and_its_egress_meets_the_bottles_proxy
     // The guest exactly as `start` configures it: control and egress over vsock.
     let layer = WritableLayer::Tmpfs;
     let guest = microvm::guest_config(&p.plan, TOKEN, p.ids, &p.home, &layer);
-    let launch = microvm::launch(
-        &p.plan,
-        &guest,
-        &p.kernel,
-        microvm::Disks {
-            rootfs: &p.rootfs,
-            workspaces: std::slice::from_ref(&p.workspace),
-            layer: &layer,
-        },
-        p.work.path(),
-        &p.work.path().join("state.db"),
-    )
-    .unwrap();
-    let disks: Vec<(PathBuf, bool)> = launch
-        .vmm
-        .disks
-        .iter()
-        .map(|d| (d.path.clone(), d.read_only))
-        .collect();
-    let (cmd, _, console) = Qemu::command(
-        &p.qemu,
-        &launch.vmm.kernel,
-        &launch.vmm.cmdline,
-        &disks,
-        p.work.path(),
-        Some(&backend.vhost()),
-    );
+    let (launch, disks) = launch(&p, &guest, &layer);
+    let vhost = backend.vhost();
+    let (cmd, _, console) = Machine {
+        qemu: &p.qemu,
+        kernel: &launch.vmm.kernel,
+        initrd: None,
+        append: &launch.vmm.cmdline,
+        disks: &disks,
+        work: p.work.path(),
+        vhost_vsock: Some(&vhost),
+    }
+    .command();
     let started = Instant::now();
     let mut child = tokio::process::Command::from(cmd)
         .kill_on_drop(true)

@@ -16,6 +16,76 @@ pub const PORT_NAME: &str = "bottle.control";
 /// Longest a guest may take to answer `health` under emulation on a loaded 2-core machine.
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(180);
 
+/// What to boot.
+pub struct Machine<'a> {
+    pub qemu: &'a Path,
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    /// Kernel arguments; the console, reboot and panic options are added before them.
+    pub append: &'a str,
+    /// (image, read-only), attached in order as `/dev/vda`, `/dev/vdb`, ...
+    pub disks: &'a [(PathBuf, bool)],
+    /// Where the control socket and the console log go.
+    pub work: &'a Path,
+    /// A virtio-vsock device served by the vhost-user backend listening here (the guest's
+    /// memory is then shared with that process).
+    pub vhost_vsock: Option<&'a Path>,
+}
+
+impl Machine<'_> {
+    /// The QEMU command line, its control socket (a virtio serial port) and console log.
+    pub fn command(&self) -> (Command, PathBuf, PathBuf) {
+        let socket = self.work.join("control.sock");
+        let console = self.work.join("console.log");
+        let _ = std::fs::remove_file(&socket);
+        let mut machine =
+            "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pit=on,pic=on".to_owned();
+        let mut cmd = Command::new(self.qemu);
+        if let Some(vhost) = self.vhost_vsock {
+            machine.push_str(",memory-backend=mem");
+            cmd.args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+                .arg("-chardev")
+                .arg(format!("socket,id=vsock,path={}", vhost.display()))
+                .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
+        }
+        cmd.args(["-M", &machine])
+            .args(["-cpu", "max", "-m", "256", "-smp", "1"])
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-kernel")
+            .arg(self.kernel);
+        if let Some(initrd) = self.initrd {
+            cmd.arg("-initrd").arg(initrd);
+        }
+        cmd.arg("-append")
+            .arg(format!("console=ttyS0 reboot=t panic=-1 {}", self.append));
+        for (i, (disk, read_only)) in self.disks.iter().enumerate() {
+            cmd.arg("-drive")
+                .arg(format!(
+                    "id=d{i},file={},format=raw,if=none,readonly={}",
+                    disk.display(),
+                    if *read_only { "on" } else { "off" }
+                ))
+                .args(["-device", &format!("virtio-blk-device,drive=d{i}")]);
+        }
+        cmd.args(["-device", "virtio-serial-device"])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=ctl,path={},server=on,wait=off",
+                socket.display()
+            ))
+            .args([
+                "-device",
+                &format!("virtserialport,chardev=ctl,name={PORT_NAME}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        (cmd, socket, console)
+    }
+}
+
 /// A running QEMU; killed on drop.
 pub struct Qemu {
     child: Child,
@@ -40,71 +110,22 @@ impl Qemu {
         disks: &[(PathBuf, bool)],
         work: &Path,
     ) -> Qemu {
-        let (mut cmd, socket, console) = Qemu::command(qemu, kernel, append, disks, work, None);
+        let machine = Machine {
+            qemu,
+            kernel,
+            initrd: None,
+            append,
+            disks,
+            work,
+            vhost_vsock: None,
+        };
+        let (mut cmd, socket, console) = machine.command();
         let child = cmd.spawn().expect("qemu-system-x86_64 starts");
         Qemu {
             child,
             socket,
             console,
         }
-    }
-
-    /// The QEMU command line (and its control socket and console log). With `vhost_vsock`,
-    /// the guest also gets a virtio-vsock device served by the vhost-user backend listening
-    /// there (its memory shared with that process).
-    pub fn command(
-        qemu: &Path,
-        kernel: &Path,
-        append: &str,
-        disks: &[(PathBuf, bool)],
-        work: &Path,
-        vhost_vsock: Option<&Path>,
-    ) -> (Command, PathBuf, PathBuf) {
-        let socket = work.join("control.sock");
-        let console = work.join("console.log");
-        let _ = std::fs::remove_file(&socket);
-        let mut machine =
-            "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pit=on,pic=on".to_owned();
-        let mut cmd = Command::new(qemu);
-        if let Some(vhost) = vhost_vsock {
-            machine.push_str(",memory-backend=mem");
-            cmd.args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-                .arg("-chardev")
-                .arg(format!("socket,id=vsock,path={}", vhost.display()))
-                .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
-        }
-        cmd.args(["-M", &machine])
-            .args(["-cpu", "max", "-m", "256", "-smp", "1"])
-            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()))
-            .arg("-kernel")
-            .arg(kernel)
-            .arg("-append")
-            .arg(format!("console=ttyS0 reboot=t panic=-1 {append}"));
-        for (i, (disk, read_only)) in disks.iter().enumerate() {
-            cmd.arg("-drive")
-                .arg(format!(
-                    "id=d{i},file={},format=raw,if=none,readonly={}",
-                    disk.display(),
-                    if *read_only { "on" } else { "off" }
-                ))
-                .args(["-device", &format!("virtio-blk-device,drive=d{i}")]);
-        }
-        cmd.args(["-device", "virtio-serial-device"])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=ctl,path={},server=on,wait=off",
-                socket.display()
-            ))
-            .args([
-                "-device",
-                &format!("virtserialport,chardev=ctl,name={PORT_NAME}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        (cmd, socket, console)
     }
 
     pub fn console_text(&self) -> String {

@@ -23,12 +23,14 @@ use bottle_proto::config::{
 };
 use bottle_proto::{Client, ClientError, ExecRequest, PtyRequest, UserIds, WindowSize};
 
+#[path = "../../../tests/guest/qemu_vm.rs"]
+mod qemu_vm;
 #[path = "../../../tests/guest/vhost_vsock.rs"]
 mod vhost_vsock;
+use qemu_vm::{Machine, PORT_NAME};
 use vhost_vsock::VsockBackend;
 
 const TOKEN: &str = "5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e";
-const PORT_NAME: &str = "bottle.control";
 const AGENT: UserIds = UserIds {
     uid: 1000,
     gid: 1000,
@@ -345,8 +347,6 @@ impl Vm {
         fs::write(&initrd, initramfs(&p.init)).unwrap();
         let root = root_image(p, work.path());
         let ws = workspace_image(p, work.path());
-        let socket = work.path().join("control.sock");
-        let console = work.path().join("console.log");
         let mut disks = vec![(root, true), (ws, true)];
         disks.extend(boot.rw_disk.map(|d| (d, false)));
         let config_arg = if boot.config_on_disk {
@@ -362,54 +362,18 @@ impl Vm {
         } else {
             boot.cfg.to_cmdline_arg(256).unwrap()
         };
-        let cmdline = format!("console=ttyS0 reboot=t panic=-1 quiet {config_arg}");
-        let mut machine =
-            "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pit=on,pic=on".to_owned();
-        let mut cmd = Command::new(&p.qemu);
-        if let Some(vhost) = &boot.vhost_vsock {
-            // vhost-user devices need the guest's memory shared with the backend process.
-            machine.push_str(",memory-backend=mem");
-            cmd.args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-                .arg("-chardev")
-                .arg(format!("socket,id=vsock,path={}", vhost.display()))
-                .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
+        let append = format!("quiet {config_arg}");
+        let (mut cmd, socket, console) = Machine {
+            qemu: &p.qemu,
+            kernel: &p.kernel,
+            initrd: Some(&initrd),
+            append: &append,
+            disks: &disks,
+            work: work.path(),
+            vhost_vsock: boot.vhost_vsock.as_deref(),
         }
-        cmd.args(["-M", &machine])
-            .args(["-cpu", "max", "-m", "256", "-smp", "1"])
-            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()))
-            .arg("-kernel")
-            .arg(&p.kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .arg("-append")
-            .arg(&cmdline);
-        for (i, (disk, readonly)) in disks.iter().enumerate() {
-            cmd.arg("-drive")
-                .arg(format!(
-                    "id=d{i},file={},format=raw,if=none,readonly={}",
-                    disk.display(),
-                    if *readonly { "on" } else { "off" }
-                ))
-                .args(["-device", &format!("virtio-blk-device,drive=d{i}")]);
-        }
-        let qemu = cmd
-            .args(["-device", "virtio-serial-device"])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=ctl,path={},server=on,wait=off",
-                socket.display()
-            ))
-            .args([
-                "-device",
-                &format!("virtserialport,chardev=ctl,name={PORT_NAME}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        .command();
+        let qemu = cmd.spawn().unwrap();
         Vm {
             qemu,
             socket,
