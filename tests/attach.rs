@@ -189,3 +189,24 @@ fn docker_backend_mount_is_readable_and_read_only() {
         "keep me\n"
     );
 }
+
+#[test]
+fn start_says_that_credentials_are_not_injected_yet() {
+    if !docker_available("start_says_that_credentials_are_not_injected_yet") {
+        return;
+    }
+    let sb = Sandbox::new("89-89");
+    sb.add_bottle(
+        "creds",
+        "extends = \"test\"\n[credentials.\"api.example.test\"]\nenv = \"BB_TEST_TOKEN\"\n",
+    );
+
+    let out = sb.run(&["start", "creds", "--", "true"]);
+
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("[credentials] for api.example.test are not injected yet"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -172,6 +172,14 @@ async fn session(
     };
     let plan = plan::plan(&resolved.manifest, &facts)?;
     db.set_plan(id, &serde_json::to_string(&plan)?)?;
+    if !plan.egress.credential_hosts.is_empty() {
+        eprintln!(
+            "bot-bottle: warning: [credentials] for {} are not injected yet (the egress proxy \
+             does not intercept TLS): the agent has no credentials and must sign in itself; \
+             its sign-in stays in the bottle",
+            plan.egress.credential_hosts.join(", ")
+        );
+    }
     if resolved.backend == Backend::Microvm {
         db.verify_allowlist(&machine, &plan.allowlist)
             .context("verifying the machine allowlist")?;
