@@ -164,16 +164,24 @@ fn serve_sessions(
     }
 }
 
-fn read_events(mut reader: File, tx: Sender<Event>) {
+fn read_events(mut reader: impl Read, tx: Sender<Event>) {
     loop {
-        let ev = match read_frame(&mut reader) {
-            Ok(Some(f)) => Event::Frame(f),
-            Ok(None) => Event::Eof,
-            Err(e) => Event::Bad(e),
-        };
-        let last = !matches!(ev, Event::Frame(_));
-        if tx.send(ev).is_err() || last {
-            break;
+        match read_frame(&mut reader) {
+            Ok(Some(f)) => {
+                if tx.send(Event::Frame(f)).is_err() {
+                    break;
+                }
+            }
+            Ok(None) => {
+                // The peer is gone. Not one more byte is read here: on a serial port whatever
+                // follows belongs to the next connection (draining it once lost a whole session).
+                let _ = tx.send(Event::Eof);
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Event::Bad(e));
+                break;
+            }
         }
     }
     // Framing is lost or the session gave up: discard until the peer goes away.
@@ -693,4 +701,81 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// A serial port seen from the guest (no real one exists on the host): reads return the
+    /// queued chunks in order; an empty chunk is one end of stream (the host disconnected),
+    /// after which the port reads on, as a virtio console port does when the host reconnects.
+    struct SerialPort(Arc<Mutex<VecDeque<Vec<u8>>>>);
+
+    impl Read for SerialPort {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let mut queue = self.0.lock().unwrap();
+            let Some(mut chunk) = queue.pop_front() else {
+                return Ok(0);
+            };
+            let n = chunk.len().min(buf.len());
+            buf[..n].copy_from_slice(&chunk[..n]);
+            if n < chunk.len() {
+                chunk.drain(..n);
+                queue.push_front(chunk);
+            }
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn after_the_peer_goes_away_the_next_connections_bytes_are_left_for_it() {
+        let hello = Frame::new(FrameKind::Hello, b"{}".to_vec())
+            .encode()
+            .unwrap();
+        let next = Frame::new(FrameKind::Request, b"{}".to_vec())
+            .encode()
+            .unwrap();
+        let port = Arc::new(Mutex::new(VecDeque::from([
+            hello,
+            Vec::new(),
+            next.clone(),
+        ])));
+        let (tx, rx) = mpsc::channel();
+
+        read_events(SerialPort(port.clone()), tx);
+
+        let events: Vec<Event> = rx.try_iter().collect();
+        assert!(
+            matches!(events.as_slice(), [Event::Frame(f), Event::Eof] if f.kind == FrameKind::Hello),
+            "{} events",
+            events.len()
+        );
+        assert_eq!(
+            port.lock().unwrap().iter().cloned().collect::<Vec<_>>(),
+            vec![next],
+            "the next connection's frame was consumed"
+        );
+    }
+
+    #[test]
+    fn after_a_malformed_frame_the_rest_of_the_connection_is_discarded() {
+        let mut garbage = Frame::new(FrameKind::Hello, b"{}".to_vec())
+            .encode()
+            .unwrap();
+        garbage[4] = 0xff; // not our protocol version
+        let port = Arc::new(Mutex::new(VecDeque::from([garbage, b"trailing".to_vec()])));
+        let (tx, rx) = mpsc::channel();
+
+        read_events(SerialPort(port.clone()), tx);
+
+        let events: Vec<Event> = rx.try_iter().collect();
+        assert!(
+            matches!(events.as_slice(), [Event::Bad(_)]),
+            "{} events",
+            events.len()
+        );
+        assert!(port.lock().unwrap().is_empty());
+    }
 }
