@@ -4,11 +4,13 @@
 //! - [`resolve`]: pure-Rust name resolution (`/etc/hosts`, then the `/etc/resolv.conf`
 //!   nameserver over UDP/TCP), or a fixed map for tests — never glibc NSS;
 //! - [`events`]: one JSON line per decision, appended to the bottle's event log;
-//! - [`proxy`]: the tokio server (`CONNECT` tunnels and plain-HTTP forwarding).
+//! - [`proxy`]: the tokio server (`CONNECT` tunnels and plain-HTTP forwarding);
+//! - [`intercept`]: credential injection by TLS interception, for hosts with a credential.
 //!
 //! The policy and its reasons are documented in `prds/0003-egress-policy.md`.
 
 pub mod events;
+pub mod intercept;
 pub mod policy;
 pub mod proxy;
 pub mod resolve;

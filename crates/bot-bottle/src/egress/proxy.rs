@@ -26,6 +26,7 @@ use tracing::Instrument;
 
 use super::events::{EgressEvent, EventLog};
 use super::http::{self, BodyFraming, HeadError, RequestHead};
+use super::intercept::Interception;
 use super::policy::{canonical_host, Decision, EgressPolicy};
 use super::resolve::Resolver;
 use super::EgressError;
@@ -88,6 +89,8 @@ pub struct ProxyConfig {
     /// must not lead back into the bundle's own services); tests and benchmarks turn it on.
     /// An IP literal the policy lists exactly is always dialled.
     pub allow_loopback_upstream: bool,
+    /// Credential injection: `CONNECT`s to hosts with a credential are intercepted.
+    pub interception: Option<Arc<Interception>>,
 }
 
 impl ProxyConfig {
@@ -101,6 +104,7 @@ impl ProxyConfig {
             resolver: Resolver::system(),
             limits: ProxyLimits::default(),
             allow_loopback_upstream: false,
+            interception: None,
         }
     }
 }
@@ -121,6 +125,7 @@ struct Shared {
     events: Option<EventLog>,
     limits: ProxyLimits,
     allow_loopback_upstream: bool,
+    interception: Option<Arc<Interception>>,
 }
 
 /// Binds `config.listen` and serves until `shutdown` completes.
@@ -156,6 +161,7 @@ impl EgressProxy {
                 events,
                 limits: config.limits,
                 allow_loopback_upstream: config.allow_loopback_upstream,
+                interception: config.interception,
             }),
         })
     }
@@ -575,6 +581,23 @@ impl Conn<'_> {
         let upstream = self.open_upstream(event, &host, port).await?;
         let mut upstream = Tracked::new(upstream);
         let activity = upstream.activity();
+        let interception = self.shared.interception.as_deref();
+        if let Some((i, injection)) = interception.and_then(|i| Some((i, i.for_host(&host)?))) {
+            let _ = async {
+                client
+                    .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                    .await?;
+                tokio::select! {
+                    served = i.serve(client, leftover, upstream, &host, injection) => served,
+                    () = idle(&activity, self.shared.limits.idle_timeout) => Ok(()),
+                }
+            }
+            .await
+            .inspect_err(|e: &io::Error| {
+                tracing::debug!(%host, port, error = %e, "intercepted tunnel ended");
+            });
+            return Ok(());
+        }
         let _ = async {
             client
                 .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
