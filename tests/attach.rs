@@ -190,23 +190,123 @@ fn docker_backend_mount_is_readable_and_read_only() {
     );
 }
 
+const CREDS_BOTTLE: &str = "extends = \"test\"\n\
+[egress]\nallow = [\"api.example.test\"]\nhosts = { \"api.example.test\" = \"host-gateway\" }\n\
+[credentials.\"api.example.test\"]\nenv = \"BB_TEST_TOKEN\"\nscheme = \"Bearer\"\n";
+
 #[test]
-fn start_says_that_credentials_are_not_injected_yet() {
-    if !docker_available("start_says_that_credentials_are_not_injected_yet") {
+fn start_without_the_credentials_value_says_how_to_provide_it() {
+    if !docker_available("start_without_the_credentials_value_says_how_to_provide_it") {
         return;
     }
     let sb = Sandbox::new("89-89");
-    sb.add_bottle(
-        "creds",
-        "extends = \"test\"\n[credentials.\"api.example.test\"]\nenv = \"BB_TEST_TOKEN\"\n",
-    );
+    sb.add_bottle("creds", CREDS_BOTTLE);
 
-    let out = sb.run(&["start", "creds", "--", "true"]);
+    let out = sb
+        .cmd()
+        .env_remove("BB_TEST_TOKEN")
+        .args(["start", "creds", "--", "true"])
+        .output()
+        .unwrap();
 
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("[credentials] for api.example.test are not injected yet"),
+        stderr(&out).contains(
+            "BB_TEST_TOKEN is not set: export it to give api.example.test its credential"
+        ),
         "{}",
         stderr(&out)
     );
+}
+
+/// The agent trusts the bottle's CA and never holds the secret; the bundle's proxy, reached
+/// the way the agent reaches it, answers TLS for the credential host with a certificate from
+/// that CA (the interception that injects the credential; the injection itself is tested over
+/// real sockets in `egress::intercept`).
+#[test]
+fn credential_hosts_are_intercepted_with_the_bottles_ca_and_the_secret_stays_out() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use std::io::{Read, Write};
+    if !docker_available("credential_hosts_are_intercepted_with_the_bottles_ca") {
+        return;
+    }
+    let sb = Sandbox::new("90-90");
+    sb.add_bottle("creds", CREDS_BOTTLE);
+    // Something listening where api.example.test leads (plain TCP: the proxy's own TLS to it
+    // fails after the agent's handshake, which is what is checked here).
+    let upstream = common::http_server("not TLS");
+    let mut cmd = sb.cmd();
+    cmd.env("BB_TEST_TOKEN", "secret-value-123").args([
+        "start",
+        "creds",
+        "--",
+        "sh",
+        "-c",
+        "cat $NODE_EXTRA_CA_CERTS; env | grep -c secret-value-123; sleep 60",
+    ]);
+    let run = common::Running::spawn(cmd);
+    let id = sb.wait_running(std::time::Duration::from_secs(180));
+    let ca = std::fs::read(sb.state().join("bottles").join(&id).join("ca.pem")).unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(&ca).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut tcp = std::net::TcpStream::connect("127.0.0.90:3128").unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        tcp,
+        "CONNECT api.example.test:{upstream} HTTP/1.1\r\nHost: api.example.test:{upstream}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && tcp.read(&mut byte).unwrap() == 1 {
+        head.push(byte[0]);
+    }
+    let mut tls = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        ServerName::try_from("api.example.test").unwrap(),
+    )
+    .unwrap();
+    let handshake = tls.complete_io(&mut tcp);
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    let agent_output = {
+        let mut child = run;
+        let mut out = String::new();
+        child
+            .child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        child.wait();
+        out
+    };
+
+    assert!(
+        String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    assert!(
+        handshake.is_ok(),
+        "the proxy did not answer with the bottle CA: {handshake:?}"
+    );
+    // The agent holds the CA's certificate at NODE_EXTRA_CA_CERTS, and not the secret.
+    assert!(
+        agent_output.starts_with(&String::from_utf8_lossy(&ca).into_owned()),
+        "{agent_output}"
+    );
+    assert!(agent_output.ends_with("0\n"), "{agent_output}");
 }

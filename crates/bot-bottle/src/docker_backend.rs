@@ -19,7 +19,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::docker::DockerError;
 use crate::plan::BottlePlan;
-use crate::sidecar::{SidecarConfig, CONFIG_ENV, EGRESS_LOG, LOG_DIR_IN_BUNDLE};
+use crate::sidecar::{
+    SidecarConfig, SidecarCredential, CA_CERT, CA_CERT_IN_AGENT, CONFIG_ENV, EGRESS_LOG,
+    LOG_DIR_IN_BUNDLE,
+};
 use crate::terminal::{terminal_size, RawMode};
 
 /// How long the bundle has to accept connections on its published proxy port.
@@ -29,6 +32,12 @@ const BUNDLE_READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub enum BackendError {
     #[error(transparent)]
     Docker(#[from] DockerError),
+    #[error("cannot give the agent the bottle CA's certificate ({path})")]
+    CaCert {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the sidecar bundle {name} did not become ready on {addr} within {}s; its log:\n{log}", BUNDLE_READY_TIMEOUT.as_secs())]
     BundleNotReady {
         name: String,
@@ -113,13 +122,20 @@ pub async fn create_bundle(
     plan: &BottlePlan,
     image: &str,
     log_dir: &Path,
+    credentials: &[SidecarCredential],
 ) -> Result<(), BackendError> {
+    // A bottle with credentials gets its own CA (made in the bundle); its certificate lands
+    // beside the logs for the agent to trust.
+    let intercepting = plan.backend == crate::manifest::Backend::Docker
+        && !plan.egress.credential_hosts.is_empty();
     let sidecar = SidecarConfig {
         bottle_id: plan.id.clone(),
         allow: plan.egress.allow.clone(),
         deny: plan.egress.deny.clone(),
         deny_message: plan.egress.deny_message.clone(),
         event_log: Some(Path::new(LOG_DIR_IN_BUNDLE).join(EGRESS_LOG)),
+        credentials: credentials.to_vec(),
+        ca_cert: intercepting.then(|| Path::new(LOG_DIR_IN_BUNDLE).join(CA_CERT)),
     };
     let sidecar_json = serde_json::to_string(&sidecar).expect("sidecar config serialises");
     let mut exposed = HashMap::new();
@@ -201,6 +217,50 @@ pub async fn start_bundle(docker: &Docker, plan: &BottlePlan) -> Result<(), Back
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Give the (created, not started) agent the bottle CA's certificate from `log_dir` at
+/// [`CA_CERT_IN_AGENT`], where `NODE_EXTRA_CA_CERTS` points.
+pub async fn install_ca(
+    docker: &Docker,
+    plan: &BottlePlan,
+    log_dir: &Path,
+) -> Result<(), BackendError> {
+    let source = log_dir.join(CA_CERT);
+    let pem = std::fs::read(&source).map_err(|e| BackendError::CaCert {
+        path: source.clone(),
+        source: e,
+    })?;
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_mode(0o644);
+    header.set_size(pem.len() as u64);
+    header.set_cksum();
+    let inside = CA_CERT_IN_AGENT.trim_start_matches('/');
+    tar.append_data(&mut header, inside, pem.as_slice())
+        .and_then(|()| tar.finish())
+        .map_err(|e| BackendError::CaCert {
+            path: source.clone(),
+            source: e,
+        })?;
+    let bytes = tar.into_inner().map_err(|e| BackendError::CaCert {
+        path: source.clone(),
+        source: e,
+    })?;
+    docker
+        .upload_to_container(
+            &plan.agent.name,
+            Some(bollard::container::UploadToContainerOptions {
+                path: "/".to_owned(),
+                ..Default::default()
+            }),
+            bytes.into(),
+        )
+        .await
+        .map_err(|e| BackendError::CaCert {
+            path: source,
+            source: std::io::Error::other(e),
+        })
 }
 
 /// Create the agent container on the internal network.

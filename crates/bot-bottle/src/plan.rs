@@ -282,6 +282,14 @@ pub fn plan(manifest: &Manifest, host: &HostFacts) -> Result<BottlePlan, PlanErr
         format!("http://{bundle_addr}:{SUPERVISOR_PORT}"),
     );
     env.insert("BOT_BOTTLE_ID".to_owned(), id.clone());
+    // Credential hosts are intercepted by the proxy (Docker backend): Node-based agents trust
+    // the bottle's CA, installed at this path before the agent starts.
+    if host.backend == Backend::Docker && !manifest.credentials.is_empty() {
+        env.insert(
+            "NODE_EXTRA_CA_CERTS".to_owned(),
+            crate::sidecar::CA_CERT_IN_AGENT.to_owned(),
+        );
+    }
 
     let allowlist = ports
         .iter()
@@ -443,6 +451,24 @@ mod tests {
         assert_eq!(p.egress.credential_hosts, vec!["api.anthropic.com"]);
         let json = serde_json::to_string(&p).unwrap();
         assert!(!json.contains("BOT_BOTTLE_CLAUDE_OAUTH_TOKEN"));
+    }
+
+    #[test]
+    fn only_a_docker_agent_with_credentials_is_pointed_at_the_bottle_ca() {
+        let docker = plan(&manifest("claude"), &facts(Backend::Docker)).unwrap();
+        let microvm = plan(&manifest("claude"), &facts(Backend::Microvm)).unwrap();
+        let plain = plan(&manifest("test"), &facts(Backend::Docker)).unwrap();
+
+        assert_eq!(
+            docker
+                .agent
+                .env
+                .get("NODE_EXTRA_CA_CERTS")
+                .map(String::as_str),
+            Some(crate::sidecar::CA_CERT_IN_AGENT)
+        );
+        assert!(!microvm.agent.env.contains_key("NODE_EXTRA_CA_CERTS"));
+        assert!(!plain.agent.env.contains_key("NODE_EXTRA_CA_CERTS"));
     }
 
     #[test]

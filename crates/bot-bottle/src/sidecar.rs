@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
+use crate::egress::intercept::{BottleCa, Injection, Interception};
 use crate::egress::{EgressPolicy, ProxyConfig};
 use crate::plan::{GIT_GATE_PORT, PROXY_PORT, SUPERVISOR_PORT};
 
@@ -37,6 +38,17 @@ pub enum SidecarError {
         #[source]
         source: crate::egress::EgressError,
     },
+    #[error("cannot set up credential injection")]
+    Intercept {
+        #[source]
+        source: crate::egress::intercept::InterceptError,
+    },
+    #[error("cannot write the bottle CA's certificate to {path}")]
+    CaCert {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr} for the {service} placeholder")]
     Listen {
         addr: SocketAddr,
@@ -54,7 +66,36 @@ pub struct SidecarConfig {
     pub deny_message: String,
     /// Where the decision log goes (inside the bundle).
     pub event_log: Option<PathBuf>,
+    /// Secrets the proxy adds to requests (by TLS interception); empty: no interception.
+    #[serde(default)]
+    pub credentials: Vec<SidecarCredential>,
+    /// Where the bottle CA's certificate is written for the agent (inside the bundle).
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
 }
+
+/// One host's credential as the proxy sets it: `header: value`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SidecarCredential {
+    pub host: String,
+    pub header: String,
+    pub value: String,
+}
+
+impl std::fmt::Debug for SidecarCredential {
+    // The value is a secret: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SidecarCredential")
+            .field("host", &self.host)
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The certificate of the bottle's CA, beside the egress log: the agent trusts it.
+pub const CA_CERT: &str = "ca.pem";
+/// Where the agent finds it (and `NODE_EXTRA_CA_CERTS` points).
+pub const CA_CERT_IN_AGENT: &str = "/etc/bot-bottle/ca.pem";
 
 impl SidecarConfig {
     pub fn from_env() -> Result<Self, SidecarError> {
@@ -92,6 +133,62 @@ async fn bind(port: u16, service: &'static str) -> Result<TcpListener, SidecarEr
         })
 }
 
+/// The values of a manifest's `[credentials]`, read on the host (`env` through `env_var`,
+/// `file` from disk). A credential whose value is missing is left out with a warning that
+/// says how to provide it: the agent then signs in itself.
+pub fn resolve_credentials(
+    credentials: &std::collections::BTreeMap<String, crate::manifest::Credential>,
+    env_var: impl Fn(&str) -> Option<String>,
+) -> (Vec<SidecarCredential>, Vec<String>) {
+    let mut resolved = Vec::new();
+    let mut warnings = Vec::new();
+    for (host, c) in credentials {
+        let value = match (&c.env, &c.file) {
+            (Some(var), _) => env_var(var)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or_else(|| {
+                    format!("{var} is not set: export it to give {host} its credential")
+                }),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|v| v.trim().to_owned())
+                .map_err(|e| format!("cannot read {} for {host}: {e}", path.display())),
+            (None, None) => Err(format!("no `env` or `file` for {host}")),
+        };
+        match value {
+            Ok(secret) => resolved.push(SidecarCredential {
+                host: host.to_ascii_lowercase(),
+                header: c.header.clone(),
+                value: match &c.scheme {
+                    Some(scheme) => format!("{scheme} {secret}"),
+                    None => secret,
+                },
+            }),
+            Err(why) => warnings.push(format!("{why} (until then the agent signs in itself)")),
+        }
+    }
+    (resolved, warnings)
+}
+
+/// The bottle's CA (made here; its key never leaves this process), its certificate written
+/// for the agent, and the credentials by host.
+fn interception(config: &SidecarConfig) -> Result<Interception, SidecarError> {
+    let ca = BottleCa::generate(&config.bottle_id)
+        .map_err(|source| SidecarError::Intercept { source })?;
+    if let Some(path) = &config.ca_cert {
+        std::fs::write(path, ca.cert_pem()).map_err(|source| SidecarError::CaCert {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let mut credentials = std::collections::HashMap::new();
+    for c in &config.credentials {
+        let injection = Injection::new(&c.header, c.value.clone())
+            .map_err(|source| SidecarError::Intercept { source })?;
+        credentials.insert(c.host.to_ascii_lowercase(), injection);
+    }
+    Ok(Interception::new(ca, credentials))
+}
+
 /// Run the bundle until SIGTERM.
 pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     let policy = EgressPolicy::new(&config.allow, &config.deny, &config.deny_message)
@@ -102,6 +199,9 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         policy,
     );
     proxy.event_log = config.event_log.clone();
+    if config.ca_cert.is_some() || !config.credentials.is_empty() {
+        proxy.interception = Some(std::sync::Arc::new(interception(&config)?));
+    }
     let git = bind(GIT_GATE_PORT, "git gate").await?;
     let supervisor = bind(SUPERVISOR_PORT, "supervisor").await?;
     tokio::spawn(placeholder(git, "git gate"));
@@ -122,4 +222,65 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     crate::egress::serve(proxy, shutdown)
         .await
         .map_err(|source| SidecarError::Proxy { source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Credential;
+    use std::collections::BTreeMap;
+
+    fn credential(env: Option<&str>, file: Option<PathBuf>, scheme: Option<&str>) -> Credential {
+        Credential {
+            env: env.map(str::to_owned),
+            file,
+            header: "Authorization".into(),
+            scheme: scheme.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn credentials_come_from_the_host_env_or_a_file_with_their_scheme() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "sk-from-file\n").unwrap();
+        let creds = BTreeMap::from([
+            (
+                "API.example".to_owned(),
+                credential(Some("TOKEN"), None, Some("Bearer")),
+            ),
+            (
+                "files.example".to_owned(),
+                credential(None, Some(file), None),
+            ),
+            (
+                "missing.example".to_owned(),
+                credential(Some("UNSET"), None, None),
+            ),
+        ]);
+
+        let (found, warnings) =
+            resolve_credentials(&creds, |var| (var == "TOKEN").then(|| "tok-123".to_owned()));
+
+        let got: Vec<(String, String)> = found.into_iter().map(|c| (c.host, c.value)).collect();
+        assert_eq!(
+            got,
+            [
+                ("api.example".to_owned(), "Bearer tok-123".to_owned()),
+                ("files.example".to_owned(), "sk-from-file".to_owned())
+            ]
+        );
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].starts_with("UNSET is not set"), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_credential_is_never_printed() {
+        let c = SidecarCredential {
+            host: "h".into(),
+            header: "Authorization".into(),
+            value: "Bearer s3cret".into(),
+        };
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
 }

@@ -172,14 +172,27 @@ async fn session(
     };
     let plan = plan::plan(&resolved.manifest, &facts)?;
     db.set_plan(id, &serde_json::to_string(&plan)?)?;
-    if !plan.egress.credential_hosts.is_empty() {
+    // Credentials: read on the host now, handed to the bundle's proxy only.
+    let credentials = if plan.egress.credential_hosts.is_empty() {
+        Vec::new()
+    } else if resolved.backend == Backend::Microvm {
         eprintln!(
-            "bot-bottle: warning: [credentials] for {} are not injected yet (the egress proxy \
-             does not intercept TLS): the agent has no credentials and must sign in itself; \
-             its sign-in stays in the bottle",
+            "bot-bottle: warning: [credentials] for {} are injected only with --backend docker \
+             for now (the microVM guest cannot receive the bottle's CA yet): the agent signs in \
+             itself, and its sign-in stays in the bottle",
             plan.egress.credential_hosts.join(", ")
         );
-    }
+        Vec::new()
+    } else {
+        let (found, warnings) =
+            bot_bottle::sidecar::resolve_credentials(&resolved.manifest.credentials, |var| {
+                std::env::var(var).ok()
+            });
+        for w in warnings {
+            eprintln!("bot-bottle: warning: {w}");
+        }
+        found
+    };
     if resolved.backend == Backend::Microvm {
         db.verify_allowlist(&machine, &plan.allowlist)
             .context("verifying the machine allowlist")?;
@@ -191,7 +204,7 @@ async fn session(
     pause_point("network").await;
 
     match resolved.backend {
-        Backend::Docker => run_docker(ctx, &docker, &plan, args, stack).await,
+        Backend::Docker => run_docker(ctx, &docker, &plan, args, &credentials, stack).await,
         Backend::Microvm => run_microvm(ctx, &docker, &plan, args, stack).await,
     }
 }
@@ -224,12 +237,13 @@ async fn run_docker(
     docker: &bollard::Docker,
     plan: &BottlePlan,
     args: &StartArgs,
+    credentials: &[bot_bottle::sidecar::SidecarCredential],
     stack: &mut GuardStack,
 ) -> anyhow::Result<i32> {
     use bot_bottle::docker_backend;
     let images = build_images(ctx, docker, plan).await?;
     pause_point("images").await;
-    start_bundle(ctx, docker, plan, &images.sidecar, stack).await?;
+    let bottle_dir = start_bundle(ctx, docker, plan, &images.sidecar, credentials, stack).await?;
 
     // The agent: on the internal network only.
     let command = if args.command.is_empty() {
@@ -240,6 +254,9 @@ async fn run_docker(
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
     push_remove_container(stack, &plan.agent.name);
     docker_backend::create_agent(docker, plan, &images.agent, &command, tty).await?;
+    if !plan.egress.credential_hosts.is_empty() {
+        docker_backend::install_ca(docker, plan, &bottle_dir).await?;
+    }
     pause_point("agent").await;
     let code = docker_backend::run_agent(docker, &plan.agent.name, tty, || {
         mark_running(ctx, &plan.id)
@@ -287,13 +304,14 @@ async fn start_bundle(
     docker: &bollard::Docker,
     plan: &BottlePlan,
     sidecar_image: &str,
+    credentials: &[bot_bottle::sidecar::SidecarCredential],
     stack: &mut GuardStack,
 ) -> anyhow::Result<std::path::PathBuf> {
     use bot_bottle::docker_backend;
     let bottle_dir = ctx.dirs.bottle_dir(&plan.id);
     docker_backend::prepare_log_dir(&bottle_dir)?;
     push_remove_container(stack, &plan.bundle.container);
-    docker_backend::create_bundle(docker, plan, sidecar_image, &bottle_dir).await?;
+    docker_backend::create_bundle(docker, plan, sidecar_image, &bottle_dir, credentials).await?;
     docker_backend::start_bundle(docker, plan).await?;
     pause_point("bundle").await;
     Ok(bottle_dir)
@@ -334,7 +352,7 @@ async fn run_microvm(
     pause_point("images").await;
 
     // The bundle, published on the alias: the VMM dials it for the guest.
-    let bottle_dir = start_bundle(ctx, docker, plan, &images.sidecar, stack).await?;
+    let bottle_dir = start_bundle(ctx, docker, plan, &images.sidecar, &[], stack).await?;
 
     // Workspaces: each host directory snapshotted read-only; the guest overlays it.
     let workspaces = snapshot_workspaces(plan, &bottle_dir, stack).await?;
