@@ -351,3 +351,52 @@ fn the_guest_has_no_way_out_but_its_bundle() {
     assert_eq!(text.matches("Network is unreachable").count(), 4, "{why}");
     assert!(!text.contains("reached the host directly"), "{why}");
 }
+
+#[test]
+fn the_guest_trusts_the_bottles_ca_and_never_holds_the_credential() {
+    let test = "the_guest_trusts_the_bottles_ca_and_never_holds_the_credential";
+    let Some((stand_in, kernel)) = prereqs(test) else {
+        return;
+    };
+    let s = Sandbox::new("69-69");
+    s.add_bottle(
+        "creds",
+        "extends = \"test\"\n[credentials.\"api.example.test\"]\nenv = \"BB_TEST_TOKEN\"\nscheme = \"Bearer\"\n",
+    );
+    let mut cmd = s.cmd();
+    cmd.env(bot_bottle::microvm::VMM_ENV, &stand_in)
+        .env("BOT_BOTTLE_KERNEL", &kernel)
+        .env("BB_TEST_TOKEN", "secret-value-456")
+        .args(["start", "creds", "--backend", "microvm", "--tmpfs", "--"])
+        .args([
+            "sh",
+            "-c",
+            "cat $NODE_EXTRA_CA_CERTS; stat -c '%u %a' $NODE_EXTRA_CA_CERTS; \
+             cat /proc/cmdline; env | grep -c secret-value-456",
+        ]);
+
+    let out = cmd.output().unwrap();
+
+    let text = common::stdout(&out);
+    let why = format!("{text}\n{}", common::stderr(&out));
+    let bottle_dir = std::fs::read_dir(s.state().join("bottles"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("ca.pem").is_file())
+        .expect("the bundle wrote the bottle CA's certificate");
+    let ca = std::fs::read_to_string(bottle_dir.join("ca.pem")).unwrap();
+    assert!(text.starts_with(&format!("{ca}0 644\n")), "{why}");
+    // Too long for the kernel command line with the CA: the configuration came on a disk.
+    assert!(text.contains("bottle.config=dev:/dev/vd"), "{why}");
+    assert!(
+        text.ends_with("\n0\n"),
+        "the secret reached the guest: {why}"
+    );
+    let launch = std::fs::read_to_string(bottle_dir.join("launch.json")).unwrap();
+    assert!(!launch.contains("secret-value-456"));
+    assert!(
+        !bottle_dir.join("config.img").exists(),
+        "config disk left behind"
+    );
+}

@@ -215,6 +215,7 @@ fn boot(p: &Prereqs) -> (Vm, Duration) {
         env: BTreeMap::new(),
         agent: None,
         egress: vec![],
+        ca_cert: None,
     };
     let cmdline = format!(
         "quiet root=/dev/vda rootfstype=squashfs ro init=/{} {}",

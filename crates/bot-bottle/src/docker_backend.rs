@@ -126,8 +126,7 @@ pub async fn create_bundle(
 ) -> Result<(), BackendError> {
     // A bottle with credentials gets its own CA (made in the bundle); its certificate lands
     // beside the logs for the agent to trust.
-    let intercepting = plan.backend == crate::manifest::Backend::Docker
-        && !plan.egress.credential_hosts.is_empty();
+    let intercepting = !plan.egress.credential_hosts.is_empty();
     let sidecar = SidecarConfig {
         bottle_id: plan.id.clone(),
         allow: plan.egress.allow.clone(),
@@ -219,6 +218,31 @@ pub async fn start_bundle(docker: &Docker, plan: &BottlePlan) -> Result<(), Back
     }
 }
 
+/// The bottle CA's certificate, once the bundle has written it to `log_dir` (a published port
+/// may accept connections before the bundle's process runs, so it is waited for).
+pub async fn bottle_ca(log_dir: &Path) -> Result<String, BackendError> {
+    let path = log_dir.join(CA_CERT);
+    let deadline = tokio::time::Instant::now() + BUNDLE_READY_TIMEOUT;
+    loop {
+        match std::fs::read_to_string(&path) {
+            Ok(pem) if pem.contains("-----END CERTIFICATE-----") => return Ok(pem),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(BackendError::CaCert { path, source: e })
+            }
+            _ if tokio::time::Instant::now() > deadline => {
+                return Err(BackendError::CaCert {
+                    path,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the bundle did not write it (see its log in the same directory)",
+                    ),
+                })
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// Give the (created, not started) agent the bottle CA's certificate from `log_dir` at
 /// [`CA_CERT_IN_AGENT`], where `NODE_EXTRA_CA_CERTS` points.
 pub async fn install_ca(
@@ -227,10 +251,7 @@ pub async fn install_ca(
     log_dir: &Path,
 ) -> Result<(), BackendError> {
     let source = log_dir.join(CA_CERT);
-    let pem = std::fs::read(&source).map_err(|e| BackendError::CaCert {
-        path: source.clone(),
-        source: e,
-    })?;
+    let pem = bottle_ca(log_dir).await?.into_bytes();
     let mut tar = tar::Builder::new(Vec::new());
     let mut header = tar::Header::new_gnu();
     header.set_mode(0o644);

@@ -62,7 +62,14 @@ pub struct Launch {
     pub state_db: PathBuf,
     /// The machine; `vsock.allowlist` stays empty (the child fills it from the DB).
     pub vmm: VmmConfig,
+    /// The guest configuration as a disk (the last one in `vmm.disks`) when it does not fit
+    /// on the kernel command line: the caller writes these bytes to [`CONFIG_DISK`].
+    #[serde(skip)]
+    pub config_disk: Option<Vec<u8>>,
 }
+
+/// The config disk's file in the bottle directory.
+pub const CONFIG_DISK: &str = "config.img";
 
 /// Resolve the manifest's `user` (`name`, `name:group`, `uid`, `uid:gid`) against the image's
 /// passwd and group files. Returns the ids and the home directory.
@@ -180,6 +187,7 @@ pub fn guest_config(
         env,
         agent: None,
         egress,
+        ca_cert: None,
     }
 }
 
@@ -221,9 +229,27 @@ pub fn launch(
             read_only: false,
         });
     }
-    let arg = guest
-        .to_cmdline_arg(BASE_CMDLINE.len() + CMDLINE_ROOM)
-        .map_err(|source| MicrovmError::Cmdline { source })?;
+    // The configuration goes on the command line, or, when too long for it (a bottle CA, many
+    // variables), on a small read-only disk of its own.
+    let (arg, config_disk) = match guest.to_cmdline_arg(BASE_CMDLINE.len() + CMDLINE_ROOM) {
+        Ok(arg) => (arg, None),
+        Err(bottle_proto::ConfigError::TooLong { .. }) => {
+            let mut bytes = guest
+                .to_disk_bytes()
+                .map_err(|source| MicrovmError::Cmdline { source })?;
+            bytes.resize(bytes.len().div_ceil(4096).max(1) * 4096, 0);
+            let device = crate::workspace::guest_device(disks.len() - 1);
+            disks.push(DiskConfig {
+                path: bottle_dir.join(CONFIG_DISK),
+                read_only: true,
+            });
+            (
+                format!("{}=dev:{device}", bottle_proto::config::CMDLINE_KEY),
+                Some(bytes),
+            )
+        }
+        Err(source) => return Err(MicrovmError::Cmdline { source }),
+    };
     Ok(Launch {
         machine: plan.agent.name.clone(),
         state_db: state_db.to_path_buf(),
@@ -242,6 +268,7 @@ pub fn launch(
             initrd: None,
             disks,
         },
+        config_disk,
     })
 }
 
@@ -445,5 +472,49 @@ mod tests {
         assert_eq!(l.vmm.disks.len(), 1, "tmpfs layer: no writable disk");
         assert_eq!(g.upper, Upper::Tmpfs);
         assert_eq!(l.machine, "bot-bottle-claude-abcdef-vm");
+    }
+
+    #[test]
+    fn a_config_too_long_for_the_command_line_goes_on_its_own_disk() {
+        let p = test_plan();
+        let layer = WritableLayer::Disk(PathBuf::from("/state/upper.ext4"));
+        let mut g = guest_config(&p, "tok", UserIds { uid: 1, gid: 1 }, "/h", &layer);
+        g.ca_cert = Some(format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            "A".repeat(1200)
+        ));
+        let images = [PathBuf::from("/b/ws-0.sqfs")];
+
+        let l = launch(
+            &p,
+            &g,
+            Path::new("/k"),
+            Disks {
+                rootfs: Path::new("/r.sqfs"),
+                workspaces: &images,
+                layer: &layer,
+            },
+            Path::new("/b"),
+            Path::new("/s.db"),
+        )
+        .unwrap();
+
+        // Root, workspace, writable layer, then the config disk as /dev/vdd.
+        assert!(
+            l.vmm.cmdline.ends_with(" bottle.config=dev:/dev/vdd"),
+            "{}",
+            l.vmm.cmdline
+        );
+        let last = l.vmm.disks.last().unwrap();
+        assert_eq!(
+            (last.path.as_path(), last.read_only),
+            (Path::new("/b/config.img"), true)
+        );
+        let bytes = l.config_disk.unwrap();
+        assert_eq!(bytes.len() % 4096, 0);
+        assert_eq!(
+            bottle_proto::GuestConfig::from_disk_bytes(&bytes).unwrap(),
+            g
+        );
     }
 }

@@ -282,9 +282,9 @@ pub fn plan(manifest: &Manifest, host: &HostFacts) -> Result<BottlePlan, PlanErr
         format!("http://{bundle_addr}:{SUPERVISOR_PORT}"),
     );
     env.insert("BOT_BOTTLE_ID".to_owned(), id.clone());
-    // Credential hosts are intercepted by the proxy (Docker backend): Node-based agents trust
-    // the bottle's CA, installed at this path before the agent starts.
-    if host.backend == Backend::Docker && !manifest.credentials.is_empty() {
+    // Credential hosts are intercepted by the proxy: Node-based agents trust the bottle's CA,
+    // installed at this path before the agent starts.
+    if !manifest.credentials.is_empty() {
         env.insert(
             "NODE_EXTRA_CA_CERTS".to_owned(),
             crate::sidecar::CA_CERT_IN_AGENT.to_owned(),
@@ -454,21 +454,20 @@ mod tests {
     }
 
     #[test]
-    fn only_a_docker_agent_with_credentials_is_pointed_at_the_bottle_ca() {
-        let docker = plan(&manifest("claude"), &facts(Backend::Docker)).unwrap();
-        let microvm = plan(&manifest("claude"), &facts(Backend::Microvm)).unwrap();
-        let plain = plan(&manifest("test"), &facts(Backend::Docker)).unwrap();
+    fn only_an_agent_with_credentials_is_pointed_at_the_bottle_ca() {
+        for backend in [Backend::Docker, Backend::Microvm] {
+            let with = plan(&manifest("claude"), &facts(backend)).unwrap();
+            let plain = plan(&manifest("test"), &facts(backend)).unwrap();
 
-        assert_eq!(
-            docker
-                .agent
-                .env
-                .get("NODE_EXTRA_CA_CERTS")
-                .map(String::as_str),
-            Some(crate::sidecar::CA_CERT_IN_AGENT)
-        );
-        assert!(!microvm.agent.env.contains_key("NODE_EXTRA_CA_CERTS"));
-        assert!(!plain.agent.env.contains_key("NODE_EXTRA_CA_CERTS"));
+            assert_eq!(
+                with.agent
+                    .env
+                    .get("NODE_EXTRA_CA_CERTS")
+                    .map(String::as_str),
+                Some(bottle_proto::config::CA_CERT_PATH)
+            );
+            assert!(!plain.agent.env.contains_key("NODE_EXTRA_CA_CERTS"));
+        }
     }
 
     #[test]

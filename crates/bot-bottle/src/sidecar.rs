@@ -94,8 +94,8 @@ impl std::fmt::Debug for SidecarCredential {
 
 /// The certificate of the bottle's CA, beside the egress log: the agent trusts it.
 pub const CA_CERT: &str = "ca.pem";
-/// Where the agent finds it (and `NODE_EXTRA_CA_CERTS` points).
-pub const CA_CERT_IN_AGENT: &str = "/etc/bot-bottle/ca.pem";
+/// Where the agent finds it (and `NODE_EXTRA_CA_CERTS` points), in a container or a guest.
+pub const CA_CERT_IN_AGENT: &str = bottle_proto::config::CA_CERT_PATH;
 
 impl SidecarConfig {
     pub fn from_env() -> Result<Self, SidecarError> {

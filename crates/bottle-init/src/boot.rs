@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, MsFlags};
 use nix::unistd::chroot;
 
-use bottle_proto::config::{BlockFs, ConfigSource, GuestConfig, Upper, WorkspaceMount};
+use bottle_proto::config::{
+    BlockFs, ConfigSource, GuestConfig, Upper, WorkspaceMount, CA_CERT_PATH,
+};
 use bottle_proto::{ConfigError, UserIds};
 
 /// Staging area for the new root; on the initramfs it is created, on a read-only root image the
@@ -27,6 +29,12 @@ pub enum BootError {
     },
     #[error("cannot create {path}")]
     Mkdir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -337,9 +345,27 @@ pub fn finish_root(cfg: &GuestConfig) -> Result<(), BootError> {
             }
         })?;
     }
+    if let Some(pem) = &cfg.ca_cert {
+        install_ca(pem)?;
+    }
     let home = Path::new(&cfg.user.home);
     mkdir(home)?;
     chown_tree(home, cfg.user.ids)
+}
+
+/// The bottle CA's certificate at [`CA_CERT_PATH`], root-owned and world-readable (in the
+/// writable layer: the image is never changed).
+fn install_ca(pem: &str) -> Result<(), BootError> {
+    let path = Path::new(CA_CERT_PATH);
+    if let Some(dir) = path.parent() {
+        mkdir(dir)?;
+    }
+    let write = |source| BootError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    fs::write(path, pem).map_err(write)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o644)).map_err(write)
 }
 
 pub fn set_hostname(name: &str) -> Result<(), BootError> {

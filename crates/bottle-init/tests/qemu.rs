@@ -285,6 +285,7 @@ fn config() -> GuestConfig {
         env: BTreeMap::from([("BOTTLE_ID".to_string(), "qemu-test".to_string())]),
         agent: None,
         egress: vec![],
+        ca_cert: None,
     }
 }
 

@@ -49,7 +49,14 @@ pub struct GuestConfig {
     /// Egress forwarders: listen on TCP inside the guest, forward over vsock to the host.
     #[serde(default)]
     pub egress: Vec<EgressForward>,
+    /// The bottle CA's certificate (PEM), written to [`CA_CERT_PATH`] for the agent to trust:
+    /// the egress proxy answers TLS for credential hosts with certificates from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
 }
+
+/// Where bottle-init puts [`GuestConfig::ca_cert`] (root-owned, world-readable).
+pub const CA_CERT_PATH: &str = "/etc/bot-bottle/ca.pem";
 
 /// How the host reaches the control agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,6 +226,7 @@ mod tests {
                 listen: "127.0.0.17:8080".parse().unwrap(),
                 vsock_port: 8080,
             }],
+            ca_cert: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()),
         }
     }
 

@@ -175,14 +175,6 @@ async fn session(
     // Credentials: read on the host now, handed to the bundle's proxy only.
     let credentials = if plan.egress.credential_hosts.is_empty() {
         Vec::new()
-    } else if resolved.backend == Backend::Microvm {
-        eprintln!(
-            "bot-bottle: warning: [credentials] for {} are injected only with --backend docker \
-             for now (the microVM guest cannot receive the bottle's CA yet): the agent signs in \
-             itself, and its sign-in stays in the bottle",
-            plan.egress.credential_hosts.join(", ")
-        );
-        Vec::new()
     } else {
         let (found, warnings) =
             bot_bottle::sidecar::resolve_credentials(&resolved.manifest.credentials, |var| {
@@ -205,7 +197,7 @@ async fn session(
 
     match resolved.backend {
         Backend::Docker => run_docker(ctx, &docker, &plan, args, &credentials, stack).await,
-        Backend::Microvm => run_microvm(ctx, &docker, &plan, args, stack).await,
+        Backend::Microvm => run_microvm(ctx, &docker, &plan, args, &credentials, stack).await,
     }
 }
 
@@ -330,6 +322,7 @@ async fn run_microvm(
     docker: &bollard::Docker,
     plan: &BottlePlan,
     args: &StartArgs,
+    credentials: &[bot_bottle::sidecar::SidecarCredential],
     stack: &mut GuardStack,
 ) -> anyhow::Result<i32> {
     use bot_bottle::microvm;
@@ -352,7 +345,7 @@ async fn run_microvm(
     pause_point("images").await;
 
     // The bundle, published on the alias: the VMM dials it for the guest.
-    let bottle_dir = start_bundle(ctx, docker, plan, &images.sidecar, &[], stack).await?;
+    let bottle_dir = start_bundle(ctx, docker, plan, &images.sidecar, credentials, stack).await?;
 
     // Workspaces: each host directory snapshotted read-only; the guest overlays it.
     let workspaces = snapshot_workspaces(plan, &bottle_dir, stack).await?;
@@ -378,7 +371,11 @@ async fn run_microvm(
 
     // The VMM child, with a launch file that carries no allowlist.
     let token = hex::encode(random_bytes::<16>()?);
-    let guest = microvm::guest_config(plan, &token, ids, &home, &layer);
+    let mut guest = microvm::guest_config(plan, &token, ids, &home, &layer);
+    if !plan.egress.credential_hosts.is_empty() {
+        // The bundle made the bottle's CA: the guest trusts its certificate.
+        guest.ca_cert = Some(bot_bottle::docker_backend::bottle_ca(&bottle_dir).await?);
+    }
     let launch = microvm::launch(
         plan,
         &guest,
@@ -391,6 +388,17 @@ async fn run_microvm(
         &bottle_dir,
         &ctx.dirs.db_path(),
     )?;
+    if let Some(bytes) = &launch.config_disk {
+        let disk = bottle_dir.join(microvm::CONFIG_DISK);
+        write_private(&disk, bytes)?;
+        stack.push_sync(
+            "remove the config disk",
+            move || match std::fs::remove_file(&disk) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        );
+    }
     let launch_path = bottle_dir.join("launch.json");
     write_private(&launch_path, &serde_json::to_vec_pretty(&launch)?)?;
     let uds = bottle_dir.join("vsock.sock");
