@@ -13,6 +13,8 @@
 //! missing piece skips with the reason, and fails under `CI=true`.
 
 mod common;
+#[path = "guest/qemu_vm.rs"]
+mod qemu_vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,22 +26,12 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
-fn on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 /// (stand-in VMM, guest kernel), or why the test cannot run here.
 fn prereqs(test: &str) -> Option<(PathBuf, PathBuf)> {
     if !common::docker_available(test) {
         return None;
     }
     let stand_in = common::bin().with_file_name("examples").join("qemu_vmm");
-    let cargo_bin = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cargo/bin/vhost-device-vsock"))
-        .filter(|p| p.is_file());
     let kernel = bot_bottle::paths::Dirs::from_env().ok().and_then(|dirs| {
         bot_bottle::kernel::cached_kernel_in(
             &bot_bottle::kernel::kernel_cache_dir(&dirs),
@@ -48,9 +40,9 @@ fn prereqs(test: &str) -> Option<(PathBuf, PathBuf)> {
     });
     let why = if !stand_in.is_file() {
         "the QEMU stand-in VMM is not built: cargo build -p bot-bottle --example qemu_vmm"
-    } else if on_path("qemu-system-x86_64").is_none() {
+    } else if qemu_vm::which("qemu-system-x86_64").is_none() {
         "qemu-system-x86_64 missing: apt-get install qemu-system-x86"
-    } else if on_path("vhost-device-vsock").or(cargo_bin).is_none() {
+    } else if qemu_vm::which("vhost-device-vsock").is_none() {
         "vhost-device-vsock missing: cargo install --locked vhost-device-vsock"
     } else if kernel.is_none() {
         "no guest kernel: run `bot-bottle kernel build`"

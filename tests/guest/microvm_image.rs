@@ -313,13 +313,14 @@ async fn start_s_guest_answers_over_vsock_and_its_egress_meets_the_bottles_proxy
     let (launch, disks) = launch(&p, &guest, &layer);
     let vhost = backend.vhost();
     let (cmd, _, console) = Machine {
-        qemu: &p.qemu,
-        kernel: &launch.vmm.kernel,
-        initrd: None,
-        append: &launch.vmm.cmdline,
-        disks: &disks,
-        work: p.work.path(),
         vhost_vsock: Some(&vhost),
+        ..Machine::new(
+            &p.qemu,
+            &launch.vmm.kernel,
+            &launch.vmm.cmdline,
+            &disks,
+            p.work.path(),
+        )
     }
     .command();
     let started = Instant::now();

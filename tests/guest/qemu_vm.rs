@@ -11,6 +11,21 @@ use std::time::{Duration, Instant};
 
 use bottle_proto::Client;
 
+/// `name` on `PATH`, else among the programs `cargo install` put in `$CARGO_HOME/bin`.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    on_path.or_else(|| {
+        let home = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+        Some(home.join("bin").join(name)).filter(|p| p.is_file())
+    })
+}
+
 /// Name of the virtio serial port bottle-init serves the control protocol on.
 pub const PORT_NAME: &str = "bottle.control";
 /// Longest a guest may take to answer `health` under emulation on a loaded 2-core machine.
@@ -30,26 +45,59 @@ pub struct Machine<'a> {
     /// A virtio-vsock device served by the vhost-user backend listening here (the guest's
     /// memory is then shared with that process).
     pub vhost_vsock: Option<&'a Path>,
+    pub mem_mib: u32,
+    pub vcpus: u8,
+    /// The serial console's log; default `work/console.log`.
+    pub console: Option<&'a Path>,
 }
 
-impl Machine<'_> {
+impl<'a> Machine<'a> {
+    /// One vCPU, 256 MiB, no initrd, no vsock, the console log in `work`.
+    pub fn new(
+        qemu: &'a Path,
+        kernel: &'a Path,
+        append: &'a str,
+        disks: &'a [(PathBuf, bool)],
+        work: &'a Path,
+    ) -> Self {
+        Machine {
+            qemu,
+            kernel,
+            initrd: None,
+            append,
+            disks,
+            work,
+            vhost_vsock: None,
+            mem_mib: 256,
+            vcpus: 1,
+            console: None,
+        }
+    }
+
     /// The QEMU command line, its control socket (a virtio serial port) and console log.
     pub fn command(&self) -> (Command, PathBuf, PathBuf) {
         let socket = self.work.join("control.sock");
-        let console = self.work.join("console.log");
+        let console = self
+            .console
+            .map_or_else(|| self.work.join("console.log"), Path::to_path_buf);
         let _ = std::fs::remove_file(&socket);
         let mut machine =
             "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pit=on,pic=on".to_owned();
         let mut cmd = Command::new(self.qemu);
         if let Some(vhost) = self.vhost_vsock {
             machine.push_str(",memory-backend=mem");
-            cmd.args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+            cmd.arg("-object")
+                .arg(format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    self.mem_mib
+                ))
                 .arg("-chardev")
                 .arg(format!("socket,id=vsock,path={}", vhost.display()))
                 .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
         }
         cmd.args(["-M", &machine])
-            .args(["-cpu", "max", "-m", "256", "-smp", "1"])
+            .args(["-cpu", "max", "-m", &self.mem_mib.to_string()])
+            .args(["-smp", &self.vcpus.to_string()])
             .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
@@ -110,16 +158,7 @@ impl Qemu {
         disks: &[(PathBuf, bool)],
         work: &Path,
     ) -> Qemu {
-        let machine = Machine {
-            qemu,
-            kernel,
-            initrd: None,
-            append,
-            disks,
-            work,
-            vhost_vsock: None,
-        };
-        let (mut cmd, socket, console) = machine.command();
+        let (mut cmd, socket, console) = Machine::new(qemu, kernel, append, disks, work).command();
         let child = cmd.spawn().expect("qemu-system-x86_64 starts");
         Qemu {
             child,

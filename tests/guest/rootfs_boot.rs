@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bot_bottle::{kernel, rootfs};
@@ -18,19 +17,12 @@ use bot_bottle::{kernel, rootfs};
 mod qemu_vm;
 use bottle_proto::config::{AgentUser, BlockFs, ControlChannel, GuestConfig, Upper};
 use bottle_proto::{Client, ExecRequest, UserIds};
-use qemu_vm::{Qemu, PORT_NAME};
+use qemu_vm::{which, Qemu, PORT_NAME};
 
 const TOKEN: &str = "feedfacefeedfacefeedfacefeedface";
 const APPLETS: &[&str] = &[
     "sh", "cat", "stat", "id", "ls", "readlink", "mount", "grep", "touch", "tr",
 ];
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
 
 fn find_kernel() -> Result<PathBuf, String> {
     if let Some(k) = std::env::var_os("BOT_BOTTLE_KERNEL") {
@@ -44,33 +36,6 @@ fn find_kernel() -> Result<PathBuf, String> {
             cache.display()
         )
     })
-}
-
-fn build_static_init() -> Result<PathBuf, String> {
-    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bottle-init-static");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "bottle-init",
-            "--bin",
-            "bottle-init",
-        ])
-        .args(["--target", "x86_64-unknown-linux-gnu"])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .map_err(|e| format!("cargo: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "static build of bottle-init failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(target_dir.join("x86_64-unknown-linux-gnu/release/bottle-init"))
 }
 
 struct Prereqs {
@@ -88,7 +53,12 @@ fn prereqs() -> Option<Prereqs> {
             busybox: which("busybox")
                 .ok_or("`busybox` not found: apt-get install busybox-static")?,
             kernel: find_kernel()?,
-            init: build_static_init()?,
+            // Built static by the workspace (`.cargo/config.toml`), beside bot-bottle.
+            init: Some(
+                PathBuf::from(env!("CARGO_BIN_EXE_bot-bottle")).with_file_name("bottle-init"),
+            )
+            .filter(|p| p.is_file())
+            .ok_or("bottle-init is not built: cargo build -p bottle-init")?,
         })
     })();
     match found {

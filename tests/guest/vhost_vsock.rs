@@ -1,5 +1,6 @@
 //! rust-vmm's `vhost-device-vsock` for the QEMU guest tests (shared by bottle-init's and
-//! bot-bottle's): a virtio-vsock device with no `/dev/vhost-vsock` on the host.
+//! bot-bottle's): a virtio-vsock device with no `/dev/vhost-vsock` on the host. Needs
+//! `qemu_vm.rs` included beside it as `crate::qemu_vm`.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -20,17 +21,7 @@ impl VsockBackend {
     /// The backend, or `None` (with the reason printed) where the test should skip; under
     /// `CI=true` a missing backend fails.
     pub fn start() -> Option<VsockBackend> {
-        let on_path = std::env::var_os("PATH").and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|d| d.join("vhost-device-vsock"))
-                .find(|p| p.is_file())
-        });
-        let binary = on_path.or_else(|| {
-            let home = std::env::var_os("CARGO_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
-            Some(home.join("bin/vhost-device-vsock")).filter(|p| p.is_file())
-        });
+        let binary = crate::qemu_vm::which("vhost-device-vsock");
         let Some(binary) = binary else {
             let why = "`vhost-device-vsock` not found: cargo install --locked vhost-device-vsock";
             assert!(

@@ -151,14 +151,14 @@ fn main() {
         let bottle_root = ca.cert_der().clone();
         let mut upstream_roots = rustls::RootCertStore::empty();
         upstream_roots.add(root.clone()).unwrap();
-        let intercepting = proxy(Some(Interception {
+        let intercepting = proxy(Some(Interception::with_roots(
             ca,
-            credentials: HashMap::from([(
+            HashMap::from([(
                 HOST.to_owned(),
                 Injection::new("Authorization", "Bearer bench-secret".into()).unwrap(),
             )]),
-            upstream_roots: Arc::new(upstream_roots),
-        }))
+            upstream_roots,
+        )))
         .await;
 
         let tunnelled = median(gets(tunnel, server.port(), root).await);

@@ -6,22 +6,26 @@
 //! What it does as our VMM would: boots the launch file's kernel, command line and disks with
 //! the serial console in the launch file's log; serves the guest's vsock on the launch file's
 //! Unix socket (rust-vmm's `vhost-device-vsock`, the same `CONNECT <port>` convention); and
-//! lets the guest reach only the destinations of the machine's verified allowlist, read from
-//! the state DB row as our VMM reads it. What it does not: our VMM's event log of denied
-//! connections, and its seccomp and resource limits. Children die with it
+//! lets the guest reach only the destinations of the machine's verified allowlist, checked by
+//! the same `microvm::verified_rules` our VMM uses. What it does not: our VMM's event log of
+//! denied connections, and its seccomp and resource limits. Children die with it
 //! (`setpriv --pdeathsig KILL`). Software emulation (TCG): slow, for tests only.
 
-use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddrV4, TcpStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bot_bottle::microvm::Launch;
-use bot_bottle::state::StateDb;
 use bottle_vmm::config::SerialOutput;
+
+// The QEMU command line the guest tests use.
+#[path = "../../../tests/guest/qemu_vm.rs"]
+mod qemu_vm;
+use qemu_vm::{which, Machine};
 
 fn main() -> ExitCode {
     match run() {
@@ -31,20 +35,6 @@ fn main() -> ExitCode {
             ExitCode::from(bottle_vmm::EXIT_CODE_VMM_ERROR as u8)
         }
     }
-}
-
-fn find(name: &str) -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    });
-    on_path.or_else(|| {
-        let home = std::env::var_os("CARGO_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
-        Some(home.join("bin").join(name)).filter(|p| p.is_file())
-    })
 }
 
 fn run() -> Result<u8, String> {
@@ -58,24 +48,18 @@ fn run() -> Result<u8, String> {
         &std::fs::read(config).map_err(|e| format!("reading {config}: {e}"))?,
     )
     .map_err(|e| format!("parsing {config}: {e}"))?;
+    // What our VMM enforces, read and checked the same way: only the verified DB row.
+    let rules = bot_bottle::microvm::verified_rules(&launch).map_err(|e| e.to_string())?;
     let vsock = launch
         .vmm
         .vsock
         .as_ref()
         .ok_or("the launch file has no vsock device")?;
-    // The allowlist comes from the verified DB row, as for our VMM; an empty one refuses.
-    let db = StateDb::open_existing(&launch.state_db).map_err(|e| e.to_string())?;
-    let allow = db
-        .read_allowlist(&launch.machine)
-        .map_err(|e| e.to_string())?;
-    if allow.is_empty() {
-        return Err(format!(
-            "machine {} has no verified allowlist",
-            launch.machine
-        ));
-    }
-    let qemu = find("qemu-system-x86_64").ok_or("qemu-system-x86_64 not found")?;
-    let backend = find("vhost-device-vsock")
+    let SerialOutput::File(console) = &launch.vmm.serial else {
+        return Err("the stand-in writes the console to a file only".into());
+    };
+    let qemu = which("qemu-system-x86_64").ok_or("qemu-system-x86_64 not found")?;
+    let backend = which("vhost-device-vsock")
         .ok_or("vhost-device-vsock not found: cargo install --locked vhost-device-vsock")?;
 
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -103,66 +87,45 @@ fn run() -> Result<u8, String> {
     }
     // Guest connections to host port P arrive on `<uds>_P`: joined to the allowed
     // destination with that port, the only ones there are.
-    for entry in &allow {
-        let addr: Ipv4Addr = entry
-            .cidr
-            .strip_suffix("/32")
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| format!("allowlist entry {} is not a /32", entry.cidr))?;
-        let target = SocketAddrV4::new(addr, entry.port);
-        let path = PathBuf::from(format!("{}_{}", uds.display(), entry.port));
+    for rule in &rules {
+        let target = SocketAddrV4::new(rule.addr, rule.port);
+        let path = PathBuf::from(format!("{}_{}", uds.display(), rule.port));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         thread::spawn(move || bridge(listener, target));
     }
 
-    let mem = launch.vmm.mem_mib;
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--pdeathsig", "KILL", "--"])
-        .arg(&qemu)
-        .args([
-            "-M",
-            "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pit=on,pic=on,memory-backend=mem",
-        ])
-        .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")])
-        .args(["-cpu", "max", "-m", &mem.to_string()])
-        .args(["-smp", &launch.vmm.vcpus.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .arg("-serial")
-        .arg(match &launch.vmm.serial {
-            SerialOutput::File(p) => format!("file:{}", p.display()),
-            SerialOutput::Stdout => "stdio".to_owned(),
-            SerialOutput::Sink => "null".to_owned(),
-        })
-        .arg("-kernel")
-        .arg(&launch.vmm.kernel)
-        .arg("-append")
-        .arg(format!(
-            "console=ttyS0 reboot=t panic=-1 {}",
-            launch.vmm.cmdline
-        ))
-        .arg("-chardev")
-        .arg(format!("socket,id=vsock,path={}", vhost.display()))
-        .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
-    if let Some(initrd) = &launch.vmm.initrd {
-        cmd.arg("-initrd").arg(initrd);
+    let disks: Vec<(PathBuf, bool)> = launch
+        .vmm
+        .disks
+        .iter()
+        .map(|d| (d.path.clone(), d.read_only))
+        .collect();
+    let (qemu_cmd, _, _) = Machine {
+        initrd: launch.vmm.initrd.as_deref(),
+        vhost_vsock: Some(&vhost),
+        mem_mib: launch.vmm.mem_mib,
+        vcpus: launch.vmm.vcpus,
+        console: Some(console),
+        ..Machine::new(
+            &qemu,
+            &launch.vmm.kernel,
+            &launch.vmm.cmdline,
+            &disks,
+            work.path(),
+        )
     }
-    for (i, disk) in launch.vmm.disks.iter().enumerate() {
-        cmd.arg("-drive")
-            .arg(format!(
-                "id=d{i},file={},format=raw,if=none,readonly={}",
-                disk.path.display(),
-                if disk.read_only { "on" } else { "off" }
-            ))
-            .args(["-device", &format!("virtio-blk-device,drive=d{i}")]);
-    }
-    let status = cmd
+    .command();
+    let status = Command::new("setpriv")
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(qemu_cmd.get_program())
+        .args(qemu_cmd.get_args())
         .stdin(Stdio::null())
         .status()
         .map_err(|e| format!("running {}: {e}", qemu.display()));
     let _ = device.kill();
     let _ = device.wait();
-    cleanup(uds, &allow);
+    cleanup(uds, &rules);
     let status = status?;
     // QEMU with -no-reboot exits 0 when the guest powers off or resets.
     Ok(if status.success() {
@@ -172,10 +135,10 @@ fn run() -> Result<u8, String> {
     })
 }
 
-fn cleanup(uds: &Path, allow: &[bot_bottle::plan::AllowEntry]) {
+fn cleanup(uds: &Path, rules: &[bottle_vmm::AllowRule]) {
     let _ = std::fs::remove_file(uds);
-    for entry in allow {
-        let _ = std::fs::remove_file(format!("{}_{}", uds.display(), entry.port));
+    for rule in rules {
+        let _ = std::fs::remove_file(format!("{}_{}", uds.display(), rule.port));
     }
 }
 
@@ -190,19 +153,17 @@ fn bridge(listener: UnixListener, target: SocketAddrV4) {
             let (Ok(guest_r), Ok(up_w)) = (guest.try_clone(), up.try_clone()) else {
                 return;
             };
-            let to_up = thread::spawn(move || pipe(guest_r, up_w));
-            pipe_back(up, guest);
+            let to_up = thread::spawn(move || {
+                pipe(guest_r, &up_w, || up_w.shutdown(Shutdown::Write));
+            });
+            pipe(&up, &guest, || guest.shutdown(Shutdown::Write));
             let _ = to_up.join();
         });
     }
 }
 
-fn pipe(mut from: UnixStream, mut to: TcpStream) {
+/// Copies until `from` ends, then half-closes the other side.
+fn pipe(mut from: impl Read, mut to: impl Write, half_close: impl FnOnce() -> io::Result<()>) {
     let _ = io::copy(&mut from, &mut to);
-    let _ = to.shutdown(std::net::Shutdown::Write);
-}
-
-fn pipe_back(mut from: TcpStream, mut to: UnixStream) {
-    let _ = io::copy(&mut from, &mut to);
-    let _ = to.shutdown(std::net::Shutdown::Write);
+    let _ = half_close();
 }

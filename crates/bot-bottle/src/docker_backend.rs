@@ -20,10 +20,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::docker::DockerError;
 use crate::plan::BottlePlan;
 use crate::sidecar::{
-    SidecarConfig, SidecarCredential, CA_CERT, CA_CERT_IN_AGENT, CONFIG_ENV, EGRESS_LOG,
-    LOG_DIR_IN_BUNDLE,
+    SidecarConfig, SidecarCredential, CA_CERT, CONFIG_ENV, EGRESS_LOG, LOG_DIR_IN_BUNDLE,
 };
 use crate::terminal::{terminal_size, RawMode};
+use bottle_proto::config::CA_CERT_PATH;
 
 /// How long the bundle has to accept connections on its published proxy port.
 const BUNDLE_READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -244,7 +244,7 @@ pub async fn bottle_ca(log_dir: &Path) -> Result<String, BackendError> {
 }
 
 /// Give the (created, not started) agent the bottle CA's certificate from `log_dir` at
-/// [`CA_CERT_IN_AGENT`], where `NODE_EXTRA_CA_CERTS` points.
+/// [`CA_CERT_PATH`], where `NODE_EXTRA_CA_CERTS` points.
 pub async fn install_ca(
     docker: &Docker,
     plan: &BottlePlan,
@@ -257,7 +257,7 @@ pub async fn install_ca(
     header.set_mode(0o644);
     header.set_size(pem.len() as u64);
     header.set_cksum();
-    let inside = CA_CERT_IN_AGENT.trim_start_matches('/');
+    let inside = CA_CERT_PATH.trim_start_matches('/');
     tar.append_data(&mut header, inside, pem.as_slice())
         .and_then(|()| tar.finish())
         .map_err(|e| BackendError::CaCert {

@@ -51,6 +51,73 @@ pub enum MicrovmError {
         #[source]
         source: bottle_proto::ConfigError,
     },
+    #[error(
+        "the launch file has no vsock device: the guest would have no way out, nothing to enforce"
+    )]
+    NoVsock,
+    #[error("the launch file carries its own allowlist: refusing (the allowlist comes only from the verified state DB row)")]
+    AllowlistInLaunchFile,
+    #[error("reading the machine allowlist")]
+    State {
+        #[source]
+        source: crate::state::StateError,
+    },
+    #[error("machine {machine} has an empty allowlist: it was never verified; refusing to boot (fail closed)")]
+    NeverVerified { machine: String },
+    #[error("allowlist entry `{cidr}` is not an IPv4 /32: refusing to boot (fail closed)")]
+    NotSlash32 { cidr: String },
+    #[error("machine {machine} has CID {db:?} in the state DB but {launch} in the launch file: refusing to boot")]
+    CidMismatch {
+        machine: String,
+        db: Option<u32>,
+        launch: u32,
+    },
+}
+
+/// The allowlist a VMM (ours, or a stand-in) enforces for `launch`: only from the machine's
+/// verified state DB row, never from the launch file; every doubt refuses (fail closed).
+pub fn verified_rules(launch: &Launch) -> Result<Vec<bottle_vmm::AllowRule>, MicrovmError> {
+    let state = |source| MicrovmError::State { source };
+    let vsock = launch.vmm.vsock.as_ref().ok_or(MicrovmError::NoVsock)?;
+    if !vsock.allowlist.is_empty() {
+        return Err(MicrovmError::AllowlistInLaunchFile);
+    }
+    let db = crate::state::StateDb::open_existing(&launch.state_db).map_err(state)?;
+    let entries = db.read_allowlist(&launch.machine).map_err(state)?;
+    if entries.is_empty() {
+        return Err(MicrovmError::NeverVerified {
+            machine: launch.machine.clone(),
+        });
+    }
+    let rules = rules_from_entries(&entries)?;
+    let cid = db.machine_cid(&launch.machine).map_err(state)?;
+    if cid != Some(vsock.guest_cid) {
+        return Err(MicrovmError::CidMismatch {
+            machine: launch.machine.clone(),
+            db: cid,
+            launch: vsock.guest_cid,
+        });
+    }
+    Ok(rules)
+}
+
+/// Verified DB entries as the VMM's rules. Only /32s are accepted.
+pub fn rules_from_entries(
+    entries: &[crate::plan::AllowEntry],
+) -> Result<Vec<bottle_vmm::AllowRule>, MicrovmError> {
+    entries
+        .iter()
+        .map(|e| {
+            let addr = e
+                .cidr
+                .strip_suffix("/32")
+                .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
+                .ok_or_else(|| MicrovmError::NotSlash32 {
+                    cidr: e.cidr.clone(),
+                })?;
+            Ok(bottle_vmm::AllowRule { addr, port: e.port })
+        })
+        .collect()
 }
 
 /// The VMM child's launch file (read by `bot-bottle __vmm`).
@@ -398,19 +465,7 @@ mod tests {
             .collect();
         assert_eq!(devices, [("/dev/vdb", "/workspace"), ("/dev/vdc", "/data")]);
         let images = [PathBuf::from("/b/ws-0.sqfs"), PathBuf::from("/b/ws-1.sqfs")];
-        let l = launch(
-            &p,
-            &g,
-            Path::new("/k"),
-            Disks {
-                rootfs: Path::new("/r.sqfs"),
-                workspaces: &images,
-                layer: &layer,
-            },
-            Path::new("/b"),
-            Path::new("/s.db"),
-        )
-        .unwrap();
+        let l = launch_at(&p, &g, &images, &layer);
         let disks: Vec<(&Path, bool)> = l
             .vmm
             .disks
@@ -449,19 +504,7 @@ mod tests {
             "/home/node",
             &WritableLayer::Tmpfs,
         );
-        let l = launch(
-            &p,
-            &g,
-            Path::new("/k"),
-            Disks {
-                rootfs: Path::new("/r.sqfs"),
-                workspaces: &[],
-                layer: &WritableLayer::Tmpfs,
-            },
-            Path::new("/b"),
-            Path::new("/s.db"),
-        )
-        .unwrap();
+        let l = launch_at(&p, &g, &[], &WritableLayer::Tmpfs);
         let vsock = l.vmm.vsock.unwrap();
         assert!(vsock.allowlist.is_empty());
         assert_eq!(vsock.guest_cid, p.guest_cid);
@@ -485,19 +528,7 @@ mod tests {
         ));
         let images = [PathBuf::from("/b/ws-0.sqfs")];
 
-        let l = launch(
-            &p,
-            &g,
-            Path::new("/k"),
-            Disks {
-                rootfs: Path::new("/r.sqfs"),
-                workspaces: &images,
-                layer: &layer,
-            },
-            Path::new("/b"),
-            Path::new("/s.db"),
-        )
-        .unwrap();
+        let l = launch_at(&p, &g, &images, &layer);
 
         // Root, workspace, writable layer, then the config disk as /dev/vdd.
         assert!(
@@ -516,5 +547,46 @@ mod tests {
             bottle_proto::GuestConfig::from_disk_bytes(&bytes).unwrap(),
             g
         );
+    }
+
+    /// `launch` with the root image at /r.sqfs, the bottle dir /b and the state DB /s.db.
+    fn launch_at(
+        p: &BottlePlan,
+        g: &GuestConfig,
+        workspaces: &[PathBuf],
+        layer: &WritableLayer,
+    ) -> Launch {
+        let disks = Disks {
+            rootfs: Path::new("/r.sqfs"),
+            workspaces,
+            layer,
+        };
+        launch(
+            p,
+            g,
+            Path::new("/k"),
+            disks,
+            Path::new("/b"),
+            Path::new("/s.db"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn only_ipv4_slash_32_entries_become_rules() {
+        use crate::plan::AllowEntry;
+        let ok = rules_from_entries(&[AllowEntry {
+            cidr: "127.0.0.16/32".into(),
+            port: 3128,
+        }])
+        .unwrap();
+        assert_eq!(ok[0].addr, std::net::Ipv4Addr::new(127, 0, 0, 16));
+        for bad in ["127.0.0.0/8", "0.0.0.0/0", "127.0.0.16", "localhost/32"] {
+            let entry = AllowEntry {
+                cidr: bad.into(),
+                port: 1,
+            };
+            assert!(rules_from_entries(&[entry]).is_err(), "{bad}");
+        }
     }
 }

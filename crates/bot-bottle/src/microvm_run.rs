@@ -11,7 +11,6 @@ use bottle_proto::client::{connect_vsock, Client};
 use bottle_proto::config::CONTROL_VSOCK_PORT;
 use bottle_proto::message::{ExecRequest, ExitStatus};
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
 
 use crate::docker::{remove_container, DockerError};
 
@@ -109,12 +108,35 @@ async fn read_file(
     Ok(text)
 }
 
-/// A scratch file removed when this is dropped.
-struct RemoveOnDrop(PathBuf);
+/// A blocking reader over the chunks an async task sends (the image export, read by the
+/// image builder on a blocking thread).
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    chunk: bytes::Bytes,
+}
 
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+impl ChannelReader {
+    fn new(rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>) -> Self {
+        ChannelReader {
+            rx,
+            chunk: bytes::Bytes::new(),
+        }
+    }
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => self.chunk = chunk,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = self.chunk.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        bytes::Buf::advance(&mut self.chunk, n);
+        Ok(n)
     }
 }
 
@@ -177,61 +199,53 @@ pub async fn prepare_rootfs(
             path: cache.join("rootfs"),
             source,
         })?;
-        let tar_path = cache.join("rootfs").join(format!(".{key}.export.tar"));
-        // The export is scratch: gone however this ends (error, panic or success).
-        let _export_file = RemoveOnDrop(tar_path.clone());
-        let mut file =
-            tokio::fs::File::create(&tar_path)
-                .await
-                .map_err(|source| MicrovmRunError::Write {
-                    path: tar_path.clone(),
-                    source,
-                })?;
+        // The export streams straight into the image builder (no copy of the tar on disk).
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(16);
+        let (cache_dir, image_id, init) =
+            (cache.to_path_buf(), image_id.clone(), init.to_path_buf());
+        let building = tokio::task::spawn_blocking(move || {
+            crate::rootfs::cached_rootfs(&cache_dir, &image_id, &init, || {
+                Ok(ChannelReader::new(rx))
+            })
+        });
         let mut export = docker.export_container(scratch_name);
         let mut progress = crate::squashfs::progress_on_stderr("exporting the image");
         let mut exported = 0u64;
+        let mut export_error = None;
         while let Some(chunk) = export.next().await {
-            let chunk = chunk.map_err(|source| DockerError::Inspect {
-                what: "container export",
-                name: scratch_name.to_owned(),
-                source,
-            })?;
-            file.write_all(&chunk)
-                .await
-                .map_err(|source| MicrovmRunError::Write {
-                    path: tar_path.clone(),
-                    source,
-                })?;
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    export_error = Some(e);
+                    break;
+                }
+            };
             exported += chunk.len() as u64;
+            if tx.send(Ok(chunk)).await.is_err() {
+                break; // the builder stopped: its error says why
+            }
             // The tar is a little larger than the image: hold at 99% until it ends.
             if image_size > 0 {
                 progress(exported.min(image_size * 99 / 100), image_size);
             }
         }
+        drop(tx);
+        let built = building.await.map_err(|e| MicrovmRunError::Write {
+            path: cache.join("rootfs"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        if let Some(source) = export_error {
+            return Err(DockerError::Inspect {
+                what: "container export",
+                name: scratch_name.to_owned(),
+                source,
+            }
+            .into());
+        }
         if image_size > 0 {
             progress(image_size, image_size);
         }
-        file.flush()
-            .await
-            .map_err(|source| MicrovmRunError::Write {
-                path: tar_path.clone(),
-                source,
-            })?;
-        drop(file);
-        let (cache, image_id, init, tar) = (
-            cache.to_path_buf(),
-            image_id.clone(),
-            init.to_path_buf(),
-            tar_path.clone(),
-        );
-        let built = tokio::task::spawn_blocking(move || {
-            crate::rootfs::cached_rootfs(&cache, &image_id, &init, || std::fs::File::open(&tar))
-        })
-        .await
-        .map_err(|e| MicrovmRunError::Write {
-            path: tar_path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
         let image = built.map_err(|source| MicrovmRunError::Rootfs { source })?;
         let size = std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
         eprintln!(

@@ -287,7 +287,7 @@ pub fn plan(manifest: &Manifest, host: &HostFacts) -> Result<BottlePlan, PlanErr
     if !manifest.credentials.is_empty() {
         env.insert(
             "NODE_EXTRA_CA_CERTS".to_owned(),
-            crate::sidecar::CA_CERT_IN_AGENT.to_owned(),
+            bottle_proto::config::CA_CERT_PATH.to_owned(),
         );
     }
 

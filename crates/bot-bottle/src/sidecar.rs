@@ -2,7 +2,7 @@
 //! egress proxy, and placeholders for the git gate and supervisor that say they are off.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
@@ -43,6 +43,8 @@ pub enum SidecarError {
         #[source]
         source: crate::egress::intercept::InterceptError,
     },
+    #[error("credentials were given without a path for the bottle CA's certificate: the agent could not trust the proxy; `bot-bottle start` sets both")]
+    CredentialsWithoutCa,
     #[error("cannot write the bottle CA's certificate to {path}")]
     CaCert {
         path: PathBuf,
@@ -94,8 +96,6 @@ impl std::fmt::Debug for SidecarCredential {
 
 /// The certificate of the bottle's CA, beside the egress log: the agent trusts it.
 pub const CA_CERT: &str = "ca.pem";
-/// Where the agent finds it (and `NODE_EXTRA_CA_CERTS` points), in a container or a guest.
-pub const CA_CERT_IN_AGENT: &str = bottle_proto::config::CA_CERT_PATH;
 
 impl SidecarConfig {
     pub fn from_env() -> Result<Self, SidecarError> {
@@ -145,7 +145,8 @@ pub fn resolve_credentials(
     for (host, c) in credentials {
         let value = match (&c.env, &c.file) {
             (Some(var), _) => env_var(var)
-                .filter(|v| !v.trim().is_empty())
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
                 .ok_or_else(|| {
                     format!("{var} is not set: export it to give {host} its credential")
                 }),
@@ -154,14 +155,18 @@ pub fn resolve_credentials(
                 .map_err(|e| format!("cannot read {} for {host}: {e}", path.display())),
             (None, None) => Err(format!("no `env` or `file` for {host}")),
         };
-        match value {
-            Ok(secret) => resolved.push(SidecarCredential {
+        let value = value.map(|secret| match &c.scheme {
+            Some(scheme) => format!("{scheme} {secret}"),
+            None => secret,
+        });
+        // Checked here, on the host, so the user hears about it rather than the bundle failing.
+        let checked =
+            value.and_then(|v| Injection::new(&c.header, v).map_err(|e| format!("{host}: {e}")));
+        match checked {
+            Ok(injection) => resolved.push(SidecarCredential {
                 host: host.to_ascii_lowercase(),
-                header: c.header.clone(),
-                value: match &c.scheme {
-                    Some(scheme) => format!("{scheme} {secret}"),
-                    None => secret,
-                },
+                header: injection.header,
+                value: injection.value,
             }),
             Err(why) => warnings.push(format!("{why} (until then the agent signs in itself)")),
         }
@@ -170,21 +175,19 @@ pub fn resolve_credentials(
 }
 
 /// The bottle's CA (made here; its key never leaves this process), its certificate written
-/// for the agent, and the credentials by host.
-fn interception(config: &SidecarConfig) -> Result<Interception, SidecarError> {
+/// to `ca_cert` for the agent, and the credentials by host.
+fn interception(config: &SidecarConfig, ca_cert: &Path) -> Result<Interception, SidecarError> {
     let ca = BottleCa::generate(&config.bottle_id)
         .map_err(|source| SidecarError::Intercept { source })?;
-    if let Some(path) = &config.ca_cert {
-        std::fs::write(path, ca.cert_pem()).map_err(|source| SidecarError::CaCert {
-            path: path.clone(),
-            source,
-        })?;
-    }
+    std::fs::write(ca_cert, ca.cert_pem()).map_err(|source| SidecarError::CaCert {
+        path: ca_cert.to_path_buf(),
+        source,
+    })?;
     let mut credentials = std::collections::HashMap::new();
     for c in &config.credentials {
         let injection = Injection::new(&c.header, c.value.clone())
             .map_err(|source| SidecarError::Intercept { source })?;
-        credentials.insert(c.host.to_ascii_lowercase(), injection);
+        credentials.insert(c.host.clone(), injection);
     }
     Ok(Interception::new(ca, credentials))
 }
@@ -199,8 +202,11 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         policy,
     );
     proxy.event_log = config.event_log.clone();
-    if config.ca_cert.is_some() || !config.credentials.is_empty() {
-        proxy.interception = Some(std::sync::Arc::new(interception(&config)?));
+    // Interception needs an agent that trusts the CA: no certificate path, no interception.
+    match &config.ca_cert {
+        Some(path) => proxy.interception = Some(std::sync::Arc::new(interception(&config, path)?)),
+        None if !config.credentials.is_empty() => return Err(SidecarError::CredentialsWithoutCa),
+        None => {}
     }
     let git = bind(GIT_GATE_PORT, "git gate").await?;
     let supervisor = bind(SUPERVISOR_PORT, "supervisor").await?;
@@ -272,6 +278,23 @@ mod tests {
         );
         assert_eq!(warnings.len(), 1);
         assert!(warnings[0].starts_with("UNSET is not set"), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_credential_that_would_split_the_request_is_left_out_with_a_warning() {
+        let creds = BTreeMap::from([(
+            "api.example".to_owned(),
+            credential(Some("TOKEN"), None, Some("Bearer")),
+        )]);
+
+        let (found, warnings) =
+            resolve_credentials(&creds, |_| Some("tok\r\nX-Evil: 1".to_owned()));
+
+        assert!(found.is_empty());
+        assert!(
+            warnings[0].starts_with("api.example: credential header"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

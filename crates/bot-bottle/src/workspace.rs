@@ -112,11 +112,14 @@ impl Walk<'_> {
         std::fs::symlink_metadata(path).map_err(self.read_err(path))
     }
 
-    fn insert(&mut self, name: &Path, meta: Meta, content: Content) -> Result<(), WorkspaceError> {
+    fn image_err(&self) -> impl FnOnce(SquashfsError) -> WorkspaceError {
         let host = self.host.to_path_buf();
-        self.tree
-            .insert(name, meta, content)
-            .map_err(|source| WorkspaceError::Image { host, source })
+        move |source| WorkspaceError::Image { host, source }
+    }
+
+    fn insert(&mut self, name: &Path, meta: Meta, content: Content) -> Result<(), WorkspaceError> {
+        let err = self.image_err();
+        self.tree.insert(name, meta, content).map_err(err)
     }
 
     /// Adds the entries of the host directory `dir`, named `name` in the image.
@@ -139,10 +142,8 @@ impl Walk<'_> {
             } else if kind.is_file() {
                 if m.nlink() > 1 {
                     if let Some(first) = self.inodes.get(&(m.dev(), m.ino())) {
-                        let host = self.host.to_path_buf();
-                        self.tree
-                            .link(&child, first)
-                            .map_err(|source| WorkspaceError::Image { host, source })?;
+                        let err = self.image_err();
+                        self.tree.link(&child, first).map_err(err)?;
                         self.stats.hardlinks += 1;
                         continue;
                     }

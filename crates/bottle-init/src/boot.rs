@@ -315,27 +315,19 @@ pub fn finish_root(cfg: &GuestConfig) -> Result<(), BootError> {
     // With newinstance, /dev/ptmx must point at this instance's ptmx.
     let _ = fs::remove_file("/dev/ptmx");
     let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
-    do_mount(
-        Some("tmpfs"),
-        Path::new("/dev/shm"),
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777"),
-    )?;
-    do_mount(
-        Some("tmpfs"),
-        Path::new("/tmp"),
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777"),
-    )?;
-    do_mount(
-        Some("tmpfs"),
-        Path::new("/run"),
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=0755"),
-    )?;
+    for (dir, mode) in [
+        ("/dev/shm", "mode=1777"),
+        ("/tmp", "mode=1777"),
+        ("/run", "mode=0755"),
+    ] {
+        do_mount(
+            Some("tmpfs"),
+            Path::new(dir),
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(mode),
+        )?;
+    }
     for dir in ["/tmp", "/var/tmp"] {
         mkdir(Path::new(dir))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o1777)).map_err(|source| {

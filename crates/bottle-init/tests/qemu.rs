@@ -27,7 +27,7 @@ use bottle_proto::{Client, ClientError, ExecRequest, PtyRequest, UserIds, Window
 mod qemu_vm;
 #[path = "../../../tests/guest/vhost_vsock.rs"]
 mod vhost_vsock;
-use qemu_vm::{Machine, PORT_NAME};
+use qemu_vm::{which, Machine, PORT_NAME};
 use vhost_vsock::VsockBackend;
 
 const TOKEN: &str = "5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e";
@@ -50,13 +50,6 @@ struct Prereqs {
     mksquashfs: PathBuf,
     busybox: PathBuf,
     init: PathBuf,
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 fn kernel_cache() -> Option<PathBuf> {
@@ -87,36 +80,6 @@ fn find_kernel() -> Result<PathBuf, String> {
         .ok_or_else(|| format!("no kernel for the current kernel/bottle.config in {}: run `bot-bottle kernel build`", cache.display()))
 }
 
-/// Builds bottle-init as a static binary in its own target directory (a nested cargo must not
-/// wait for the lock of the one running these tests).
-fn build_static_init() -> Result<PathBuf, String> {
-    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bottle-init-static");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "bottle-init",
-            "--bin",
-            "bottle-init",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .map_err(|e| format!("cargo: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "static build of bottle-init failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(target_dir.join("x86_64-unknown-linux-gnu/release/bottle-init"))
-}
-
 fn prereqs_or_reason() -> Result<Prereqs, String> {
     let tool = |name: &str, package: &str| {
         which(name).ok_or(format!("`{name}` not found: apt-get install {package}"))
@@ -126,7 +89,8 @@ fn prereqs_or_reason() -> Result<Prereqs, String> {
         mksquashfs: tool("mksquashfs", "squashfs-tools")?,
         busybox: tool("busybox", "busybox-static")?,
         kernel: find_kernel()?,
-        init: build_static_init()?,
+        // This crate's binary, static by the workspace's `.cargo/config.toml`.
+        init: PathBuf::from(env!("CARGO_BIN_EXE_bottle-init")),
     })
 }
 
@@ -365,13 +329,9 @@ impl Vm {
         };
         let append = format!("quiet {config_arg}");
         let (mut cmd, socket, console) = Machine {
-            qemu: &p.qemu,
-            kernel: &p.kernel,
             initrd: Some(&initrd),
-            append: &append,
-            disks: &disks,
-            work: work.path(),
             vhost_vsock: boot.vhost_vsock.as_deref(),
+            ..Machine::new(&p.qemu, &p.kernel, &append, &disks, work.path())
         }
         .command();
         let qemu = cmd.spawn().unwrap();

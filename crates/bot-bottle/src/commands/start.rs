@@ -173,18 +173,13 @@ async fn session(
     let plan = plan::plan(&resolved.manifest, &facts)?;
     db.set_plan(id, &serde_json::to_string(&plan)?)?;
     // Credentials: read on the host now, handed to the bundle's proxy only.
-    let credentials = if plan.egress.credential_hosts.is_empty() {
-        Vec::new()
-    } else {
-        let (found, warnings) =
-            bot_bottle::sidecar::resolve_credentials(&resolved.manifest.credentials, |var| {
-                std::env::var(var).ok()
-            });
-        for w in warnings {
-            eprintln!("bot-bottle: warning: {w}");
-        }
-        found
-    };
+    let (credentials, warnings) =
+        bot_bottle::sidecar::resolve_credentials(&resolved.manifest.credentials, |var| {
+            std::env::var(var).ok()
+        });
+    for w in warnings {
+        eprintln!("bot-bottle: warning: {w}");
+    }
     if resolved.backend == Backend::Microvm {
         db.verify_allowlist(&machine, &plan.allowlist)
             .context("verifying the machine allowlist")?;
@@ -309,6 +304,14 @@ async fn start_bundle(
     Ok(bottle_dir)
 }
 
+/// Undo: remove a file this run made (gone already is fine).
+fn push_remove_file(stack: &mut GuardStack, what: String, path: std::path::PathBuf) {
+    stack.push_sync(what, move || match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    });
+}
+
 fn push_remove_container(stack: &mut GuardStack, name: &str) {
     let name = name.to_owned();
     stack.push(format!("remove container {name}"), move || async move {
@@ -391,13 +394,7 @@ async fn run_microvm(
     if let Some(bytes) = &launch.config_disk {
         let disk = bottle_dir.join(microvm::CONFIG_DISK);
         write_private(&disk, bytes)?;
-        stack.push_sync(
-            "remove the config disk",
-            move || match std::fs::remove_file(&disk) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
-        );
+        push_remove_file(stack, "remove the config disk".into(), disk);
     }
     let launch_path = bottle_dir.join("launch.json");
     write_private(&launch_path, &serde_json::to_vec_pretty(&launch)?)?;
@@ -477,15 +474,11 @@ async fn snapshot_workspaces(
     let mut images = Vec::new();
     for (i, mount) in plan.mounts.iter().enumerate() {
         let image = bottle_dir.join(format!("workspace-{i}.sqfs"));
-        {
-            let image = image.clone();
-            stack.push_sync(format!("remove workspace snapshot {i}"), move || {
-                match std::fs::remove_file(&image) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                }
-            });
-        }
+        push_remove_file(
+            stack,
+            format!("remove workspace snapshot {i}"),
+            image.clone(),
+        );
         eprintln!(
             "bot-bottle: snapshotting {} for {}",
             mount.host.display(),
@@ -501,7 +494,12 @@ async fn snapshot_workspaces(
         .context("the snapshot thread panicked")??;
         tracing::info!(
             files = stats.files,
+            dirs = stats.dirs,
+            symlinks = stats.symlinks,
+            hardlinks = stats.hardlinks,
+            skipped = stats.skipped,
             bytes = stats.bytes,
+            image_bytes = stats.image.image_bytes,
             "workspace snapshot"
         );
         images.push(image);

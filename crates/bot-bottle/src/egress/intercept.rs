@@ -183,23 +183,50 @@ impl BottleCa {
 
 /// Interception for one bottle: its CA, the credentials by host, and the roots the real hosts
 /// are verified against.
-#[derive(Debug)]
 pub struct Interception {
-    pub ca: BottleCa,
-    pub credentials: HashMap<String, Injection>,
-    pub upstream_roots: Arc<RootCertStore>,
+    ca: BottleCa,
+    credentials: HashMap<String, Injection>,
+    /// The proxy's TLS client towards the real hosts, made once.
+    upstream: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for Interception {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interception")
+            .field("hosts", &self.credentials.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Interception {
-    /// Public roots (Mozilla's, compiled in) for the real hosts.
+    /// The real hosts verified against the public roots (Mozilla's, compiled in).
     pub fn new(ca: BottleCa, credentials: HashMap<String, Injection>) -> Self {
         let roots = RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        Interception::with_roots(ca, credentials, roots)
+    }
+
+    /// The real hosts verified against `roots` (tests and benchmarks: a local PKI).
+    pub fn with_roots(
+        ca: BottleCa,
+        credentials: HashMap<String, Injection>,
+        roots: RootCertStore,
+    ) -> Self {
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Interception {
             ca,
-            credentials,
-            upstream_roots: Arc::new(roots),
+            credentials: credentials
+                .into_iter()
+                .map(|(host, i)| (host.to_ascii_lowercase(), i))
+                .collect(),
+            upstream: tokio_rustls::TlsConnector::from(Arc::new(config)),
         }
     }
+
 
     /// The injection for `host`, when it has a credential.
     pub fn for_host(&self, host: &str) -> Option<&Injection> {
@@ -224,20 +251,12 @@ impl Interception {
         let mut agent = tokio_rustls::TlsAcceptor::from(server)
             .accept(client)
             .await?;
-        let mut client_config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(std::io::Error::other)?
-            .with_root_certificates(self.upstream_roots.clone())
-            .with_no_client_auth();
-        client_config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let name = ServerName::try_from(host.to_owned()).map_err(|_| {
             std::io::Error::other(InterceptError::ServerName {
                 host: host.to_owned(),
             })
         })?;
-        let mut real = tokio_rustls::TlsConnector::from(Arc::new(client_config))
-            .connect(name, upstream)
-            .await?;
+        let mut real = self.upstream.connect(name, upstream).await?;
 
         let (head, rest) = read_head(&mut agent).await?;
         let head = match rewrite_head(&head, injection) {
@@ -477,11 +496,11 @@ mod tests {
         let ca_der = ca.cert_der().clone();
         let mut roots = RootCertStore::empty();
         roots.add(root).unwrap();
-        let interception = Interception {
+        let interception = Interception::with_roots(
             ca,
-            credentials: HashMap::from([("api.test".to_owned(), bearer())]),
-            upstream_roots: Arc::new(roots),
-        };
+            HashMap::from([("api.test".to_owned(), bearer())]),
+            roots,
+        );
         let policy = EgressPolicy::new(
             &["api.test".to_owned(), "other.test".to_owned()],
             &[],

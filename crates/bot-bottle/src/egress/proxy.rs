@@ -581,36 +581,34 @@ impl Conn<'_> {
         let upstream = self.open_upstream(event, &host, port).await?;
         let mut upstream = Tracked::new(upstream);
         let activity = upstream.activity();
-        let interception = self.shared.interception.as_deref();
-        if let Some((i, injection)) = interception.and_then(|i| Some((i, i.for_host(&host)?))) {
-            let _ = async {
-                client
-                    .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-                    .await?;
-                tokio::select! {
-                    served = i.serve(client, leftover, upstream, &host, injection) => served,
-                    () = idle(&activity, self.shared.limits.idle_timeout) => Ok(()),
-                }
-            }
-            .await
-            .inspect_err(|e: &io::Error| {
-                tracing::debug!(%host, port, error = %e, "intercepted tunnel ended");
-            });
-            return Ok(());
-        }
+        // A host with a credential is intercepted; any other is tunnelled untouched.
+        let injection = self
+            .shared
+            .interception
+            .as_deref()
+            .and_then(|i| Some((i, i.for_host(&host)?)));
         let _ = async {
             client
                 .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
                 .await?;
-            upstream.write_all(&leftover).await?;
-            let copying = tokio::io::copy_bidirectional_with_sizes(
-                client,
-                &mut upstream,
-                TUNNEL_BUFFER,
-                TUNNEL_BUFFER,
-            );
+            let serving = async {
+                if let Some((i, injection)) = injection {
+                    return i
+                        .serve(client, leftover, &mut upstream, &host, injection)
+                        .await;
+                }
+                upstream.write_all(&leftover).await?;
+                tokio::io::copy_bidirectional_with_sizes(
+                    client,
+                    &mut upstream,
+                    TUNNEL_BUFFER,
+                    TUNNEL_BUFFER,
+                )
+                .await
+                .map(|_| ())
+            };
             tokio::select! {
-                copied = copying => copied.map(|_| ()),
+                served = serving => served,
                 () = idle(&activity, self.shared.limits.idle_timeout) => Ok(()),
             }
         }
