@@ -227,7 +227,6 @@ impl Interception {
         }
     }
 
-
     /// The injection for `host`, when it has a credential.
     pub fn for_host(&self, host: &str) -> Option<&Injection> {
         self.credentials.get(&host.to_ascii_lowercase())
