@@ -245,7 +245,22 @@ fn credential_hosts_are_intercepted_with_the_bottles_ca_and_the_secret_stays_out
         "-c",
         "cat $NODE_EXTRA_CA_CERTS; env | grep -c secret-value-123; sleep 60",
     ]);
-    let run = common::Running::spawn(cmd);
+    let mut run = common::Running::spawn(cmd);
+    // The agent's stdout, line by line: it is stopped only after it has printed what is
+    // checked below (the bottle row says "running" before the agent's shell has run).
+    let (out_tx, out_rx) = std::sync::mpsc::channel::<String>();
+    let stdout = run.child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if out_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let id = sb.wait_running(std::time::Duration::from_secs(180));
     let ca = std::fs::read(sb.state().join("bottles").join(&id).join("ca.pem")).unwrap();
 
@@ -279,20 +294,25 @@ fn credential_hosts_are_intercepted_with_the_bottles_ca_and_the_secret_stays_out
     )
     .unwrap();
     let handshake = tls.complete_io(&mut tcp);
+    // The agent's last line before its sleep is the count of secret copies it holds.
+    let mut agent_output = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match out_rx.recv_timeout(left) {
+            Ok(line) => {
+                let done = line.trim().parse::<u32>().is_ok();
+                agent_output.push_str(&line);
+                agent_output.push('\n');
+                if done {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
     run.signal(nix::sys::signal::Signal::SIGTERM);
-    let agent_output = {
-        let mut child = run;
-        let mut out = String::new();
-        child
-            .child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        child.wait();
-        out
-    };
+    run.wait();
 
     assert!(
         String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"),
