@@ -231,3 +231,76 @@ fn cleanup_images_removes_other_builds_sidecar_images_and_keeps_this_ones() {
         "this build's image was removed: {left}"
     );
 }
+
+/// Fake directories of ended runs of `test`, oldest first (ages in minutes).
+fn old_runs(sb: &Sandbox, count: usize) -> Vec<String> {
+    let root = sb.state().join("bottles");
+    (0..count)
+        .map(|i| {
+            let id = format!("test-old{i:02}");
+            let dir = root.join(&id);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("egress.jsonl"), "{}\n").unwrap();
+            let age = Duration::from_secs(60 * (100 - i as u64));
+            std::fs::File::open(&dir)
+                .unwrap()
+                .set_modified(std::time::SystemTime::now() - age)
+                .unwrap();
+            id
+        })
+        .collect()
+}
+
+fn runs_left(sb: &Sandbox) -> BTreeSet<String> {
+    std::fs::read_dir(sb.state().join("bottles"))
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn start_keeps_the_newest_ten_ended_runs_logs_and_cleanup_logs_removes_them_all() {
+    if !docker_available("start_keeps_the_newest_ten_ended_runs_logs") {
+        return;
+    }
+    let sb = Sandbox::new("91-91");
+    let old = old_runs(&sb, 12);
+    let other = sb.state().join("bottles").join("other-bottle-1");
+    std::fs::create_dir_all(&other).unwrap();
+
+    let out = sb.run(&["start", "test", "--backend", "docker", "--", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let left = runs_left(&sb);
+    // The two oldest runs of `test` went; the ten newest, this run's own directory (with its
+    // egress log) and another bottle's run stayed.
+    for id in &old[..2] {
+        assert!(!left.contains(id), "{id} kept: {left:?}");
+    }
+    for id in &old[2..] {
+        assert!(left.contains(id), "{id} removed: {left:?}");
+    }
+    assert!(left.contains("other-bottle-1"), "{left:?}");
+    let new: Vec<_> = left
+        .iter()
+        .filter(|id| id.starts_with("test-") && !old.contains(id))
+        .collect();
+    assert_eq!(new.len(), 1, "{left:?}");
+    assert!(sb
+        .state()
+        .join("bottles")
+        .join(new[0])
+        .join("egress.jsonl")
+        .is_file());
+
+    // `cleanup --dry-run --logs` lists, `cleanup --logs` removes every ended run's logs.
+    let dry = sb.run(&["cleanup", "--dry-run", "--logs"]);
+    assert!(common::stdout(&dry).contains("would remove the logs of test-old11"));
+    assert_eq!(runs_left(&sb), left);
+    let out = sb.run(&["cleanup", "--logs"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(common::stdout(&out).contains("removed the logs of other-bottle-1"));
+    assert!(runs_left(&sb).is_empty(), "{:?}", runs_left(&sb));
+}

@@ -19,6 +19,7 @@ pub mod mounts;
 pub mod paths;
 pub mod plan;
 pub mod preflight;
+pub mod retention;
 pub mod rootfs;
 pub mod sidecar;
 pub mod squashfs;

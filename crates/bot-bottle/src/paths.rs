@@ -102,9 +102,14 @@ impl Dirs {
         self.state.join("alias-pool.lock")
     }
 
+    /// Where the runs' directories are (see [`Dirs::bottle_dir`]).
+    pub fn runs_dir(&self) -> PathBuf {
+        self.state.join("bottles")
+    }
+
     /// Per-bottle runtime directory (logs, sockets, VMM config).
     pub fn bottle_dir(&self, id: &str) -> PathBuf {
-        self.state.join("bottles").join(id)
+        self.runs_dir().join(id)
     }
 
     /// Create the state directory (mode 0700: it holds sockets and logs of the agent).

@@ -84,6 +84,41 @@ pub fn check_kvm() -> Check {
     }
 }
 
+/// Skips the "can this KVM run Linux" check in `start`: only for running our VMM on test guests
+/// (the probe guest) on a host whose KVM cannot run Linux.
+pub const SKIP_LINUX_CHECK_ENV: &str = "BOT_BOTTLE_SKIP_LINUX_CHECK";
+
+/// Whether this KVM can run the microVM's Linux guest, as a doctor line (`None` when KVM
+/// itself is unusable: the kvm line already says why).
+pub fn check_linux_guest() -> Option<Check> {
+    let path = kvm_path();
+    bottle_vmm::kvm_check::check_kvm(&path).ok()?;
+    Some(match bottle_vmm::linux_check::check_linux_guest(&path) {
+        Ok(report) if report.ran.is_empty() => Check::ok(
+            "linux-guest",
+            "a test VM ran and halted (this CPU announces none of the checked instructions)",
+        ),
+        Ok(report) => Check::ok(
+            "linux-guest",
+            format!("a test VM ran {}", report.ran.join(", ")),
+        ),
+        Err(err) => Check::fail("linux-guest", err.to_string(), err.fix()),
+    })
+}
+
+/// `start`'s refusal when this KVM cannot run the microVM's Linux guest, with the fix; runs
+/// in a few milliseconds. Skipped for a stand-in VMM, which does not run on this KVM.
+pub fn require_linux_guest() -> Result<(), String> {
+    if std::env::var_os(crate::microvm::VMM_ENV).is_some()
+        || std::env::var_os(SKIP_LINUX_CHECK_ENV).is_some_and(|v| v == "1")
+    {
+        return Ok(());
+    }
+    bottle_vmm::linux_check::check_linux_guest(&kvm_path())
+        .map(|_| ())
+        .map_err(|err| format!("{err}.\n  fix: {}", err.fix()))
+}
+
 /// The Docker check as a doctor line, plus whether runsc is registered.
 pub async fn check_docker() -> (Check, Option<Check>) {
     match crate::docker::connect().await {

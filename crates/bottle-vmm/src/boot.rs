@@ -216,8 +216,13 @@ pub fn write_boot_structures(
         EntryPoint::Linux64(_) => write_zero_page(mem, kernel, initrd, bytes.len() - 1, &e820),
         EntryPoint::Pvh(_) => write_pvh_start_info(mem, initrd, &e820),
     }?;
+    write_long_mode_tables(mem, kernel.entry)
+}
+
+/// The identity page tables and the boot GDT (and empty IDT) for `entry`.
+pub fn write_long_mode_tables(mem: &GuestMemoryMmap, entry: EntryPoint) -> Result<(), BootError> {
     write_page_tables(mem)?;
-    write_gdt(mem, &crate::cpu::gdt_table(kernel.entry))
+    write_gdt(mem, &crate::cpu::gdt_table(entry))
 }
 
 fn write_zero_page(

@@ -15,6 +15,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod kvm_check;
 pub mod layout;
+pub mod linux_check;
 pub mod memory;
 pub mod mptable;
 pub mod probe;

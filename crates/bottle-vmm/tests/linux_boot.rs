@@ -32,8 +32,8 @@ fn test_linux_kernel_boots_to_its_banner_and_ends_in_a_root_fs_panic() {
     if !kvm_usable("linux boot") {
         return;
     }
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        return skip("this host's KVM is the nested kvm_pvm, which cannot boot Linux (FINDINGS.md); run on hardware KVM");
+    if let Err(why) = bottle_vmm::linux_check::check_linux_guest(std::path::Path::new("/dev/kvm")) {
+        return skip(&format!("{why}; run on hardware KVM"));
     }
     let dir = tempfile::tempdir().unwrap();
     let config = VmmConfig {

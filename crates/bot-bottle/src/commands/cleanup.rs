@@ -1,10 +1,12 @@
 //! `bot-bottle cleanup`: remove what killed runs left: state rows whose process is gone,
-//! their leases and machine rows, and Docker objects with our labels that no live bottle owns.
+//! their leases and machine rows, and Docker objects with our labels that no live bottle owns;
+//! and the directories (logs) of ended runs beyond the newest few of each bottle.
 
 use std::collections::BTreeSet;
 
 use anyhow::Context as _;
 use bot_bottle::docker;
+use bot_bottle::retention;
 use bot_bottle::state::StateDb;
 
 use super::Context;
@@ -17,6 +19,9 @@ pub struct CleanupArgs {
     /// Also remove sidecar images of other bot-bottle builds (each build makes its own).
     #[arg(long)]
     images: bool,
+    /// Remove the logs of every ended run (by default the newest 10 of each bottle are kept).
+    #[arg(long)]
+    logs: bool,
 }
 
 pub async fn run(ctx: &Context, args: CleanupArgs) -> anyhow::Result<i32> {
@@ -77,12 +82,36 @@ pub async fn run(ctx: &Context, args: CleanupArgs) -> anyhow::Result<i32> {
             db.prune_dead_leases()?;
         }
     }
+    // Run directories (logs) of ended runs: rows removed above no longer protect theirs.
+    let known: BTreeSet<String> = match &db {
+        Some(db) => db.bottles()?.into_iter().map(|r| r.id).collect(),
+        None => BTreeSet::new(),
+    };
+    let keep = if args.logs {
+        0
+    } else {
+        retention::KEEP_RUNS_PER_BOTTLE
+    };
+    let runs = ctx.dirs.runs_dir();
+    let old_runs = if args.dry_run {
+        retention::plan_pruning(&retention::list_runs(&runs)?, &known, keep)
+    } else {
+        retention::prune(&runs, &known, keep)?
+    };
+    for id in &old_runs {
+        let verb = if args.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
+        println!("{verb} the logs of {id}");
+    }
     if args.images && !args.dry_run {
         for tag in bot_bottle::images::prune_sidecar_images(&docker).await? {
             println!("removed image {tag}");
         }
     }
-    if dead.is_empty() {
+    if dead.is_empty() && old_runs.is_empty() {
         println!("nothing to clean up");
     }
     Ok(i32::from(failures > 0))

@@ -21,6 +21,7 @@ pub async fn run(ctx: &Context, args: DoctorArgs) -> anyhow::Result<i32> {
     checks.push(docker);
     checks.extend(runsc);
     checks.push(preflight::check_kvm());
+    checks.extend(preflight::check_linux_guest());
     checks.push(preflight::check_kernel(&ctx.dirs));
     if args.json {
         println!("{}", serde_json::to_string_pretty(&checks)?);

@@ -18,15 +18,13 @@ pub struct LogsArgs {
 pub async fn run(ctx: &Context, args: LogsArgs) -> anyhow::Result<i32> {
     // Logs outlive the bottle (they are kept for inspection after it stops): a direct id
     // works without a state row; a name picks the newest directory of that bottle.
-    let dir = ctx.dirs.state.join("bottles");
+    let dir = ctx.dirs.runs_dir();
     let mut candidates: Vec<(std::time::SystemTime, String)> = Vec::new();
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let matches = name == args.target
-                || name
-                    .rsplit_once('-')
-                    .is_some_and(|(bottle, _)| bottle == args.target);
+            let matches =
+                name == args.target || bot_bottle::retention::bottle_of(&name) == args.target;
             if matches {
                 let t = e
                     .metadata()

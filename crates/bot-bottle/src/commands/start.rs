@@ -115,6 +115,9 @@ async fn session(
     if resolved.backend == Backend::Microvm {
         bottle_vmm::kvm_check::check_kvm(&preflight::kvm_path())
             .context("the microvm backend needs KVM (or choose --backend docker)")?;
+        tokio::task::spawn_blocking(preflight::require_linux_guest)
+            .await?
+            .map_err(anyhow::Error::msg)?;
     }
     let runsc = resolved.backend == Backend::Docker && choose_runsc(&docker).await?;
     ctx.dirs.ensure_state()?;
@@ -156,6 +159,7 @@ async fn session(
             StateDb::open(&db_path).and_then(|db| db.delete_bottle(&id))
         });
     }
+    prune_old_runs(ctx, &db).await;
     let machine = format!("bot-bottle-{id}-vm");
     let guest_cid = match resolved.backend {
         Backend::Microvm => db.create_machine(&machine, id)?,
@@ -302,6 +306,32 @@ async fn start_bundle(
     docker_backend::start_bundle(docker, plan).await?;
     pause_point("bundle").await;
     Ok(bottle_dir)
+}
+
+/// Removes the directories of ended runs beyond the newest few of each bottle (their logs);
+/// a failure is only a warning: it must not stop the session.
+async fn prune_old_runs(ctx: &Context, db: &StateDb) {
+    use bot_bottle::retention;
+    let known = match db.bottles() {
+        Ok(rows) => rows.into_iter().map(|r| r.id).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "not pruning old runs: cannot list the state rows");
+            return;
+        }
+    };
+    let root = ctx.dirs.runs_dir();
+    let pruned = tokio::task::spawn_blocking(move || {
+        retention::prune(&root, &known, retention::KEEP_RUNS_PER_BOTTLE)
+    })
+    .await;
+    match pruned {
+        Ok(Ok(removed)) if !removed.is_empty() => {
+            tracing::info!(count = removed.len(), "removed the directories of old runs")
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => eprintln!("bot-bottle: warning: {e}"),
+        Err(e) => eprintln!("bot-bottle: warning: pruning old runs failed: {e}"),
+    }
 }
 
 /// Undo: remove a file this run made (gone already is fine).

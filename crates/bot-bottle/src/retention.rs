@@ -1,0 +1,182 @@
+//! Keeping the directories of ended runs (`<state>/bottles/<id>`: the egress log, the console,
+//! the CA certificate), but not forever: `bot-bottle logs` reads them after a bottle stops, and
+//! without a limit every run would leave one behind. The newest [`KEEP_RUNS_PER_BOTTLE`] ended
+//! runs of each bottle are kept; a run with a state row (running, or killed and waiting for
+//! `cleanup`) is never touched.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Ended runs kept per bottle name.
+pub const KEEP_RUNS_PER_BOTTLE: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RetentionError {
+    #[error("cannot list the run directories in {path}")]
+    List {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot remove the run directory {path}: remove it by hand")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One run's directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunDir {
+    pub id: String,
+    pub modified: SystemTime,
+}
+
+/// The bottle a run id belongs to (`claude-1a2b3c` is a run of `claude`).
+pub fn bottle_of(id: &str) -> &str {
+    id.rsplit_once('-').map_or(id, |(bottle, _)| bottle)
+}
+
+/// Which run directories to remove: of the runs without a state row (`known` holds the ids
+/// that have one), all but the newest `keep` of each bottle. Pure: decides, touches nothing.
+pub fn plan_pruning(runs: &[RunDir], known: &BTreeSet<String>, keep: usize) -> Vec<String> {
+    let mut by_bottle: BTreeMap<&str, Vec<&RunDir>> = BTreeMap::new();
+    for run in runs.iter().filter(|r| !known.contains(&r.id)) {
+        by_bottle.entry(bottle_of(&run.id)).or_default().push(run);
+    }
+    let mut remove = Vec::new();
+    for mut ended in by_bottle.into_values() {
+        // Newest first; ties broken by id so the plan does not depend on listing order.
+        ended.sort_by(|a, b| b.modified.cmp(&a.modified).then_with(|| b.id.cmp(&a.id)));
+        remove.extend(ended.into_iter().skip(keep).map(|r| r.id.clone()));
+    }
+    remove.sort();
+    remove
+}
+
+/// The run directories under `root` (missing `root`: none).
+pub fn list_runs(root: &Path) -> Result<Vec<RunDir>, RetentionError> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(RetentionError::List {
+                path: root.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut runs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| RetentionError::List {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.is_dir() {
+            continue;
+        }
+        let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        runs.push(RunDir {
+            id,
+            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        });
+    }
+    Ok(runs)
+}
+
+/// Removes what [`plan_pruning`] picks under `root`; returns the removed ids.
+pub fn prune(
+    root: &Path,
+    known: &BTreeSet<String>,
+    keep: usize,
+) -> Result<Vec<String>, RetentionError> {
+    let plan = plan_pruning(&list_runs(root)?, known, keep);
+    for id in &plan {
+        let path = root.join(id);
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(RetentionError::Remove { path, source }),
+        }
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn run(id: &str, age_s: u64) -> RunDir {
+        RunDir {
+            id: id.into(),
+            modified: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 - age_s),
+        }
+    }
+
+    #[test]
+    fn the_newest_runs_of_each_bottle_are_kept_and_the_rest_removed() {
+        let runs = vec![
+            run("claude-a", 50),
+            run("claude-b", 10),
+            run("claude-c", 30),
+            run("claude-d", 40),
+            run("my-bot-x", 99),
+            run("my-bot-y", 1),
+        ];
+        let plan = plan_pruning(&runs, &BTreeSet::new(), 2);
+        // claude keeps b (10 s old) and c (30 s); my-bot keeps both of its runs.
+        assert_eq!(plan, vec!["claude-a".to_owned(), "claude-d".to_owned()]);
+    }
+
+    #[test]
+    fn runs_with_a_state_row_are_never_removed_nor_counted() {
+        let runs = vec![run("claude-old", 100), run("claude-new", 1)];
+        let known: BTreeSet<String> = ["claude-old".to_owned()].into();
+        assert!(plan_pruning(&runs, &known, 1).is_empty());
+        assert_eq!(
+            plan_pruning(&runs, &known, 0),
+            vec!["claude-new".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_name_with_dashes_is_one_bottle() {
+        assert_eq!(bottle_of("my-team-bot-9f8e"), "my-team-bot");
+        assert_eq!(bottle_of("plain"), "plain");
+    }
+
+    #[test]
+    fn prune_removes_the_old_directories_and_only_them() {
+        let root = tempfile::tempdir().unwrap();
+        for (id, age) in [("t-1", 300), ("t-2", 200), ("t-3", 100), ("t-live", 400)] {
+            let dir = root.path().join(id);
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join("egress.jsonl"), id).unwrap();
+            let when = SystemTime::now() - Duration::from_secs(age);
+            std::fs::File::open(&dir)
+                .unwrap()
+                .set_modified(when)
+                .unwrap();
+        }
+        // A stray file is not a run.
+        std::fs::write(root.path().join("t-file"), "x").unwrap();
+        let known: BTreeSet<String> = ["t-live".to_owned()].into();
+        let removed = prune(root.path(), &known, 2).unwrap();
+        assert_eq!(removed, vec!["t-1".to_owned()]);
+        let mut left: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["t-2", "t-3", "t-file", "t-live"]);
+        assert!(prune(&root.path().join("missing"), &known, 2)
+            .unwrap()
+            .is_empty());
+    }
+}
