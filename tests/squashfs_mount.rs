@@ -865,3 +865,69 @@ fn root_images_keep_file_capabilities_and_user_xattrs_and_nothing_else() {
     assert_eq!(names("lower/ping"), ["security.capability", "user.note"]);
     assert!(names("lower").is_empty(), "{:?}", names("lower"));
 }
+
+/// Small files go into shared fragment blocks (more than 512 of them, so the fragment table
+/// spans two metadata blocks); files of a block or more keep their own blocks; everything
+/// reads back through the kernel byte for byte.
+#[test]
+fn small_files_share_fragment_blocks_and_read_back_through_the_kernel() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let mut b = Builder::new();
+    b.set_root(Meta::root(0o755));
+    let mut expected: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut add = |b: &mut Builder, path: String, bytes: Vec<u8>| {
+        let file = src.join(path.replace('/', "_"));
+        fs::write(&file, &bytes).unwrap();
+        put(b, &path, meta(0o644, 0, 0), Content::File(file));
+        expected.insert(path, bytes);
+    };
+    // 520 files of 70 KB and more: two never fit in one 128 KiB fragment block.
+    const LARGE_SMALL: usize = 520;
+    for i in 0..LARGE_SMALL {
+        let mut bytes = format!("file {i:04}\n").repeat(7_100).into_bytes();
+        bytes.truncate(70_000 + i);
+        add(&mut b, format!("big-small/{i:04}"), bytes);
+    }
+    // 2,000 tiny files, many to a fragment block.
+    for i in 0..2000u64 {
+        add(
+            &mut b,
+            format!("tiny/{i:04}"),
+            noise(10 + (i as usize * 7) % 190, i + 1),
+        );
+    }
+    // A copy of a tiny file shares its fragment; edge sizes keep their own blocks.
+    add(&mut b, "copy-of-tiny-7".into(), noise(10 + 49, 8));
+    add(&mut b, "one-block".into(), noise(BLOCK_SIZE, 3));
+    add(&mut b, "block-and-a-byte".into(), noise(BLOCK_SIZE + 1, 4));
+    add(
+        &mut b,
+        "just-under-a-block".into(),
+        noise(BLOCK_SIZE - 1, 5),
+    );
+    add(&mut b, "empty".into(), Vec::new());
+
+    let image = work.path().join("image.sqfs");
+    let stats = b.write(&image, &mut |_, _| {}).unwrap();
+    // Distinct small contents: 520 + 2000 + the one just under a block (the copy is shared).
+    assert_eq!(stats.fragmented_files, 2521, "{stats:?}");
+    assert_eq!(stats.deduplicated_files, 1, "{stats:?}");
+    assert!(stats.fragment_blocks > 512, "{stats:?}");
+
+    let Some(m) = mount(&image, "small_files_share_fragment_blocks") else {
+        return;
+    };
+    for (path, bytes) in &expected {
+        let got = fs::read(m.path().join(path)).unwrap();
+        assert!(
+            got == *bytes,
+            "{path}: {} bytes read, {} written",
+            got.len(),
+            bytes.len()
+        );
+    }
+    let tiny = fs::read_dir(m.path().join("tiny")).unwrap().count();
+    assert_eq!(tiny, 2000);
+}

@@ -24,7 +24,7 @@ const MOUNT_POINTS: [&str; 5] = ["dev", "proc", "sys", "tmp", "run"];
 
 /// Part of every cache key: bump it when the images written for the same input change (2:
 /// hard links and xattrs kept).
-const IMAGE_FORMAT: &[u8] = b"bot-bottle root image 2\0";
+const IMAGE_FORMAT: &[u8] = b"bot-bottle root image 3\0";
 
 /// The PAX record prefix under which Docker (and GNU tar) store extended attributes.
 const PAX_XATTR: &str = "SCHILY.xattr.";

@@ -6,8 +6,9 @@
 //! on `ping`-like binaries, `user.*`). No library writer we could use keeps the last two, so
 //! this module writes the format itself. The layout follows the kernel's reader
 //! (`fs/squashfs`): superblock, data blocks, inode table, directory table, id table, xattr
-//! tables, padded to 4 KiB. There are no fragments (each file's tail is its own compressed
-//! block) and no NFS export table; identical file contents are stored once.
+//! tables, padded to 4 KiB. Files smaller than a block are packed together into fragment
+//! blocks (as mksquashfs does by default: a larger file's tail stays its own block); there is
+//! no NFS export table; identical file contents are stored once.
 //!
 //! Building is two steps: [`Builder`] collects paths (a pure, in-memory tree, checked as it
 //! grows), and [`Builder::write`] streams file contents from their spool files into the image.
@@ -145,6 +146,9 @@ pub struct WriteStats {
     pub dropped_xattrs: Vec<(String, String)>,
     /// Regular files whose content was already in the image and is shared.
     pub deduplicated_files: u32,
+    /// Distinct small file contents packed into fragment blocks, and those blocks.
+    pub fragmented_files: u32,
+    pub fragment_blocks: u32,
     /// File content bytes read.
     pub data_in: u64,
     /// Size of the finished image.
@@ -288,6 +292,7 @@ impl Builder {
             id_index: HashMap::new(),
             xattr_sets: Vec::new(),
             xattr_index: HashMap::new(),
+            fragments: Vec::new(),
             stats: WriteStats::default(),
             done: 0,
             total: 0,
@@ -552,6 +557,8 @@ struct ImageWriter {
     id_index: HashMap<u32, u16>,
     xattr_sets: Vec<XattrSet>,
     xattr_index: HashMap<XattrSet, u32>,
+    /// Each fragment block's place and stored size (with `UNCOMPRESSED_BLOCK` when raw).
+    fragments: Vec<(u64, u32)>,
     stats: WriteStats,
     done: u64,
     total: u64,
@@ -640,7 +647,13 @@ impl ImageWriter {
             };
             match content {
                 Content::File(_) => {
-                    let FileData { start, sizes, size } = data[id]
+                    let FileData {
+                        start,
+                        sizes,
+                        size,
+                        fragment,
+                        offset,
+                    } = data[id]
                         .clone()
                         .expect("every file's content is written first");
                     if nlink > 1 {
@@ -649,7 +662,7 @@ impl ImageWriter {
                     match (u32::try_from(start), u32::try_from(size)) {
                         (Ok(start), Ok(size)) if !ext && nlink <= 1 => {
                             header(&mut b, 2, self)?;
-                            b.u32(start).u32(NO_FRAGMENT).u32(0).u32(size);
+                            b.u32(start).u32(fragment).u32(offset).u32(size);
                         }
                         _ => {
                             header(&mut b, 9, self)?;
@@ -657,8 +670,8 @@ impl ImageWriter {
                                 .u64(size)
                                 .u64(0)
                                 .u32(nlink)
-                                .u32(NO_FRAGMENT)
-                                .u32(0)
+                                .u32(fragment)
+                                .u32(offset)
                                 .u32(xattr);
                         }
                     }
@@ -834,15 +847,44 @@ impl ImageWriter {
         let mut data: Vec<Option<FileData>> = vec![None; nodes.len()];
         let mut next = 0;
         let mut open: Option<(usize, File, u64)> = None;
+        // Small files are gathered here until the next one would not fit.
+        let mut fragment: Vec<u8> = Vec::with_capacity(BLOCK_SIZE);
         loop {
-            let mut jobs: Vec<(usize, Vec<u8>)> = Vec::with_capacity(threads * BATCH_PER_THREAD);
+            let mut jobs: Vec<(Slot, Vec<u8>)> = Vec::with_capacity(threads * BATCH_PER_THREAD);
             while jobs.len() < threads * BATCH_PER_THREAD {
                 if open.is_none() {
-                    let Some(&(id, src, _)) = unique.get(next) else {
+                    let Some(&(id, src, size)) = unique.get(next) else {
+                        if !fragment.is_empty() {
+                            jobs.push((Slot::Fragment, std::mem::take(&mut fragment)));
+                        }
                         break;
                     };
-                    open = Some((next, File::open(src).map_err(read_err(id, src))?, 0));
+                    let mut f = File::open(src).map_err(read_err(id, src))?;
                     next += 1;
+                    if size > 0 && size < BLOCK_SIZE as u64 {
+                        // Read one byte past the size: a file that grew is caught too.
+                        let mut buf = vec![0u8; size as usize + 1];
+                        let n = read_block(&mut f, &mut buf).map_err(read_err(id, src))?;
+                        if n as u64 != size {
+                            return Err(read_err(id, src)(io::Error::other(
+                                "the file changed while the image was written",
+                            )));
+                        }
+                        if fragment.len() + n > BLOCK_SIZE {
+                            jobs.push((Slot::Fragment, std::mem::take(&mut fragment)));
+                        }
+                        let index = self.fragments.len() as u32
+                            + jobs.iter().filter(|j| j.0 == Slot::Fragment).count() as u32;
+                        data[id] = Some(FileData {
+                            fragment: index,
+                            offset: fragment.len() as u32,
+                            ..FileData::at(0, size)
+                        });
+                        fragment.extend_from_slice(&buf[..n]);
+                        self.stats.fragmented_files += 1;
+                        continue;
+                    }
+                    open = Some((next - 1, f, 0));
                 }
                 let Some((u, f, got)) = open.as_mut() else {
                     break;
@@ -865,23 +907,32 @@ impl ImageWriter {
                 }
                 buf.truncate(n);
                 *got += n as u64;
-                jobs.push((*u, buf));
+                jobs.push((Slot::Data(*u), buf));
             }
             if jobs.is_empty() {
                 break;
             }
             let compressed = compress_all(&jobs, &mut compressors);
-            for ((u, raw), z) in jobs.iter().zip(compressed) {
+            for ((slot, raw), z) in jobs.iter().zip(compressed) {
                 let z = z.map_err(SquashfsError::Compress)?;
-                let (id, _, size) = unique[*u];
                 let pos = self.pos;
-                let entry = data[id].get_or_insert_with(|| FileData::at(pos, size));
-                if z.len() < raw.len() {
-                    entry.sizes.push(z.len() as u32);
+                let stored = if z.len() < raw.len() {
                     self.put(&z)?;
+                    z.len() as u32
                 } else {
-                    entry.sizes.push(raw.len() as u32 | UNCOMPRESSED_BLOCK);
                     self.put(raw)?;
+                    raw.len() as u32 | UNCOMPRESSED_BLOCK
+                };
+                match slot {
+                    Slot::Data(u) => {
+                        let (id, _, size) = unique[*u];
+                        let entry = data[id].get_or_insert_with(|| FileData::at(pos, size));
+                        entry.sizes.push(stored);
+                    }
+                    Slot::Fragment => {
+                        self.fragments.push((pos, stored));
+                        self.stats.fragment_blocks += 1;
+                    }
                 }
                 self.done += raw.len() as u64;
             }
@@ -903,6 +954,17 @@ impl ImageWriter {
             idw.write(&id.to_le_bytes(), c)?;
         }
         let (id_blocks, id_starts) = idw.finish(c)?;
+        let fragment_table = if self.fragments.is_empty() {
+            None
+        } else {
+            let mut fw = MetaWriter::default();
+            for &(start, size) in &self.fragments {
+                let mut entry: Vec<u8> = Vec::with_capacity(16);
+                entry.u64(start).u32(size).u32(0);
+                fw.write(&entry, c)?;
+            }
+            Some(fw.finish(c)?)
+        };
         let xattr_tables = if self.xattr_sets.is_empty() {
             None
         } else {
@@ -932,6 +994,23 @@ impl ImageWriter {
         self.put(&inode_table)?;
         let directory_table_start = self.pos;
         self.put(&dir_table)?;
+        // The kernel wants the fragment table after the directory table and before the id
+        // table's blocks (it bounds each table by the next one's start).
+        let mut flags = FLAG_DUPLICATES;
+        let fragment_table_start = if let Some((blocks, starts)) = fragment_table {
+            let blocks_start = self.pos;
+            self.put(&blocks)?;
+            let table_start = self.pos;
+            let mut index: Vec<u8> = Vec::new();
+            for s in starts {
+                index.u64(blocks_start + s);
+            }
+            self.put(&index)?;
+            table_start
+        } else {
+            flags |= FLAG_NO_FRAGMENTS;
+            NO_TABLE
+        };
         let id_blocks_start = self.pos;
         self.put(&id_blocks)?;
         let id_table_start = self.pos;
@@ -940,7 +1019,6 @@ impl ImageWriter {
             index.u64(id_blocks_start + s);
         }
         self.put(&index)?;
-        let mut flags = FLAG_NO_FRAGMENTS | FLAG_DUPLICATES;
         let xattr_id_table_start = match xattr_tables {
             None => {
                 flags |= FLAG_NO_XATTRS;
@@ -970,7 +1048,7 @@ impl ImageWriter {
             .u32(inodes)
             .u32(0)
             .u32(BLOCK_SIZE as u32)
-            .u32(0)
+            .u32(self.fragments.len() as u32)
             .u16(ZSTD)
             .u16(BLOCK_LOG)
             .u16(flags)
@@ -983,7 +1061,7 @@ impl ImageWriter {
             .u64(xattr_id_table_start)
             .u64(inode_table_start)
             .u64(directory_table_start)
-            .u64(NO_TABLE)
+            .u64(fragment_table_start)
             .u64(NO_TABLE);
         let path = self.path.clone();
         let write_err = |source| SquashfsError::Write {
@@ -1000,12 +1078,15 @@ impl ImageWriter {
     }
 }
 
-/// Where one file's content is: its first block, each block's stored size, its length.
+/// Where one file's content is: its first block, each block's stored size, its length, and
+/// for a small file the fragment block holding it and its offset there.
 #[derive(Debug, Clone)]
 struct FileData {
     start: u64,
     sizes: Vec<u32>,
     size: u64,
+    fragment: u32,
+    offset: u32,
 }
 
 impl FileData {
@@ -1014,14 +1095,24 @@ impl FileData {
             start,
             sizes: Vec::new(),
             size,
+            fragment: NO_FRAGMENT,
+            offset: 0,
         }
     }
 }
 
+/// What a block to compress belongs to: a file's data (its index among the distinct
+/// contents), or the fragment block of small files being filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Data(usize),
+    Fragment,
+}
+
 /// Compresses each job's block, the jobs split in contiguous runs over the compressors'
 /// threads; results in job order.
-fn compress_all(
-    jobs: &[(usize, Vec<u8>)],
+fn compress_all<T: Sync>(
+    jobs: &[(T, Vec<u8>)],
     compressors: &mut [zstd::bulk::Compressor<'static>],
 ) -> Vec<io::Result<Vec<u8>>> {
     if compressors.len() == 1 || jobs.len() == 1 {
