@@ -1,7 +1,8 @@
-//! Cost of credential injection: an HTTPS request on a fresh connection through the egress
-//! proxy, tunnelled untouched (the baseline: TLS end to end between client and server) and
-//! intercepted (TLS to the proxy with the bottle's CA, the proxy's own TLS to the server, the
-//! credential header set), in the same run on loopback, printed as a ratio.
+//! Cost of credential injection: HTTPS requests through the egress proxy, tunnelled untouched
+//! (the baseline: TLS end to end between client and server) and intercepted (TLS to the proxy
+//! with the bottle's CA, the proxy's own TLS to the server, the credential header set), each
+//! on a fresh connection and on one kept connection (keep-alive, as agents' HTTP clients do),
+//! in the same run on loopback, printed as ratios.
 //! `cargo bench -p bot-bottle --bench egress_intercept`.
 
 use std::collections::HashMap;
@@ -23,7 +24,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A root and an HTTPS server for `HOST` under it, answering one request per connection.
+/// The server's answer to every request.
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+/// A root and an HTTPS server for `HOST` under it, answering every request on a connection
+/// with [`OK`] until the client closes it.
 async fn https_server() -> (SocketAddr, CertificateDer<'static>) {
     let mut ca_params = CertificateParams::default();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -52,24 +57,26 @@ async fn https_server() -> (SocketAddr, CertificateDer<'static>) {
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
+            let _ = tcp.set_nodelay(true);
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let mut head = Vec::new();
+                // Requests carry no body: each ends at its empty line.
+                let mut pending = Vec::new();
                 let mut buf = [0u8; 1024];
-                while !head.ends_with(b"\r\n\r\n") {
+                loop {
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        if tls.write_all(OK).await.is_err() {
+                            return;
+                        }
+                    }
                     match tls.read(&mut buf).await {
                         Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
                     }
                 }
-                let _ = tls
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
-                    )
-                    .await;
-                let _ = tls.shutdown().await;
             });
         }
     });
@@ -88,8 +95,14 @@ async fn proxy(interception: Option<Interception>) -> SocketAddr {
     addr
 }
 
-/// Latencies of `REQUESTS` HTTPS GETs, each on a fresh CONNECT tunnel, trusting `root`.
-async fn gets(proxy: SocketAddr, port: u16, root: CertificateDer<'static>) -> Vec<Duration> {
+/// Latencies of `REQUESTS` HTTPS GETs trusting `root`, each on a fresh CONNECT tunnel, or
+/// (`kept`) all on one, opened before the clock starts.
+async fn gets(
+    proxy: SocketAddr,
+    port: u16,
+    root: CertificateDer<'static>,
+    kept: bool,
+) -> Vec<Duration> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root).unwrap();
     let config = Arc::new(
@@ -100,9 +113,7 @@ async fn gets(proxy: SocketAddr, port: u16, root: CertificateDer<'static>) -> Ve
             .with_no_client_auth(),
     );
     let connector = tokio_rustls::TlsConnector::from(config);
-    let mut times = Vec::with_capacity(REQUESTS);
-    for _ in 0..REQUESTS {
-        let started = Instant::now();
+    let connect = || async {
         let mut tcp = TcpStream::connect(proxy).await.unwrap();
         tcp.set_nodelay(true).unwrap();
         tcp.write_all(
@@ -116,18 +127,25 @@ async fn gets(proxy: SocketAddr, port: u16, root: CertificateDer<'static>) -> Ve
             tcp.read_exact(&mut byte).await.unwrap();
             head.push(byte[0]);
         }
-        let mut tls = connector
+        connector
             .connect(ServerName::try_from(HOST).unwrap(), tcp)
             .await
-            .unwrap();
-        tls.write_all(
-            format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: x\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut response = Vec::new();
-        let _ = tls.read_to_end(&mut response).await;
-        assert!(response.ends_with(b"ok"), "bad response");
+            .unwrap()
+    };
+    let request = format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: x\r\n\r\n");
+    let mut kept_conn = if kept { Some(connect().await) } else { None };
+    let mut times = Vec::with_capacity(REQUESTS);
+    for _ in 0..REQUESTS {
+        let started = Instant::now();
+        let mut fresh = None;
+        let tls = match kept_conn.as_mut() {
+            Some(tls) => tls,
+            None => fresh.insert(connect().await),
+        };
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut response = vec![0u8; OK.len()];
+        tls.read_exact(&mut response).await.unwrap();
+        assert_eq!(response, OK, "bad response");
         times.push(started.elapsed());
     }
     times
@@ -161,14 +179,26 @@ fn main() {
         )))
         .await;
 
-        let tunnelled = median(gets(tunnel, server.port(), root).await);
-        let intercepted = median(gets(intercepting, server.port(), bottle_root).await);
+        let port = server.port();
+        let tunnelled = median(gets(tunnel, port, root.clone(), false).await);
+        let intercepted = median(gets(intercepting, port, bottle_root.clone(), false).await);
+        let tunnelled_kept = median(gets(tunnel, port, root, true).await);
+        let intercepted_kept = median(gets(intercepting, port, bottle_root, true).await);
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
         println!(
-            "HTTPS GET on a new connection, p50 of {REQUESTS}: tunnelled {:.0} µs | intercepted \
+            "HTTPS GET, p50 of {REQUESTS}, on a new connection: tunnelled {:.0} µs | intercepted \
              with injection {:.0} µs | ratio {:.2}x",
-            tunnelled.as_secs_f64() * 1e6,
-            intercepted.as_secs_f64() * 1e6,
-            intercepted.as_secs_f64() / tunnelled.as_secs_f64()
+            us(tunnelled),
+            us(intercepted),
+            us(intercepted) / us(tunnelled)
+        );
+        println!(
+            "HTTPS GET, p50 of {REQUESTS}, on a kept connection: tunnelled {:.0} µs | intercepted \
+             with injection {:.0} µs | ratio {:.2}x; intercepted kept / tunnelled new {:.2}x",
+            us(tunnelled_kept),
+            us(intercepted_kept),
+            us(intercepted_kept) / us(tunnelled_kept),
+            us(intercepted_kept) / us(tunnelled)
         );
     });
 }

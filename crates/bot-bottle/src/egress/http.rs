@@ -160,8 +160,18 @@ pub(crate) enum BodyFraming {
 /// Reads `Content-Length` / `Transfer-Encoding`. Both together, conflicting lengths or an
 /// encoding other than a final `chunked` are refused (request-smuggling defences).
 pub(crate) fn body_framing(head: &RequestHead) -> Result<BodyFraming, String> {
-    let encodings: Vec<String> = head
-        .header_values("transfer-encoding")
+    framing_of(&head.headers)
+}
+
+/// [`body_framing`] from a header list (requests and responses alike).
+fn framing_of(headers: &[(String, Vec<u8>)]) -> Result<BodyFraming, String> {
+    let values = |name: &'static str| {
+        headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    };
+    let encodings: Vec<String> = values("transfer-encoding")
         .flat_map(|v| {
             String::from_utf8_lossy(v)
                 .split(',')
@@ -170,7 +180,7 @@ pub(crate) fn body_framing(head: &RequestHead) -> Result<BodyFraming, String> {
         })
         .filter(|s| !s.is_empty())
         .collect();
-    let lengths: Vec<&[u8]> = head.header_values("content-length").collect();
+    let lengths: Vec<&[u8]> = values("content-length").collect();
     match (encodings.last(), lengths.first()) {
         (Some(_), Some(_)) => Err("both Content-Length and Transfer-Encoding".into()),
         (Some(last), None) if last == "chunked" => Ok(BodyFraming::Chunked),
@@ -197,7 +207,7 @@ pub(crate) fn body_framing(head: &RequestHead) -> Result<BodyFraming, String> {
 }
 
 /// Headers that describe one hop and are not forwarded (RFC 9110 §7.6.1), plus the proxy's own.
-const HOP_BY_HOP: &[&str] = &[
+pub(crate) const HOP_BY_HOP: &[&str] = &[
     "connection",
     "proxy-connection",
     "keep-alive",
@@ -212,15 +222,7 @@ const HOP_BY_HOP: &[&str] = &[
 /// `Connection` header names), `Host` added if missing, and `Connection: close` (one request
 /// per upstream connection).
 pub(crate) fn upstream_head(head: &RequestHead, path: &str, authority: &str) -> Vec<u8> {
-    let named_by_connection: Vec<String> = head
-        .header_values("connection")
-        .flat_map(|v| {
-            String::from_utf8_lossy(v)
-                .split(',')
-                .map(|s| s.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let named_by_connection = connection_tokens(&head.headers);
     let mut out = format!("{} {} HTTP/1.{}\r\n", head.method, path, head.version).into_bytes();
     let mut has_host = false;
     for (name, value) in &head.headers {
@@ -239,6 +241,90 @@ pub(crate) fn upstream_head(head: &RequestHead, path: &str, authority: &str) -> 
     }
     out.extend_from_slice(b"Connection: close\r\n\r\n");
     out
+}
+
+/// The lower-cased tokens of every `Connection` header.
+pub(crate) fn connection_tokens(headers: &[(String, Vec<u8>)]) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Whether a message of HTTP/1.`version` with these headers ends its connection.
+pub(crate) fn closes_connection(version: u8, headers: &[(String, Vec<u8>)]) -> bool {
+    let tokens = connection_tokens(headers);
+    tokens.iter().any(|t| t == "close")
+        || (version == 0 && !tokens.iter().any(|t| t == "keep-alive"))
+}
+
+/// A parsed response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ResponseHead {
+    pub status: u16,
+    /// Minor version: `0` for HTTP/1.0, `1` for HTTP/1.1.
+    pub version: u8,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Parses a complete response head.
+pub(crate) fn parse_response_head(buf: &[u8]) -> Result<ResponseHead, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err("incomplete response head".into()),
+        Err(e) => return Err(format!("malformed response head: {e}")),
+    }
+    let (Some(status), Some(version)) = (resp.code, resp.version) else {
+        return Err("response without a status line".into());
+    };
+    Ok(ResponseHead {
+        status,
+        version,
+        headers: resp
+            .headers
+            .iter()
+            .map(|h| (h.name.to_owned(), h.value.to_vec()))
+            .collect(),
+    })
+}
+
+/// How a response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResponseFraming {
+    Body(BodyFraming),
+    /// No length: the body runs until the server closes the connection.
+    UntilClose,
+}
+
+/// The framing of `head`, the answer to a `method` request. Responses to `HEAD`, `1xx`, `204`
+/// and `304` have no body; a length the request checks would refuse is refused here too.
+pub(crate) fn response_framing(
+    head: &ResponseHead,
+    method: &str,
+) -> Result<ResponseFraming, String> {
+    if method.eq_ignore_ascii_case("HEAD")
+        || (100..200).contains(&head.status)
+        || head.status == 204
+        || head.status == 304
+    {
+        return Ok(ResponseFraming::Body(BodyFraming::None));
+    }
+    let delimited = head.headers.iter().any(|(n, _)| {
+        n.eq_ignore_ascii_case("content-length") || n.eq_ignore_ascii_case("transfer-encoding")
+    });
+    if !delimited {
+        return Ok(ResponseFraming::UntilClose);
+    }
+    framing_of(&head.headers).map(ResponseFraming::Body)
 }
 
 /// A complete response from the proxy itself (`Connection: close`, plain-text body).

@@ -7,8 +7,10 @@
 //! by this bottle's agent. The proxy opens its own TLS connection to the real host, verified
 //! against the public roots, and sends each request up with the credential's header set by
 //! the proxy: whatever the agent put in that header is dropped. The secret never reaches the
-//! agent. One request per connection (`Connection: close` both ways), so no body framing is
-//! needed here; clients open a new connection for the next request.
+//! agent. Connections stay open for the next request (HTTP/1.1 keep-alive), so each request
+//! and response is read by its framing (`Content-Length`, chunked, or until close) and every
+//! request on the connection gets the credential; responses are relayed as they arrive, so a
+//! streamed (server-sent events) answer reaches the agent chunk by chunk.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -20,8 +22,11 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::RootCertStore;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
+
+use super::body;
+use super::http::{self, BodyFraming, ResponseFraming};
 
 /// Longest request head the agent may send through an intercepted connection.
 const MAX_HEAD: usize = 64 * 1024;
@@ -247,7 +252,7 @@ impl Interception {
             prefix: leftover,
             inner: client,
         };
-        let mut agent = tokio_rustls::TlsAcceptor::from(server)
+        let agent = tokio_rustls::TlsAcceptor::from(server)
             .accept(client)
             .await?;
         let name = ServerName::try_from(host.to_owned()).map_err(|_| {
@@ -255,83 +260,139 @@ impl Interception {
                 host: host.to_owned(),
             })
         })?;
-        let mut real = self.upstream.connect(name, upstream).await?;
-
-        let (head, rest) = read_head(&mut agent).await?;
-        let head = match rewrite_head(&head, injection) {
-            Ok(head) => head,
-            Err(why) => {
-                let body = format!("bot-bottle egress: {why}\n");
-                let reply = format!(
-                    "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                agent.write_all(reply.as_bytes()).await?;
-                return agent.shutdown().await;
+        let real = self.upstream.connect(name, upstream).await?;
+        let mut agent = BufReader::new(agent);
+        let mut real = BufReader::new(real);
+        loop {
+            let Some(head) = body::read_head(&mut agent, MAX_HEAD).await? else {
+                break;
+            };
+            let request = match rewrite_head(&head, injection) {
+                Ok(request) => request,
+                Err(why) => {
+                    let reply =
+                        http::response(400, "Bad Request", &format!("bot-bottle egress: {why}\n"));
+                    agent.write_all(&reply).await?;
+                    break;
+                }
+            };
+            if request.expects_continue {
+                agent.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                agent.flush().await?;
             }
-        };
-        real.write_all(&head).await?;
-        real.write_all(&rest).await?;
-        tokio::io::copy_bidirectional(&mut agent, &mut real).await?;
-        Ok(())
+            real.write_all(&request.head).await?;
+            body::forward(&mut agent, &mut real, request.framing).await?;
+            real.flush().await?;
+
+            // The answer: interim (1xx) heads pass through, then the final one and its body.
+            let (raw, response) = loop {
+                let Some(raw) = body::read_head(&mut real, MAX_HEAD).await? else {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                };
+                let response = http::parse_response_head(&raw).map_err(std::io::Error::other)?;
+                if (100..200).contains(&response.status) && response.status != 101 {
+                    agent.write_all(&raw).await?;
+                    continue;
+                }
+                break (raw, response);
+            };
+            let framing = match http::response_framing(&response, &request.method) {
+                // The agent's Upgrade is never sent up: a protocol switch is not expected.
+                Ok(_) if response.status == 101 => Err("an unrequested protocol switch".into()),
+                other => other,
+            };
+            let framing = match framing {
+                Ok(framing) => framing,
+                Err(why) => {
+                    let reply = http::response(
+                        502,
+                        "Bad Gateway",
+                        &format!("bot-bottle egress: the upstream's response: {why}\n"),
+                    );
+                    agent.write_all(&reply).await?;
+                    break;
+                }
+            };
+            agent.write_all(&raw).await?;
+            match framing {
+                ResponseFraming::Body(framing) => {
+                    body::forward(&mut real, &mut agent, framing).await?;
+                    agent.flush().await?;
+                }
+                ResponseFraming::UntilClose => {
+                    tokio::io::copy_buf(&mut real, &mut agent).await?;
+                    break;
+                }
+            }
+            if request.closes || http::closes_connection(response.version, &response.headers) {
+                break;
+            }
+        }
+        agent.flush().await?;
+        agent.shutdown().await
     }
 }
 
-/// Reads up to the end of the request head; returns the head and what followed it.
-async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = buf.split_off(end + 4);
-            return Ok((buf, rest));
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(std::io::Error::other("request head too large"));
-        }
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+/// One request as it goes up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewritten {
+    /// The head sent to the real host.
+    pub head: Vec<u8>,
+    pub method: String,
+    pub(crate) framing: BodyFraming,
+    /// The agent's request ends the connection (`Connection: close`, or HTTP/1.0).
+    pub closes: bool,
+    /// The agent waits for `100 Continue` before its body: the proxy answers it.
+    pub expects_continue: bool,
 }
 
 /// The request head as sent up: the credential's header set by the proxy (the agent's own
-/// value for it dropped), one request per connection.
-pub fn rewrite_head(head: &[u8], injection: &Injection) -> Result<Vec<u8>, String> {
-    let mut headers = [httparse::EMPTY_HEADER; 128];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err("incomplete request head".into()),
-        Err(e) => return Err(format!("malformed request head: {e}")),
-    }
-    let (Some(method), Some(path)) = (req.method, req.path) else {
-        return Err("request line without a method or path".into());
+/// value for it dropped), hop-by-hop headers and `Expect` removed, `Connection: close` only
+/// when the agent's request ends its connection. Framings a request smuggler would use are
+/// refused.
+pub fn rewrite_head(head: &[u8], injection: &Injection) -> Result<Rewritten, String> {
+    let parsed = match http::parse_head(head) {
+        Ok(Some((parsed, _))) => parsed,
+        Ok(None) => return Err("incomplete request head".into()),
+        Err(http::HeadError::TooManyHeaders) => return Err("too many header lines".into()),
+        Err(http::HeadError::Malformed(why)) => {
+            return Err(format!("malformed request head: {why}"))
+        }
     };
-    let mut out = format!("{method} {path} HTTP/1.1\r\n").into_bytes();
-    for h in req.headers.iter() {
-        let drop = h.name.eq_ignore_ascii_case(&injection.header)
-            || ["connection", "proxy-connection", "keep-alive", "upgrade"]
-                .iter()
-                .any(|n| h.name.eq_ignore_ascii_case(n));
+    let framing = http::body_framing(&parsed)?;
+    let closes = http::closes_connection(parsed.version, &parsed.headers);
+    let named_by_connection = http::connection_tokens(&parsed.headers);
+    let mut expects_continue = false;
+    let mut out = format!("{} {} HTTP/1.1\r\n", parsed.method, parsed.target).into_bytes();
+    for (name, value) in &parsed.headers {
+        let lower = name.to_ascii_lowercase();
+        if lower == "expect" {
+            expects_continue |= value.eq_ignore_ascii_case(b"100-continue");
+            continue;
+        }
+        let drop = name.eq_ignore_ascii_case(&injection.header)
+            || http::HOP_BY_HOP.contains(&lower.as_str())
+            || named_by_connection.contains(&lower);
         if drop {
             continue;
         }
-        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(
-        format!(
-            "{}: {}\r\nConnection: close\r\n\r\n",
-            injection.header, injection.value
-        )
-        .as_bytes(),
-    );
-    Ok(out)
+    out.extend_from_slice(format!("{}: {}\r\n", injection.header, injection.value).as_bytes());
+    if closes {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Rewritten {
+        head: out,
+        method: parsed.method,
+        framing,
+        closes,
+        expects_continue,
+    })
 }
 
 /// A stream that first yields bytes already read from it.
@@ -383,20 +444,39 @@ mod tests {
     }
 
     #[test]
-    fn the_agents_own_credential_header_is_replaced_and_the_connection_closes() {
-        let head = b"POST /v1/messages HTTP/1.1\r\nHost: api.test\r\nauthorization: Bearer fake\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n";
+    fn the_agents_own_credential_header_is_replaced_and_the_connection_kept() {
+        let head = b"POST /v1/messages HTTP/1.1\r\nHost: api.test\r\nauthorization: Bearer fake\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n";
 
-        let out = String::from_utf8(rewrite_head(head, &bearer()).unwrap()).unwrap();
+        let out = rewrite_head(head, &bearer()).unwrap();
 
         assert_eq!(
-            out,
-            "POST /v1/messages HTTP/1.1\r\nHost: api.test\r\nContent-Length: 2\r\nAuthorization: Bearer real-secret\r\nConnection: close\r\n\r\n"
+            String::from_utf8(out.head).unwrap(),
+            "POST /v1/messages HTTP/1.1\r\nHost: api.test\r\nContent-Length: 2\r\nAuthorization: Bearer real-secret\r\n\r\n"
         );
+        assert_eq!(out.framing, BodyFraming::Length(2));
+        assert!(!out.closes);
+        assert!(out.expects_continue);
     }
 
     #[test]
-    fn a_malformed_head_is_refused() {
+    fn a_request_that_ends_its_connection_says_so_upstream() {
+        let close =
+            rewrite_head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", &bearer()).unwrap();
+        let old = rewrite_head(b"GET / HTTP/1.0\r\n\r\n", &bearer()).unwrap();
+
+        for out in [close, old] {
+            assert!(out.closes);
+            assert!(String::from_utf8(out.head)
+                .unwrap()
+                .ends_with("Authorization: Bearer real-secret\r\nConnection: close\r\n\r\n"));
+        }
+    }
+
+    #[test]
+    fn a_malformed_head_or_a_smuggling_framing_is_refused() {
         assert!(rewrite_head(b"GET\r\n\r\n", &bearer()).is_err());
+        let both = b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(rewrite_head(both, &bearer()).is_err());
     }
 
     #[test]
@@ -437,51 +517,76 @@ mod tests {
         (ca.der().clone(), Arc::new(config))
     }
 
-    /// A TLS server answering one request per connection with `200` and the raw request as
-    /// the body. Returns its port and a count of requests it received.
+    /// How many connections and requests a test upstream has seen.
+    #[derive(Default)]
+    struct Seen {
+        connections: std::sync::atomic::AtomicUsize,
+        requests: std::sync::atomic::AtomicUsize,
+    }
+
+    /// A TLS server that keeps connections open and answers each request with `200` and the
+    /// raw request as the body (`Content-Length`). `/stream` answers in two chunks, the second
+    /// only once `go` is notified; `/until-close` answers without a length and closes.
     async fn tls_upstream(
         config: Arc<rustls::ServerConfig>,
-    ) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        go: Arc<tokio::sync::Notify>,
+    ) -> (u16, Arc<Seen>) {
         use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = requests.clone();
+        let seen = Arc::new(Seen::default());
+        let counter = seen.clone();
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, counter) = (acceptor.clone(), counter.clone());
+                let (acceptor, seen, go) = (acceptor.clone(), counter.clone(), go.clone());
                 tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let Ok((head, mut body)) = read_head(&mut tls).await else {
-                        return;
-                    };
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                    let length = text
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
-                    while body.len() < length {
-                        let mut chunk = [0u8; 1024];
-                        let n = tls.read(&mut chunk).await.unwrap();
-                        body.extend_from_slice(&chunk[..n]);
+                    seen.connections.fetch_add(1, Ordering::SeqCst);
+                    let mut tls = BufReader::new(tls);
+                    while let Ok(Some(head)) = body::read_head(&mut tls, MAX_HEAD).await {
+                        seen.requests.fetch_add(1, Ordering::SeqCst);
+                        let (parsed, _) = http::parse_head(&head).unwrap().unwrap();
+                        let mut echo = head.clone();
+                        let framing = http::body_framing(&parsed).unwrap();
+                        body::forward(&mut tls, &mut echo, framing).await.unwrap();
+                        let closes = http::closes_connection(parsed.version, &parsed.headers);
+                        match parsed.target.as_str() {
+                            "/stream" => {
+                                let first = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n";
+                                tls.write_all(first).await.unwrap();
+                                tls.flush().await.unwrap();
+                                go.notified().await;
+                                tls.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await.unwrap();
+                            }
+                            "/until-close" => {
+                                tls.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+                                tls.write_all(&echo).await.unwrap();
+                                let _ = tls.shutdown().await;
+                                return;
+                            }
+                            _ => {
+                                let close = if closes { "Connection: close\r\n" } else { "" };
+                                let reply = format!(
+                                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{close}\r\n",
+                                    echo.len()
+                                );
+                                tls.write_all(reply.as_bytes()).await.unwrap();
+                                tls.write_all(&echo).await.unwrap();
+                            }
+                        }
+                        tls.flush().await.unwrap();
+                        if closes {
+                            let _ = tls.shutdown().await;
+                            return;
+                        }
                     }
-                    let mut seen = head;
-                    seen.extend_from_slice(&body);
-                    let reply = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        seen.len()
-                    );
-                    let _ = tls.write_all(reply.as_bytes()).await;
-                    let _ = tls.write_all(&seen).await;
-                    let _ = tls.shutdown().await;
                 });
             }
         });
-        (port, requests)
+        (port, seen)
     }
 
     /// The proxy for a bottle allowing `api.test` (with a credential) and `other.test`
@@ -517,21 +622,19 @@ mod tests {
         (addr, ca_der)
     }
 
-    /// The agent's side: `CONNECT host:port` through the proxy, TLS trusting only `trust`,
-    /// one request; returns the whole response, or the TLS error.
-    async fn agent_request(
+    /// The agent's side: `CONNECT host:port` through the proxy, then TLS trusting only `trust`.
+    async fn agent_connect(
         proxy: std::net::SocketAddr,
         host: &str,
         port: u16,
         trust: CertificateDer<'static>,
-        request: &str,
-    ) -> std::io::Result<String> {
-        let mut tcp = TcpStream::connect(proxy).await?;
+    ) -> std::io::Result<BufReader<tokio_rustls::client::TlsStream<TcpStream>>> {
+        let mut tcp = BufReader::new(TcpStream::connect(proxy).await?);
         tcp.write_all(
             format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").as_bytes(),
         )
         .await?;
-        let (head, _) = read_head(&mut tcp).await?;
+        let head = body::read_head(&mut tcp, MAX_HEAD).await?.unwrap();
         assert!(
             head.starts_with(b"HTTP/1.1 200"),
             "{}",
@@ -544,21 +647,55 @@ mod tests {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(ServerName::try_from(host.to_owned()).unwrap(), tcp)
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                ServerName::try_from(host.to_owned()).unwrap(),
+                tcp.into_inner(),
+            )
             .await?;
+        Ok(BufReader::new(tls))
+    }
+
+    /// One request over a fresh intercepted connection; returns the whole response (the
+    /// request ends its connection), or the TLS error.
+    async fn agent_request(
+        proxy: std::net::SocketAddr,
+        host: &str,
+        port: u16,
+        trust: CertificateDer<'static>,
+        request: &str,
+    ) -> std::io::Result<String> {
+        use tokio::io::AsyncReadExt;
+        let mut tls = agent_connect(proxy, host, port, trust).await?;
         tls.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
         let _ = tls.read_to_end(&mut response).await;
         Ok(String::from_utf8_lossy(&response).into_owned())
     }
 
-    const REQUEST: &str = "POST /v1/messages HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer fake\r\nContent-Length: 5\r\n\r\nhello";
+    /// Reads one response (head and body by its framing) from the agent's connection.
+    async fn read_response<R: tokio::io::AsyncBufRead + Unpin>(
+        conn: &mut R,
+        method: &str,
+    ) -> (http::ResponseHead, Vec<u8>) {
+        let raw = body::read_head(conn, MAX_HEAD).await.unwrap().unwrap();
+        let head = http::parse_response_head(&raw).unwrap();
+        let mut out = Vec::new();
+        match http::response_framing(&head, method).unwrap() {
+            ResponseFraming::Body(framing) => body::forward(conn, &mut out, framing).await.unwrap(),
+            ResponseFraming::UntilClose => {
+                tokio::io::copy_buf(conn, &mut out).await.unwrap();
+            }
+        }
+        (head, out)
+    }
+
+    const REQUEST: &str = "POST /v1/messages HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer fake\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
 
     #[tokio::test]
     async fn the_credential_reaches_the_real_host_and_never_the_agent() {
         let (root, server) = pki("api.test");
-        let (port, _) = tls_upstream(server).await;
+        let (port, _) = tls_upstream(server, notify()).await;
         let (proxy, bottle_ca) = proxy(root).await;
 
         let response = agent_request(proxy, "api.test", port, bottle_ca, REQUEST)
@@ -578,7 +715,7 @@ mod tests {
     #[tokio::test]
     async fn hosts_without_a_credential_are_tunnelled_untouched() {
         let (root, server) = pki("other.test");
-        let (port, _) = tls_upstream(server).await;
+        let (port, _) = tls_upstream(server, notify()).await;
         let (proxy, bottle_ca) = proxy(root.clone()).await;
 
         // The agent sees the real host's certificate (the bottle CA would not verify it).
@@ -599,7 +736,7 @@ mod tests {
     async fn an_impostor_of_the_credential_host_never_sees_a_request() {
         // The name resolves to a server whose certificate no trusted root signed.
         let (_, impostor) = pki("api.test");
-        let (port, requests) = tls_upstream(impostor).await;
+        let (port, seen) = tls_upstream(impostor, notify()).await;
         let (real_root, _) = pki("api.test");
         let (proxy, bottle_ca) = proxy(real_root).await;
 
@@ -609,7 +746,7 @@ mod tests {
             response.as_ref().map_or(true, |r| !r.contains("200 OK")),
             "{response:?}"
         );
-        assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(seen.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     #[test]
@@ -621,5 +758,133 @@ mod tests {
 
         assert!(Arc::ptr_eq(&a, &b));
         assert!(ca.cert_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    fn notify() -> Arc<tokio::sync::Notify> {
+        Arc::new(tokio::sync::Notify::new())
+    }
+
+    #[tokio::test]
+    async fn every_request_on_a_kept_connection_gets_the_credential_over_one_upstream_connection() {
+        use std::sync::atomic::Ordering;
+        let (root, server) = pki("api.test");
+        let (port, seen) = tls_upstream(server, notify()).await;
+        let (proxy, bottle_ca) = proxy(root).await;
+        let mut conn = agent_connect(proxy, "api.test", port, bottle_ca)
+            .await
+            .unwrap();
+
+        // Three requests on one connection: a GET, a POST with a chunked body carrying the
+        // agent's own credential, and one asking for 100 Continue.
+        conn.write_all(b"GET /a HTTP/1.1\r\nHost: api.test\r\n\r\n")
+            .await
+            .unwrap();
+        let (a_head, a) = read_response(&mut conn, "GET").await;
+        conn.write_all(b"POST /b HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer fake\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n").await.unwrap();
+        let (_, b) = read_response(&mut conn, "POST").await;
+        conn.write_all(b"PUT /c HTTP/1.1\r\nHost: api.test\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n").await.unwrap();
+        let continued = body::read_head(&mut conn, MAX_HEAD).await.unwrap().unwrap();
+        conn.write_all(b"data").await.unwrap();
+        let (_, c) = read_response(&mut conn, "PUT").await;
+
+        assert_eq!(a_head.status, 200);
+        let (a, b, c) = (
+            String::from_utf8(a).unwrap(),
+            String::from_utf8(b).unwrap(),
+            String::from_utf8(c).unwrap(),
+        );
+        for seen_up in [&a, &b, &c] {
+            assert!(
+                seen_up.contains("Authorization: Bearer real-secret\r\n"),
+                "{seen_up}"
+            );
+            assert!(!seen_up.contains("fake"), "{seen_up}");
+        }
+        assert!(b.ends_with("3\r\nabc\r\n0\r\n\r\n"), "{b}");
+        assert_eq!(continued, b"HTTP/1.1 100 Continue\r\n\r\n");
+        assert!(!c.to_ascii_lowercase().contains("expect"), "{c}");
+        assert!(c.ends_with("\r\n\r\ndata"), "{c}");
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+        assert_eq!(seen.requests.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_response_reaches_the_agent_chunk_by_chunk_and_the_connection_goes_on() {
+        let (root, server) = pki("api.test");
+        let go = notify();
+        let (port, _) = tls_upstream(server, go.clone()).await;
+        let (proxy, bottle_ca) = proxy(root).await;
+        let mut conn = agent_connect(proxy, "api.test", port, bottle_ca)
+            .await
+            .unwrap();
+
+        conn.write_all(b"POST /stream HTTP/1.1\r\nHost: api.test\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        // The first chunk arrives while the upstream still holds back the second: nothing
+        // waits for the whole body.
+        let head = body::read_head(&mut conn, MAX_HEAD).await.unwrap().unwrap();
+        let mut first = vec![0u8; b"5\r\nfirst\r\n".len()];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read_exact(&mut conn, &mut first),
+        )
+        .await
+        .expect("the first chunk was held back")
+        .unwrap();
+        go.notify_one();
+        let mut rest = Vec::new();
+        body::forward(&mut conn, &mut rest, BodyFraming::Chunked)
+            .await
+            .unwrap();
+        // And the connection carries the next request.
+        conn.write_all(b"GET /next HTTP/1.1\r\nHost: api.test\r\n\r\n")
+            .await
+            .unwrap();
+        let (_, next) = read_response(&mut conn, "GET").await;
+
+        assert!(head.ends_with(b"Transfer-Encoding: chunked\r\n\r\n"));
+        assert_eq!(first, b"5\r\nfirst\r\n");
+        assert_eq!(rest, b"6\r\nsecond\r\n0\r\n\r\n");
+        assert!(String::from_utf8(next)
+            .unwrap()
+            .starts_with("GET /next HTTP/1.1\r\n"));
+    }
+
+    #[tokio::test]
+    async fn a_response_without_a_length_ends_the_connection_and_a_smuggled_request_is_refused() {
+        use tokio::io::AsyncReadExt;
+        let (root, server) = pki("api.test");
+        let (port, seen) = tls_upstream(server, notify()).await;
+        let (proxy, bottle_ca) = proxy(root).await;
+
+        let mut conn = agent_connect(proxy, "api.test", port, bottle_ca.clone())
+            .await
+            .unwrap();
+        conn.write_all(b"GET /until-close HTTP/1.1\r\nHost: api.test\r\n\r\n")
+            .await
+            .unwrap();
+        let (_, until_close) = read_response(&mut conn, "GET").await;
+
+        let mut smuggler = agent_connect(proxy, "api.test", port, bottle_ca)
+            .await
+            .unwrap();
+        smuggler
+            .write_all(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut refused = String::new();
+        let _ = smuggler.read_to_string(&mut refused).await;
+
+        assert!(String::from_utf8(until_close)
+            .unwrap()
+            .contains("Authorization: Bearer real-secret"));
+        assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+        assert!(
+            refused.contains("both Content-Length and Transfer-Encoding"),
+            "{refused}"
+        );
+        // Only the first connection's request reached the upstream.
+        assert_eq!(seen.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

@@ -15,6 +15,7 @@ pub mod policy;
 pub mod proxy;
 pub mod resolve;
 
+mod body;
 mod http;
 #[cfg(test)]
 mod tests;

@@ -15,17 +15,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{
-    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tracing::Instrument;
 
+use super::body;
 use super::events::{EgressEvent, EventLog};
-use super::http::{self, BodyFraming, HeadError, RequestHead};
+use super::http::{self, HeadError, RequestHead};
 use super::intercept::Interception;
 use super::policy::{canonical_host, Decision, EgressPolicy};
 use super::resolve::Resolver;
@@ -33,8 +32,6 @@ use super::EgressError;
 
 /// Buffer per direction of a tunnel: large enough for full-speed loopback copies.
 const TUNNEL_BUFFER: usize = 64 * 1024;
-/// Longest chunk-size or trailer line accepted in a chunked request body.
-const MAX_CHUNK_LINE: usize = 4096;
 /// How long a denied or refused client may keep sending before we close (lets it read the
 /// response instead of getting a reset), and how much of it we read meanwhile.
 const LINGER: Duration = Duration::from_millis(500);
@@ -700,7 +697,7 @@ impl Conn<'_> {
             let (client_read, mut client_write) = client.split();
             let (upstream_read, mut upstream_write) = tokio::io::split(&mut upstream);
             let mut body = BufReader::new(io::Cursor::new(leftover).chain(client_read));
-            let sending = forward_body(&mut body, &mut upstream_write, framing);
+            let sending = body::forward(&mut body, &mut upstream_write, framing);
             let receiving = async {
                 let mut upstream_read = upstream_read;
                 tokio::io::copy(&mut upstream_read, &mut client_write).await?;
@@ -757,70 +754,6 @@ fn dialable(ip: IpAddr, allow_loopback: bool) -> bool {
         }
     };
     !forbidden && (allow_loopback || !ip.is_loopback())
-}
-
-/// Copies a request body delimited by `framing`, and nothing after it.
-async fn forward_body<R, W>(body: &mut R, upstream: &mut W, framing: BodyFraming) -> io::Result<()>
-where
-    R: tokio::io::AsyncBufRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    match framing {
-        BodyFraming::None => Ok(()),
-        BodyFraming::Length(len) => {
-            let copied = tokio::io::copy_buf(&mut body.take(len), upstream).await?;
-            if copied < len {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "request body cut short",
-                ));
-            }
-            Ok(())
-        }
-        BodyFraming::Chunked => loop {
-            let line = read_line(body).await?;
-            upstream.write_all(&line).await?;
-            let size_text = std::str::from_utf8(&line)
-                .ok()
-                .and_then(|l| l.trim_end().split(';').next())
-                .map(str::trim)
-                .unwrap_or("");
-            let size = u64::from_str_radix(size_text, 16)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
-            if size == 0 {
-                // Trailer lines up to and including the empty line.
-                loop {
-                    let trailer = read_line(body).await?;
-                    upstream.write_all(&trailer).await?;
-                    if trailer == b"\r\n" || trailer == b"\n" {
-                        return Ok(());
-                    }
-                }
-            }
-            // Chunk data plus its CRLF.
-            let want = size + 2;
-            let copied = tokio::io::copy_buf(&mut (&mut *body).take(want), upstream).await?;
-            if copied < want {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "chunk cut short",
-                ));
-            }
-        },
-    }
-}
-
-/// One line including its `\n`, at most [`MAX_CHUNK_LINE`] bytes.
-async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> io::Result<Vec<u8>> {
-    let mut line = Vec::new();
-    let n = (&mut *reader)
-        .take(MAX_CHUNK_LINE as u64)
-        .read_until(b'\n', &mut line)
-        .await?;
-    if n == 0 || !line.ends_with(b"\n") {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad chunk line"));
-    }
-    Ok(line)
 }
 
 /// Milliseconds since `base` of the last byte moved, shared between a stream and its watchdog.
@@ -949,39 +882,5 @@ mod tests {
     fn dialable_accepts_private_and_public_addresses() {
         assert!(dialable("172.18.0.3".parse().unwrap(), false));
         assert!(dialable("2001:db8::1".parse().unwrap(), false));
-    }
-
-    #[tokio::test]
-    async fn forward_body_chunked_stops_after_last_chunk() {
-        let input = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nGET http://evil.test/ HTTP/1.1\r\n\r\n";
-        let mut reader = BufReader::new(&input[..]);
-        let mut out = Vec::new();
-
-        forward_body(&mut reader, &mut out, BodyFraming::Chunked)
-            .await
-            .unwrap();
-
-        assert_eq!(out, b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\n");
-    }
-
-    #[tokio::test]
-    async fn forward_body_length_stops_at_content_length() {
-        let mut reader = BufReader::new(&b"helloGET /next"[..]);
-        let mut out = Vec::new();
-
-        forward_body(&mut reader, &mut out, BodyFraming::Length(5))
-            .await
-            .unwrap();
-
-        assert_eq!(out, b"hello");
-    }
-
-    #[tokio::test]
-    async fn forward_body_rejects_bad_chunk_size() {
-        let mut reader = BufReader::new(&b"zz\r\nabc\r\n"[..]);
-        let err = forward_body(&mut reader, &mut Vec::new(), BodyFraming::Chunked)
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 }
