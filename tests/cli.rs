@@ -170,3 +170,38 @@ fn doctor_reports_the_missing_guest_kernel_with_the_build_command() {
         .unwrap()
         .contains("bot-bottle kernel build"));
 }
+
+#[test]
+fn bot_bottle_backend_chooses_the_backend_unless_the_flag_does_and_a_bad_value_is_named() {
+    let sb = Sandbox::new("40-41");
+    let plan_backend = |env: &str, extra: &[&str]| {
+        let out = sb
+            .cmd()
+            .env("BOT_BOTTLE_BACKEND", env)
+            .args(["plan", "claude", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        plan["backend"].as_str().unwrap().to_owned()
+    };
+    // The claude manifest names no backend: microvm by default.
+    assert_eq!(plan_backend("", &[]), "microvm");
+    assert_eq!(plan_backend("docker", &[]), "docker");
+    assert_eq!(plan_backend("docker", &["--backend", "microvm"]), "microvm");
+
+    let out = sb
+        .cmd()
+        .env("BOT_BOTTLE_BACKEND", "vm")
+        .args(["start", "claude"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("BOT_BOTTLE_BACKEND=\"vm\" is not a backend"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(sb.rows().is_empty());
+}

@@ -31,6 +31,8 @@ pub enum ManifestError {
     },
     #[error("invalid bottle manifest {origin}:\n{message}")]
     Parse { origin: String, message: String },
+    #[error("{BACKEND_ENV}={value:?} is not a backend: set it to microvm or docker, or unset it")]
+    BackendEnv { value: String },
     #[error("cannot read bottle manifest {path}")]
     Read {
         path: PathBuf,
@@ -47,6 +49,22 @@ pub enum ManifestError {
     BadName { name: String },
     #[error("bottle `{bottle}`: {message}")]
     Invalid { bottle: String, message: String },
+}
+
+/// Chooses the backend when `--backend` does not (before the manifest's `backend`).
+pub const BACKEND_ENV: &str = "BOT_BOTTLE_BACKEND";
+
+/// The backend [`BACKEND_ENV`] names (unset or empty: none).
+pub fn backend_from_env() -> Result<Option<Backend>, ManifestError> {
+    let Some(value) = std::env::var_os(BACKEND_ENV).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let value = value.to_string_lossy().into_owned();
+    match value.trim().to_ascii_lowercase().as_str() {
+        "microvm" => Ok(Some(Backend::Microvm)),
+        "docker" => Ok(Some(Backend::Docker)),
+        _ => Err(ManifestError::BackendEnv { value }),
+    }
 }
 
 /// Which isolation backend runs the agent.

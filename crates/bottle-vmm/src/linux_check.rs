@@ -109,8 +109,9 @@ impl LinuxCheckError {
         match self {
             Self::Setup { .. } => "check `bot-bottle doctor`'s kvm line; or use --backend docker",
             _ => {
-                "use the docker backend here (`--backend docker`, or `backend = \"docker\"` in \
-                 the bottle's manifest), or run on a host that exposes VT-x/AMD-V to this machine"
+                "use the docker backend here (`--backend docker`, `BOT_BOTTLE_BACKEND=docker`, \
+                 or `backend = \"docker\"` in the bottle's manifest), or run on a host that \
+                 exposes VT-x/AMD-V to this machine"
             }
         }
     }

@@ -107,7 +107,8 @@ pub struct Resolved {
     pub mounts: Vec<bot_bottle::plan::HostMount>,
 }
 
-/// Load the manifest, pick the backend (flag, else manifest, else microvm) and check mounts.
+/// Load the manifest, pick the backend (flag, else `$BOT_BOTTLE_BACKEND`, else manifest, else
+/// microvm) and check mounts.
 pub fn resolve(
     ctx: &Context,
     bottle: &str,
@@ -116,6 +117,10 @@ pub fn resolve(
 ) -> anyhow::Result<Resolved> {
     use anyhow::Context as _;
     let manifest = ctx.manifests.load(bottle)?;
+    let backend = match backend {
+        Some(chosen) => Some(chosen),
+        None => bot_bottle::manifest::backend_from_env()?,
+    };
     let backend = backend
         .or(manifest.backend)
         .unwrap_or(bot_bottle::manifest::Backend::Microvm);

@@ -12,7 +12,7 @@ pub struct PlanArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-    /// Backend to plan for (default: the manifest's, else microvm).
+    /// Backend to plan for (default: $BOT_BOTTLE_BACKEND, else the manifest's, else microvm).
     #[arg(long, value_enum)]
     backend: Option<Backend>,
     /// Host directory to mount, HOST[:GUEST] (repeatable).

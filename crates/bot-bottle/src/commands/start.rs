@@ -18,7 +18,7 @@ const PAUSE_ENV: &str = "BOT_BOTTLE_PAUSE_AT";
 pub struct StartArgs {
     /// Bottle name (bundled: claude, codex, test; or your own).
     bottle: String,
-    /// Isolation backend (default: the manifest's, else microvm).
+    /// Isolation backend (default: $BOT_BOTTLE_BACKEND, else the manifest's, else microvm).
     #[arg(long, value_enum)]
     backend: Option<Backend>,
     /// Host directory shown read-only with a writable overlay, HOST[:GUEST] (repeatable).
