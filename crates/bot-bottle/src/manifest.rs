@@ -154,6 +154,10 @@ pub struct Credential {
     #[serde(default = "default_credential_header")]
     pub header: String,
     pub scheme: Option<String>,
+    /// Request paths on the host the credential may be used for (prefixes on whole segments;
+    /// empty: all). Requests elsewhere on that host are refused by the proxy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
 }
 
 fn default_credential_header() -> String {
@@ -407,6 +411,11 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
                 "`[credentials.\"{host}\"]` needs exactly one of `env` or `file`"
             )));
         }
+        if let Err(why) = crate::egress::CredentialPaths::new(&cred.paths) {
+            return Err(invalid(format!(
+                "`[credentials.\"{host}\"] paths`: {why} (e.g. `paths = [\"/owner/repo\"]`)"
+            )));
+        }
     }
     Ok(Manifest {
         name: name.to_owned(),
@@ -544,6 +553,17 @@ mod tests {
         )]);
         let err = src.load("c").unwrap_err().to_string();
         assert!(err.contains("exactly one of `env` or `file`"), "{err}");
+    }
+
+    #[test]
+    fn credential_paths_that_could_be_read_two_ways_are_invalid() {
+        let (_d, src) = source_with(&[(
+            "c",
+            "[agent]\ndockerfile = \"x\"\n[credentials.\"a.com\"]\nenv = \"T\"\npaths = [\"/me/../x\"]\n",
+        )]);
+        let err = src.load("c").unwrap_err().to_string();
+        assert!(err.contains("`[credentials.\"a.com\"] paths`"), "{err}");
+        assert!(err.contains("`..`"), "{err}");
     }
 
     #[test]

@@ -82,6 +82,9 @@ pub struct SidecarCredential {
     pub host: String,
     pub header: String,
     pub value: String,
+    /// Where on the host it may be used (empty: everywhere).
+    #[serde(default)]
+    pub paths: Vec<String>,
 }
 
 impl std::fmt::Debug for SidecarCredential {
@@ -90,6 +93,7 @@ impl std::fmt::Debug for SidecarCredential {
         f.debug_struct("SidecarCredential")
             .field("host", &self.host)
             .field("header", &self.header)
+            .field("paths", &self.paths)
             .finish_non_exhaustive()
     }
 }
@@ -160,13 +164,17 @@ pub fn resolve_credentials(
             None => secret,
         });
         // Checked here, on the host, so the user hears about it rather than the bundle failing.
-        let checked =
-            value.and_then(|v| Injection::new(&c.header, v).map_err(|e| format!("{host}: {e}")));
+        let checked = value.and_then(|v| {
+            Injection::new(&c.header, v)
+                .and_then(|i| i.with_paths(&c.paths))
+                .map_err(|e| format!("{host}: {e}"))
+        });
         match checked {
             Ok(injection) => resolved.push(SidecarCredential {
                 host: host.to_ascii_lowercase(),
                 header: injection.header,
                 value: injection.value,
+                paths: c.paths.clone(),
             }),
             Err(why) => warnings.push(format!("{why} (until then the agent signs in itself)")),
         }
@@ -186,6 +194,7 @@ fn interception(config: &SidecarConfig, ca_cert: &Path) -> Result<Interception, 
     let mut credentials = std::collections::HashMap::new();
     for c in &config.credentials {
         let injection = Injection::new(&c.header, c.value.clone())
+            .and_then(|i| i.with_paths(&c.paths))
             .map_err(|source| SidecarError::Intercept { source })?;
         credentials.insert(c.host.clone(), injection);
     }
@@ -242,6 +251,7 @@ mod tests {
             file,
             header: "Authorization".into(),
             scheme: scheme.map(str::to_owned),
+            paths: Vec::new(),
         }
     }
 
@@ -303,6 +313,7 @@ mod tests {
             host: "h".into(),
             header: "Authorization".into(),
             value: "Bearer s3cret".into(),
+            paths: vec!["/v1/".into()],
         };
         assert!(!format!("{c:?}").contains("s3cret"));
     }

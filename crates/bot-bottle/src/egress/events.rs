@@ -7,8 +7,10 @@
 //! - `verdict`: `allow` or `deny`;
 //! - `rule`: the text of the allow/deny rule that decided, or `null`;
 //! - `reason`: `allow_rule`, `deny_rule`, `ip_literal`, `doh_endpoint`, `not_allowed`,
-//!   `invalid_host`, `host_header_denied` (plain HTTP whose `Host` header names a denied host) or
-//!   `bad_request` (malformed request; `host` is empty and `port` 0);
+//!   `invalid_host`, `host_header_denied` (plain HTTP whose `Host` header names a denied host),
+//!   `path_not_allowed` (a request inside an intercepted tunnel outside its credential's
+//!   `paths`; `method` is the request's) or `bad_request` (malformed request; `host` is empty
+//!   and `port` 0);
 //! - `detail`: free text for humans (e.g. the `Host` header value), or `null`.
 
 use std::path::{Path, PathBuf};

@@ -26,7 +26,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::body;
+use super::events::{EgressEvent, EventLog};
 use super::http::{self, BodyFraming, ResponseFraming};
+use super::policy::CredentialPaths;
 
 /// Longest request head the agent may send through an intercepted connection.
 const MAX_HEAD: usize = 64 * 1024;
@@ -53,15 +55,19 @@ pub enum InterceptError {
         "credential header {header:?} is not a valid header name or its value is not printable"
     )]
     BadHeader { header: String },
+    #[error("credential paths: {0}")]
+    BadPath(String),
 }
 
-/// What the proxy sets on every request to one host.
+/// What the proxy sets on every request to one host, and where on that host.
 #[derive(Clone)]
 pub struct Injection {
     /// Header name, e.g. `Authorization` or `x-api-key`.
     pub header: String,
     /// Full header value, e.g. `Bearer <token>`.
     pub value: String,
+    /// The paths the credential may be used for; requests elsewhere are refused.
+    pub paths: CredentialPaths,
 }
 
 impl std::fmt::Debug for Injection {
@@ -70,6 +76,7 @@ impl std::fmt::Debug for Injection {
         f.debug_struct("Injection")
             .field("header", &self.header)
             .field("value", &"<redacted>")
+            .field("paths", &self.paths.prefixes())
             .finish()
     }
 }
@@ -91,7 +98,49 @@ impl Injection {
         Ok(Injection {
             header: header.to_owned(),
             value,
+            paths: CredentialPaths::default(),
         })
+    }
+
+    /// The same injection, only for requests under `prefixes` (see [`CredentialPaths`]).
+    pub fn with_paths(mut self, prefixes: &[String]) -> Result<Self, InterceptError> {
+        self.paths = CredentialPaths::new(prefixes).map_err(InterceptError::BadPath)?;
+        Ok(self)
+    }
+}
+
+/// Where a request refused for its path is recorded, and what the agent is told.
+pub(crate) struct PathRefusals<'a> {
+    pub log: Option<&'a EventLog>,
+    /// The tunnel's event (client, host, port); method, verdict and reason are filled in.
+    pub template: EgressEvent,
+    pub deny_message: &'a str,
+}
+
+impl PathRefusals<'_> {
+    /// Records the refusal and returns the 403 for the agent.
+    async fn refuse(&self, method: &str, why: &str) -> Vec<u8> {
+        let mut event = self.template.clone();
+        event.method = method.to_owned();
+        event.verdict = "deny".into();
+        event.reason = "path_not_allowed".into();
+        event.detail = Some(why.to_owned());
+        tracing::info!(host = %event.host, port = event.port, reason = %event.reason, detail = why, "egress decision");
+        if let Some(log) = self.log {
+            if let Err(e) = log.append(&event).await {
+                tracing::error!(error = %e, "cannot record egress event");
+            }
+        }
+        let message = self.deny_message.trim_end();
+        let separator = if message.is_empty() { "" } else { "\n" };
+        http::response(
+            403,
+            &super::proxy::forbidden_reason(message),
+            &format!(
+                "{message}{separator}bot-bottle egress: {}:{} denied: {why}\n",
+                event.host, event.port
+            ),
+        )
     }
 }
 
@@ -239,13 +288,14 @@ impl Interception {
 
     /// Serves one intercepted tunnel: `client` has been told the tunnel is open (and may
     /// already have sent `leftover`), `upstream` is the TCP connection to the real host.
-    pub async fn serve<U: AsyncRead + AsyncWrite + Unpin>(
+    pub(crate) async fn serve<U: AsyncRead + AsyncWrite + Unpin>(
         &self,
         client: &mut TcpStream,
         leftover: Vec<u8>,
         upstream: U,
         host: &str,
         injection: &Injection,
+        refusals: &PathRefusals<'_>,
     ) -> std::io::Result<()> {
         let server = self.ca.server_config(host).map_err(std::io::Error::other)?;
         let client = Prefixed {
@@ -276,6 +326,12 @@ impl Interception {
                     break;
                 }
             };
+            if let Err(why) = injection.paths.allows(&request.target) {
+                // Its body was not read: the connection cannot go on.
+                let reply = refusals.refuse(&request.method, &why).await;
+                agent.write_all(&reply).await?;
+                break;
+            }
             if request.expects_continue {
                 agent.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
                 agent.flush().await?;
@@ -339,6 +395,8 @@ pub struct Rewritten {
     /// The head sent to the real host.
     pub head: Vec<u8>,
     pub method: String,
+    /// The request target as the agent sent it (checked against the credential's paths).
+    pub target: String,
     pub(crate) framing: BodyFraming,
     /// The agent's request ends the connection (`Connection: close`, or HTTP/1.0).
     pub closes: bool,
@@ -389,6 +447,7 @@ pub fn rewrite_head(head: &[u8], injection: &Injection) -> Result<Rewritten, Str
     Ok(Rewritten {
         head: out,
         method: parsed.method,
+        target: parsed.target,
         framing,
         closes,
         expects_continue,
@@ -595,6 +654,15 @@ mod tests {
     async fn proxy(
         root: CertificateDer<'static>,
     ) -> (std::net::SocketAddr, CertificateDer<'static>) {
+        proxy_with(root, bearer(), None).await
+    }
+
+    /// [`proxy`] with `injection` for `api.test`, and decision events written to `log`.
+    async fn proxy_with(
+        root: CertificateDer<'static>,
+        injection: Injection,
+        log: Option<std::path::PathBuf>,
+    ) -> (std::net::SocketAddr, CertificateDer<'static>) {
         use crate::egress::{EgressPolicy, EgressProxy, ProxyConfig, Resolver};
         let ca = BottleCa::generate("test-intercept").unwrap();
         let ca_der = ca.cert_der().clone();
@@ -602,7 +670,7 @@ mod tests {
         roots.add(root).unwrap();
         let interception = Interception::with_roots(
             ca,
-            HashMap::from([("api.test".to_owned(), bearer())]),
+            HashMap::from([("api.test".to_owned(), injection)]),
             roots,
         );
         let policy = EgressPolicy::new(
@@ -616,6 +684,7 @@ mod tests {
         config.resolver = Resolver::fixed([("api.test", localhost), ("other.test", localhost)]);
         config.allow_loopback_upstream = true;
         config.interception = Some(Arc::new(interception));
+        config.event_log = log;
         let proxy = EgressProxy::bind(config).await.unwrap();
         let addr = proxy.local_addr();
         tokio::spawn(proxy.run(std::future::pending()));
@@ -886,5 +955,65 @@ mod tests {
         );
         // Only the first connection's request reached the upstream.
         assert_eq!(seen.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_credential_is_used_only_under_its_paths_and_a_request_elsewhere_is_refused() {
+        use std::sync::atomic::Ordering;
+        let (root, server) = pki("api.test");
+        let (port, seen) = tls_upstream(server, notify()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("egress.jsonl");
+        let injection = bearer().with_paths(&["/me/app".to_owned()]).unwrap();
+        let (proxy, bottle_ca) = proxy_with(root, injection, Some(log.clone())).await;
+
+        // Allowed, then (on the same connection) an escape through a dot segment.
+        let mut conn = agent_connect(proxy, "api.test", port, bottle_ca.clone())
+            .await
+            .unwrap();
+        conn.write_all(
+            b"GET /me/app/info/refs?service=git-upload-pack HTTP/1.1\r\nHost: api.test\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let (_, allowed) = read_response(&mut conn, "GET").await;
+        conn.write_all(b"POST /me/app/../../evil/repo/git-receive-pack HTTP/1.1\r\nHost: api.test\r\nContent-Length: 4\r\n\r\npush")
+            .await
+            .unwrap();
+        let (escaped_head, escaped) = read_response(&mut conn, "POST").await;
+        // And another repository outright, on a new connection.
+        let other = agent_request(
+            proxy,
+            "api.test",
+            port,
+            bottle_ca,
+            "GET /someone/else HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+
+        let allowed = String::from_utf8(allowed).unwrap();
+        assert!(
+            allowed.contains("Authorization: Bearer real-secret"),
+            "{allowed}"
+        );
+        assert_eq!(escaped_head.status, 403);
+        let escaped = String::from_utf8(escaped).unwrap();
+        assert!(escaped.contains("`.` or `..` segments"), "{escaped}");
+        assert!(other.starts_with("HTTP/1.1 403"), "{other}");
+        assert!(other.contains("outside the paths"), "{other}");
+        // Only the allowed request reached the host.
+        assert_eq!(seen.requests.load(Ordering::SeqCst), 1);
+        // Each refusal is in the bottle's egress log.
+        let events: Vec<crate::egress::EgressEvent> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|e: &crate::egress::EgressEvent| e.reason == "path_not_allowed")
+            .collect();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[0].method, "POST");
+        assert_eq!(events[0].verdict, "deny");
+        assert_eq!(events[0].host, "api.test");
     }
 }

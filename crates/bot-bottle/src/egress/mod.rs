@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use events::EgressEvent;
-pub use policy::{Decision, DenyReason, EgressPolicy};
+pub use policy::{CredentialPaths, Decision, DenyReason, EgressPolicy};
 pub use proxy::{serve, EgressProxy, ProxyConfig, ProxyLimits};
 pub use resolve::Resolver;
 

@@ -417,6 +417,69 @@ pub(crate) fn canonical_host(host: &str) -> String {
     }
 }
 
+/// The request paths a host's credential may be used for: prefixes matched on whole path
+/// segments (`/me/app` covers `/me/app` and `/me/app/info/refs`, not `/me/app-other`). Empty:
+/// every path. A request whose path could be read two ways (dot segments, encoded dots,
+/// slashes or backslashes) is refused rather than guessed at: servers differ in how they
+/// normalise it, and the one that counts is the real host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CredentialPaths(Vec<String>);
+
+impl CredentialPaths {
+    /// Checks each prefix: absolute, no query or fragment, no dot segments, nothing encoded.
+    pub fn new(prefixes: &[String]) -> Result<Self, String> {
+        for p in prefixes {
+            if !p.starts_with('/') {
+                return Err(format!("path {p:?} must start with `/`"));
+            }
+            if let Some(c) = p.chars().find(|c| "?#%\\".contains(*c) || c.is_control()) {
+                return Err(format!("path {p:?} must not contain {c:?}"));
+            }
+            if p.split('/').any(|s| s == "." || s == "..") {
+                return Err(format!("path {p:?} must not contain `.` or `..` segments"));
+            }
+        }
+        Ok(Self(prefixes.to_vec()))
+    }
+
+    /// Whether the request target `target` falls under a prefix; `Err` says why not.
+    pub fn allows(&self, target: &str) -> Result<(), String> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        if !target.starts_with('/') {
+            return Err(format!("request target {target:?} is not an absolute path"));
+        }
+        let path = target.split(['?', '#']).next().unwrap_or(target);
+        let lower = path.to_ascii_lowercase();
+        if path.contains('\\') || ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e)) {
+            return Err(format!(
+                "path {path:?} encodes a dot, slash or backslash: refused"
+            ));
+        }
+        if path.split('/').any(|s| s == "." || s == "..") {
+            return Err(format!("path {path:?} has `.` or `..` segments: refused"));
+        }
+        let under = |prefix: &String| {
+            path == prefix
+                || (path.starts_with(prefix.as_str())
+                    && (prefix.ends_with('/') || path[prefix.len()..].starts_with('/')))
+        };
+        if self.0.iter().any(under) {
+            Ok(())
+        } else {
+            Err(format!(
+                "path {path:?} is outside the paths this credential may be used for ({})",
+                self.0.join(", ")
+            ))
+        }
+    }
+
+    pub fn prefixes(&self) -> &[String] {
+        &self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -717,5 +780,52 @@ mod tests {
         assert_eq!(canonical_host("Example.COM."), "example.com");
         assert_eq!(canonical_host("[::ffff:127.0.0.1]"), "127.0.0.1");
         assert_eq!(canonical_host("[2001:DB8::1]"), "2001:db8::1");
+    }
+
+    fn paths(p: &[&str]) -> CredentialPaths {
+        CredentialPaths::new(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn credential_paths_match_whole_segments_and_ignore_the_query() {
+        let p = paths(&["/me/app", "/me/app.git", "/v1/"]);
+        for ok in [
+            "/me/app",
+            "/me/app/pulls",
+            "/me/app.git/info/refs?service=git-upload-pack",
+            "/v1/messages",
+            "/me/app?x=/../evil",
+        ] {
+            assert_eq!(p.allows(ok), Ok(()), "{ok}");
+        }
+        for refused in ["/me/app-evil", "/me/ap", "/evil/app", "/v1", "/", "/ME/APP"] {
+            assert!(p.allows(refused).is_err(), "{refused}");
+        }
+        assert_eq!(CredentialPaths::default().allows("/anything"), Ok(()));
+    }
+
+    #[test]
+    fn credential_paths_refuse_what_a_server_could_read_another_way() {
+        let p = paths(&["/me/app"]);
+        for attack in [
+            "/me/app/../evil/x",
+            "/me/app/./x/../../../evil",
+            "/me/app/%2e%2e/evil",
+            "/me/app/%2E%2E/evil",
+            "/me/app%2f..%2fevil",
+            "/me/app/..%5cevil",
+            "/me/app\\..\\evil",
+            "https://github.com/me/app",
+            "*",
+        ] {
+            assert!(p.allows(attack).is_err(), "{attack}");
+        }
+    }
+
+    #[test]
+    fn credential_path_prefixes_are_checked() {
+        for bad in ["me/app", "/me/../x", "/me/%61pp", "/me?x", "/a\\b", "/./a"] {
+            assert!(CredentialPaths::new(&[bad.to_owned()]).is_err(), "{bad}");
+        }
     }
 }

@@ -25,7 +25,7 @@ use tracing::Instrument;
 use super::body;
 use super::events::{EgressEvent, EventLog};
 use super::http::{self, HeadError, RequestHead};
-use super::intercept::Interception;
+use super::intercept::{Interception, PathRefusals};
 use super::policy::{canonical_host, Decision, EgressPolicy};
 use super::resolve::Resolver;
 use super::EgressError;
@@ -590,8 +590,13 @@ impl Conn<'_> {
                 .await?;
             let serving = async {
                 if let Some((i, injection)) = injection {
+                    let refusals = PathRefusals {
+                        log: self.shared.events.as_ref(),
+                        template: self.event("CONNECT", &host, port),
+                        deny_message: self.shared.policy.deny_message(),
+                    };
                     return i
-                        .serve(client, leftover, &mut upstream, &host, injection)
+                        .serve(client, leftover, &mut upstream, &host, injection, &refusals)
                         .await;
                 }
                 upstream.write_all(&leftover).await?;
