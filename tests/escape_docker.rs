@@ -35,16 +35,42 @@ try direct-gateway sh -c "printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 ${GW:-198.18
 try direct-host-alias sh -c "printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 127.0.0.1 $PORT"
 # DNS to outside resolvers over UDP 53.
 if nslookup example.com 203.0.113.53 >/dev/null 2>&1; then echo "ATTACK dns-outside: ESCAPED"; else echo "ATTACK dns-outside: BLOCKED"; fi
+# DNS through Docker's embedded resolver (a name the host itself can resolve): a carrier for
+# data in query names if the resolver forwards for an internal network.
+if timeout 8 nslookup $HOSTNAME_RESOLVABLE 127.0.0.11 2>/dev/null | grep -q "^Name:"; then echo "ATTACK dns-docker-resolver: ESCAPED"; else echo "ATTACK dns-docker-resolver: BLOCKED"; fi
 # What a denied request shows the agent.
 raw "GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n"
 "#;
+
+/// A name this host resolves through its own DNS (so a forwarding resolver would answer it
+/// for the agent too); `localhost.invalid` (never resolvable) when the host has no DNS, which
+/// leaves the DNS attack unable to show anything and says so.
+fn host_resolvable_name() -> String {
+    use std::net::ToSocketAddrs;
+    for name in [
+        "deb.debian.org",
+        "crates.io",
+        "registry.npmjs.org",
+        "example.com",
+    ] {
+        if (name, 80)
+            .to_socket_addrs()
+            .is_ok_and(|mut a| a.next().is_some())
+        {
+            return name.to_owned();
+        }
+    }
+    eprintln!("NOTE: this host resolves no public name: the dns-docker-resolver attack proves nothing here");
+    "localhost.invalid".to_owned()
+}
 
 fn run_attacks(runtime: &str, pool: &str) -> String {
     let sb = Sandbox::new(pool);
     let port = common::http_server(SECRET_BODY);
     let script = ATTACKS
         .replace("$SECRET", SECRET_BODY)
-        .replace("$PORT", &port.to_string());
+        .replace("$PORT", &port.to_string())
+        .replace("$HOSTNAME_RESOLVABLE", &host_resolvable_name());
     let out = sb
         .cmd()
         .env("BOT_BOTTLE_DOCKER_RUNTIME", runtime)
@@ -95,6 +121,7 @@ fn assert_attacks(text: &str) {
         "direct-gateway",
         "direct-host-alias",
         "dns-outside",
+        "dns-docker-resolver",
     ] {
         assert!(
             text.contains(&format!("ATTACK {attack}: BLOCKED")),

@@ -284,6 +284,13 @@ pub async fn install_ca(
         })
 }
 
+/// The upstream resolver Docker's embedded DNS (127.0.0.11 in every container on a user-defined
+/// network) is given for the agent: TEST-NET-1, never routed. The agent needs no DNS (its proxy
+/// address is planned), and Docker releases before 26.0.0 / 25.0.5 / 23.0.11
+/// (CVE-2024-29018) forward an internal network's queries from the host's namespace, which
+/// would carry data out in query names to any resolver the host can reach.
+pub const AGENT_DNS_BLACK_HOLE: &str = "192.0.2.1";
+
 /// Create the agent container on the internal network.
 pub async fn create_agent(
     docker: &Docker,
@@ -337,6 +344,7 @@ pub async fn create_agent(
             memory: Some(i64::from(plan.agent.memory_mib) * 1024 * 1024),
             nano_cpus: Some(i64::from(plan.agent.vcpus) * 1_000_000_000),
             init: Some(true),
+            dns: Some(vec![AGENT_DNS_BLACK_HOLE.into()]),
             ..Default::default()
         }),
         networking_config: Some(NetworkingConfig {
