@@ -205,3 +205,29 @@ fn bot_bottle_backend_chooses_the_backend_unless_the_flag_does_and_a_bad_value_i
     );
     assert!(sb.rows().is_empty());
 }
+
+#[test]
+fn kernel_build_takes_its_source_from_the_environment_unless_given_one() {
+    let sb = Sandbox::new("40-41");
+    let build = |extra: &[&str]| {
+        sb.cmd()
+            .env("BOT_BOTTLE_KERNEL_SOURCE", "/nonexistent/from-env")
+            .args(["kernel", "build"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let from_env = build(&[]);
+    let from_flag = build(&["--source", "/nonexistent/from-flag"]);
+    assert_eq!(from_env.status.code(), Some(1));
+    assert!(
+        stderr(&from_env).contains("/nonexistent/from-env"),
+        "{}",
+        stderr(&from_env)
+    );
+    assert!(
+        stderr(&from_flag).contains("/nonexistent/from-flag"),
+        "{}",
+        stderr(&from_flag)
+    );
+}

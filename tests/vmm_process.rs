@@ -251,7 +251,7 @@ fn microvm_start_whose_guest_ends_early_reports_its_console_and_leaves_nothing()
 }
 
 #[test]
-fn microvm_start_without_a_kernel_says_how_to_build_one() {
+fn microvm_start_without_a_kernel_builds_one_and_names_a_missing_source() {
     if !kvm_and_docker("microvm_start_without_a_kernel") {
         return;
     }
@@ -260,12 +260,18 @@ fn microvm_start_without_a_kernel_says_how_to_build_one() {
         .cmd()
         .env_remove("BOT_BOTTLE_KERNEL")
         .env(bot_bottle::preflight::SKIP_LINUX_CHECK_ENV, "1")
+        .env(bot_bottle::kernel::SOURCE_ENV, "/nonexistent/linux-source")
         .args(["start", "test", "--backend", "microvm", "--", "true"])
         .output()
         .unwrap();
     let err = common::stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("bot-bottle kernel build"), "{err}");
+    // `start` went to build the kernel itself, from the configured source, and says what
+    // to install when that source is missing; it allocated and built nothing else.
+    assert!(err.contains("building it now"), "{err}");
+    assert!(err.contains("/nonexistent/linux-source"), "{err}");
+    assert!(err.contains("apt-get install linux-source-6.1"), "{err}");
+    assert!(!err.contains("root image"), "{err}");
     assert_left_nothing(&sb);
 }
 

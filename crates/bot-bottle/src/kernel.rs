@@ -26,6 +26,10 @@ pub const DEFAULT_SOURCE: &str = "/usr/src/linux-source-6.1.tar.xz";
 /// The Debian/Ubuntu package that provides [`DEFAULT_SOURCE`].
 pub const SOURCE_PACKAGE: &str = "linux-source-6.1";
 
+/// Overrides the default kernel source (a tree or tarball) for `kernel build` and for the build
+/// `start` runs when no kernel is cached.
+pub const SOURCE_ENV: &str = "BOT_BOTTLE_KERNEL_SOURCE";
+
 /// Tools the build needs, each with the Debian package that provides it.
 const TOOLS: [(&str, &str); 7] = [
     ("make", "make"),
@@ -87,10 +91,13 @@ pub struct KernelBuildOptions {
 }
 
 impl KernelBuildOptions {
-    /// Defaults: Debian's source tarball, the user's cache, one job per CPU.
+    /// Defaults: `$BOT_BOTTLE_KERNEL_SOURCE`, else Debian's source tarball; the user's cache;
+    /// one job per CPU.
     pub fn new(dirs: &Dirs) -> KernelBuildOptions {
         KernelBuildOptions {
-            source: None,
+            source: std::env::var_os(SOURCE_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
             cache_dir: kernel_cache_dir(dirs),
             jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
             force: false,

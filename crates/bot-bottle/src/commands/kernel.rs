@@ -24,7 +24,8 @@ enum KernelCommand {
 
 #[derive(Debug, clap::Args)]
 struct BuildArgs {
-    /// Linux source tree or tarball (default: Debian's /usr/src/linux-source-6.1.tar.xz).
+    /// Linux source tree or tarball (default: $BOT_BOTTLE_KERNEL_SOURCE, else Debian's
+    /// /usr/src/linux-source-6.1.tar.xz).
     #[arg(long)]
     source: Option<PathBuf>,
     /// Parallel make jobs (default: one per CPU).
@@ -53,7 +54,9 @@ pub async fn run(ctx: &Context, args: KernelArgs) -> anyhow::Result<i32> {
         }
         KernelCommand::Build(b) => {
             let mut opts = KernelBuildOptions::new(&ctx.dirs);
-            opts.source = b.source;
+            if b.source.is_some() {
+                opts.source = b.source;
+            }
             opts.force = b.force;
             if let Some(j) = b.jobs {
                 opts.jobs = j.max(1);
@@ -71,7 +74,7 @@ pub async fn run(ctx: &Context, args: KernelArgs) -> anyhow::Result<i32> {
 }
 
 /// Progress: one updating line on a terminal, a line per phase (and every 500 objects) otherwise.
-fn show(p: KernelProgress, tty: bool) {
+pub(super) fn show(p: KernelProgress, tty: bool) {
     let mut err = std::io::stderr();
     match p {
         KernelProgress::Cached { vmlinux } => {

@@ -118,6 +118,8 @@ async fn session(
         tokio::task::spawn_blocking(preflight::require_linux_guest)
             .await?
             .map_err(anyhow::Error::msg)?;
+        // Before anything is allocated: the first microVM start builds the kernel (minutes).
+        ensure_kernel(ctx).await?;
     }
     let runsc = resolved.backend == Backend::Docker && choose_runsc(&docker).await?;
     ctx.dirs.ensure_state()?;
@@ -286,6 +288,31 @@ async fn build_images(
     )]);
     let agent = images::ensure_image(docker, &plan.agent.image_repo, &spec, &image_labels).await?;
     Ok(Images { sidecar, agent })
+}
+
+/// The guest kernel: the configured or cached one, else built now from the kernel source
+/// (what `bot-bottle kernel build` does, with its progress), once per bot-bottle version.
+async fn ensure_kernel(ctx: &Context) -> anyhow::Result<()> {
+    use bot_bottle::kernel::{self, KernelBuildOptions};
+    use bot_bottle::microvm::{self, MicrovmError};
+    match microvm::find_kernel(&ctx.dirs) {
+        Ok(_) => return Ok(()),
+        Err(MicrovmError::NoKernel) => {}
+        Err(e) => return Err(e.into()),
+    }
+    eprintln!(
+        "bot-bottle: no guest kernel built yet: building it now (about 4 minutes on 2 cores, \
+         once per bot-bottle version; `bot-bottle kernel build` does the same)"
+    );
+    let opts = KernelBuildOptions::new(&ctx.dirs);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tokio::task::spawn_blocking(move || {
+        kernel::build_kernel(&opts, &mut |p| super::kernel::show(p, tty))
+    })
+    .await
+    .context("the kernel build thread panicked")?
+    .context("building the guest kernel for the microvm backend (or choose --backend docker)")?;
+    Ok(())
 }
 
 /// The bundle: egress proxy (+ placeholders), ports published on the alias only. Returns the
