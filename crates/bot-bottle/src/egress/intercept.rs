@@ -22,7 +22,7 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::RootCertStore;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::body;
@@ -314,6 +314,21 @@ impl Interception {
         let mut agent = BufReader::new(agent);
         let mut real = BufReader::new(real);
         loop {
+            // Between requests, watch both ends: when the real host closes an idle connection,
+            // close the agent's too, so that its client opens a new one instead of sending its
+            // next request into a dead end.
+            let agent_first = tokio::select! {
+                a = agent.fill_buf() => a.map(|b| !b.is_empty())?,
+                r = real.fill_buf() => {
+                    // Bytes with no request pending, or the end: either way this connection
+                    // carries nothing more.
+                    let _ = r?;
+                    false
+                }
+            };
+            if !agent_first {
+                break;
+            }
             let Some(head) = body::read_head(&mut agent, MAX_HEAD).await? else {
                 break;
             };
@@ -619,6 +634,19 @@ mod tests {
                                 tls.flush().await.unwrap();
                                 go.notified().await;
                                 tls.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await.unwrap();
+                            }
+                            "/then-idle-close" => {
+                                // Answered as kept, then closed as an idle server would.
+                                let reply = format!(
+                                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                                    echo.len()
+                                );
+                                tls.write_all(reply.as_bytes()).await.unwrap();
+                                tls.write_all(&echo).await.unwrap();
+                                tls.flush().await.unwrap();
+                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                                let _ = tls.shutdown().await;
+                                return;
                             }
                             "/until-close" => {
                                 tls.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
@@ -1015,5 +1043,35 @@ mod tests {
         assert_eq!(events[0].method, "POST");
         assert_eq!(events[0].verdict, "deny");
         assert_eq!(events[0].host, "api.test");
+    }
+
+    #[tokio::test]
+    async fn when_the_real_host_closes_an_idle_connection_the_agents_closes_too() {
+        use tokio::io::AsyncReadExt;
+        let (root, server) = pki("api.test");
+        let (port, _) = tls_upstream(server, notify()).await;
+        let (proxy, bottle_ca) = proxy(root).await;
+        let mut conn = agent_connect(proxy, "api.test", port, bottle_ca)
+            .await
+            .unwrap();
+
+        conn.write_all(b"GET /then-idle-close HTTP/1.1\r\nHost: api.test\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = read_response(&mut conn, "GET").await;
+        // The agent sends nothing more; the host closes; so does the proxy, promptly.
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            conn.read_to_end(&mut rest),
+        )
+        .await;
+
+        assert_eq!(head.status, 200);
+        assert!(
+            ended.is_ok(),
+            "the agent's connection stayed open to a closed host"
+        );
+        assert!(rest.is_empty(), "{rest:?}");
     }
 }
