@@ -944,6 +944,20 @@ impl ImageWriter {
         Ok(data)
     }
 
+    /// Writes a table's metadata blocks, then the index of where each starts in the image;
+    /// returns where the index is (what the superblock points at).
+    fn put_indexed(&mut self, blocks: &[u8], starts: &[u64]) -> Result<u64, SquashfsError> {
+        let blocks_start = self.pos;
+        self.put(blocks)?;
+        let index_start = self.pos;
+        let mut index: Vec<u8> = Vec::with_capacity(starts.len() * 8);
+        for s in starts {
+            index.u64(blocks_start + s);
+        }
+        self.put(&index)?;
+        Ok(index_start)
+    }
+
     /// Writes the tables after the data, then the superblock.
     fn finish(mut self, root: MetaRef, inodes: u32) -> Result<WriteStats, SquashfsError> {
         let c = &mut self.compressor;
@@ -997,28 +1011,14 @@ impl ImageWriter {
         // The kernel wants the fragment table after the directory table and before the id
         // table's blocks (it bounds each table by the next one's start).
         let mut flags = FLAG_DUPLICATES;
-        let fragment_table_start = if let Some((blocks, starts)) = fragment_table {
-            let blocks_start = self.pos;
-            self.put(&blocks)?;
-            let table_start = self.pos;
-            let mut index: Vec<u8> = Vec::new();
-            for s in starts {
-                index.u64(blocks_start + s);
+        let fragment_table_start = match fragment_table {
+            Some((blocks, starts)) => self.put_indexed(&blocks, &starts)?,
+            None => {
+                flags |= FLAG_NO_FRAGMENTS;
+                NO_TABLE
             }
-            self.put(&index)?;
-            table_start
-        } else {
-            flags |= FLAG_NO_FRAGMENTS;
-            NO_TABLE
         };
-        let id_blocks_start = self.pos;
-        self.put(&id_blocks)?;
-        let id_table_start = self.pos;
-        let mut index: Vec<u8> = Vec::new();
-        for s in id_starts {
-            index.u64(id_blocks_start + s);
-        }
-        self.put(&index)?;
+        let id_table_start = self.put_indexed(&id_blocks, &id_starts)?;
         let xattr_id_table_start = match xattr_tables {
             None => {
                 flags |= FLAG_NO_XATTRS;
