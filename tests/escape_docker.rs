@@ -314,3 +314,50 @@ fn agent_runs_as_the_manifest_user_with_proxy_env() {
         "{text}"
     );
 }
+
+/// A fork bomb in the agent stops at the bottle's pids limit instead of exhausting the host's.
+/// (Under Debian 12's runsc the limit holds too, but the agent's shell dies with the bomb, so
+/// there is nothing left to count: the limit is read back from the engine in `lifecycle`.)
+fn fork_bomb_is_contained(runtime: &str, pool: &str) {
+    let sb = Sandbox::new(pool);
+    sb.add_bottle("forky", "extends = \"test\"\n[resources]\npids = 64\n");
+    // A child shell spawns up to 300 sleepers (dying when it can fork no more); the agent then
+    // counts the container's processes with shell builtins only (nothing is left to fork).
+    let script = "sh -c 'i=0; while [ $i -lt 300 ]; do sleep 60 & i=$((i+1)); done' 2>/dev/null; \
+                  n=0; for p in /proc/[0-9]*; do n=$((n+1)); done; echo $n";
+    let out = sb
+        .cmd()
+        .env("BOT_BOTTLE_DOCKER_RUNTIME", runtime)
+        .args([
+            "start",
+            "forky",
+            "--backend",
+            "docker",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    let count: usize = text
+        .trim()
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no process count:\n{text}\n{}", stderr(&out)));
+    // Many sleepers started (the loop ran), and no more than the limit exist.
+    assert!(
+        count > 32 && count <= 64,
+        "{count} processes under a limit of 64"
+    );
+    assert!(sb.rows().is_empty());
+}
+
+#[test]
+fn a_fork_bomb_under_runc_stops_at_the_pids_limit() {
+    if docker_available("a_fork_bomb_under_runc_stops_at_the_pids_limit") {
+        fork_bomb_is_contained("runc", "93-93");
+    }
+}

@@ -310,7 +310,7 @@ fn start_keeps_the_newest_ten_ended_runs_logs_and_cleanup_logs_removes_them_all(
 /// the attack where that happens; this engine does not forward, so here the setting is read
 /// back from the engine).
 #[test]
-fn the_agents_dns_forwards_to_a_black_hole() {
+fn the_agents_dns_forwards_to_a_black_hole_and_its_pids_are_limited() {
     if !docker_available("the_agents_dns_forwards_to_a_black_hole") {
         return;
     }
@@ -321,7 +321,7 @@ fn the_agents_dns_forwards_to_a_black_hole() {
         .args([
             "inspect",
             "--format",
-            "{{json .HostConfig.Dns}}",
+            "{{json .HostConfig.Dns}} {{.HostConfig.PidsLimit}}",
             &format!("bot-bottle-{id}-agent"),
         ])
         .output()
@@ -330,7 +330,11 @@ fn the_agents_dns_forwards_to_a_black_hole() {
     run.wait();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        format!("[\"{}\"]", bot_bottle::docker_backend::AGENT_DNS_BLACK_HOLE),
+        // And the default pids limit of the manifest.
+        format!(
+            "[\"{}\"] 4096",
+            bot_bottle::docker_backend::AGENT_DNS_BLACK_HOLE
+        ),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -175,6 +175,7 @@ pub async fn create_bundle(
             readonly_rootfs: Some(true),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges".into()]),
+            pids_limit: Some(BUNDLE_PIDS_LIMIT),
             ..Default::default()
         }),
         ..Default::default()
@@ -284,6 +285,9 @@ pub async fn install_ca(
         })
 }
 
+/// The bundle's pids limit: its runtime's workers and blocking pool with room to spare.
+const BUNDLE_PIDS_LIMIT: i64 = 1024;
+
 /// The upstream resolver Docker's embedded DNS (127.0.0.11 in every container on a user-defined
 /// network) is given for the agent: TEST-NET-1, never routed. The agent needs no DNS (its proxy
 /// address is planned), and Docker releases before 26.0.0 / 25.0.5 / 23.0.11
@@ -345,6 +349,7 @@ pub async fn create_agent(
             nano_cpus: Some(i64::from(plan.agent.vcpus) * 1_000_000_000),
             init: Some(true),
             dns: Some(vec![AGENT_DNS_BLACK_HOLE.into()]),
+            pids_limit: Some(i64::from(plan.agent.pids)),
             ..Default::default()
         }),
         networking_config: Some(NetworkingConfig {

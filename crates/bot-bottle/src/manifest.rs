@@ -135,6 +135,7 @@ pub struct RawEgress {
 pub struct RawResources {
     pub vcpus: Option<u8>,
     pub memory_mib: Option<u32>,
+    pub pids: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -209,12 +210,17 @@ pub struct Egress {
 pub struct Resources {
     pub vcpus: u8,
     pub memory_mib: u32,
+    /// Most processes and threads the agent may have at once (the Docker backend's pids
+    /// limit; a microVM's guest is bounded by its own memory).
+    pub pids: u32,
 }
 
 pub const DEFAULT_DENY_MESSAGE: &str =
     "bot-bottle: egress to this host is not allowed by the bottle's manifest";
 const DEFAULT_VCPUS: u8 = 2;
 const DEFAULT_MEMORY_MIB: u32 = 2048;
+/// Room for Node.js, git, language servers and builds; a fork bomb stops here.
+const DEFAULT_PIDS: u32 = 4096;
 
 /// Where manifests are looked up.
 #[derive(Debug, Clone)]
@@ -350,6 +356,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
     let mut deny_message = None;
     let mut vcpus = None;
     let mut memory_mib = None;
+    let mut pids = None;
     let mut git_enabled = None;
     let mut env = BTreeMap::new();
     let mut allow = Vec::new();
@@ -368,6 +375,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
         deny_message = raw.egress.deny_message.or(deny_message);
         vcpus = raw.resources.vcpus.or(vcpus);
         memory_mib = raw.resources.memory_mib.or(memory_mib);
+        pids = raw.resources.pids.or(pids);
         git_enabled = raw.git.enabled.or(git_enabled);
         env.extend(raw.agent.env);
         push_unique(&mut allow, &raw.egress.allow);
@@ -405,6 +413,12 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
             "`[resources] memory_mib = {memory_mib}` is out of range: use 128..=65536"
         )));
     }
+    let pids = pids.unwrap_or(DEFAULT_PIDS);
+    if !(16..=1_000_000).contains(&pids) {
+        return Err(invalid(format!(
+            "`[resources] pids = {pids}` is out of range: use 16..=1000000"
+        )));
+    }
     for (host, cred) in &credentials {
         if cred.env.is_some() == cred.file.is_some() {
             return Err(invalid(format!(
@@ -436,7 +450,11 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
         },
         credentials,
         mounts,
-        resources: Resources { vcpus, memory_mib },
+        resources: Resources {
+            vcpus,
+            memory_mib,
+            pids,
+        },
         git_enabled: git_enabled.unwrap_or(false),
         sources,
     })
@@ -564,6 +582,17 @@ mod tests {
         let err = src.load("c").unwrap_err().to_string();
         assert!(err.contains("`[credentials.\"a.com\"] paths`"), "{err}");
         assert!(err.contains("`..`"), "{err}");
+    }
+
+    #[test]
+    fn pids_default_and_out_of_range_pids() {
+        let (_d, src) = source_with(&[
+            ("ok", "[agent]\ndockerfile = \"x\"\n"),
+            ("bad", "[agent]\ndockerfile = \"x\"\n[resources]\npids = 3\n"),
+        ]);
+        assert_eq!(src.load("ok").unwrap().resources.pids, 4096);
+        let err = src.load("bad").unwrap_err().to_string();
+        assert!(err.contains("`[resources] pids = 3` is out of range"), "{err}");
     }
 
     #[test]

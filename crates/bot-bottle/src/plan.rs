@@ -139,6 +139,8 @@ pub struct AgentPlan {
     pub workdir: String,
     pub vcpus: u8,
     pub memory_mib: u32,
+    /// Docker backend: the agent container's pids limit.
+    pub pids: u32,
     /// Docker backend: the OCI runtime (`runsc` when registered).
     pub runtime: Option<String>,
 }
@@ -331,6 +333,7 @@ pub fn plan(manifest: &Manifest, host: &HostFacts) -> Result<BottlePlan, PlanErr
             workdir: manifest.agent.workdir.clone(),
             vcpus: manifest.resources.vcpus,
             memory_mib: manifest.resources.memory_mib,
+            pids: manifest.resources.pids,
             runtime: (host.backend == Backend::Docker && host.runsc).then(|| "runsc".to_owned()),
         },
         egress: EgressPlan {
