@@ -330,3 +330,55 @@ fn credential_hosts_are_intercepted_with_the_bottles_ca_and_the_secret_stays_out
     );
     assert!(agent_output.ends_with("0\n"), "{agent_output}");
 }
+
+/// `logs --follow` shows the decisions of a running bottle as they happen, one readable line
+/// each, and ends when the bottle does.
+#[test]
+fn logs_follow_shows_decisions_as_they_happen_and_ends_with_the_bottle() {
+    if !docker_available("logs_follow_shows_decisions_as_they_happen") {
+        return;
+    }
+    let sb = Sandbox::new("94-94");
+    let mut cmd = sb.cmd();
+    cmd.args([
+        "start",
+        "test",
+        "--",
+        "sh",
+        "-c",
+        "sleep 3; P=${HTTP_PROXY#http://}; \
+         printf 'GET http://example.com/ HTTP/1.1\\r\\nHost: example.com\\r\\nConnection: close\\r\\n\\r\\n' \
+         | nc -w 5 ${P%:*} ${P#*:} >/dev/null; sleep 1",
+    ]);
+    let run = common::Running::spawn(cmd);
+    sb.wait_running(std::time::Duration::from_secs(180));
+    let follow = sb
+        .cmd()
+        .args(["logs", "test", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = run.wait();
+    // The bottle is gone: --follow ends on its own.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(follow.wait_with_output());
+    });
+    let out = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("logs --follow did not end with the bottle")
+        .unwrap();
+
+    assert!(started.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("example.com:80"))
+        .unwrap_or_else(|| panic!("the denied request is not shown:\n{text}"));
+    assert!(
+        line.contains("  deny   GET      example.com:80  not_allowed"),
+        "{line}"
+    );
+    assert!(!line.starts_with('{'), "{line}");
+}

@@ -99,7 +99,7 @@ fn run_attacks(runtime: &str, pool: &str) -> String {
         sb.docker_leftovers()
     );
     // The decisions were logged, with the bottle id.
-    let log = stdout(&sb.run(&["logs", "test", "--egress"]));
+    let log = stdout(&sb.run(&["logs", "test", "--egress", "--json"]));
     assert!(log.contains("\"verdict\":\"deny\""), "{log}");
     assert!(log.contains("\"host\":\"example.com\""), "{log}");
     text

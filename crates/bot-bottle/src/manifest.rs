@@ -588,11 +588,17 @@ mod tests {
     fn pids_default_and_out_of_range_pids() {
         let (_d, src) = source_with(&[
             ("ok", "[agent]\ndockerfile = \"x\"\n"),
-            ("bad", "[agent]\ndockerfile = \"x\"\n[resources]\npids = 3\n"),
+            (
+                "bad",
+                "[agent]\ndockerfile = \"x\"\n[resources]\npids = 3\n",
+            ),
         ]);
         assert_eq!(src.load("ok").unwrap().resources.pids, 4096);
         let err = src.load("bad").unwrap_err().to_string();
-        assert!(err.contains("`[resources] pids = 3` is out of range"), "{err}");
+        assert!(
+            err.contains("`[resources] pids = 3` is out of range"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,10 +1,18 @@
-//! `bot-bottle logs <bottle> --egress`: the egress proxy's decisions, one JSON line each.
+//! `bot-bottle logs <bottle> [--json] [--follow]`: the egress proxy's decisions, one line each.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use bot_bottle::egress::EgressEvent;
 use bot_bottle::sidecar::EGRESS_LOG;
 use bot_bottle::state::StateDb;
 
 use super::Context;
+
+/// How often `--follow` looks for new lines and for the bottle's end.
+const FOLLOW_POLL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, clap::Args)]
 pub struct LogsArgs {
@@ -13,6 +21,12 @@ pub struct LogsArgs {
     /// Show the egress proxy's decisions (the only log for now).
     #[arg(long, default_value_t = true)]
     egress: bool,
+    /// Print the events as they are stored: one JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// Keep printing new events until the bottle stops (or Ctrl-C).
+    #[arg(long, short)]
+    follow: bool,
 }
 
 pub async fn run(ctx: &Context, args: LogsArgs) -> anyhow::Result<i32> {
@@ -52,11 +66,69 @@ pub async fn run(ctx: &Context, args: LogsArgs) -> anyhow::Result<i32> {
         );
     };
     let path = dir.join(&id).join(EGRESS_LOG);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    let mut printer = Printer {
+        json: args.json,
+        pending: Vec::new(),
+        offset: 0,
     };
-    print!("{text}");
+    printer.print_new(&path)?;
+    if args.follow {
+        // Until the bottle's state row is gone (it stopped), then what it wrote last.
+        while is_running(ctx, &id) {
+            tokio::time::sleep(FOLLOW_POLL).await;
+            printer.print_new(&path)?;
+        }
+        printer.print_new(&path)?;
+    }
     Ok(0)
+}
+
+fn is_running(ctx: &Context, id: &str) -> bool {
+    StateDb::open(&ctx.dirs.db_path())
+        .and_then(|db| db.bottles())
+        .is_ok_and(|rows| rows.iter().any(|r| r.id == id && r.live))
+}
+
+/// Prints the complete lines appended to the log since the last call.
+struct Printer {
+    json: bool,
+    /// A line still being written when last read.
+    pending: Vec<u8>,
+    offset: u64,
+}
+
+impl Printer {
+    fn print_new(&mut self, path: &Path) -> anyhow::Result<()> {
+        let mut file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        file.seek(SeekFrom::Start(self.offset))
+            .with_context(|| format!("reading {}", path.display()))?;
+        let mut fresh = Vec::new();
+        file.read_to_end(&mut fresh)
+            .with_context(|| format!("reading {}", path.display()))?;
+        self.offset += fresh.len() as u64;
+        self.pending.extend_from_slice(&fresh);
+        let Some(end) = self.pending.iter().rposition(|&b| b == b'\n') else {
+            return Ok(());
+        };
+        let complete: Vec<u8> = self.pending.drain(..=end).collect();
+        let mut out = std::io::stdout().lock();
+        for line in complete.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let text = String::from_utf8_lossy(line);
+            let shown = match (self.json, serde_json::from_str::<EgressEvent>(&text)) {
+                (false, Ok(event)) => event.human(),
+                // Raw when asked, or when a line is not an event (shown, never dropped).
+                _ => text.into_owned(),
+            };
+            if writeln!(out, "{shown}").is_err() {
+                // The reader went away (e.g. `| head`): nothing more to show.
+                return Ok(());
+            }
+        }
+        let _ = out.flush();
+        Ok(())
+    }
 }

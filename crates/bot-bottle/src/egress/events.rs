@@ -64,6 +64,34 @@ impl EgressEvent {
     }
 }
 
+impl EgressEvent {
+    /// One line for a person: time of day (UTC), verdict, method, target, why, and the rule
+    /// or detail when there is one. `2026-11-23T14:00:00.123Z deny CONNECT x.com:443
+    /// not_allowed` becomes `14:00:00.123  deny   CONNECT  x.com:443  not_allowed`.
+    pub fn human(&self) -> String {
+        let clock = self
+            .time
+            .split_once('T')
+            .map_or(self.time.as_str(), |(_, t)| t.trim_end_matches('Z'));
+        let target = if self.host.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        let mut line = format!(
+            "{clock}  {:<5}  {:<7}  {target}  {}",
+            self.verdict, self.method, self.reason
+        );
+        if let Some(rule) = &self.rule {
+            line.push_str(&format!("  rule={rule}"));
+        }
+        if let Some(detail) = &self.detail {
+            line.push_str(&format!("  ({detail})"));
+        }
+        line
+    }
+}
+
 /// Appends event lines to a file (`O_APPEND`, one unbuffered `write` per line).
 ///
 /// Writes are synchronous on purpose: an append of a few hundred bytes to the page cache takes
@@ -142,6 +170,28 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_reads_as_one_line_for_a_person() {
+        let mut e = EgressEvent::now("b1", "127.0.0.1:5555", "CONNECT", "api.github.com", 443);
+        e.time = "2026-11-23T14:00:00.123Z".into();
+        e.verdict = "allow".into();
+        e.reason = "allow_rule".into();
+        e.rule = Some("*.github.com".into());
+        assert_eq!(
+            e.human(),
+            "14:00:00.123  allow  CONNECT  api.github.com:443  allow_rule  rule=*.github.com"
+        );
+        let mut bad = EgressEvent::now("b1", "c", "GET", "", 0);
+        bad.time = "2026-11-23T14:00:01.000Z".into();
+        bad.verdict = "deny".into();
+        bad.reason = "bad_request".into();
+        bad.detail = Some("malformed".into());
+        assert_eq!(
+            bad.human(),
+            "14:00:01.000  deny   GET      -  bad_request  (malformed)"
+        );
+    }
 
     #[test]
     fn rfc3339_formats_epoch() {
