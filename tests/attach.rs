@@ -382,3 +382,70 @@ fn logs_follow_shows_decisions_as_they_happen_and_ends_with_the_bottle() {
     );
     assert!(!line.starts_with('{'), "{line}");
 }
+
+/// `bot-bottle allow` lets a running bottle reach a host its manifest did not list, and the
+/// agent cannot do the same for itself through the supervisor (it never holds the token).
+#[test]
+fn the_host_allows_more_while_the_bottle_runs_and_the_agent_cannot_allow_itself() {
+    if !docker_available("the_host_allows_more_while_the_bottle_runs") {
+        return;
+    }
+    let sb = Sandbox::new("95-95");
+    sb.add_bottle(
+        "later",
+        "extends = \"test\"\n[egress]\nhosts = { \"later.test\" = \"host-gateway\", \"allowed.test\" = \"host-gateway\" }\n",
+    );
+    let port = common::http_server("later-says-hello");
+    // The agent tries to allow itself (no token, a guessed one), reports what it got, then
+    // waits until the host has allowed later.test.
+    let script = format!(
+        "P=${{HTTP_PROXY#http://}}; \
+         get() {{ printf 'GET http://later.test:{port}/ HTTP/1.1\\r\\nHost: later.test:{port}\\r\\nConnection: close\\r\\n\\r\\n' | nc -w 5 ${{P%:*}} ${{P#*:}}; }}; \
+         S=${{BOT_BOTTLE_SUPERVISOR_URL#http://}}; \
+         sup() {{ printf \"POST /allow HTTP/1.1\\r\\n$1Content-Length: 10\\r\\nConnection: close\\r\\n\\r\\nlater.test\" | nc -w 5 ${{S%:*}} ${{S#*:}} | head -1; }}; \
+         echo \"SELF-NOTOKEN: $(sup '')\"; \
+         echo \"SELF-GUESS: $(sup 'Authorization: Bearer guess\\r\\n')\"; \
+         echo \"BEFORE: $(get | head -1)\"; \
+         i=0; while [ $i -lt 60 ]; do if get | grep -q later-says-hello; then echo AFTER: allowed; exit 0; fi; sleep 0.5; i=$((i+1)); done; \
+         echo AFTER: still denied; exit 1"
+    );
+    let mut cmd = sb.cmd();
+    cmd.args(["start", "later", "--", "sh", "-c", &script]);
+    let mut run = common::Running::spawn(cmd);
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = run.child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    while !seen.iter().any(|l: &String| l.starts_with("BEFORE:")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("the agent never reported: {seen:?}"),
+        }
+    }
+    let allowed = sb.run(&["allow", "later", "later.test"]);
+    let status = run.wait();
+    seen.extend(rx.try_iter());
+
+    let text = seen.join("\n");
+    assert!(allowed.status.success(), "{}", stderr(&allowed));
+    assert!(common::stdout(&allowed).contains("now allows later.test"));
+    assert!(text.contains("SELF-NOTOKEN: HTTP/1.1 401"), "{text}");
+    assert!(text.contains("SELF-GUESS: HTTP/1.1 401"), "{text}");
+    assert!(text.contains("BEFORE: HTTP/1.1 403"), "{text}");
+    assert!(text.contains("AFTER: allowed"), "{text}");
+    assert!(status.success(), "{text}");
+    // The change and the agent's attempts are in the bottle's log.
+    let log = common::stdout(&sb.run(&["logs", "later", "--json"]));
+    assert!(log.contains("\"reason\":\"supervisor_rule\""), "{log}");
+    assert_eq!(log.matches("supervisor_unauthorized").count(), 2, "{log}");
+}

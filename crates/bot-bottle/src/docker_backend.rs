@@ -127,6 +127,8 @@ pub async fn create_bundle(
     // A bottle with credentials gets its own CA (made in the bundle); its certificate lands
     // beside the logs for the agent to trust.
     let intercepting = !plan.egress.credential_hosts.is_empty();
+    // The supervisor's token: for the host's `bot-bottle allow` and the bundle, never the agent.
+    write_token(&log_dir.join(crate::supervisor::TOKEN_FILE))?;
     let sidecar = SidecarConfig {
         bottle_id: plan.id.clone(),
         allow: plan.egress.allow.clone(),
@@ -135,6 +137,9 @@ pub async fn create_bundle(
         event_log: Some(Path::new(LOG_DIR_IN_BUNDLE).join(EGRESS_LOG)),
         credentials: credentials.to_vec(),
         ca_cert: intercepting.then(|| Path::new(LOG_DIR_IN_BUNDLE).join(CA_CERT)),
+        supervisor_token_file: Some(
+            Path::new(LOG_DIR_IN_BUNDLE).join(crate::supervisor::TOKEN_FILE),
+        ),
     };
     let sidecar_json = serde_json::to_string(&sidecar).expect("sidecar config serialises");
     let mut exposed = HashMap::new();
@@ -479,6 +484,27 @@ pub async fn run_agent(
 }
 
 /// Host directory for a bottle's logs, writable by the bundle (which runs as this user).
+/// A new supervisor token at `path`, readable by this user only.
+fn write_token(path: &Path) -> Result<(), BackendError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let token = crate::supervisor::new_token().map_err(|e| BackendError::LogDir {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e),
+    })?;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(token.as_bytes()))
+        .map_err(|source| BackendError::LogDir {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 pub fn prepare_log_dir(dir: &Path) -> Result<(), BackendError> {
     std::fs::create_dir_all(dir).map_err(|source| BackendError::LogDir {
         path: dir.to_path_buf(),

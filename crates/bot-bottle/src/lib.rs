@@ -24,6 +24,7 @@ pub mod rootfs;
 pub mod sidecar;
 pub mod squashfs;
 pub mod state;
+pub mod supervisor;
 pub mod terminal;
 pub mod transfer;
 pub mod upper;

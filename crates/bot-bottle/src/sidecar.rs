@@ -43,6 +43,12 @@ pub enum SidecarError {
         #[source]
         source: crate::egress::intercept::InterceptError,
     },
+    #[error("cannot read the supervisor token {path}")]
+    Token {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("credentials were given without a path for the bottle CA's certificate: the agent could not trust the proxy; `bot-bottle start` sets both")]
     CredentialsWithoutCa,
     #[error("cannot write the bottle CA's certificate to {path}")]
@@ -74,6 +80,9 @@ pub struct SidecarConfig {
     /// Where the bottle CA's certificate is written for the agent (inside the bundle).
     #[serde(default)]
     pub ca_cert: Option<PathBuf>,
+    /// The supervisor's token (inside the bundle); none: the supervisor port says it is off.
+    #[serde(default)]
+    pub supervisor_token_file: Option<PathBuf>,
 }
 
 /// One host's credential as the proxy sets it: `header: value`.
@@ -217,10 +226,40 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         None if !config.credentials.is_empty() => return Err(SidecarError::CredentialsWithoutCa),
         None => {}
     }
+    let proxy = crate::egress::EgressProxy::bind(proxy)
+        .await
+        .map_err(|source| SidecarError::Proxy { source })?;
     let git = bind(GIT_GATE_PORT, "git gate").await?;
-    let supervisor = bind(SUPERVISOR_PORT, "supervisor").await?;
     tokio::spawn(placeholder(git, "git gate"));
-    tokio::spawn(placeholder(supervisor, "supervisor"));
+    let supervisor_port = bind(SUPERVISOR_PORT, "supervisor").await?;
+    match &config.supervisor_token_file {
+        Some(path) => {
+            let token = std::fs::read_to_string(path)
+                .map(|t| t.trim().to_owned())
+                .map_err(|source| SidecarError::Token {
+                    path: path.clone(),
+                    source,
+                })?;
+            let events = match &config.event_log {
+                Some(log) => Some(
+                    crate::egress::events::EventLog::open(log)
+                        .await
+                        .map_err(|source| SidecarError::Proxy { source })?,
+                ),
+                None => None,
+            };
+            let supervisor = crate::supervisor::Supervisor {
+                bottle_id: config.bottle_id.clone(),
+                token,
+                policy: proxy.live_policy(),
+                events,
+            };
+            tokio::spawn(supervisor.serve(supervisor_port));
+        }
+        None => {
+            tokio::spawn(placeholder(supervisor_port, "supervisor"));
+        }
+    }
     let shutdown = async {
         if let Ok(mut term) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -234,7 +273,8 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         "bot-bottle sidecar for {}: egress proxy on :{PROXY_PORT}",
         config.bottle_id
     );
-    crate::egress::serve(proxy, shutdown)
+    proxy
+        .run(shutdown)
         .await
         .map_err(|source| SidecarError::Proxy { source })
 }

@@ -1,5 +1,6 @@
 //! One file per subcommand; `anyhow` with context at this edge only.
 
+mod allow;
 mod cleanup;
 mod cp;
 mod doctor;
@@ -39,6 +40,8 @@ pub enum Command {
     Cp(cp::CpArgs),
     /// Start a bottle again on the writable layer its last microVM run kept.
     Resume(start::StartArgs),
+    /// Let a running bottle reach more hosts until it stops (egress rules).
+    Allow(allow::AllowArgs),
     /// List running bottles.
     List(list::ListArgs),
     /// Stop a running bottle (its `start` tears everything down).
@@ -88,6 +91,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             args.resume = true;
             start::run(&ctx()?, args).await
         }
+        Command::Allow(args) => allow::run(&ctx()?, args).await,
         Command::List(args) => list::run(&ctx()?, args).await,
         Command::Exec(args) => exec::run(&ctx()?, args).await,
         Command::Cp(args) => cp::run(&ctx()?, args).await,

@@ -9,8 +9,9 @@
 //! - `reason`: `allow_rule`, `deny_rule`, `ip_literal`, `doh_endpoint`, `not_allowed`,
 //!   `invalid_host`, `host_header_denied` (plain HTTP whose `Host` header names a denied host),
 //!   `path_not_allowed` (a request inside an intercepted tunnel outside its credential's
-//!   `paths`; `method` is the request's) or `bad_request` (malformed request; `host` is empty
-//!   and `port` 0);
+//!   `paths`; `method` is the request's), `supervisor_rule` (the host added the allow rule in
+//!   `rule`), `supervisor_unauthorized` (a supervisor request without the bottle's token) or
+//!   `bad_request` (malformed request; `host` is empty and `port` 0);
 //! - `detail`: free text for humans (e.g. the `Host` header value), or `null`.
 
 use std::path::{Path, PathBuf};

@@ -114,7 +114,7 @@ pub(crate) struct PathRefusals<'a> {
     pub log: Option<&'a EventLog>,
     /// The tunnel's event (client, host, port); method, verdict and reason are filled in.
     pub template: EgressEvent,
-    pub deny_message: &'a str,
+    pub deny_message: String,
 }
 
 impl PathRefusals<'_> {

@@ -15,8 +15,8 @@ pub mod policy;
 pub mod proxy;
 pub mod resolve;
 
-mod body;
-mod http;
+pub(crate) mod body;
+pub(crate) mod http;
 #[cfg(test)]
 mod tests;
 
@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use events::EgressEvent;
-pub use policy::{CredentialPaths, Decision, DenyReason, EgressPolicy};
+pub use policy::{CredentialPaths, Decision, DenyReason, EgressPolicy, LivePolicy};
 pub use proxy::{serve, EgressProxy, ProxyConfig, ProxyLimits};
 pub use resolve::Resolver;
 

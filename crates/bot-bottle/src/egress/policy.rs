@@ -207,6 +207,39 @@ impl EgressPolicy {
         &self.deny_message
     }
 
+    /// Adds an allow rule (the supervisor's, while a bottle runs). Deny rules still win: a
+    /// rule for one host that a deny rule covers is refused, saying which.
+    pub fn allow_more(&mut self, rule: &str) -> Result<(), EgressError> {
+        let parsed = parse_rule(rule)?;
+        let target = match &parsed.host {
+            HostPattern::Exact(name) => Some(Target::Name(name.clone())),
+            HostPattern::Ip(ip) => Some(Target::Ip(*ip)),
+            HostPattern::Suffix(_) => None,
+        };
+        if let Some(target) = target {
+            let port = parsed.port.unwrap_or(443);
+            if let Some(deny) = self.deny.iter().find(|d| d.matches(&target, port)) {
+                return Err(EgressError::InvalidRule {
+                    rule: rule.to_owned(),
+                    reason: format!(
+                        "the manifest's deny rule {:?} covers it, and deny rules win",
+                        deny.text
+                    ),
+                });
+            }
+        }
+        if !self.allow.iter().any(|r| r.text == parsed.text) {
+            self.allow.push(parsed);
+        }
+        Ok(())
+    }
+
+    /// The rules' texts: (allow, deny).
+    pub fn rules(&self) -> (Vec<String>, Vec<String>) {
+        let texts = |rules: &[Rule]| rules.iter().map(|r| r.text.clone()).collect();
+        (texts(&self.allow), texts(&self.deny))
+    }
+
     /// Decides whether `host:port` may be reached. Pure; see the module docs for the order.
     /// `host` may be a name, an IP literal, or a bracketed IPv6 literal (`[::1]`).
     pub fn decide(&self, host: &str, port: u16) -> Decision {
@@ -414,6 +447,43 @@ pub(crate) fn canonical_host(host: &str) -> String {
     match parse_ip_literal(host) {
         Some(ip) => ip.to_string(),
         None => host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase(),
+    }
+}
+
+/// A policy shared by the proxy and the supervisor, which may add allow rules while the bottle
+/// runs. Every decision takes the lock for its few microseconds; nothing awaits under it.
+#[derive(Debug, Clone)]
+pub struct LivePolicy(std::sync::Arc<std::sync::RwLock<EgressPolicy>>);
+
+impl LivePolicy {
+    pub fn new(policy: EgressPolicy) -> Self {
+        Self(std::sync::Arc::new(std::sync::RwLock::new(policy)))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, EgressPolicy> {
+        // A writer that panicked left a whole policy behind (pushes are atomic): go on.
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn decide(&self, host: &str, port: u16) -> Decision {
+        self.read().decide(host, port)
+    }
+
+    pub fn deny_message(&self) -> String {
+        self.read().deny_message().to_owned()
+    }
+
+    pub fn rules(&self) -> (Vec<String>, Vec<String>) {
+        self.read().rules()
+    }
+
+    pub fn allow_more(&self, rule: &str) -> Result<(), EgressError> {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .allow_more(rule)
     }
 }
 

@@ -26,7 +26,7 @@ use super::body;
 use super::events::{EgressEvent, EventLog};
 use super::http::{self, HeadError, RequestHead};
 use super::intercept::{Interception, PathRefusals};
-use super::policy::{canonical_host, Decision, EgressPolicy};
+use super::policy::{canonical_host, Decision, EgressPolicy, LivePolicy};
 use super::resolve::Resolver;
 use super::EgressError;
 
@@ -117,7 +117,7 @@ pub struct EgressProxy {
 #[derive(Debug)]
 struct Shared {
     bottle_id: String,
-    policy: EgressPolicy,
+    policy: LivePolicy,
     resolver: Resolver,
     events: Option<EventLog>,
     limits: ProxyLimits,
@@ -153,7 +153,7 @@ impl EgressProxy {
             local_addr,
             shared: Arc::new(Shared {
                 bottle_id: config.bottle_id,
-                policy: config.policy,
+                policy: LivePolicy::new(config.policy),
                 resolver: config.resolver,
                 events,
                 limits: config.limits,
@@ -161,6 +161,11 @@ impl EgressProxy {
                 interception: config.interception,
             }),
         })
+    }
+
+    /// The policy this proxy decides with; rules added to it apply to the next request.
+    pub fn live_policy(&self) -> LivePolicy {
+        self.shared.policy.clone()
     }
 
     /// The address actually bound (useful with port 0).
@@ -441,7 +446,7 @@ impl Conn<'_> {
         };
         Refusal {
             status: 403,
-            reason: forbidden_reason(message).into(),
+            reason: forbidden_reason(&message).into(),
             body: format!(
                 "{message}{separator}bot-bottle egress: {}:{} denied: {explanation}\n",
                 event.host, event.port
