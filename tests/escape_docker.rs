@@ -304,15 +304,14 @@ fn agent_runs_as_the_manifest_user_with_proxy_env() {
     assert_eq!(lines[0], "1000");
     assert_eq!(lines[1], "http://198.18.76.2:3128");
     assert!(lines[2].contains("198.18.76.2"));
-    // The git gate and the supervisor are placeholders that say so.
+    // The git gate is a placeholder that says so; the supervisor wants the bottle's token,
+    // which the agent does not have.
     assert!(
         text.contains("the git gate is not enabled for this bottle"),
         "{text}"
     );
-    assert!(
-        text.contains("the supervisor is not enabled for this bottle"),
-        "{text}"
-    );
+    assert!(text.contains("HTTP/1.1 401 Unauthorized"), "{text}");
+    assert!(text.contains("this needs the bottle's token"), "{text}");
 }
 
 /// A fork bomb in the agent stops at the bottle's pids limit instead of exhausting the host's.
