@@ -433,12 +433,19 @@ fn the_host_allows_more_while_the_bottle_runs_and_the_agent_cannot_allow_itself(
         }
     }
     let allowed = sb.run(&["allow", "later", "later.test"]);
+    let listed = sb.run(&["allow", "later", "--list"]);
     let status = run.wait();
     seen.extend(rx.try_iter());
 
     let text = seen.join("\n");
     assert!(allowed.status.success(), "{}", stderr(&allowed));
     assert!(common::stdout(&allowed).contains("now allows later.test"));
+    let rules: serde_json::Value = serde_json::from_str(&common::stdout(&listed)).unwrap();
+    assert_eq!(
+        rules["allow"],
+        serde_json::json!(["allowed.test", "later.test"]),
+        "{rules}"
+    );
     assert!(text.contains("SELF-NOTOKEN: HTTP/1.1 401"), "{text}");
     assert!(text.contains("SELF-GUESS: HTTP/1.1 401"), "{text}");
     assert!(text.contains("BEFORE: HTTP/1.1 403"), "{text}");

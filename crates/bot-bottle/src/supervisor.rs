@@ -213,6 +213,14 @@ pub async fn request_allow(
     exchange(addr, &request).await
 }
 
+/// Host side: the rules in force at the supervisor at `addr`, as JSON (`allow`, `deny`).
+pub async fn request_rules(addr: SocketAddr, token: &str) -> Result<String, SupervisorError> {
+    let request = format!(
+        "GET /rules HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    exchange(addr, &request).await
+}
+
 async fn exchange(addr: SocketAddr, request: &str) -> Result<String, SupervisorError> {
     let mut sock = TcpStream::connect(addr)
         .await
@@ -284,12 +292,7 @@ mod tests {
         let allowed = request_allow(addr, TOKEN, "later.test").await.unwrap();
         let denied_anyway = request_allow(addr, TOKEN, "evil.test").await;
         let bad_rule = request_allow(addr, TOKEN, "http://x/").await;
-        let rules = exchange(
-            addr,
-            &format!("GET /rules HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"),
-        )
-        .await
-        .unwrap();
+        let rules = request_rules(addr, TOKEN).await.unwrap();
 
         for refused in [none, guessed, same_length] {
             assert!(

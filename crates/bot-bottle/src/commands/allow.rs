@@ -11,8 +11,11 @@ pub struct AllowArgs {
     /// Bottle id, or bottle name when only one bottle of that name runs.
     target: String,
     /// Egress rules, as in a manifest's `[egress] allow` (`host`, `host:port`, `*.domain`).
-    #[arg(required = true, value_name = "RULE")]
+    #[arg(required_unless_present = "list", value_name = "RULE")]
     rules: Vec<String>,
+    /// Print the bottle's rules in force (the manifest's and those added), as JSON.
+    #[arg(long, conflicts_with = "rules")]
+    list: bool,
 }
 
 pub async fn run(ctx: &Context, args: AllowArgs) -> anyhow::Result<i32> {
@@ -25,6 +28,13 @@ pub async fn run(ctx: &Context, args: AllowArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("bottle {} has no loopback alias", row.id))?;
     let token = bot_bottle::supervisor::read_token(&ctx.dirs.bottle_dir(&row.id))?;
     let addr = std::net::SocketAddr::from((alias, bot_bottle::plan::SUPERVISOR_PORT));
+    if args.list {
+        let rules = bot_bottle::supervisor::request_rules(addr, &token)
+            .await
+            .with_context(|| format!("reading the rules of {}", row.id))?;
+        println!("{rules}");
+        return Ok(0);
+    }
     for rule in &args.rules {
         bot_bottle::supervisor::request_allow(addr, &token, rule)
             .await
