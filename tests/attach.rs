@@ -246,21 +246,9 @@ fn credential_hosts_are_intercepted_with_the_bottles_ca_and_the_secret_stays_out
         "cat $NODE_EXTRA_CA_CERTS; env | grep -c secret-value-123; sleep 60",
     ]);
     let mut run = common::Running::spawn(cmd);
-    // The agent's stdout, line by line: it is stopped only after it has printed what is
-    // checked below (the bottle row says "running" before the agent's shell has run).
-    let (out_tx, out_rx) = std::sync::mpsc::channel::<String>();
-    let stdout = run.child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if out_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    // The agent is stopped only after it has printed what is checked below (the bottle row
+    // says "running" before the agent's shell has run).
+    let out_rx = run.stdout_lines();
     let id = sb.wait_running(std::time::Duration::from_secs(180));
     let ca = std::fs::read(sb.state().join("bottles").join(&id).join("ca.pem")).unwrap();
 
@@ -295,22 +283,13 @@ fn credential_hosts_are_intercepted_with_the_bottles_ca_and_the_secret_stays_out
     .unwrap();
     let handshake = tls.complete_io(&mut tcp);
     // The agent's last line before its sleep is the count of secret copies it holds.
-    let mut agent_output = String::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match out_rx.recv_timeout(left) {
-            Ok(line) => {
-                let done = line.trim().parse::<u32>().is_ok();
-                agent_output.push_str(&line);
-                agent_output.push('\n');
-                if done {
-                    break;
-                }
-            }
-            Err(_) => break,
-        }
-    }
+    let mut agent_output = common::lines_until(
+        &out_rx,
+        |l| l.trim().parse::<u32>().is_ok(),
+        std::time::Duration::from_secs(60),
+    )
+    .join("\n");
+    agent_output.push('\n');
     run.signal(nix::sys::signal::Signal::SIGTERM);
     run.wait();
 
@@ -412,26 +391,12 @@ fn the_host_allows_more_while_the_bottle_runs_and_the_agent_cannot_allow_itself(
     let mut cmd = sb.cmd();
     cmd.args(["start", "later", "--", "sh", "-c", &script]);
     let mut run = common::Running::spawn(cmd);
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stdout = run.child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
-    while !seen.iter().any(|l: &String| l.starts_with("BEFORE:")) {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => seen.push(line),
-            Err(_) => panic!("the agent never reported: {seen:?}"),
-        }
-    }
+    let rx = run.stdout_lines();
+    let mut seen = common::lines_until(
+        &rx,
+        |l| l.starts_with("BEFORE:"),
+        std::time::Duration::from_secs(180),
+    );
     let allowed = sb.run(&["allow", "later", "later.test"]);
     let listed = sb.run(&["allow", "later", "--list"]);
     let status = run.wait();

@@ -180,6 +180,20 @@ impl Running {
         }
     }
 
+    /// The agent's stdout, line by line, from a reader thread (call once).
+    pub fn stdout_lines(&mut self) -> mpsc::Receiver<String> {
+        let stdout = self.child.stdout.take().expect("stdout taken once");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
     }
@@ -191,6 +205,30 @@ impl Running {
             self.stderr_seen.push(line);
         }
         status
+    }
+}
+
+/// Lines from `lines` up to and including the first for which `done` holds; panics with what
+/// came when none does within `timeout`.
+pub fn lines_until(
+    lines: &mpsc::Receiver<String>,
+    done: impl Fn(&str) -> bool,
+    timeout: Duration,
+) -> Vec<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                let last = done(&line);
+                seen.push(line);
+                if last {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("the awaited line never came within {timeout:?}: {seen:?}"),
+        }
     }
 }
 
