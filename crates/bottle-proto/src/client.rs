@@ -58,12 +58,25 @@ impl DuplexTransport for TcpStream {
 /// Opens a host → guest vsock stream through the VMM's Unix socket (PRD 0004: `CONNECT
 /// <port>\n`, answered `OK <port>\n`); the result is ready for [`Client::new`].
 pub fn connect_vsock(uds_path: &std::path::Path, port: u32) -> Result<UnixStream, ClientError> {
+    let stream =
+        UnixStream::connect(uds_path).map_err(|e| ClientError::Frame(FrameError::Io(e)))?;
+    vsock_handshake(stream, port)
+}
+
+/// The `CONNECT <port>` exchange on a stream connected to the VMM's vsock socket.
+fn vsock_handshake(mut stream: UnixStream, port: u32) -> Result<UnixStream, ClientError> {
     let io = |e| ClientError::Frame(FrameError::Io(e));
-    let mut stream = UnixStream::connect(uds_path).map_err(io)?;
     stream.set_read_timeout(Some(CONTROL_TIMEOUT)).map_err(io)?;
-    stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .map_err(io)?;
+    // A VMM that refuses may answer and hang up before reading the request: then the write
+    // fails, and its answer is still there to read and report.
+    if let Err(e) = stream.write_all(format!("CONNECT {port}\n").as_bytes()) {
+        if !matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        ) {
+            return Err(io(e));
+        }
+    }
     // Read the answer byte by byte: nothing after its newline may be consumed.
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
@@ -523,6 +536,28 @@ mod tests {
         });
 
         let err = connect_vsock(&path, 1024).unwrap_err();
+
+        assert!(matches!(err, ClientError::Refused { .. }), "{err:?}");
+    }
+
+    /// The race CI met: the VMM answers and hangs up before the client has written its
+    /// request. Its answer must still be what is reported, not the broken pipe.
+    #[test]
+    fn a_refusal_sent_before_the_request_was_read_is_still_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (gone_tx, gone_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"ERR\n").unwrap();
+            drop(s);
+            gone_tx.send(()).unwrap();
+        });
+        let stream = UnixStream::connect(&path).unwrap();
+        gone_rx.recv().unwrap();
+
+        let err = vsock_handshake(stream, 1024).unwrap_err();
 
         assert!(matches!(err, ClientError::Refused { .. }), "{err:?}");
     }
