@@ -407,3 +407,58 @@ fn the_guest_trusts_the_bottles_ca_and_never_holds_the_credential() {
         "config disk left behind"
     );
 }
+
+/// `bot-bottle allow` reaches a microVM bottle's bundle the same way: the guest's retry gets
+/// through once the host has allowed the name.
+#[test]
+fn the_host_allows_more_while_the_microvm_bottle_runs() {
+    let test = "the_host_allows_more_while_the_microvm_bottle_runs";
+    let Some((stand_in, kernel)) = prereqs(test) else {
+        return;
+    };
+    let s = Sandbox::new("96-96");
+    s.add_bottle(
+        "later",
+        "extends = \"test\"\n[egress]\nhosts = { \"later.test\" = \"host-gateway\", \"allowed.test\" = \"host-gateway\" }\n",
+    );
+    let port = common::http_server("later-says-hello");
+    let script = format!(
+        "echo \"BEFORE: $(wget -qO- http://later.test:{port}/ 2>&1 | head -1)\"; \
+         i=0; while [ $i -lt 60 ]; do \
+           if wget -qO- http://later.test:{port}/ 2>/dev/null | grep -q later-says-hello; then echo AFTER: allowed; exit 0; fi; \
+           sleep 0.5; i=$((i+1)); done; echo AFTER: still denied; exit 1"
+    );
+    let mut cmd = s.cmd();
+    cmd.env(bot_bottle::microvm::VMM_ENV, &stand_in)
+        .env("BOT_BOTTLE_KERNEL", &kernel)
+        .args([
+            "start",
+            "later",
+            "--backend",
+            "microvm",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]);
+    let mut run = Running::spawn(cmd);
+    let lines = run.stdout_lines();
+    let mut seen = common::lines_until(
+        &lines,
+        |l| l.starts_with("BEFORE:"),
+        Duration::from_secs(180),
+    );
+    let allowed = s.run(&["allow", "later", "later.test"]);
+    let status = run.wait();
+    seen.extend(lines.try_iter());
+
+    let text = seen.join("\n");
+    assert!(allowed.status.success(), "{}", common::stderr(&allowed));
+    assert!(
+        text.contains("BEFORE: wget: server returned error: HTTP/1.1 403"),
+        "{text}"
+    );
+    assert!(text.contains("AFTER: allowed"), "{text}");
+    assert!(status.success(), "{text}");
+    assert_eq!(s.docker_leftovers(), Vec::<String>::new());
+}
