@@ -231,3 +231,26 @@ fn kernel_build_takes_its_source_from_the_environment_unless_given_one() {
         stderr(&from_flag)
     );
 }
+
+#[test]
+fn logs_show_a_rotated_logs_older_part_first() {
+    let sb = Sandbox::new("40-41");
+    let dir = sb.state().join("bottles").join("test-a1b2c3");
+    std::fs::create_dir_all(&dir).unwrap();
+    let event = |host: &str, second: u32| {
+        format!(
+            "{{\"time\":\"2026-11-23T14:00:{second:02}.000Z\",\"time_unix_ms\":0,\"bottle_id\":\"test-a1b2c3\",\"client\":\"c\",\"method\":\"CONNECT\",\"host\":\"{host}\",\"port\":443,\"verdict\":\"deny\",\"rule\":null,\"reason\":\"not_allowed\",\"detail\":null}}\n"
+        )
+    };
+    std::fs::write(dir.join("egress.jsonl.1"), event("older.test", 1)).unwrap();
+    std::fs::write(dir.join("egress.jsonl"), event("newer.test", 2)).unwrap();
+
+    let out = sb.run(&["logs", "test"]);
+
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "14:00:01.000  deny   CONNECT  older.test:443  not_allowed\n\
+         14:00:02.000  deny   CONNECT  newer.test:443  not_allowed\n"
+    );
+}

@@ -240,19 +240,11 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
                     path: path.clone(),
                     source,
                 })?;
-            let events = match &config.event_log {
-                Some(log) => Some(
-                    crate::egress::events::EventLog::open(log)
-                        .await
-                        .map_err(|source| SidecarError::Proxy { source })?,
-                ),
-                None => None,
-            };
             let supervisor = crate::supervisor::Supervisor {
                 bottle_id: config.bottle_id.clone(),
                 token,
                 policy: proxy.live_policy(),
-                events,
+                events: proxy.event_log(),
             };
             tokio::spawn(supervisor.serve(supervisor_port));
         }

@@ -75,7 +75,7 @@ pub struct Supervisor {
     pub bottle_id: String,
     pub token: String,
     pub policy: LivePolicy,
-    pub events: Option<EventLog>,
+    pub events: Option<std::sync::Arc<EventLog>>,
 }
 
 impl Supervisor {
@@ -267,7 +267,7 @@ mod tests {
             bottle_id: "b1".into(),
             token: TOKEN.into(),
             policy: policy.clone(),
-            events: Some(EventLog::open(log).await.unwrap()),
+            events: Some(std::sync::Arc::new(EventLog::open(log).await.unwrap())),
         };
         tokio::spawn(s.serve(listener));
         (addr, policy)

@@ -66,6 +66,13 @@ pub async fn run(ctx: &Context, args: LogsArgs) -> anyhow::Result<i32> {
         );
     };
     let path = dir.join(&id).join(EGRESS_LOG);
+    // The older part of a rotated log first (see `EventLog`), then the current one.
+    let mut older = Printer {
+        json: args.json,
+        pending: Vec::new(),
+        offset: 0,
+    };
+    older.print_new(&bot_bottle::egress::events::previous_part(&path))?;
     let mut printer = Printer {
         json: args.json,
         pending: Vec::new(),
@@ -104,6 +111,12 @@ impl Printer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
+        // Shorter than what was read: the log rotated, this is a new file. (Lines written to
+        // the old one after the last look are not shown.)
+        if file.metadata().is_ok_and(|m| m.len() < self.offset) {
+            self.offset = 0;
+            self.pending.clear();
+        }
         file.seek(SeekFrom::Start(self.offset))
             .with_context(|| format!("reading {}", path.display()))?;
         let mut fresh = Vec::new();

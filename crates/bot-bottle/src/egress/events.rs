@@ -93,7 +93,20 @@ impl EgressEvent {
     }
 }
 
-/// Appends event lines to a file (`O_APPEND`, one unbuffered `write` per line).
+/// Largest a log file grows before it is rotated (the agent decides how many events there
+/// are: without a bound it could fill the host's disk through its bottle's log).
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Where a rotated log's previous part goes: `<log>.1`.
+pub fn previous_part(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+/// Appends event lines to a file (`O_APPEND`, one unbuffered `write` per line). When the file
+/// would pass its size bound it becomes `<log>.1` (replacing the one before) and a new file
+/// starts: at most twice the bound is ever on disk, the newest events always kept.
 ///
 /// Writes are synchronous on purpose: an append of a few hundred bytes to the page cache takes
 /// microseconds, less than a hand-off to tokio's blocking pool, and the caller must know the
@@ -101,24 +114,37 @@ impl EgressEvent {
 #[derive(Debug)]
 pub struct EventLog {
     path: PathBuf,
-    file: Mutex<std::fs::File>,
+    max_bytes: u64,
+    /// The open file and how many bytes it holds.
+    file: Mutex<(std::fs::File, u64)>,
 }
 
 impl EventLog {
-    /// Opens (creating if needed) the log for appending.
+    /// Opens (creating if needed) the log for appending, bounded by [`DEFAULT_MAX_LOG_BYTES`].
     pub async fn open(path: &Path) -> Result<Self, EgressError> {
-        let file = std::fs::OpenOptions::new()
+        Self::open_bounded(path, DEFAULT_MAX_LOG_BYTES)
+    }
+
+    /// [`EventLog::open`] with another bound.
+    pub fn open_bounded(path: &Path, max_bytes: u64) -> Result<Self, EgressError> {
+        let file = Self::open_file(path)?;
+        let len = file.metadata().map_or(0, |m| m.len());
+        Ok(EventLog {
+            path: path.to_owned(),
+            max_bytes,
+            file: Mutex::new((file, len)),
+        })
+    }
+
+    fn open_file(path: &Path) -> Result<std::fs::File, EgressError> {
+        std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(|source| EgressError::OpenEventLog {
                 path: path.to_owned(),
                 source,
-            })?;
-        Ok(EventLog {
-            path: path.to_owned(),
-            file: Mutex::new(file),
-        })
+            })
     }
 
     /// Appends one line.
@@ -127,10 +153,22 @@ impl EventLog {
         let mut line = serde_json::to_vec(event).unwrap_or_default();
         line.push(b'\n');
         // A poisoned lock only means another writer panicked mid-call; the file is still usable.
-        let mut file = self
+        let mut guard = self
             .file
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (file, len) = &mut *guard;
+        if *len > 0 && *len + line.len() as u64 > self.max_bytes {
+            std::fs::rename(&self.path, previous_part(&self.path)).map_err(|source| {
+                EgressError::WriteEventLog {
+                    path: self.path.clone(),
+                    source,
+                }
+            })?;
+            *file = Self::open_file(&self.path)?;
+            *len = 0;
+        }
+        *len += line.len() as u64;
         file.write_all(&line)
             .map_err(|source| EgressError::WriteEventLog {
                 path: self.path.clone(),

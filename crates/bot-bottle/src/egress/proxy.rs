@@ -79,6 +79,8 @@ pub struct ProxyConfig {
     pub policy: EgressPolicy,
     /// Where decision events are appended (JSON lines); `None` logs them only via `tracing`.
     pub event_log: Option<PathBuf>,
+    /// Size at which the event log rotates (see [`EventLog`]).
+    pub event_log_max_bytes: u64,
     /// Upstream name resolution; [`Resolver::system`] in production.
     pub resolver: Resolver,
     pub limits: ProxyLimits,
@@ -98,6 +100,7 @@ impl ProxyConfig {
             listen,
             policy,
             event_log: None,
+            event_log_max_bytes: super::events::DEFAULT_MAX_LOG_BYTES,
             resolver: Resolver::system(),
             limits: ProxyLimits::default(),
             allow_loopback_upstream: false,
@@ -119,7 +122,7 @@ struct Shared {
     bottle_id: String,
     policy: LivePolicy,
     resolver: Resolver,
-    events: Option<EventLog>,
+    events: Option<Arc<EventLog>>,
     limits: ProxyLimits,
     allow_loopback_upstream: bool,
     interception: Option<Arc<Interception>>,
@@ -137,7 +140,10 @@ impl EgressProxy {
     /// Opens the event log and binds the listener.
     pub async fn bind(config: ProxyConfig) -> Result<Self, EgressError> {
         let events = match &config.event_log {
-            Some(path) => Some(EventLog::open(path).await?),
+            Some(path) => Some(Arc::new(EventLog::open_bounded(
+                path,
+                config.event_log_max_bytes,
+            )?)),
             None => None,
         };
         let listener =
@@ -161,6 +167,11 @@ impl EgressProxy {
                 interception: config.interception,
             }),
         })
+    }
+
+    /// The log this proxy writes its decisions to (shared with the supervisor).
+    pub fn event_log(&self) -> Option<Arc<EventLog>> {
+        self.shared.events.clone()
     }
 
     /// The policy this proxy decides with; rules added to it apply to the next request.
@@ -596,7 +607,7 @@ impl Conn<'_> {
             let serving = async {
                 if let Some((i, injection)) = injection {
                     let refusals = PathRefusals {
-                        log: self.shared.events.as_ref(),
+                        log: self.shared.events.as_deref(),
                         template: self.event("CONNECT", &host, port),
                         deny_message: self.shared.policy.deny_message(),
                     };

@@ -740,3 +740,35 @@ async fn concurrent_tunnels_each_carry_their_own_bytes_and_log_one_line() {
     assert_eq!(intact, vec![true; 40]);
     assert_eq!(proxy.events().len(), 40);
 }
+
+/// An agent flooding the proxy with denied requests cannot fill the host's disk through its
+/// log: the log rotates at its bound, at most two parts exist, the newest events are kept.
+#[tokio::test]
+async fn a_flood_of_denied_requests_keeps_the_log_bounded_and_its_newest_events() {
+    const BOUND: u64 = 64 * 1024;
+    let mut config = config();
+    config.event_log_max_bytes = BOUND;
+    let proxy = start(config).await;
+
+    for i in 0..1500 {
+        let request = format!("CONNECT flood-{i}.evil.test:443 HTTP/1.1\r\n\r\n");
+        let response = exchange(proxy.addr, request.as_bytes()).await;
+        assert_eq!(status_line(&response).split(' ').nth(1), Some("403"));
+    }
+
+    let current = std::fs::read_to_string(&proxy.events).unwrap();
+    let previous = std::fs::read_to_string(super::events::previous_part(&proxy.events)).unwrap();
+    assert!(current.len() as u64 <= BOUND, "{}", current.len());
+    assert!(previous.len() as u64 <= BOUND, "{}", previous.len());
+    // The last denial is there, whole; the first ones are gone; every line parses.
+    assert!(current.contains("\"host\":\"flood-1499.evil.test\""));
+    assert!(!previous.contains("\"host\":\"flood-0.evil.test\""));
+    for line in previous.lines().chain(current.lines()) {
+        serde_json::from_str::<EgressEvent>(line).unwrap();
+    }
+    // Nothing else was written beside them.
+    let parts = std::fs::read_dir(proxy.events.parent().unwrap())
+        .unwrap()
+        .count();
+    assert_eq!(parts, 2);
+}
