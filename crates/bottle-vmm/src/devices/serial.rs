@@ -13,6 +13,11 @@ use crate::config::SerialOutput;
 
 /// The banner Linux prints when it panics; seen on the console, the next reset is a panic.
 const KERNEL_PANIC_BANNER: &[u8] = b"Kernel panic - not syncing";
+/// Most console bytes written to a log file: a guest printing without end must not fill the
+/// host's disk. What comes after is dropped (the panic banner is still watched for).
+pub const MAX_CONSOLE_LOG_BYTES: u64 = 16 * 1024 * 1024;
+/// Written once when the bound is reached.
+const TRUNCATED_NOTE: &[u8] = b"\n[bot-bottle: console output past this point was dropped]\n";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
@@ -43,10 +48,26 @@ pub struct ConsoleWriter {
     out: Box<dyn Write + Send>,
     tail: Vec<u8>,
     panicked: Arc<AtomicBool>,
+    /// Bytes still allowed out (`u64::MAX`: unbounded, for the terminal).
+    budget: u64,
+    truncated: bool,
 }
 
 impl ConsoleWriter {
     pub fn new(output: &SerialOutput, panicked: Arc<AtomicBool>) -> Result<Self, SerialError> {
+        Self::bounded(output, panicked, MAX_CONSOLE_LOG_BYTES)
+    }
+
+    /// [`ConsoleWriter::new`] with another bound for a log file.
+    pub fn bounded(
+        output: &SerialOutput,
+        panicked: Arc<AtomicBool>,
+        max_file_bytes: u64,
+    ) -> Result<Self, SerialError> {
+        let budget = match output {
+            SerialOutput::File(_) => max_file_bytes,
+            SerialOutput::Stdout | SerialOutput::Sink => u64::MAX,
+        };
         let out: Box<dyn Write + Send> = match output {
             SerialOutput::Stdout => Box::new(std::io::stdout()),
             SerialOutput::Sink => Box::new(std::io::sink()),
@@ -65,6 +86,8 @@ impl ConsoleWriter {
             out,
             tail: Vec::new(),
             panicked,
+            budget,
+            truncated: false,
         })
     }
 }
@@ -83,8 +106,17 @@ impl Write for ConsoleWriter {
         if self.tail.len() > keep {
             self.tail.drain(..self.tail.len() - keep);
         }
-        self.out.write_all(buf)?;
-        if buf.contains(&b'\n') {
+        let allowed = buf
+            .len()
+            .min(usize::try_from(self.budget).unwrap_or(usize::MAX));
+        self.out.write_all(&buf[..allowed])?;
+        self.budget -= allowed as u64;
+        if allowed < buf.len() && !self.truncated {
+            self.truncated = true;
+            self.out.write_all(TRUNCATED_NOTE)?;
+            self.out.flush()?;
+        }
+        if buf[..allowed].contains(&b'\n') {
             self.out.flush()?;
         }
         Ok(buf.len())
@@ -100,6 +132,28 @@ pub type ConsoleSerial = Serial<EventFdTrigger, NoEvents, ConsoleWriter>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_a_guest_printing_without_end_stops_at_the_bound_and_its_panic_is_still_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serial.log");
+        let panicked = Arc::new(AtomicBool::new(false));
+        let mut writer =
+            ConsoleWriter::bounded(&SerialOutput::File(path.clone()), panicked.clone(), 4096)
+                .unwrap();
+        for _ in 0..1000 {
+            writer.write_all(b"spam spam spam spam\n").unwrap();
+        }
+        writer
+            .write_all(b"Kernel panic - not syncing: x\n")
+            .unwrap();
+        writer.flush().unwrap();
+
+        let log = std::fs::read(&path).unwrap();
+        assert_eq!(log.len(), 4096 + TRUNCATED_NOTE.len());
+        assert!(log.ends_with(TRUNCATED_NOTE));
+        assert!(panicked.load(Ordering::SeqCst));
+    }
 
     #[test]
     fn test_panic_banner_split_across_writes_is_detected() {
