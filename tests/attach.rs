@@ -74,16 +74,7 @@ fn exec_runs_in_the_running_bottle_and_passes_its_exit_code() {
         return;
     }
     let sb = Sandbox::new("82-82");
-    let mut cmd = sb.cmd();
-    cmd.args([
-        "start",
-        "test",
-        "--",
-        "sh",
-        "-c",
-        "echo ready > /tmp/state; sleep 600",
-    ]);
-    let run = common::Running::spawn(cmd);
+    let run = sb.start_script("test", "echo ready > /tmp/state; sleep 600");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
     let id = sb.wait_running(std::time::Duration::from_secs(180));
     // The agent may still be starting its shell: wait for the file it writes.
@@ -318,18 +309,12 @@ fn logs_follow_shows_decisions_as_they_happen_and_ends_with_the_bottle() {
         return;
     }
     let sb = Sandbox::new("94-94");
-    let mut cmd = sb.cmd();
-    cmd.args([
-        "start",
+    let run = sb.start_script(
         "test",
-        "--",
-        "sh",
-        "-c",
         "sleep 3; P=${HTTP_PROXY#http://}; \
          printf 'GET http://example.com/ HTTP/1.1\\r\\nHost: example.com\\r\\nConnection: close\\r\\n\\r\\n' \
          | nc -w 5 ${P%:*} ${P#*:} >/dev/null; sleep 1",
-    ]);
-    let run = common::Running::spawn(cmd);
+    );
     sb.wait_running(std::time::Duration::from_secs(180));
     let follow = sb
         .cmd()
@@ -388,9 +373,7 @@ fn the_host_allows_more_while_the_bottle_runs_and_the_agent_cannot_allow_itself(
          i=0; while [ $i -lt 60 ]; do if get | grep -q later-says-hello; then echo AFTER: allowed; exit 0; fi; sleep 0.5; i=$((i+1)); done; \
          echo AFTER: still denied; exit 1"
     );
-    let mut cmd = sb.cmd();
-    cmd.args(["start", "later", "--", "sh", "-c", &script]);
-    let mut run = common::Running::spawn(cmd);
+    let mut run = sb.start_script("later", &script);
     let rx = run.stdout_lines();
     let mut seen = common::lines_until(
         &rx,

@@ -67,6 +67,13 @@ impl Sandbox {
         std::fs::write(self.bottles().join(format!("{name}.toml")), toml).unwrap();
     }
 
+    /// `start <bottle> -- sh -c <script>` running in the background.
+    pub fn start_script(&self, bottle: &str, script: &str) -> Running {
+        let mut cmd = self.cmd();
+        cmd.args(["start", bottle, "--", "sh", "-c", script]);
+        Running::spawn(cmd)
+    }
+
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(bin());
         c.env("BOT_BOTTLE_STATE_DIR", self.state())
