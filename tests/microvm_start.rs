@@ -248,10 +248,6 @@ fn the_agents_changes_survive_until_resume_and_start_will_not_discard_them() {
         return;
     };
     let s = Sandbox::new("67-67");
-    let project = s.dir.path().join("project");
-    std::fs::create_dir_all(&project).unwrap();
-    std::fs::write(project.join("main.rs"), "fn main() {}\n").unwrap();
-    let mount = format!("{}:/work/project", project.display());
     let run = |args: &[&str]| {
         let mut c = s.cmd();
         c.env(bot_bottle::microvm::VMM_ENV, &stand_in)
@@ -265,12 +261,10 @@ fn the_agents_changes_survive_until_resume_and_start_will_not_discard_them() {
         "test",
         "--backend",
         "microvm",
-        "--mount",
-        &mount,
         "--",
         "sh",
         "-c",
-        "echo installed > ~/tool.txt && echo '// edited' >> /work/project/main.rs",
+        "echo installed > ~/tool.txt",
     ]);
     let again = run(&["start", "test", "--backend", "microvm", "--", "true"]);
     let resumed = run(&[
@@ -278,12 +272,9 @@ fn the_agents_changes_survive_until_resume_and_start_will_not_discard_them() {
         "test",
         "--backend",
         "microvm",
-        "--mount",
-        &mount,
         "--",
         "cat",
         "/home/agent/tool.txt",
-        "/work/project/main.rs",
     ]);
 
     assert_eq!(first.status.code(), Some(0), "{}", common::stderr(&first));
@@ -297,17 +288,11 @@ fn the_agents_changes_survive_until_resume_and_start_will_not_discard_them() {
         "the refusal names the way on: {}",
         common::stderr(&again)
     );
-    // The agent's install and its edit of the workspace both survived the first session.
     assert_eq!(
         (resumed.status.code(), common::stdout(&resumed)),
-        (Some(0), "installed\nfn main() {}\n// edited\n".to_owned()),
+        (Some(0), "installed\n".to_owned()),
         "{}",
         common::stderr(&resumed)
-    );
-    assert_eq!(
-        std::fs::read_to_string(project.join("main.rs")).unwrap(),
-        "fn main() {}\n",
-        "the host file changed"
     );
     assert_eq!(s.docker_leftovers(), Vec::<String>::new());
 }

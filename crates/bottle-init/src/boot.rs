@@ -192,7 +192,7 @@ pub fn assemble_root(cfg: &GuestConfig) -> Result<(), BootError> {
         Some("mode=0700"),
     )?;
     let Some(root) = &cfg.root else {
-        return mount_workspaces(&cfg.mounts, stage, stage, Path::new("/"), cfg.user.ids);
+        return mount_workspaces(&cfg.mounts, stage, Path::new("/"), cfg.user.ids);
     };
     let lower = stage.join("lower");
     mount_block_ro(root, &lower)?;
@@ -218,8 +218,7 @@ pub fn assemble_root(cfg: &GuestConfig) -> Result<(), BootError> {
         &new_root,
         true,
     )?;
-    // On a kept layer the workspaces' changes are kept with it (`resume` finds them again).
-    mount_workspaces(&cfg.mounts, stage, &upper_base, &new_root, cfg.user.ids)?;
+    mount_workspaces(&cfg.mounts, stage, &new_root, cfg.user.ids)?;
     for dir in ["dev", "proc", "sys"] {
         let from = Path::new("/").join(dir);
         do_mount(
@@ -250,25 +249,21 @@ pub fn assemble_root(cfg: &GuestConfig) -> Result<(), BootError> {
     })
 }
 
-/// Mounts each workspace: its snapshot read-only under `stage`, its changes under
-/// `uppers` (the writable layer, or guest memory), named by its guest path so that the
-/// changes of `/workspace` meet `/workspace` again on the next boot whatever the mount order.
 fn mount_workspaces(
     mounts: &[WorkspaceMount],
     stage: &Path,
-    uppers: &Path,
     root: &Path,
     user: UserIds,
 ) -> Result<(), BootError> {
     for (i, m) in mounts.iter().enumerate() {
-        let lower = stage.join(format!("ws{i}")).join("lower");
+        let base = stage.join(format!("ws{i}"));
+        let lower = base.join("lower");
         mount_block_ro(&m.lower, &lower)?;
-        let changes = uppers.join("workspaces").join(upper_name(&m.guest_path));
         let target = root.join(m.guest_path.trim_start_matches('/'));
         overlay(
             &lower,
-            &changes.join("upper"),
-            &changes.join("work"),
+            &base.join("upper"),
+            &base.join("work"),
             &target,
             true,
         )?;
@@ -277,12 +272,6 @@ fn mount_workspaces(
         chown_tree(&target, user)?;
     }
     Ok(())
-}
-
-/// A directory name for a workspace's changes: its guest path with `%` and `/` escaped, so
-/// that different paths never share a name (`/a/b` is `%2Fa%2Fb`, `/a%2Fb` is `%2Fa%252Fb`).
-pub fn upper_name(guest_path: &str) -> String {
-    guest_path.replace('%', "%25").replace('/', "%2F")
 }
 
 /// Gives everything under `path` that is not already owned by `user` to `user`.
@@ -378,17 +367,4 @@ pub fn set_hostname(name: &str) -> Result<(), BootError> {
     })?;
     let _ = fs::write("/etc/hostname", format!("{name}\n"));
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::upper_name;
-
-    #[test]
-    fn workspace_change_dirs_are_one_name_per_guest_path_and_never_shared() {
-        assert_eq!(upper_name("/workspace"), "%2Fworkspace");
-        assert_eq!(upper_name("/a/b"), "%2Fa%2Fb");
-        assert_ne!(upper_name("/a/b"), upper_name("/a%2Fb"));
-        assert!(!upper_name("/../x").contains('/'));
-    }
 }
