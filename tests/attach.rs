@@ -299,6 +299,7 @@ fn credential_hosts_are_intercepted_with_the_bottles_ca_and_the_secret_stays_out
         "{agent_output}"
     );
     assert!(agent_output.ends_with("0\n"), "{agent_output}");
+    assert_eq!(agent_output.lines().last(), Some("0"), "{agent_output}");
 }
 
 /// `logs --follow` shows the decisions of a running bottle as they happen, one readable line
@@ -309,37 +310,42 @@ fn logs_follow_shows_decisions_as_they_happen_and_ends_with_the_bottle() {
         return;
     }
     let sb = Sandbox::new("94-94");
+    // The agent makes its request a little after --follow starts, then stays up: the line
+    // must arrive while the bottle still runs.
     let run = sb.start_script(
         "test",
         "sleep 3; P=${HTTP_PROXY#http://}; \
          printf 'GET http://example.com/ HTTP/1.1\\r\\nHost: example.com\\r\\nConnection: close\\r\\n\\r\\n' \
-         | nc -w 5 ${P%:*} ${P#*:} >/dev/null; sleep 1",
+         | nc -w 5 ${P%:*} ${P#*:} >/dev/null; sleep 600",
     );
     sb.wait_running(std::time::Duration::from_secs(180));
-    let follow = sb
-        .cmd()
-        .args(["logs", "test", "--follow"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = run.wait();
-    // The bottle is gone: --follow ends on its own.
+    let mut follow = common::Running::spawn({
+        let mut c = sb.cmd();
+        c.args(["logs", "test", "--follow"]);
+        c
+    });
+    let lines = follow.stdout_lines();
+    let shown = common::lines_until(
+        &lines,
+        |l| l.contains("example.com:80"),
+        std::time::Duration::from_secs(60),
+    );
+    // Still running when the line came; now the bottle stops, and --follow ends on its own.
+    let still_running = !sb.rows().is_empty();
+    let stopped = sb.run(&["stop", "test"]);
+    run.wait();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(follow.wait_with_output());
+        let _ = tx.send(follow.wait());
     });
-    let out = rx
+    let ended = rx
         .recv_timeout(std::time::Duration::from_secs(30))
-        .expect("logs --follow did not end with the bottle")
-        .unwrap();
+        .expect("logs --follow did not end with the bottle");
 
-    assert!(started.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    let line = text
-        .lines()
-        .find(|l| l.contains("example.com:80"))
-        .unwrap_or_else(|| panic!("the denied request is not shown:\n{text}"));
+    assert!(still_running);
+    assert!(stopped.status.success(), "{}", stderr(&stopped));
+    assert!(ended.success());
+    let line = shown.last().unwrap();
     assert!(
         line.contains("  deny   GET      example.com:80  not_allowed"),
         "{line}"
@@ -370,7 +376,7 @@ fn the_host_allows_more_while_the_bottle_runs_and_the_agent_cannot_allow_itself(
          echo \"SELF-NOTOKEN: $(sup '')\"; \
          echo \"SELF-GUESS: $(sup 'Authorization: Bearer guess\\r\\n')\"; \
          echo \"BEFORE: $(get | head -1)\"; \
-         i=0; while [ $i -lt 60 ]; do if get | grep -q later-says-hello; then echo AFTER: allowed; exit 0; fi; sleep 0.5; i=$((i+1)); done; \
+         i=0; while [ $i -lt 240 ]; do if get | grep -q later-says-hello; then echo AFTER: allowed; exit 0; fi; sleep 0.5; i=$((i+1)); done; \
          echo AFTER: still denied; exit 1"
     );
     let mut run = sb.start_script("later", &script);

@@ -188,6 +188,15 @@ fn bot_bottle_backend_chooses_the_backend_unless_the_flag_does_and_a_bad_value_i
     };
     // The claude manifest names no backend: microvm by default.
     assert_eq!(plan_backend("", &[]), "microvm");
+    // The variable wins over a manifest's `backend` (test's is docker).
+    let out = sb
+        .cmd()
+        .env("BOT_BOTTLE_BACKEND", "microvm")
+        .args(["plan", "test", "--json"])
+        .output()
+        .unwrap();
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["backend"], "microvm", "{}", stderr(&out));
     assert_eq!(plan_backend("docker", &[]), "docker");
     assert_eq!(plan_backend("docker", &["--backend", "microvm"]), "microvm");
 

@@ -22,9 +22,7 @@ use std::time::Duration;
 
 use common::{Running, Sandbox};
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
+use common::in_ci;
 
 /// (stand-in VMM, guest kernel), or why the test cannot run here.
 fn prereqs(test: &str) -> Option<(PathBuf, PathBuf)> {
@@ -409,7 +407,7 @@ fn the_host_allows_more_while_the_microvm_bottle_runs() {
     let port = common::http_server("later-says-hello");
     let script = format!(
         "echo \"BEFORE: $(wget -qO- http://later.test:{port}/ 2>&1 | head -1)\"; \
-         i=0; while [ $i -lt 60 ]; do \
+         i=0; while [ $i -lt 240 ]; do \
            if wget -qO- http://later.test:{port}/ 2>/dev/null | grep -q later-says-hello; then echo AFTER: allowed; exit 0; fi; \
            sleep 0.5; i=$((i+1)); done; echo AFTER: still denied; exit 1"
     );

@@ -16,9 +16,7 @@ use std::process::Command;
 
 use bot_bottle::squashfs::{Builder, Content, Meta, BLOCK_SIZE};
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
+use common::in_ci;
 
 /// A loop-mounted image, unmounted on drop.
 struct Mounted {

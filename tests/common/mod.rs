@@ -13,7 +13,8 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_bot-bottle"))
 }
 
-fn in_ci() -> bool {
+/// Under CI (`CI=true` or `CI=1`) a test that cannot run fails instead of skipping.
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
@@ -82,6 +83,12 @@ impl Sandbox {
             .env("BOT_BOTTLE_ALIAS_POOL", &self.pool)
             .env_remove("BOT_BOTTLE_PAUSE_AT")
             .env_remove("RUST_LOG")
+            // Choices a developer may have exported: each test sets what it needs.
+            .env_remove("BOT_BOTTLE_BACKEND")
+            .env_remove("BOT_BOTTLE_SKIP_LINUX_CHECK")
+            .env_remove("BOT_BOTTLE_KERNEL")
+            .env_remove("BOT_BOTTLE_KERNEL_SOURCE")
+            .env_remove("BOT_BOTTLE_VMM")
             .stdin(Stdio::null());
         c
     }

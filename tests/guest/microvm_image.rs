@@ -28,9 +28,7 @@ use bottle_proto::ExecRequest;
 use qemu_vm::{Machine, Qemu, PORT_NAME};
 use vhost_vsock::VsockBackend;
 
-fn in_ci() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
-}
+use common::in_ci;
 
 /// Kernel, QEMU and bottle-init, or why not.
 fn prereqs() -> Result<(PathBuf, PathBuf), String> {

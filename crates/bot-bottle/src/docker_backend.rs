@@ -483,7 +483,6 @@ pub async fn run_agent(
     Ok(code)
 }
 
-/// Host directory for a bottle's logs, writable by the bundle (which runs as this user).
 /// A new supervisor token at `path`, readable by this user only.
 fn write_token(path: &Path) -> Result<(), BackendError> {
     use std::io::Write as _;
@@ -505,6 +504,7 @@ fn write_token(path: &Path) -> Result<(), BackendError> {
         })
 }
 
+/// Host directory for a bottle's logs, writable by the bundle (which runs as this user).
 pub fn prepare_log_dir(dir: &Path) -> Result<(), BackendError> {
     std::fs::create_dir_all(dir).map_err(|source| BackendError::LogDir {
         path: dir.to_path_buf(),

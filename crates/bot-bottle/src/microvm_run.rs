@@ -187,9 +187,8 @@ pub async fn prepare_rootfs(
             passwd: read_file(docker, scratch_name, "/etc/passwd").await?,
             group: read_file(docker, scratch_name, "/etc/group").await?,
         };
-        let key = crate::rootfs::rootfs_key(&image_id, init)
+        let target = crate::rootfs::rootfs_path(cache, &image_id, init)
             .map_err(|source| MicrovmRunError::Rootfs { source })?;
-        let target = cache.join("rootfs").join(format!("{key}.sqfs"));
         if target.is_file() {
             return Ok((target, accounts));
         }
@@ -201,12 +200,9 @@ pub async fn prepare_rootfs(
         })?;
         // The export streams straight into the image builder (no copy of the tar on disk).
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(16);
-        let (cache_dir, image_id, init) =
-            (cache.to_path_buf(), image_id.clone(), init.to_path_buf());
+        let (path, init) = (target.clone(), init.to_path_buf());
         let building = tokio::task::spawn_blocking(move || {
-            crate::rootfs::cached_rootfs(&cache_dir, &image_id, &init, || {
-                Ok(ChannelReader::new(rx))
-            })
+            crate::rootfs::cached_rootfs_at(&path, &init, || Ok(ChannelReader::new(rx)))
         });
         let mut export = docker.export_container(scratch_name);
         let mut progress = crate::squashfs::progress_on_stderr("exporting the image");
@@ -231,6 +227,10 @@ pub async fn prepare_rootfs(
             }
         }
         drop(tx);
+        // The export is done (before the compression that follows it, on the next line).
+        if export_error.is_none() && image_size > 0 {
+            progress(image_size, image_size);
+        }
         let built = building.await.map_err(|e| MicrovmRunError::Write {
             path: cache.join("rootfs"),
             source: std::io::Error::other(e.to_string()),
@@ -242,9 +242,6 @@ pub async fn prepare_rootfs(
                 source,
             }
             .into());
-        }
-        if image_size > 0 {
-            progress(image_size, image_size);
         }
         let image = built.map_err(|source| MicrovmRunError::Rootfs { source })?;
         let size = std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0);

@@ -1,8 +1,10 @@
 //! Keeping the directories of ended runs (`<state>/bottles/<id>`: the egress log, the console,
 //! the CA certificate), but not forever: `bot-bottle logs` reads them after a bottle stops, and
 //! without a limit every run would leave one behind. The newest [`KEEP_RUNS_PER_BOTTLE`] ended
-//! runs of each bottle are kept; a run with a state row (running, or killed and waiting for
-//! `cleanup`) is never touched.
+//! runs of each bottle are kept, with their logs only (a killed run's workspace snapshots and
+//! sockets go); a run with a state row (running, or killed and waiting for `cleanup`) is never
+//! touched. Callers list the directories *before* reading the rows: a run starting in between
+//! has its row inserted before its directory is made, so it is then seen as running.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -10,6 +12,9 @@ use std::time::SystemTime;
 
 /// Ended runs kept per bottle name.
 pub const KEEP_RUNS_PER_BOTTLE: usize = 10;
+
+/// What a kept ended run keeps: its egress log (both parts) and its console.
+pub const RUN_LOGS: &[&str] = &["egress.jsonl", "egress.jsonl.1", "serial.log"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum RetentionError {
@@ -89,22 +94,65 @@ pub fn list_runs(root: &Path) -> Result<Vec<RunDir>, RetentionError> {
     Ok(runs)
 }
 
-/// Removes what [`plan_pruning`] picks under `root`; returns the removed ids.
+/// Removes what [`plan_pruning`] picks among `runs` (listed by [`list_runs`] before `known`
+/// was read) under `root`, and trims the ended runs it keeps to their [`RUN_LOGS`]; returns
+/// the removed ids.
 pub fn prune(
     root: &Path,
+    runs: &[RunDir],
     known: &BTreeSet<String>,
     keep: usize,
 ) -> Result<Vec<String>, RetentionError> {
-    let plan = plan_pruning(&list_runs(root)?, known, keep);
+    let plan = plan_pruning(runs, known, keep);
     for id in &plan {
-        let path = root.join(id);
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(RetentionError::Remove { path, source }),
-        }
+        remove(&root.join(id))?;
+    }
+    for run in runs
+        .iter()
+        .filter(|r| !known.contains(&r.id) && !plan.contains(&r.id))
+    {
+        trim(&root.join(&run.id), run.modified)?;
     }
     Ok(plan)
+}
+
+/// Removes a file or a directory tree (gone already is fine).
+fn remove(path: &Path) -> Result<(), RetentionError> {
+    let removed = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match removed {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RetentionError::Remove {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Leaves only the logs in an ended run's directory, keeping its age (the pruning order).
+fn trim(dir: &Path, modified: SystemTime) -> Result<(), RetentionError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let mut trimmed = false;
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| RUN_LOGS.contains(&n))
+        {
+            continue;
+        }
+        remove(&entry.path())?;
+        trimmed = true;
+    }
+    if trimmed {
+        let _ = std::fs::File::open(dir).and_then(|f| f.set_modified(modified));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -146,6 +194,20 @@ mod tests {
     }
 
     #[test]
+    fn a_run_that_appears_after_the_listing_is_left_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let runs = list_runs(root.path()).unwrap();
+        // A `start` makes its directory now (its row was read as absent, or not at all).
+        let late = root.path().join("t-late");
+        std::fs::create_dir(&late).unwrap();
+        std::fs::write(late.join("vsock.sock"), "").unwrap();
+        assert!(prune(root.path(), &runs, &BTreeSet::new(), 0)
+            .unwrap()
+            .is_empty());
+        assert!(late.join("vsock.sock").exists());
+    }
+
+    #[test]
     fn a_name_with_dashes_is_one_bottle() {
         assert_eq!(bottle_of("my-team-bot-9f8e"), "my-team-bot");
         assert_eq!(bottle_of("plain"), "plain");
@@ -158,6 +220,9 @@ mod tests {
             let dir = root.path().join(id);
             std::fs::create_dir(&dir).unwrap();
             std::fs::write(dir.join("egress.jsonl"), id).unwrap();
+            // What a killed run leaves beside its logs.
+            std::fs::write(dir.join("workspace-0.sqfs"), "big").unwrap();
+            std::fs::create_dir(dir.join("sub")).unwrap();
             let when = SystemTime::now() - Duration::from_secs(age);
             std::fs::File::open(&dir)
                 .unwrap()
@@ -167,7 +232,8 @@ mod tests {
         // A stray file is not a run.
         std::fs::write(root.path().join("t-file"), "x").unwrap();
         let known: BTreeSet<String> = ["t-live".to_owned()].into();
-        let removed = prune(root.path(), &known, 2).unwrap();
+        let runs = list_runs(root.path()).unwrap();
+        let removed = prune(root.path(), &runs, &known, 2).unwrap();
         assert_eq!(removed, vec!["t-1".to_owned()]);
         let mut left: Vec<_> = std::fs::read_dir(root.path())
             .unwrap()
@@ -175,8 +241,22 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["t-2", "t-3", "t-file", "t-live"]);
-        assert!(prune(&root.path().join("missing"), &known, 2)
-            .unwrap()
-            .is_empty());
+        // Kept ended runs keep their logs only, and their age; the running one is untouched.
+        let files = |id: &str| {
+            let mut f: Vec<_> = std::fs::read_dir(root.path().join(id))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            f.sort();
+            f
+        };
+        assert_eq!(files("t-2"), ["egress.jsonl"]);
+        assert_eq!(files("t-live"), ["egress.jsonl", "sub", "workspace-0.sqfs"]);
+        let again = list_runs(root.path()).unwrap();
+        let age = |id: &str| again.iter().find(|r| r.id == id).unwrap().modified;
+        assert!(age("t-2") < age("t-3"));
+        let missing = root.path().join("missing");
+        assert!(list_runs(&missing).unwrap().is_empty());
+        assert!(prune(&missing, &[], &known, 2).unwrap().is_empty());
     }
 }

@@ -23,7 +23,7 @@ pub const INIT_PATH: &str = ".bottle/init";
 const MOUNT_POINTS: [&str; 5] = ["dev", "proc", "sys", "tmp", "run"];
 
 /// Part of every cache key: bump it when the images written for the same input change (2:
-/// hard links and xattrs kept).
+/// hard links and xattrs kept; 3: small files in fragment blocks).
 const IMAGE_FORMAT: &[u8] = b"bot-bottle root image 3\0";
 
 /// The PAX record prefix under which Docker (and GNU tar) store extended attributes.
@@ -216,11 +216,6 @@ pub fn tar_to_squashfs(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<RootfsStats, RootfsError> {
     let (mut tree, mut stats) = read_tar(tar, spool)?;
-    let init_copy = spool.join("bottle-init");
-    fs::copy(init, &init_copy).map_err(|source| RootfsError::Init {
-        path: init.to_path_buf(),
-        source,
-    })?;
     let add = |tree: &mut Builder, path: &str, mode: u16, content: Content| {
         tree.insert(Path::new(path), Meta::root(mode), content)
             .map_err(RootfsError::Tree)
@@ -240,7 +235,12 @@ pub fn tar_to_squashfs(
         )?;
     }
     add(&mut tree, ".bottle", 0o755, Content::Dir)?;
-    add(&mut tree, INIT_PATH, 0o755, Content::File(init_copy))?;
+    add(
+        &mut tree,
+        INIT_PATH,
+        0o755,
+        Content::File(init.to_path_buf()),
+    )?;
     write_image(tree, out, &mut stats, progress)?;
     Ok(stats)
 }
@@ -260,6 +260,12 @@ pub fn rootfs_key(image_id: &str, init: &Path) -> Result<String, RootfsError> {
     Ok(hex::encode(&h.finalize()[..16]))
 }
 
+/// Where the root image for `image_id` and `init` lives in `<cache>/rootfs`.
+pub fn rootfs_path(cache_dir: &Path, image_id: &str, init: &Path) -> Result<PathBuf, RootfsError> {
+    let key = rootfs_key(image_id, init)?;
+    Ok(cache_dir.join("rootfs").join(format!("{key}.sqfs")))
+}
+
 /// The root image for `image_id` under `<cache>/rootfs`, built from `export()` (a `docker
 /// export` stream) only when missing.
 pub fn cached_rootfs<R: Read>(
@@ -268,13 +274,22 @@ pub fn cached_rootfs<R: Read>(
     init: &Path,
     export: impl FnOnce() -> io::Result<R>,
 ) -> Result<PathBuf, RootfsError> {
-    let key = rootfs_key(image_id, init)?;
-    let dir = cache_dir.join("rootfs");
-    let image = dir.join(format!("{key}.sqfs"));
+    cached_rootfs_at(&rootfs_path(cache_dir, image_id, init)?, init, export)
+}
+
+/// [`cached_rootfs`] at a path from [`rootfs_path`] (the key is read once).
+pub fn cached_rootfs_at<R: Read>(
+    image: &Path,
+    init: &Path,
+    export: impl FnOnce() -> io::Result<R>,
+) -> Result<PathBuf, RootfsError> {
+    let image = image.to_path_buf();
     if image.is_file() {
         return Ok(image);
     }
-    let spool = dir.join(format!(".{key}.spool"));
+    let dir = image.parent().unwrap_or(Path::new("."));
+    let stem = image.file_stem().unwrap_or_default().to_string_lossy();
+    let spool = dir.join(format!(".{stem}.spool"));
     let _ = fs::remove_dir_all(&spool);
     let result = export().map_err(RootfsError::Tar).and_then(|tar| {
         tar_to_squashfs(

@@ -803,26 +803,43 @@ impl ImageWriter {
             }
         };
         let mut block = vec![0u8; BLOCK_SIZE];
-        // Pass 1: hash every file, so each distinct content is written once.
+        // Pass 1: each distinct content is written once. Only files whose size another file
+        // shares can be copies, so only they are read (and hashed) here; the others are read
+        // once, when written.
+        let files: Vec<(usize, &Path, u64)> = tree
+            .order
+            .iter()
+            .filter_map(|&id| match &nodes[id].1 {
+                Content::File(src) => Some((id, src.as_path())),
+                _ => None,
+            })
+            .map(|(id, src)| {
+                let size = std::fs::metadata(src).map_err(read_err(id, src))?.len();
+                Ok((id, src, size))
+            })
+            .collect::<Result<_, SquashfsError>>()?;
+        let mut per_size: HashMap<u64, usize> = HashMap::new();
+        for &(_, _, size) in &files {
+            *per_size.entry(size).or_default() += 1;
+        }
         let mut first: HashMap<(u64, [u8; 32]), usize> = HashMap::new();
         let mut same_as: Vec<(usize, usize)> = Vec::new();
         let mut unique: Vec<(usize, &Path, u64)> = Vec::new();
-        for &id in &tree.order {
-            let Content::File(src) = &nodes[id].1 else {
+        for (id, src, size) in files {
+            self.stats.data_in += size;
+            if per_size[&size] == 1 {
+                unique.push((id, src, size));
                 continue;
-            };
+            }
             let mut f = File::open(src).map_err(read_err(id, src))?;
             let mut hash = Sha256::new();
-            let mut size = 0u64;
             loop {
                 let n = read_block(&mut f, &mut block).map_err(read_err(id, src))?;
                 if n == 0 {
                     break;
                 }
                 hash.update(&block[..n]);
-                size += n as u64;
             }
-            self.stats.data_in += size;
             match first.entry((size, hash.finalize().into())) {
                 std::collections::hash_map::Entry::Occupied(e) => {
                     self.stats.deduplicated_files += 1;

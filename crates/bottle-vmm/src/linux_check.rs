@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::{self, EntryPoint};
 use crate::cpu;
@@ -152,50 +152,36 @@ pub fn run(path: &Path, steps: &[Instruction]) -> Result<LinuxCheckReport, Linux
 }
 
 fn run_here(path: &Path, steps: &[Instruction]) -> Result<LinuxCheckReport, LinuxCheckError> {
-    let setup = |what: &str| {
-        let path = path.to_path_buf();
-        let what = what.to_owned();
-        move |e: &dyn std::fmt::Display| LinuxCheckError::Setup {
-            path,
-            what: format!("{what}: {e}"),
-        }
+    let setup = |what: &str, e: &dyn std::fmt::Display| LinuxCheckError::Setup {
+        path: path.to_path_buf(),
+        what: format!("{what}: {e}"),
     };
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| setup("the KVM path")(&e))?;
-    let kvm = Kvm::new_with_path(&c_path).map_err(|e| setup("open")(&e))?;
+        .map_err(|e| setup("the KVM path", &e))?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(|e| setup("open", &e))?;
     // Declared before the VM so that it is dropped after it.
-    let mem = memory::create_guest_memory(MEM_MIB).map_err(|e| setup("guest memory")(&e))?;
-    let vm = kvm.create_vm().map_err(|e| setup("KVM_CREATE_VM")(&e))?;
-    for (slot, region) in mem.iter().enumerate() {
-        let desc = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: the region is a live mapping owned by `mem`, which outlives `vm` (declared
-        // before it, so dropped after it): KVM never uses the mapping after it is unmapped.
-        unsafe { vm.set_user_memory_region(desc) }
-            .map_err(|e| setup("KVM_SET_USER_MEMORY_REGION")(&e))?;
-    }
+    let mem = memory::create_guest_memory(MEM_MIB).map_err(|e| setup("guest memory", &e))?;
+    let vm = kvm.create_vm().map_err(|e| setup("KVM_CREATE_VM", &e))?;
+    // SAFETY: `mem` outlives `vm` (declared before it, so dropped after it).
+    unsafe { memory::register_regions(&vm, &mem) }
+        .map_err(|e| setup("KVM_SET_USER_MEMORY_REGION", &e))?;
     let entry = EntryPoint::Linux64(GuestAddress(CODE_START));
-    boot::write_long_mode_tables(&mem, entry).map_err(|e| setup("page tables")(&e))?;
+    boot::write_long_mode_tables(&mem, entry).map_err(|e| setup("page tables", &e))?;
 
     let vcpu = vm
         .create_vcpu(0)
-        .map_err(|e| setup("KVM_CREATE_VCPU")(&e))?;
+        .map_err(|e| setup("KVM_CREATE_VCPU", &e))?;
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| setup("KVM_GET_SUPPORTED_CPUID")(&e))?;
+        .map_err(|e| setup("KVM_GET_SUPPORTED_CPUID", &e))?;
     cpu::normalize_cpuid(&mut cpuid, 0, 1);
     let leaf1_ecx = cpuid
         .as_slice()
         .iter()
         .find(|e| e.function == 1)
         .map_or(0, |e| e.ecx);
-    cpu::set_cpuid(&vcpu, &cpuid).map_err(|e| setup("CPUID")(&e))?;
-    cpu::setup_boot_vcpu(&vcpu, entry).map_err(|e| setup("registers")(&e))?;
+    cpu::set_cpuid(&vcpu, &cpuid).map_err(|e| setup("CPUID", &e))?;
+    cpu::setup_boot_vcpu(&vcpu, entry).map_err(|e| setup("registers", &e))?;
 
     // The code: each announced step in turn, then hlt; remember where each step lies.
     let mut code = Vec::new();
@@ -210,15 +196,15 @@ fn run_here(path: &Path, steps: &[Instruction]) -> Result<LinuxCheckReport, Linu
     }
     code.push(HLT);
     mem.write_slice(&code, GuestAddress(CODE_START))
-        .map_err(|e| setup("the test code")(&e))?;
+        .map_err(|e| setup("the test code", &e))?;
 
-    let mut sregs = vcpu.get_sregs().map_err(|e| setup("KVM_GET_SREGS")(&e))?;
+    let mut sregs = vcpu.get_sregs().map_err(|e| setup("KVM_GET_SREGS", &e))?;
     if leaf1_ecx & LEAF1_ECX_XSAVE != 0 {
         sregs.cr4 |= CR4_OSXSAVE;
     }
     vcpu.set_sregs(&sregs)
-        .map_err(|e| setup("KVM_SET_SREGS")(&e))?;
-    let mut regs = vcpu.get_regs().map_err(|e| setup("KVM_GET_REGS")(&e))?;
+        .map_err(|e| setup("KVM_SET_SREGS", &e))?;
+    let mut regs = vcpu.get_regs().map_err(|e| setup("KVM_GET_REGS", &e))?;
     regs.rdi = CMPXCHG_DATA;
     regs.rsi = XSAVE_AREA;
     regs.rax = 0;
@@ -226,7 +212,7 @@ fn run_here(path: &Path, steps: &[Instruction]) -> Result<LinuxCheckReport, Linu
     regs.rbx = SWAP_LOW;
     regs.rcx = SWAP_HIGH;
     vcpu.set_regs(&regs)
-        .map_err(|e| setup("KVM_SET_REGS")(&e))?;
+        .map_err(|e| setup("KVM_SET_REGS", &e))?;
 
     let step_at = |vcpu: &kvm_ioctls::VcpuFd| {
         let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);

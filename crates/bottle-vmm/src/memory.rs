@@ -1,6 +1,8 @@
 //! Guest RAM: anonymous mappings laid out around the 32-bit MMIO gap.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -35,6 +37,27 @@ pub fn create_guest_memory(mem_mib: u32) -> Result<GuestMemoryMmap, MemoryError>
         mib: mem_mib,
         source,
     })
+}
+
+/// Hands every region of `mem` to the VM, one slot each.
+///
+/// # Safety
+/// `mem` must stay mapped for as long as `vm` exists: KVM uses the mappings until the VM fd
+/// is closed.
+pub unsafe fn register_regions(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), kvm_ioctls::Error> {
+    for (slot, region) in mem.iter().enumerate() {
+        let desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`; the caller keeps `mem` alive
+        // for as long as `vm` (this function's contract).
+        unsafe { vm.set_user_memory_region(desc) }?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

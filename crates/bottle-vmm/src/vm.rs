@@ -5,11 +5,9 @@ use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError};
@@ -158,18 +156,9 @@ impl Vmm {
             .map_err(setup("the in-kernel PIT (KVM_CREATE_PIT2)"))?;
 
         let mem = memory::create_guest_memory(config.mem_mib)?;
-        for (slot, region) in mem.iter().enumerate() {
-            let region_desc = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which the returned `Vmm`
-            // keeps alive for as long as the VM fd (and so KVM's use of the mapping) exists.
-            unsafe { vm.set_user_memory_region(region_desc) }.map_err(KvmError::MemoryRegion)?;
-        }
+        // SAFETY: `mem` moves into the returned `Vmm`, which keeps it alive for as long as the
+        // VM fd (and so KVM's use of the mappings) exists.
+        unsafe { memory::register_regions(&vm, &mem) }.map_err(KvmError::MemoryRegion)?;
 
         let panicked = Arc::new(AtomicBool::new(false));
         let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;

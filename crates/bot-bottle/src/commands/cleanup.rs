@@ -83,6 +83,9 @@ pub async fn run(ctx: &Context, args: CleanupArgs) -> anyhow::Result<i32> {
         }
     }
     // Run directories (logs) of ended runs: rows removed above no longer protect theirs.
+    // Listed before the rows are read (see `retention`).
+    let runs = ctx.dirs.runs_dir();
+    let listed = retention::list_runs(&runs)?;
     let known: BTreeSet<String> = match &db {
         Some(db) => db.bottles()?.into_iter().map(|r| r.id).collect(),
         None => BTreeSet::new(),
@@ -92,11 +95,10 @@ pub async fn run(ctx: &Context, args: CleanupArgs) -> anyhow::Result<i32> {
     } else {
         retention::KEEP_RUNS_PER_BOTTLE
     };
-    let runs = ctx.dirs.runs_dir();
     let old_runs = if args.dry_run {
-        retention::plan_pruning(&retention::list_runs(&runs)?, &known, keep)
+        retention::plan_pruning(&listed, &known, keep)
     } else {
-        retention::prune(&runs, &known, keep)?
+        retention::prune(&runs, &listed, &known, keep)?
     };
     for id in &old_runs {
         let verb = if args.dry_run {

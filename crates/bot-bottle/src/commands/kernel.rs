@@ -54,9 +54,7 @@ pub async fn run(ctx: &Context, args: KernelArgs) -> anyhow::Result<i32> {
         }
         KernelCommand::Build(b) => {
             let mut opts = KernelBuildOptions::new(&ctx.dirs);
-            if b.source.is_some() {
-                opts.source = b.source;
-            }
+            opts.source = b.source.or(opts.source);
             opts.force = b.force;
             if let Some(j) = b.jobs {
                 opts.jobs = j.max(1);

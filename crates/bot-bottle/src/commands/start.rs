@@ -112,15 +112,19 @@ async fn session(
     }
     // Preflight: Docker always (the sidecar bundle runs there), KVM for the microVM.
     let docker = docker::connect().await?;
-    if resolved.backend == Backend::Microvm {
-        bottle_vmm::kvm_check::check_kvm(&preflight::kvm_path())
-            .context("the microvm backend needs KVM (or choose --backend docker)")?;
-        tokio::task::spawn_blocking(preflight::require_linux_guest)
-            .await?
-            .map_err(anyhow::Error::msg)?;
-        // Before anything is allocated: the first microVM start builds the kernel (minutes).
-        ensure_kernel(ctx).await?;
-    }
+    // The guest kernel, for the microVM (and only for it).
+    let kernel = match resolved.backend {
+        Backend::Microvm => {
+            bottle_vmm::kvm_check::check_kvm(&preflight::kvm_path())
+                .context("the microvm backend needs KVM (or choose --backend docker)")?;
+            tokio::task::spawn_blocking(preflight::require_linux_guest)
+                .await?
+                .map_err(anyhow::Error::msg)?;
+            // Before anything is allocated: the first microVM start builds it (minutes).
+            Some(ensure_kernel(ctx).await?)
+        }
+        Backend::Docker => None,
+    };
     let runsc = resolved.backend == Backend::Docker && choose_runsc(&docker).await?;
     ctx.dirs.ensure_state()?;
     let db_path = ctx.dirs.db_path();
@@ -196,9 +200,9 @@ async fn session(
     create_networks(&docker, &plan, stack).await?;
     pause_point("network").await;
 
-    match resolved.backend {
-        Backend::Docker => run_docker(ctx, &docker, &plan, args, &credentials, stack).await,
-        Backend::Microvm => run_microvm(ctx, &docker, &plan, args, &credentials, stack).await,
+    match kernel {
+        Some(kernel) => run_microvm(ctx, &docker, &plan, args, &credentials, &kernel, stack).await,
+        None => run_docker(ctx, &docker, &plan, args, &credentials, stack).await,
     }
 }
 
@@ -292,11 +296,11 @@ async fn build_images(
 
 /// The guest kernel: the configured or cached one, else built now from the kernel source
 /// (what `bot-bottle kernel build` does, with its progress), once per bot-bottle version.
-async fn ensure_kernel(ctx: &Context) -> anyhow::Result<()> {
+async fn ensure_kernel(ctx: &Context) -> anyhow::Result<std::path::PathBuf> {
     use bot_bottle::kernel::{self, KernelBuildOptions};
     use bot_bottle::microvm::{self, MicrovmError};
     match microvm::find_kernel(&ctx.dirs) {
-        Ok(_) => return Ok(()),
+        Ok(kernel) => return Ok(kernel),
         Err(MicrovmError::NoKernel) => {}
         Err(e) => return Err(e.into()),
     }
@@ -311,8 +315,7 @@ async fn ensure_kernel(ctx: &Context) -> anyhow::Result<()> {
     })
     .await
     .context("the kernel build thread panicked")?
-    .context("building the guest kernel for the microvm backend (or choose --backend docker)")?;
-    Ok(())
+    .context("building the guest kernel for the microvm backend (or choose --backend docker)")
 }
 
 /// The bundle: egress proxy (+ placeholders), ports published on the alias only. Returns the
@@ -339,6 +342,15 @@ async fn start_bundle(
 /// a failure is only a warning: it must not stop the session.
 async fn prune_old_runs(ctx: &Context, db: &StateDb) {
     use bot_bottle::retention;
+    // Listed before the rows are read (see `retention`).
+    let root = ctx.dirs.runs_dir();
+    let runs = match retention::list_runs(&root) {
+        Ok(runs) => runs,
+        Err(e) => {
+            eprintln!("bot-bottle: warning: {e}");
+            return;
+        }
+    };
     let known = match db.bottles() {
         Ok(rows) => rows.into_iter().map(|r| r.id).collect(),
         Err(e) => {
@@ -346,9 +358,8 @@ async fn prune_old_runs(ctx: &Context, db: &StateDb) {
             return;
         }
     };
-    let root = ctx.dirs.runs_dir();
     let pruned = tokio::task::spawn_blocking(move || {
-        retention::prune(&root, &known, retention::KEEP_RUNS_PER_BOTTLE)
+        retention::prune(&root, &runs, &known, retention::KEEP_RUNS_PER_BOTTLE)
     })
     .await;
     match pruned {
@@ -383,11 +394,11 @@ async fn run_microvm(
     plan: &BottlePlan,
     args: &StartArgs,
     credentials: &[bot_bottle::sidecar::SidecarCredential],
+    kernel: &std::path::Path,
     stack: &mut GuardStack,
 ) -> anyhow::Result<i32> {
     use bot_bottle::microvm;
     use bot_bottle::microvm_run;
-    let kernel = microvm::find_kernel(&ctx.dirs)?;
     let init = microvm::find_init()?;
 
     // Images: the sidecar, the agent, and the agent's root image for the guest.
@@ -439,7 +450,7 @@ async fn run_microvm(
     let launch = microvm::launch(
         plan,
         &guest,
-        &kernel,
+        kernel,
         microvm::Disks {
             rootfs: &rootfs,
             workspaces: &workspaces,

@@ -38,10 +38,11 @@ async fn boot(args: VmmArgs) -> anyhow::Result<i32> {
     let mut launch: Launch = serde_json::from_str(&text)
         .with_context(|| format!("parsing the VMM launch file {}", args.config.display()))?;
     let rules = bot_bottle::microvm::verified_rules(&launch)?;
+    tracing::info!(machine = %launch.machine, rules = rules.len(), "booting");
+    // `verified_rules` refuses a launch without vsock: there is always one here.
     if let Some(vsock) = launch.vmm.vsock.as_mut() {
         vsock.allowlist = rules;
     }
-    tracing::info!(machine = %launch.machine, "booting");
     let config = launch.vmm;
     // SIGTERM/SIGINT stop the vCPUs, join them and remove the vsock socket.
     bottle_vmm::install_stop_signals().context("installing the VMM's stop signals")?;

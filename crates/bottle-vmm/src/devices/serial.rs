@@ -64,23 +64,22 @@ impl ConsoleWriter {
         panicked: Arc<AtomicBool>,
         max_file_bytes: u64,
     ) -> Result<Self, SerialError> {
-        let budget = match output {
-            SerialOutput::File(_) => max_file_bytes,
-            SerialOutput::Stdout | SerialOutput::Sink => u64::MAX,
-        };
-        let out: Box<dyn Write + Send> = match output {
-            SerialOutput::Stdout => Box::new(std::io::stdout()),
-            SerialOutput::Sink => Box::new(std::io::sink()),
-            SerialOutput::File(path) => Box::new(
-                std::fs::OpenOptions::new()
+        let (out, budget): (Box<dyn Write + Send>, u64) = match output {
+            SerialOutput::Stdout => (Box::new(std::io::stdout()), u64::MAX),
+            SerialOutput::Sink => (Box::new(std::io::sink()), u64::MAX),
+            SerialOutput::File(path) => {
+                let file = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(path)
                     .map_err(|source| SerialError::CreateLog {
                         path: path.display().to_string(),
                         source,
-                    })?,
-            ),
+                    })?;
+                // The bound is the file's: a resumed bottle appends to its last boot's log.
+                let held = file.metadata().map_or(0, |m| m.len());
+                (Box::new(file), max_file_bytes.saturating_sub(held))
+            }
         };
         Ok(Self {
             out,
@@ -153,6 +152,14 @@ mod tests {
         assert_eq!(log.len(), 4096 + TRUNCATED_NOTE.len());
         assert!(log.ends_with(TRUNCATED_NOTE));
         assert!(panicked.load(Ordering::SeqCst));
+
+        // The next boot appends to the same file: the bound still holds for the file.
+        let mut again =
+            ConsoleWriter::bounded(&SerialOutput::File(path.clone()), panicked, 4096).unwrap();
+        again.write_all(b"more\n").unwrap();
+        again.flush().unwrap();
+        let log = std::fs::read(&path).unwrap();
+        assert_eq!(log.len(), 4096 + 2 * TRUNCATED_NOTE.len());
     }
 
     #[test]
