@@ -1,6 +1,7 @@
 //! The microVM backend's host side: what the guest is told (bottle-init's `GuestConfig`), what
 //! the VMM child is given (its launch file), and where the pieces come from. Pure builders
-//! here; the effects (image export, child process, control connection) are in `start`.
+//! here, and the launch file's own read and write; the effects (image export, child process,
+//! control connection) are in `start` and `microvm_run`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
@@ -72,6 +73,30 @@ pub enum MicrovmError {
         db: Option<u32>,
         launch: u32,
     },
+    #[error("cannot write {}", path.display())]
+    WriteFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the launch file {} (was the bottle's directory removed?): stop the bottle and start it again", path.display())]
+    ReadLaunch {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the launch file {} is not one this bot-bottle reads: stop the bottle and start it again", path.display())]
+    ParseLaunch {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "the launch file {} says nothing about the guest's control channel (written by an older \
+         bot-bottle): stop the bottle and start it again",
+        path.display()
+    )]
+    NoControl { path: PathBuf },
 }
 
 /// The allowlist a VMM (ours, or a stand-in) enforces for `launch`: only from the machine's
@@ -120,7 +145,8 @@ pub fn rules_from_entries(
         .collect()
 }
 
-/// The VMM child's launch file (read by `bot-bottle __vmm`).
+/// The VMM child's launch file (read by `bot-bottle __vmm`, and by `exec` and `cp` for
+/// [`Launch::control`]). Written with [`Launch::write`] only: it holds the per-boot token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Launch {
     /// The machine row holding the verified allowlist.
@@ -129,14 +155,106 @@ pub struct Launch {
     pub state_db: PathBuf,
     /// The machine; `vsock.allowlist` stays empty (the child fills it from the DB).
     pub vmm: VmmConfig,
+    /// Where the host's clients (`exec`, `cp`) reach the guest's control agent. The VMM never
+    /// reads it; `None` for a guest whose control channel is not vsock (QEMU tests), and in a
+    /// launch file written without it (the VMM's own tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlEndpoint>,
     /// The guest configuration as a disk (the last one in `vmm.disks`) when it does not fit
     /// on the kernel command line: the caller writes these bytes to [`CONFIG_DISK`].
     #[serde(skip)]
     pub config_disk: Option<Vec<u8>>,
 }
 
+/// How the host reaches the guest's control agent: a `CONNECT <port>` on the VMM's vsock
+/// Unix socket, then requests carrying the per-boot token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlEndpoint {
+    /// The VMM's vsock Unix socket ([`control_socket`] of the bottle directory).
+    pub socket: PathBuf,
+    /// The control agent's vsock port.
+    pub port: u32,
+    /// The per-boot token the control agent requires (also in the guest configuration).
+    pub token: String,
+}
+
 /// The config disk's file in the bottle directory.
 pub const CONFIG_DISK: &str = "config.img";
+/// The launch file's name in the bottle directory.
+const LAUNCH_FILE: &str = "launch.json";
+/// The VMM's vsock Unix socket's name in the bottle directory.
+const CONTROL_SOCKET: &str = "vsock.sock";
+/// The guest's serial console log's name in the bottle directory.
+const CONSOLE_LOG: &str = "serial.log";
+
+/// The launch file of the bottle whose directory is `bottle_dir`.
+pub fn launch_file(bottle_dir: &Path) -> PathBuf {
+    bottle_dir.join(LAUNCH_FILE)
+}
+
+/// The VMM's vsock Unix socket (the guest's control agent and egress) in `bottle_dir`.
+pub fn control_socket(bottle_dir: &Path) -> PathBuf {
+    bottle_dir.join(CONTROL_SOCKET)
+}
+
+/// The guest's serial console log in `bottle_dir`.
+pub fn console_log(bottle_dir: &Path) -> PathBuf {
+    bottle_dir.join(CONSOLE_LOG)
+}
+
+impl Launch {
+    /// Write the launch file to `path`, readable by this user only (it holds the token).
+    pub fn write(&self, path: &Path) -> Result<(), MicrovmError> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| MicrovmError::WriteFile {
+            path: path.to_path_buf(),
+            source: e.into(),
+        })?;
+        write_private(path, &bytes)
+    }
+
+    /// Read the launch file at `path` (the config disk's bytes are not in it).
+    pub fn read(path: &Path) -> Result<Launch, MicrovmError> {
+        let bytes = std::fs::read(path).map_err(|source| MicrovmError::ReadLaunch {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|source| MicrovmError::ParseLaunch {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// The control endpoint of the bottle whose directory is `bottle_dir`, from its launch
+    /// file.
+    pub fn read_control(bottle_dir: &Path) -> Result<ControlEndpoint, MicrovmError> {
+        let path = launch_file(bottle_dir);
+        Launch::read(&path)?
+            .control
+            .ok_or(MicrovmError::NoControl { path })
+    }
+}
+
+/// Write `bytes` to `path`, created (or truncated) readable and writable by this user only.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), MicrovmError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let write = |source| MicrovmError::WriteFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(write)?;
+    // `mode` applies to a new file only: one already there is made private before it is filled.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(write)?;
+    f.write_all(bytes).map_err(write)
+}
 
 /// Resolve the manifest's `user` (`name`, `name:group`, `uid`, `uid:gid`) against the image's
 /// passwd and group files. Returns the ids and the home directory.
@@ -317,6 +435,15 @@ pub fn launch(
         }
         Err(source) => return Err(MicrovmError::Cmdline { source }),
     };
+    let socket = control_socket(bottle_dir);
+    let control = match guest.control {
+        ControlChannel::Vsock { port } => Some(ControlEndpoint {
+            socket: socket.clone(),
+            port,
+            token: guest.token.clone(),
+        }),
+        ControlChannel::VirtioPort { .. } => None,
+    };
     Ok(Launch {
         machine: plan.agent.name.clone(),
         state_db: state_db.to_path_buf(),
@@ -325,16 +452,17 @@ pub fn launch(
             cmdline: format!("{BASE_CMDLINE} {arg}"),
             vcpus: plan.agent.vcpus,
             mem_mib: plan.agent.memory_mib,
-            serial: SerialOutput::File(bottle_dir.join("serial.log")),
+            serial: SerialOutput::File(console_log(bottle_dir)),
             vsock: Some(VsockConfig {
                 guest_cid: plan.guest_cid,
-                uds_path: bottle_dir.join("vsock.sock"),
+                uds_path: socket,
                 allowlist: Vec::new(),
                 event_log: Some(bottle_dir.join("vsock-egress.jsonl")),
             }),
             initrd: None,
             disks,
         },
+        control,
         config_disk,
     })
 }
@@ -547,6 +675,89 @@ mod tests {
             bottle_proto::GuestConfig::from_disk_bytes(&bytes).unwrap(),
             g
         );
+    }
+
+    #[test]
+    fn a_config_disk_bottles_launch_file_gives_back_its_token_and_socket_and_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let p = test_plan();
+        let dir = tempfile::tempdir().unwrap();
+        let layer = WritableLayer::Tmpfs;
+        let mut g = guest_config(
+            &p,
+            "per-boot-token",
+            UserIds { uid: 1, gid: 1 },
+            "/h",
+            &layer,
+        );
+        g.ca_cert = Some(format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            "A".repeat(1200)
+        ));
+        let disks = Disks {
+            rootfs: Path::new("/r.sqfs"),
+            workspaces: &[],
+            layer: &layer,
+        };
+        let l = launch(
+            &p,
+            &g,
+            Path::new("/k"),
+            disks,
+            dir.path(),
+            Path::new("/s.db"),
+        )
+        .unwrap();
+        let path = launch_file(dir.path());
+        // A stale, readable file in the way is made private too.
+        std::fs::write(&path, "stale").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        l.write(&path).unwrap();
+        let control = Launch::read_control(dir.path()).unwrap();
+        let back = Launch::read(&path).unwrap();
+
+        assert!(
+            l.config_disk.is_some(),
+            "the configuration went to the config disk"
+        );
+        assert!(back.vmm.cmdline.ends_with(" bottle.config=dev:/dev/vdb"));
+        assert_eq!(
+            control,
+            ControlEndpoint {
+                socket: dir.path().join("vsock.sock"),
+                port: CONTROL_VSOCK_PORT,
+                token: "per-boot-token".into(),
+            }
+        );
+        assert_eq!(
+            back.vmm.vsock.unwrap().uds_path,
+            control.socket,
+            "clients dial the socket the VMM serves"
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the launch file holds the token");
+    }
+
+    #[test]
+    fn a_launch_file_without_a_control_section_is_named_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = test_plan();
+        let g = guest_config(
+            &p,
+            "tok",
+            UserIds { uid: 1, gid: 1 },
+            "/h",
+            &WritableLayer::Tmpfs,
+        );
+        let mut l = launch_at(&p, &g, &[], &WritableLayer::Tmpfs);
+        l.control = None;
+        l.write(&launch_file(dir.path())).unwrap();
+
+        let err = Launch::read_control(dir.path()).unwrap_err();
+
+        assert!(matches!(err, MicrovmError::NoControl { .. }), "{err}");
+        assert!(err.to_string().contains("start it again"), "{err}");
     }
 
     /// `launch` with the root image at /r.sqfs, the bottle dir /b and the state DB /s.db.

@@ -2,7 +2,6 @@
 
 use anyhow::{bail, Context as _};
 use bot_bottle::manifest::Backend;
-use bot_bottle::microvm::Launch;
 use bot_bottle::plan::BottlePlan;
 use bot_bottle::state::StateDb;
 use bot_bottle::transfer::{self, Direction};
@@ -79,17 +78,8 @@ async fn docker_cp(plan: &BottlePlan, direction: Direction) -> anyhow::Result<i3
 }
 
 async fn microvm_cp(ctx: &Context, id: &str, direction: Direction) -> anyhow::Result<i32> {
-    let dir = ctx.dirs.bottle_dir(id);
-    let launch: Launch = serde_json::from_slice(
-        &std::fs::read(dir.join("launch.json"))
-            .with_context(|| format!("bottle {id} has no launch file"))?,
-    )?;
-    let token = super::exec::launch_token(&launch)?;
-    let uds = dir.join("vsock.sock");
+    let mut client = super::exec::control_client(ctx, id).await?;
     tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
-        let stream =
-            bottle_proto::client::connect_vsock(&uds, bottle_proto::config::CONTROL_VSOCK_PORT)?;
-        let mut client = bottle_proto::Client::new(stream, token);
         match direction {
             Direction::Out { guest, local, .. } => {
                 let mut tar = Vec::new();

@@ -41,23 +41,7 @@ pub async fn run(ctx: &Context, args: ExecArgs) -> anyhow::Result<i32> {
             )
         }
         bot_bottle::manifest::Backend::Microvm => {
-            let dir = ctx.dirs.bottle_dir(&row.id);
-            let launch: Launch = serde_json::from_slice(
-                &std::fs::read(dir.join("launch.json"))
-                    .with_context(|| format!("bottle {} has no launch file", row.id))?,
-            )?;
-            let token = launch_token(&launch)?;
-            let stream = tokio::task::spawn_blocking({
-                let uds = dir.join("vsock.sock");
-                move || {
-                    bottle_proto::client::connect_vsock(
-                        &uds,
-                        bottle_proto::config::CONTROL_VSOCK_PORT,
-                    )
-                }
-            })
-            .await??;
-            let client = bottle_proto::Client::new(stream, token);
+            let client = control_client(ctx, &row.id).await?;
             let (code, _) =
                 bot_bottle::microvm_run::exec(client, args.command, plan.agent.workdir.clone())
                     .await?;
@@ -66,10 +50,25 @@ pub async fn run(ctx: &Context, args: ExecArgs) -> anyhow::Result<i32> {
     }
 }
 
-/// The per-boot token, read back from the guest configuration on the command line.
-pub fn launch_token(launch: &Launch) -> anyhow::Result<String> {
-    match bottle_proto::config::parse_cmdline(&launch.vmm.cmdline)? {
-        bottle_proto::ConfigSource::Inline(cfg) => Ok(cfg.token),
-        _ => bail!("the launch file does not carry the guest configuration inline"),
-    }
+/// A control connection to the guest of microVM bottle `id`: the socket, port and per-boot
+/// token from its launch file.
+pub async fn control_client(
+    ctx: &Context,
+    id: &str,
+) -> anyhow::Result<bottle_proto::Client<std::os::unix::net::UnixStream>> {
+    let dir = ctx.dirs.bottle_dir(id);
+    let control =
+        Launch::read_control(&dir).with_context(|| format!("reaching the guest of bottle {id}"))?;
+    let stream = tokio::task::spawn_blocking({
+        let (socket, port) = (control.socket.clone(), control.port);
+        move || bottle_proto::client::connect_vsock(&socket, port)
+    })
+    .await?
+    .with_context(|| {
+        format!(
+            "connecting to the guest of bottle {id} on {}",
+            control.socket.display()
+        )
+    })?;
+    Ok(bottle_proto::Client::new(stream, control.token))
 }

@@ -461,13 +461,13 @@ async fn run_microvm(
     )?;
     if let Some(bytes) = &launch.config_disk {
         let disk = bottle_dir.join(microvm::CONFIG_DISK);
-        write_private(&disk, bytes)?;
+        microvm::write_private(&disk, bytes)?;
         push_remove_file(stack, "remove the config disk".into(), disk);
     }
-    let launch_path = bottle_dir.join("launch.json");
-    write_private(&launch_path, &serde_json::to_vec_pretty(&launch)?)?;
-    let uds = bottle_dir.join("vsock.sock");
-    let console = bottle_dir.join("serial.log");
+    let launch_path = microvm::launch_file(&bottle_dir);
+    launch.write(&launch_path)?;
+    let uds = microvm::control_socket(&bottle_dir);
+    let console = microvm::console_log(&bottle_dir);
     let _ = std::fs::remove_file(&uds);
     let exe = match std::env::var_os(microvm::VMM_ENV) {
         Some(stand_in) => {
@@ -480,31 +480,22 @@ async fn run_microvm(
         }
         None => std::env::current_exe().context("locating the bot-bottle executable")?,
     };
-    let mut child = tokio::process::Command::new(exe)
-        .arg("__vmm")
-        .arg("--config")
-        .arg(&launch_path)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| microvm_run::MicrovmRunError::Spawn { source })?;
-    // Normally the child is waited for below (and killed on drop); this undo covers a session
-    // that ends early. Our unreaped child's pid cannot be reused, so signalling it is safe.
-    if let Some(pid) = child.id() {
-        stack.push_sync("stop the VMM", move || {
-            let pid = nix::unistd::Pid::from_raw(pid as i32);
-            match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
-                Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-                Err(e) => Err(std::io::Error::from(e)),
-            }
-        });
-    }
+    let mut vmm = microvm_run::VmmChild::spawn(
+        tokio::process::Command::new(exe)
+            .arg("__vmm")
+            .arg("--config")
+            .arg(&launch_path)
+            .stdin(std::process::Stdio::null()),
+    )?;
+    // Normally the guest powers off and the child is reaped below; this undo stops it when
+    // the session ends early. Both go through the owner: a reaped child is never signalled.
+    vmm.stop_on_unwind(stack);
     eprintln!(
         "bot-bottle: booting {} (console: {})",
         plan.agent.name,
         console.display()
     );
-    let client = microvm_run::connect_control(&mut child, &uds, &token, &console).await?;
+    let client = microvm_run::connect_control(&mut vmm, &uds, &token, &console).await?;
     mark_running(ctx, &plan.id);
     pause_point("vm").await;
 
@@ -523,12 +514,15 @@ async fn run_microvm(
         let _ = tokio::task::spawn_blocking(move || client.shutdown()).await;
         code
     };
-    if tokio::time::timeout(microvm_run::POWER_OFF_TIMEOUT, child.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("the guest did not power off in time: killing the VMM");
-        let _ = child.kill().await;
+    match vmm.stop_after(microvm_run::POWER_OFF_TIMEOUT).await {
+        Ok(microvm_run::VmmEnd::Ended(status)) => {
+            tracing::info!(status = %microvm_run::describe_vmm_exit(status), "the VMM ended")
+        }
+        Ok(microvm_run::VmmEnd::Killed(_)) => {
+            tracing::warn!("the guest did not power off in time: killed the VMM")
+        }
+        // The undo tries again and reports it as a failed teardown step.
+        Err(e) => tracing::warn!(error = %e, "cannot stop the VMM"),
     }
     Ok(code)
 }
@@ -582,19 +576,4 @@ fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
         .and_then(|mut f| f.read_exact(&mut bytes))
         .context("reading /dev/urandom")?;
     Ok(bytes)
-}
-
-/// Write a file only this user can read (the launch file holds the per-boot token).
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))
 }
