@@ -1,16 +1,17 @@
-//! `bot-bottle start --backend microvm` end to end, with QEMU standing in for our VMM
-//! (`BOT_BOTTLE_VMM` = `examples/qemu_vmm.rs`): this machine's nested KVM cannot boot Linux
-//! under our VMM, everything else is the real thing — the agent image built by Docker, the
-//! root image and workspace snapshot, the bundle published on the bottle's alias with the real
-//! egress proxy, the guest configuration, the control channel over vsock (served by rust-vmm's
-//! `vhost-device-vsock`, same Unix-socket convention as our VMM), `exec`, `cp`, `stop` and the
-//! teardown. The stand-in enforces the verified allowlist the way our VMM does (only the alias
-//! and the bundle's ports are bridged), but not our VMM's device model: that is tested under
-//! real KVM with the probe guest (`crates/bottle-vmm`).
+//! `bot-bottle start --backend microvm` end to end, each test twice: with OUR VMM (the real
+//! `bot-bottle __vmm`) under KVM inside the nested-KVM harness's emulated machine
+//! (`our_vmm_in_l1::*`, stand-in `examples/l1_vmm.rs`: this machine's own KVM cannot run Linux),
+//! and with QEMU standing in for our VMM (`qemu_direct::*`, `examples/qemu_vmm.rs`, faster).
+//! Everything else is the real thing — the agent image built by Docker, the root image and
+//! workspace snapshot, the bundle published on the bottle's alias with the real egress proxy,
+//! the guest configuration, the control channel over vsock, `exec`, `cp`, `stop` and the
+//! teardown. With our VMM, the allowlist is enforced by its vsock muxer (the L1 stand-in only
+//! relays the verified destinations); the QEMU stand-in bridges only those same destinations.
 //!
-//! Needs Docker, `qemu-system-x86_64`, a guest kernel (`bot-bottle kernel build`),
-//! `vhost-device-vsock` and the stand-in (`cargo build -p bot-bottle --example qemu_vmm`); each
-//! missing piece skips with the reason, and fails under `CI=true`.
+//! Needs Docker, `qemu-system-x86_64`, a guest kernel (`bot-bottle kernel build`), the
+//! stand-ins (`cargo build -p bot-bottle --examples`), and: for QEMU, `vhost-device-vsock`; for
+//! our VMM, the harness's L1 kernel (`.ci/setup-l1`). Each missing piece skips with the
+//! reason, and fails under `CI=true`.
 
 mod common;
 #[path = "guest/qemu_vm.rs"]
@@ -24,28 +25,70 @@ use common::{Running, Sandbox};
 
 use common::in_ci;
 
+/// Which VMM runs the guest: QEMU directly (fast), or our own VMM under KVM in the nested-KVM
+/// harness's emulated machine (`examples/l1_vmm.rs`: the real `bot-bottle __vmm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vmm {
+    QemuDirect,
+    OursInL1,
+}
+
+impl Vmm {
+    /// The stand-in `start` launches in place of its own VMM child.
+    fn stand_in(self) -> PathBuf {
+        let name = match self {
+            Vmm::QemuDirect => "qemu_vmm",
+            Vmm::OursInL1 => "l1_vmm",
+        };
+        common::bin().with_file_name("examples").join(name)
+    }
+
+    /// The test's own alias pool (one address, the alias `127.0.0.<octet>`): the two VMMs'
+    /// runs of a test use different ones, so they may run at once.
+    fn octet(self, base: u8) -> u8 {
+        match self {
+            Vmm::QemuDirect => base,
+            Vmm::OursInL1 => base + 40,
+        }
+    }
+
+    fn sandbox(self, base: u8) -> Sandbox {
+        let n = self.octet(base);
+        Sandbox::new(&format!("{n}-{n}"))
+    }
+}
+
 /// (stand-in VMM, guest kernel), or why the test cannot run here.
-fn prereqs(test: &str) -> Option<(PathBuf, PathBuf)> {
+fn prereqs(test: &str, vmm: Vmm) -> Option<(PathBuf, PathBuf)> {
     if !common::docker_available(test) {
         return None;
     }
-    let stand_in = common::bin().with_file_name("examples").join("qemu_vmm");
+    let stand_in = vmm.stand_in();
     let kernel = bot_bottle::paths::Dirs::from_env().ok().and_then(|dirs| {
         bot_bottle::kernel::cached_kernel_in(
             &bot_bottle::kernel::kernel_cache_dir(&dirs),
             bot_bottle::kernel::FRAGMENT,
         )
     });
+    let harness = match vmm {
+        Vmm::OursInL1 => nested_kvm::Assets::locate().err().map(|e| e.to_string()),
+        Vmm::QemuDirect => None,
+    };
     let why = if !stand_in.is_file() {
-        "the QEMU stand-in VMM is not built: cargo build -p bot-bottle --example qemu_vmm"
+        format!(
+            "the stand-in VMM {} is not built: cargo build -p bot-bottle --examples",
+            stand_in.display()
+        )
     } else if qemu_vm::which("qemu-system-x86_64").is_none() {
-        "qemu-system-x86_64 missing: apt-get install qemu-system-x86"
-    } else if qemu_vm::which("vhost-device-vsock").is_none() {
-        "vhost-device-vsock missing: cargo install --locked vhost-device-vsock"
-    } else if kernel.is_none() {
-        "no guest kernel: run `bot-bottle kernel build`"
+        "qemu-system-x86_64 missing: apt-get install qemu-system-x86".into()
+    } else if vmm == Vmm::QemuDirect && qemu_vm::which("vhost-device-vsock").is_none() {
+        "vhost-device-vsock missing: cargo install --locked vhost-device-vsock".into()
+    } else if let Some(why) = harness {
+        why
+    } else if let Some(kernel) = kernel {
+        return Some((stand_in, kernel));
     } else {
-        return Some((stand_in, kernel.unwrap()));
+        "no guest kernel: run `bot-bottle kernel build`".into()
     };
     assert!(!in_ci(), "{test}: CI=true but {why}");
     eprintln!("SKIPPED {test}: {why}");
@@ -79,13 +122,12 @@ fn processes_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn start_runs_the_agent_in_the_guest_with_its_workspace_egress_and_exit_code() {
+fn start_runs_the_agent_in_the_guest_with_its_workspace_egress_and_exit_code(vmm: Vmm) {
     let test = "start_runs_the_agent_in_the_guest";
-    let Some((stand_in, kernel)) = prereqs(test) else {
+    let Some((stand_in, kernel)) = prereqs(test, vmm) else {
         return;
     };
-    let s = Sandbox::new("64-64");
+    let s = vmm.sandbox(64);
     let project = s.dir.path().join("project");
     std::fs::create_dir_all(&project).unwrap();
     std::fs::write(project.join("notes.txt"), "from the host\n").unwrap();
@@ -141,13 +183,12 @@ fn start_runs_the_agent_in_the_guest_with_its_workspace_egress_and_exit_code() {
     }
 }
 
-#[test]
-fn exec_cp_and_stop_reach_a_running_microvm_bottle() {
+fn exec_cp_and_stop_reach_a_running_microvm_bottle(vmm: Vmm) {
     let test = "exec_cp_and_stop_reach_a_running_microvm_bottle";
-    let Some((stand_in, kernel)) = prereqs(test) else {
+    let Some((stand_in, kernel)) = prereqs(test, vmm) else {
         return;
     };
-    let s = Sandbox::new("65-65");
+    let s = vmm.sandbox(65);
     let mut running = Running::spawn(start_cmd(
         &s,
         &stand_in,
@@ -200,13 +241,12 @@ fn exec_cp_and_stop_reach_a_running_microvm_bottle() {
     assert_eq!(processes_under(&s.state()), Vec::<String>::new());
 }
 
-#[test]
-fn start_on_a_terminal_gives_the_agent_a_tty_of_its_size() {
+fn start_on_a_terminal_gives_the_agent_a_tty_of_its_size(vmm: Vmm) {
     let test = "start_on_a_terminal_gives_the_agent_a_tty_of_its_size";
-    let Some((stand_in, kernel)) = prereqs(test) else {
+    let Some((stand_in, kernel)) = prereqs(test, vmm) else {
         return;
     };
-    let s = Sandbox::new("66-66");
+    let s = vmm.sandbox(66);
     // `script` runs bot-bottle on a fresh pty whose size `stty` sets first.
     let inner = format!(
         "stty rows 33 cols 111; {} start test --backend microvm -- sh -c 'tty; stty size; exit 3'",
@@ -239,13 +279,12 @@ fn start_on_a_terminal_gives_the_agent_a_tty_of_its_size() {
     assert_eq!(s.docker_leftovers(), Vec::<String>::new());
 }
 
-#[test]
-fn the_agents_changes_survive_until_resume_and_start_will_not_discard_them() {
+fn the_agents_changes_survive_until_resume_and_start_will_not_discard_them(vmm: Vmm) {
     let test = "the_agents_changes_survive_until_resume";
-    let Some((stand_in, kernel)) = prereqs(test) else {
+    let Some((stand_in, kernel)) = prereqs(test, vmm) else {
         return;
     };
-    let s = Sandbox::new("67-67");
+    let s = vmm.sandbox(67);
     let run = |args: &[&str]| {
         let mut c = s.cmd();
         c.env(bot_bottle::microvm::VMM_ENV, &stand_in)
@@ -295,13 +334,12 @@ fn the_agents_changes_survive_until_resume_and_start_will_not_discard_them() {
     assert_eq!(s.docker_leftovers(), Vec::<String>::new());
 }
 
-#[test]
-fn the_guest_has_no_way_out_but_its_bundle() {
+fn the_guest_has_no_way_out_but_its_bundle(vmm: Vmm) {
     let test = "the_guest_has_no_way_out_but_its_bundle";
-    let Some((stand_in, kernel)) = prereqs(test) else {
+    let Some((stand_in, kernel)) = prereqs(test, vmm) else {
         return;
     };
-    let s = Sandbox::new("68-68");
+    let s = vmm.sandbox(68);
     let upstream = common::http_server("reached the host directly");
     // The agent tries the ways out a container would have, each printing how it ended. (nc,
     // not wget: busybox wget crashes on an unreachable network.)
@@ -309,7 +347,7 @@ fn the_guest_has_no_way_out_but_its_bundle() {
         ("public", "1.1.1.1 80".to_owned()),
         ("docker0", format!("172.17.0.1 {upstream}")),
         ("gateway", format!("10.0.2.2 {upstream}")),
-        ("alias", format!("127.0.0.68 {upstream}")),
+        ("alias", format!("127.0.0.{} {upstream}", vmm.octet(68))),
     ];
     let mut script = String::from("ip -o link | cut -d: -f2; ");
     for (name, target) in &attempts {
@@ -335,20 +373,22 @@ fn the_guest_has_no_way_out_but_its_bundle() {
     }
     // Inside the guest the alias is the guest's own loopback: nothing listens there.
     assert!(
-        text.contains("127.0.0.68): Connection refused\nalias rc=1"),
+        text.contains(&format!(
+            "127.0.0.{}): Connection refused\nalias rc=1",
+            vmm.octet(68)
+        )),
         "{why}"
     );
     assert_eq!(text.matches("Network is unreachable").count(), 4, "{why}");
     assert!(!text.contains("reached the host directly"), "{why}");
 }
 
-#[test]
-fn the_guest_trusts_the_bottles_ca_and_never_holds_the_credential() {
+fn the_guest_trusts_the_bottles_ca_and_never_holds_the_credential(vmm: Vmm) {
     let test = "the_guest_trusts_the_bottles_ca_and_never_holds_the_credential";
-    let Some((stand_in, kernel)) = prereqs(test) else {
+    let Some((stand_in, kernel)) = prereqs(test, vmm) else {
         return;
     };
-    let s = Sandbox::new("69-69");
+    let s = vmm.sandbox(69);
     s.add_bottle(
         "creds",
         "extends = \"test\"\n[credentials.\"api.example.test\"]\nenv = \"BB_TEST_TOKEN\"\nscheme = \"Bearer\"\n",
@@ -362,13 +402,43 @@ fn the_guest_trusts_the_bottles_ca_and_never_holds_the_credential() {
             "sh",
             "-c",
             "cat $NODE_EXTRA_CA_CERTS; stat -c '%u %a' $NODE_EXTRA_CA_CERTS; \
-             cat /proc/cmdline; env | grep -c secret-value-456",
+             cat /proc/cmdline; env | grep -c secret-value-456; echo READY; sleep 300",
         ]);
+    // The configuration of a bottle with credentials goes on the config disk (the CA makes it
+    // too long for the command line): `exec` and `cp` must reach that guest all the same.
+    let mut running = Running::spawn(cmd);
+    let lines = running.stdout_lines();
+    let seen = common::lines_until(&lines, |l| l == "READY", Duration::from_secs(240));
+    let id = s.wait_running(Duration::from_secs(30));
+    let exec = s.run(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo from exec; env | grep -c secret-value-456; exit 7",
+    ]);
+    let local = s.dir.path().join("to-guest");
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::write(local.join("hello.txt"), "copied in\n").unwrap();
+    let cp_in = s.run(&["cp", local.to_str().unwrap(), &format!("{id}:/tmp")]);
+    let back = s.dir.path().join("back");
+    std::fs::create_dir_all(&back).unwrap();
+    let cp_out = s.run(&[
+        "cp",
+        &format!("{id}:/tmp/to-guest/hello.txt"),
+        back.to_str().unwrap(),
+    ]);
+    let cp_ca = s.run(&[
+        "cp",
+        &format!("{id}:/etc/bot-bottle/ca.pem"),
+        back.to_str().unwrap(),
+    ]);
+    let stop = s.run(&["stop", &id]);
+    let status = running.wait();
 
-    let out = cmd.output().unwrap();
-
-    let text = common::stdout(&out);
-    let why = format!("{text}\n{}", common::stderr(&out));
+    let text = format!("{}\n", seen.join("\n"));
+    let why = text.clone();
     let bottle_dir = std::fs::read_dir(s.state().join("bottles"))
         .unwrap()
         .flatten()
@@ -380,26 +450,50 @@ fn the_guest_trusts_the_bottles_ca_and_never_holds_the_credential() {
     // Too long for the kernel command line with the CA: the configuration came on a disk.
     assert!(text.contains("bottle.config=dev:/dev/vd"), "{why}");
     assert!(
-        text.ends_with("\n0\n"),
+        text.ends_with("\n0\nREADY\n"),
         "the secret reached the guest: {why}"
     );
-    let launch = std::fs::read_to_string(bottle_dir.join("launch.json")).unwrap();
+    assert_eq!(
+        (exec.status.code(), common::stdout(&exec)),
+        (Some(7), "from exec\n0\n".to_owned()),
+        "exec into a config-disk guest: {}",
+        common::stderr(&exec)
+    );
+    assert!(cp_in.status.success(), "cp in: {}", common::stderr(&cp_in));
+    assert!(
+        cp_out.status.success(),
+        "cp out: {}",
+        common::stderr(&cp_out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(back.join("hello.txt")).unwrap(),
+        "copied in\n"
+    );
+    assert!(cp_ca.status.success(), "cp out: {}", common::stderr(&cp_ca));
+    assert_eq!(std::fs::read_to_string(back.join("ca.pem")).unwrap(), ca);
+    assert!(stop.status.success(), "{}", common::stderr(&stop));
+    assert!(
+        status.code().is_some(),
+        "start ended by a signal: {status:?}"
+    );
+    let launch = std::fs::read_to_string(bot_bottle::microvm::launch_file(&bottle_dir)).unwrap();
     assert!(!launch.contains("secret-value-456"));
     assert!(
         !bottle_dir.join("config.img").exists(),
         "config disk left behind"
     );
+    assert_eq!(s.docker_leftovers(), Vec::<String>::new());
+    assert_eq!(processes_under(&s.state()), Vec::<String>::new());
 }
 
 /// `bot-bottle allow` reaches a microVM bottle's bundle the same way: the guest's retry gets
 /// through once the host has allowed the name.
-#[test]
-fn the_host_allows_more_while_the_microvm_bottle_runs() {
+fn the_host_allows_more_while_the_microvm_bottle_runs(vmm: Vmm) {
     let test = "the_host_allows_more_while_the_microvm_bottle_runs";
-    let Some((stand_in, kernel)) = prereqs(test) else {
+    let Some((stand_in, kernel)) = prereqs(test, vmm) else {
         return;
     };
-    let s = Sandbox::new("96-96");
+    let s = vmm.sandbox(96);
     s.add_bottle(
         "later",
         "extends = \"test\"\n[egress]\nhosts = { \"later.test\" = \"host-gateway\", \"allowed.test\" = \"host-gateway\" }\n",
@@ -445,3 +539,25 @@ fn the_host_allows_more_while_the_microvm_bottle_runs() {
     assert!(status.success(), "{text}");
     assert_eq!(s.docker_leftovers(), Vec::<String>::new());
 }
+
+/// Every test above, once with each VMM: `qemu_direct::*` and `our_vmm_in_l1::*`.
+macro_rules! with_each_vmm {
+    ($($name:ident),* $(,)?) => {
+        mod qemu_direct {
+            $(#[test] fn $name() { super::$name(super::Vmm::QemuDirect) })*
+        }
+        mod our_vmm_in_l1 {
+            $(#[test] fn $name() { super::$name(super::Vmm::OursInL1) })*
+        }
+    };
+}
+
+with_each_vmm!(
+    start_runs_the_agent_in_the_guest_with_its_workspace_egress_and_exit_code,
+    exec_cp_and_stop_reach_a_running_microvm_bottle,
+    start_on_a_terminal_gives_the_agent_a_tty_of_its_size,
+    the_agents_changes_survive_until_resume_and_start_will_not_discard_them,
+    the_guest_has_no_way_out_but_its_bundle,
+    the_guest_trusts_the_bottles_ca_and_never_holds_the_credential,
+    the_host_allows_more_while_the_microvm_bottle_runs,
+);

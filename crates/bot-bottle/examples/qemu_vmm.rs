@@ -11,8 +11,7 @@
 //! denied connections, and its seccomp and resource limits. Children die with it
 //! (`setpriv --pdeathsig KILL`). Software emulation (TCG): slow, for tests only.
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddrV4, TcpStream};
+use std::net::{SocketAddrV4, TcpStream};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -25,6 +24,8 @@ use bottle_vmm::config::SerialOutput;
 // The QEMU command line the guest tests use.
 #[path = "../../../tests/guest/qemu_vm.rs"]
 mod qemu_vm;
+#[path = "support/relay.rs"]
+mod relay;
 use qemu_vm::{which, Machine};
 
 fn main() -> ExitCode {
@@ -92,7 +93,7 @@ fn run() -> Result<u8, String> {
         let path = PathBuf::from(format!("{}_{}", uds.display(), rule.port));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        thread::spawn(move || bridge(listener, target));
+        thread::spawn(move || relay::serve(listener.incoming(), || TcpStream::connect(target)));
     }
 
     let disks: Vec<(PathBuf, bool)> = launch
@@ -140,30 +141,4 @@ fn cleanup(uds: &Path, rules: &[bottle_vmm::AllowRule]) {
     for rule in rules {
         let _ = std::fs::remove_file(format!("{}_{}", uds.display(), rule.port));
     }
-}
-
-/// Joins each guest connection to `target`, both ways, half-closes passed on.
-fn bridge(listener: UnixListener, target: SocketAddrV4) {
-    for guest in listener.incoming() {
-        let Ok(guest) = guest else { continue };
-        thread::spawn(move || {
-            let Ok(up) = TcpStream::connect(target) else {
-                return;
-            };
-            let (Ok(guest_r), Ok(up_w)) = (guest.try_clone(), up.try_clone()) else {
-                return;
-            };
-            let to_up = thread::spawn(move || {
-                pipe(guest_r, &up_w, || up_w.shutdown(Shutdown::Write));
-            });
-            pipe(&up, &guest, || guest.shutdown(Shutdown::Write));
-            let _ = to_up.join();
-        });
-    }
-}
-
-/// Copies until `from` ends, then half-closes the other side.
-fn pipe(mut from: impl Read, mut to: impl Write, half_close: impl FnOnce() -> io::Result<()>) {
-    let _ = io::copy(&mut from, &mut to);
-    let _ = half_close();
 }

@@ -11,10 +11,24 @@ pub fn source() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/probe/guest.rs")
 }
 
+/// A probe guest built elsewhere, used instead of compiling one: the nested-KVM harness sets
+/// it inside its emulated machine, which has no toolchain (the host builds the guest).
+pub const PREBUILT_ENV: &str = "BOTTLE_VMM_PROBE_ELF";
+
 /// Compile the probe guest into `out_dir/guest.elf` with `$RUSTC` (or `rustc`): no SSE (the
-/// nested KVM here faults on it), static, no std, loaded at 2 MiB like a vmlinux.
+/// nested KVM here faults on it), static, no std, loaded at 2 MiB like a vmlinux. With
+/// [`PREBUILT_ENV`] set, that file is copied there instead.
 pub fn build(out_dir: &Path) -> Result<PathBuf, String> {
     let out = out_dir.join("guest.elf");
+    if let Some(prebuilt) = std::env::var_os(PREBUILT_ENV).filter(|v| !v.is_empty()) {
+        std::fs::copy(&prebuilt, &out).map_err(|e| {
+            format!(
+                "cannot copy the prebuilt probe guest {} ({PREBUILT_ENV}): {e}",
+                Path::new(&prebuilt).display()
+            )
+        })?;
+        return Ok(out);
+    }
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let output = Command::new(&rustc)
         .args(["--edition", "2021", "-O", "-C", "panic=abort"])
