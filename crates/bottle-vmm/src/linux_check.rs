@@ -7,7 +7,8 @@
 //! shared/docs/FINDINGS.md). Booting the real kernel there fails only after the root image is
 //! built and with a register dump. This check runs those instructions in a throwaway VM of a
 //! few pages, in long mode as the kernel runs them, and names the first one KVM cannot run,
-//! in a few milliseconds.
+//! in a few milliseconds. Each step announces itself with a port write before it runs, so the
+//! failing one is known on every vendor (see `STEP_PORT`).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -40,8 +41,13 @@ const LEAF1_ECX_XSAVE: u32 = 1 << 26;
 const CR4_OSXSAVE: u64 = 1 << 18;
 /// A guest of a few instructions that takes longer than this is not running.
 const TIMEOUT: Duration = Duration::from_secs(10);
-/// KVM_RUN returns this many times at most (the code has no exits of its own but `hlt`).
+/// KVM_RUN returns this many times at most: one port write per step, then `hlt`.
 const MAX_EXITS: usize = 64;
+/// The port each step is announced on before it runs: the POST-code port, where firmware
+/// announces its boot steps the same way. The failing step is the last one announced, not
+/// the one at RIP: on AMD, a shutdown exit (triple fault) resets the vCPU, so RIP reads the
+/// reset vector by the time the VMM looks.
+const STEP_PORT: u8 = 0x80;
 
 /// One step of the test code: an instruction Linux runs early in boot, with its set-up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +84,14 @@ pub const XRSTOR: Instruction = Instruction {
 pub const LINUX_BOOT: &[Instruction] = &[CMPXCHG16B, XSAVE, XRSTOR];
 
 const HLT: u8 = 0xf4;
+
+/// `mov r8, rax; mov al, STEP; out STEP_PORT, al; mov rax, r8`: announces step `STEP` and
+/// leaves rax as the step expects it (r8 is used by no step).
+fn announce(step: u8) -> [u8; 10] {
+    [
+        0x49, 0x89, 0xc0, 0xb0, step, 0xe6, STEP_PORT, 0x4c, 0x89, 0xc0,
+    ]
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxCheckError {
@@ -183,16 +197,22 @@ fn run_here(path: &Path, steps: &[Instruction]) -> Result<LinuxCheckReport, Linu
     cpu::set_cpuid(&vcpu, &cpuid).map_err(|e| setup("CPUID", &e))?;
     cpu::setup_boot_vcpu(&vcpu, entry).map_err(|e| setup("registers", &e))?;
 
-    // The code: each announced step in turn, then hlt; remember where each step lies.
-    let mut code = Vec::new();
-    let mut spans = Vec::new();
-    for step in steps
+    // The code: each step the CPUID calls for, announced on STEP_PORT before it runs, then hlt.
+    let to_run: Vec<Instruction> = steps
         .iter()
         .filter(|s| leaf1_ecx & s.needs_leaf1_ecx == s.needs_leaf1_ecx)
-    {
-        let start = CODE_START + code.len() as u64;
+        .copied()
+        .collect();
+    if to_run.len() > usize::from(u8::MAX) {
+        return Err(setup(
+            "the test code",
+            &"more steps than a port write can number",
+        ));
+    }
+    let mut code = Vec::new();
+    for (index, step) in to_run.iter().enumerate() {
+        code.extend_from_slice(&announce(index as u8));
         code.extend_from_slice(step.code);
-        spans.push((start..CODE_START + code.len() as u64, *step));
     }
     code.push(HLT);
     mem.write_slice(&code, GuestAddress(CODE_START))
@@ -214,12 +234,12 @@ fn run_here(path: &Path, steps: &[Instruction]) -> Result<LinuxCheckReport, Linu
     vcpu.set_regs(&regs)
         .map_err(|e| setup("KVM_SET_REGS", &e))?;
 
-    let step_at = |vcpu: &kvm_ioctls::VcpuFd| {
-        let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-        spans
-            .iter()
-            .find(|(span, _)| span.contains(&rip))
-            .map_or("the test code's end", |(_, step)| step.name)
+    // The step that was running: the last one announced.
+    let mut announced: Option<usize> = None;
+    let step_name = |announced: Option<usize>| {
+        announced
+            .and_then(|i| to_run.get(i))
+            .map_or("the test code's set-up", |step| step.name)
     };
     let unsupported = |instruction: &'static str, how: String| LinuxCheckError::Unsupported {
         path: path.to_path_buf(),
@@ -229,8 +249,12 @@ fn run_here(path: &Path, steps: &[Instruction]) -> Result<LinuxCheckReport, Linu
     let mut vcpu = vcpu;
     for _ in 0..MAX_EXITS {
         let how = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) if port == u16::from(STEP_PORT) && data.len() == 1 => {
+                announced = Some(usize::from(data[0]));
+                continue;
+            }
             Ok(VcpuExit::Hlt) => {
-                let ran: Vec<_> = spans.iter().map(|(_, s)| s.name).collect();
+                let ran: Vec<_> = to_run.iter().map(|s| s.name).collect();
                 if ran.contains(&CMPXCHG16B.name) {
                     let low: u64 = mem.read_obj(GuestAddress(CMPXCHG_DATA)).unwrap_or(0);
                     let high: u64 = mem.read_obj(GuestAddress(CMPXCHG_DATA + 8)).unwrap_or(0);
@@ -254,10 +278,10 @@ fn run_here(path: &Path, steps: &[Instruction]) -> Result<LinuxCheckReport, Linu
             Ok(other) => format!("unexpected exit {other:?}"),
             Err(e) => format!("KVM_RUN failed: {e}"),
         };
-        return Err(unsupported(step_at(&vcpu), how));
+        return Err(unsupported(step_name(announced), how));
     }
     Err(unsupported(
-        step_at(&vcpu),
+        step_name(announced),
         format!("still running after {MAX_EXITS} exits"),
     ))
 }
@@ -274,6 +298,21 @@ mod tests {
         assert_eq!(XRSTOR.code, [0x48, 0x0f, 0xae, 0b00_101_110]);
         assert_eq!(CMPXCHG_DATA % 16, 0);
         assert_eq!(XSAVE_AREA % 64, 0);
+    }
+
+    #[test]
+    fn the_step_announcement_is_an_out_to_the_step_port_that_keeps_rax() {
+        // REX.W+B 89 /r mov r8, rax; B0 ib mov al, imm8; E6 ib out imm8, al; REX.W+R 89 /r.
+        let code = announce(7);
+        assert_eq!(
+            (&code[..3], &code[3..5], &code[5..7], &code[7..]),
+            (
+                &[0x49, 0x89, 0b11_000_000][..],
+                &[0xb0, 7][..],
+                &[0xe6, STEP_PORT][..],
+                &[0x4c, 0x89, 0b11_000_000][..]
+            )
+        );
     }
 
     #[test]

@@ -166,10 +166,7 @@ impl Vmm {
             .map_err(setup("the serial IRQ (KVM_IRQFD)"))?;
         let writer = ConsoleWriter::new(&config.serial, panicked.clone())?;
         let serial = vm_superio::Serial::new(EventFdTrigger(serial_evt), writer);
-        let pio = Arc::new(PortIo {
-            serial: Arc::new(Mutex::new(serial)),
-            panicked,
-        });
+        let pio = Arc::new(PortIo::new(Arc::new(Mutex::new(serial)), panicked));
 
         let mut vmm = Self {
             vm,

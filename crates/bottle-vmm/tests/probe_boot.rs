@@ -63,6 +63,15 @@ fn test_four_vcpu_machine_boots_and_its_idle_vcpus_are_stopped() {
 }
 
 #[test]
+fn test_probe_guest_i8042_answers_read_ctr_write_ctr_and_self_test() {
+    let Some((exit, log)) = boot_probe("i8042", 1) else {
+        return;
+    };
+    assert_eq!(exit, GuestExit::PowerOff, "serial log:\n{log}");
+    assert!(log.contains("I8042 OK"), "serial log:\n{log}");
+}
+
+#[test]
 fn test_child_main_exits_with_the_reset_status_for_a_guest_that_resets() {
     if !kvm_usable("child_main") {
         return;
@@ -193,4 +202,51 @@ fn test_stop_handle_ends_a_guest_that_never_exits() {
         "{result:?}"
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
+#[test]
+fn test_probe_guest_wait_ends_at_its_deadline_in_guest_time() {
+    if !kvm_usable("probe wait") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = probe_config(dir.path(), "wait", "probe.wait_ms=700", 1, None);
+    let vmm = Vmm::build(&config).unwrap();
+    let started = std::time::Instant::now();
+    let exit = run_with_watchdog(vmm, dir.path());
+    let elapsed = started.elapsed();
+    let log = serial_log(dir.path());
+    assert_eq!(exit, GuestExit::PowerOff, "serial log:\n{log}");
+    // Bounded by time, not by a count of loops: neither cut short on a fast KVM nor stretched
+    // on an emulating one.
+    assert!(
+        elapsed >= std::time::Duration::from_millis(700)
+            && elapsed < std::time::Duration::from_secs(10),
+        "waited {elapsed:?}; serial log:\n{log}"
+    );
+    let guest_ms: u64 = log
+        .split("WAITED ms ")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no WAITED line; serial log:\n{log}"));
+    assert!(guest_ms >= 700, "the guest's clock counted {guest_ms} ms");
+}
+
+#[test]
+fn test_probe_guest_cpuid_offers_no_vmx_or_svm_and_carries_the_brand_string() {
+    let Some((exit, log)) = boot_probe("cpuid", 1) else {
+        return;
+    };
+    let brand = bottle_vmm::cpu::guest_brand_string();
+    let brand = String::from_utf8_lossy(&brand);
+    let expected = format!(
+        "CPUID brand {}\n",
+        brand.trim_end_matches('\0').trim_start()
+    );
+    assert_eq!(exit, GuestExit::PowerOff, "serial log:\n{log}");
+    assert!(
+        log.contains("CPUID OK") && log.contains(&expected),
+        "expected {expected:?}; serial log:\n{log}"
+    );
 }

@@ -13,7 +13,7 @@
 
 use core::arch::{asm, global_asm};
 use core::ptr::{read_volatile, write_volatile};
-use core::sync::atomic::{fence, Ordering};
+use core::sync::atomic::{fence, AtomicU64, Ordering};
 
 // Entry: move the stack away from the boot structures (the VMM's boot stack sits right above
 // the zero page) and call `probe_main(zero_page)`.
@@ -102,6 +102,15 @@ fn put_num(mut n: u64) {
         }
     }
     put_bytes(&digits[i..]);
+}
+
+fn put_hex(n: u32) {
+    let mut digits = *b"0x00000000";
+    for i in 0..8 {
+        let nibble = ((n >> (28 - 4 * i)) & 0xf) as u8;
+        digits[2 + i] = if nibble < 10 { b'0' + nibble } else { b'a' + nibble - 10 };
+    }
+    put_bytes(&digits);
 }
 
 fn power_off() -> ! {
@@ -211,8 +220,108 @@ const TX_BUFFER: u64 = 0x80_0000;
 const BUFFER_BYTES: u32 = 44 + 65536;
 const BUFFER_STRIDE: u64 = 0x1_1000;
 const DESC_F_WRITE: u16 = 2;
-/// Polling iterations before a wait is declared failed (a few seconds of emulated execution).
-const WAIT_LIMIT: u64 = 2_000_000;
+
+// ---- time: KVM's paravirtual clock ----
+//
+// Waits for the device are bounded by time, not by a count of polling loops: a loop count
+// lasts seconds under the emulating nested KVM of the development machines (about 4 M
+// instructions/s) but milliseconds on hardware-assisted KVM, where it ran out before a busy
+// host had answered. The clock is kvmclock, which every KVM offers and which needs no
+// calibration: KVM writes, into a page of ours, the TSC value and time at its last update and
+// the TSC-to-nanoseconds scale; the guest adds the scaled TSC ticks since.
+
+/// How long any one wait for the device may take: generous, the host test's own watchdog
+/// (60 s) stops a guest that hangs anyway. `probe.wait_ms=` on the command line overrides it.
+const DEFAULT_WAIT_TIMEOUT_NS: u64 = 10_000_000_000;
+static WAIT_TIMEOUT_NS: AtomicU64 = AtomicU64::new(DEFAULT_WAIT_TIMEOUT_NS);
+const NS_PER_MS: u64 = 1_000_000;
+/// Where KVM keeps this vCPU's `pvclock_vcpu_time_info` (32 bytes, must not cross a page).
+const PVCLOCK: u64 = 0x59_0000;
+/// KVM's CPUID leaves: signature (EBX, ECX, EDX = "KVMKVMKVM\0\0\0") and features.
+const KVM_CPUID_SIGNATURE: u32 = 0x4000_0000;
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// KVM_FEATURE_CLOCKSOURCE2 (MSR 0x4b564d01) and the older KVM_FEATURE_CLOCKSOURCE (MSR 0x12).
+const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+const KVM_FEATURE_CLOCKSOURCE: u32 = 1 << 0;
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
+/// Bit 0 of the system-time MSR turns the clock on.
+const PVCLOCK_ENABLE: u64 = 1;
+
+fn cpuid(leaf: u32, subleaf: u32) -> core::arch::x86_64::CpuidResult {
+    // SAFETY: CPUID exists on every x86_64 CPU and has no side effects.
+    #[allow(unused_unsafe)]
+    unsafe {
+        core::arch::x86_64::__cpuid_count(leaf, subleaf)
+    }
+}
+
+fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: CPL0 in our own guest; the caller names an MSR the CPUID announced.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack))
+    };
+}
+
+fn rdtsc() -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: RDTSC is allowed at CPL0 and only reads the time-stamp counter.
+    unsafe { asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack)) };
+    (u64::from(high) << 32) | u64::from(low)
+}
+
+/// Turns kvmclock on for this vCPU (the boot vCPU: the only one the probe runs on).
+fn clock_init() {
+    let signature = cpuid(KVM_CPUID_SIGNATURE, 0);
+    let kvm = (signature.ebx, signature.ecx, signature.edx) == (0x4b4d_564b, 0x564b_4d56, 0x4d);
+    check(kvm, "KVM's CPUID signature (needed for kvmclock)");
+    let features = cpuid(KVM_CPUID_FEATURES, 0).eax;
+    if features & KVM_FEATURE_CLOCKSOURCE2 != 0 {
+        wrmsr(MSR_KVM_SYSTEM_TIME_NEW, PVCLOCK | PVCLOCK_ENABLE);
+    } else if features & KVM_FEATURE_CLOCKSOURCE != 0 {
+        wrmsr(MSR_KVM_SYSTEM_TIME, PVCLOCK | PVCLOCK_ENABLE);
+    } else {
+        fail("KVM offers no kvmclock (KVM_FEATURE_CLOCKSOURCE2 or CLOCKSOURCE)");
+    }
+}
+
+/// Nanoseconds of guest time since KVM's clock started (kvmclock's formula).
+fn now_ns() -> u64 {
+    loop {
+        // SAFETY: PVCLOCK is guest RAM of ours that KVM writes into; reads are volatile.
+        let (version, tsc_timestamp, system_time, mul, shift, again) = unsafe {
+            let version = rd::<u32>(PVCLOCK);
+            fence(Ordering::SeqCst);
+            let fields = (rd::<u64>(PVCLOCK + 8), rd::<u64>(PVCLOCK + 16), rd::<u32>(PVCLOCK + 24), rd::<i8>(PVCLOCK + 28));
+            fence(Ordering::SeqCst);
+            (version, fields.0, fields.1, fields.2, fields.3, rd::<u32>(PVCLOCK))
+        };
+        // An odd version, or one that changed while we read, means KVM was updating it.
+        if version & 1 == 1 || version != again {
+            continue;
+        }
+        let mut delta = rdtsc().wrapping_sub(tsc_timestamp);
+        if shift < 0 {
+            delta >>= u32::from(shift.unsigned_abs());
+        } else {
+            delta <<= shift as u32;
+        }
+        return system_time.wrapping_add(((u128::from(delta) * u128::from(mul)) >> 32) as u64);
+    }
+}
+
+/// A point in time a wait must not pass.
+struct Deadline(u64);
+
+impl Deadline {
+    fn after_wait_timeout() -> Deadline {
+        Deadline(now_ns() + WAIT_TIMEOUT_NS.load(Ordering::Relaxed))
+    }
+
+    fn passed(&self) -> bool {
+        now_ns() > self.0
+    }
+}
 
 struct Vq {
     desc: u64,
@@ -380,16 +489,15 @@ impl Dev {
         self.tx.publish(0);
         self.set_reg(0x050, 1);
         self.sent = self.sent.wrapping_add(1);
-        let mut n = 0;
+        let deadline = Deadline::after_wait_timeout();
         while self.tx.used_idx() != self.sent {
-            n += 1;
-            check(n < WAIT_LIMIT, "TX buffer consumed");
+            check(!deadline.passed(), "TX buffer consumed");
         }
         self.tx.last_used = self.sent;
     }
 
     unsafe fn recv(&mut self, what: &str) -> Pkt {
-        let mut n: u64 = 0;
+        let deadline = Deadline::after_wait_timeout();
         loop {
             if let Some((id, len)) = self.rx.pop_used() {
                 check(len >= 44 && id < QUEUE_SIZE, "RX packet length");
@@ -415,8 +523,7 @@ impl Dev {
                 let data = core::slice::from_raw_parts((b + 44) as *const u8, hdr.len as usize);
                 return Pkt { hdr, id, data };
             }
-            n += 1;
-            if n > WAIT_LIMIT {
+            if deadline.passed() {
                 fail(what);
             }
         }
@@ -635,6 +742,96 @@ impl Dev {
     }
 }
 
+// ---- CPUID: what the VMM lets the guest see ----
+
+const LEAF1_ECX_MONITOR: u32 = 1 << 3;
+const LEAF1_ECX_VMX: u32 = 1 << 5;
+const LEAF1_ECX_PDCM: u32 = 1 << 15;
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const EXT_LEAF_MAX: u32 = 0x8000_0000;
+const EXT_LEAF_FEATURES: u32 = 0x8000_0001;
+const EXT1_ECX_SVM: u32 = 1 << 2;
+const EXT_LEAF_SVM: u32 = 0x8000_000a;
+const EXT_LEAF_BRAND_FIRST: u32 = 0x8000_0002;
+const EXT_LEAF_BRAND_LAST: u32 = 0x8000_0004;
+
+/// Runs CPUID as the guest kernel would: no hardware virtualisation to nest (VMX, SVM and
+/// SVM's leaf), no MONITOR/MWAIT or PDCM, the hypervisor bit, and a brand string, which it
+/// prints for the test to compare with the host's.
+fn cpuid_checks() {
+    let leaf1 = cpuid(1, 0);
+    let max_ext = cpuid(EXT_LEAF_MAX, 0).eax;
+    let ext1_ecx = if max_ext >= EXT_LEAF_FEATURES { cpuid(EXT_LEAF_FEATURES, 0).ecx } else { 0 };
+    puts("CPUID leaf1 ecx ");
+    put_hex(leaf1.ecx);
+    puts(" edx ");
+    put_hex(leaf1.edx);
+    puts(" max_ext ");
+    put_hex(max_ext);
+    puts(" ext1 ecx ");
+    put_hex(ext1_ecx);
+    puts("\n");
+    check(leaf1.ecx & LEAF1_ECX_VMX == 0, "no VMX (CPUID 1 ECX bit 5)");
+    check(ext1_ecx & EXT1_ECX_SVM == 0, "no SVM (CPUID 0x8000_0001 ECX bit 2)");
+    if max_ext >= EXT_LEAF_SVM {
+        let svm = cpuid(EXT_LEAF_SVM, 0);
+        check(svm.eax | svm.ebx | svm.ecx | svm.edx == 0, "an empty SVM leaf 0x8000_000A");
+    }
+    check(leaf1.ecx & LEAF1_ECX_MONITOR == 0, "no MONITOR/MWAIT (CPUID 1 ECX bit 3)");
+    check(leaf1.ecx & LEAF1_ECX_PDCM == 0, "no PDCM (CPUID 1 ECX bit 15)");
+    check(leaf1.ecx & LEAF1_ECX_HYPERVISOR != 0, "the hypervisor bit (CPUID 1 ECX bit 31)");
+    check(max_ext >= EXT_LEAF_BRAND_LAST, "the brand string leaves 0x8000_0002..4");
+    let mut brand = [0u8; 48];
+    for (i, leaf) in (EXT_LEAF_BRAND_FIRST..=EXT_LEAF_BRAND_LAST).enumerate() {
+        let r = cpuid(leaf, 0);
+        for (j, word) in [r.eax, r.ebx, r.ecx, r.edx].iter().enumerate() {
+            brand[i * 16 + j * 4..i * 16 + j * 4 + 4].copy_from_slice(&word.to_le_bytes());
+        }
+    }
+    let end = brand.iter().position(|b| *b == 0).unwrap_or(brand.len());
+    let mut start = 0;
+    while start < end && brand[start] == b' ' {
+        start += 1;
+    }
+    check(start < end, "a brand string (CPUID 0x8000_0002..4 not blank)");
+    puts("CPUID brand ");
+    put_bytes(&brand[start..end]);
+    puts("\n");
+    puts("CPUID OK\n");
+}
+
+// ---- i8042: what Linux's driver asks of the keyboard controller first ----
+
+fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: port I/O at CPL0 in our own guest.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack)) };
+    value
+}
+
+/// Sends a controller command and waits, bounded by time, for its answer on port 0x60.
+fn i8042_command(command: u8, what: &str) -> u8 {
+    outb(0x64, command);
+    let deadline = Deadline::after_wait_timeout();
+    while inb(0x64) & 1 == 0 {
+        check(!deadline.passed(), what);
+    }
+    inb(0x60)
+}
+
+fn i8042_checks() {
+    let ctr = i8042_command(0x20, "an answer to i8042 read-CTR (0x20)");
+    outb(0x64, 0x60);
+    outb(0x60, ctr ^ 0x40);
+    let written = i8042_command(0x20, "an answer to i8042 read-CTR after write-CTR (0x60)");
+    check(written == ctr ^ 0x40, "the i8042 CTR written is read back");
+    check(i8042_command(0xaa, "an answer to the i8042 self test (0xaa)") == 0x55, "i8042 self test passes (0x55)");
+    check(inb(0x64) & 1 == 0, "the i8042 output buffer empty after reading");
+    puts("I8042 OK ctr ");
+    put_hex(u32::from(ctr));
+    puts("\n");
+}
+
 // ---- virtio-blk ----
 
 const BLK_HEADER: u64 = 0x58_0000;
@@ -662,10 +859,9 @@ unsafe fn blk_request(base: u64, vq: &mut Vq, kind: u32, sector: u64, len: u32) 
     set_desc_next(vq, 2, BLK_STATUS, 1, DESC_F_WRITE, 0);
     vq.publish(0);
     wr(base + 0x050, 0u32);
-    let mut n = 0;
+    let deadline = Deadline::after_wait_timeout();
     while vq.pop_used().is_none() {
-        n += 1;
-        check(n < WAIT_LIMIT, "blk request completed");
+        check(!deadline.passed(), "blk request completed");
     }
     rd::<u8>(BLK_STATUS)
 }
@@ -776,8 +972,33 @@ pub unsafe extern "C" fn probe_main(zero_page: u64) -> ! {
         puts("\n");
     }
 
+    clock_init();
+    if let Some(ms) = cmdline.get(b"probe.wait_ms").and_then(parse_num) {
+        WAIT_TIMEOUT_NS.store(ms * NS_PER_MS, Ordering::Relaxed);
+    }
+
     match cmdline.get(b"probe.mode").unwrap_or(b"boot") {
         b"boot" => power_off(),
+        b"wait" => {
+            // A wait for something that never comes ends at its deadline, measured in time.
+            let started = now_ns();
+            let deadline = Deadline::after_wait_timeout();
+            while !deadline.passed() {
+                core::hint::spin_loop();
+            }
+            puts("WAITED ms ");
+            put_num((now_ns() - started) / NS_PER_MS);
+            puts("\n");
+            power_off()
+        }
+        b"i8042" => {
+            i8042_checks();
+            power_off()
+        }
+        b"cpuid" => {
+            cpuid_checks();
+            power_off()
+        }
         b"reset" => {
             outb(0x64, 0xfe);
             loop {}
