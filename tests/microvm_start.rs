@@ -108,6 +108,23 @@ fn start_cmd(s: &Sandbox, stand_in: &Path, kernel: &Path, args: &[&str]) -> Comm
     c
 }
 
+/// `cp` of a directory holding `hello.txt` into the bottle's /tmp, then of that file back out
+/// into a fresh directory: (cp in, cp out, where it came back to).
+fn copy_round_trip(s: &Sandbox, id: &str) -> (std::process::Output, std::process::Output, PathBuf) {
+    let local = s.dir.path().join("to-guest");
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::write(local.join("hello.txt"), "copied in\n").unwrap();
+    let cp_in = s.run(&["cp", local.to_str().unwrap(), &format!("{id}:/tmp")]);
+    let back = s.dir.path().join("back");
+    std::fs::create_dir_all(&back).unwrap();
+    let cp_out = s.run(&[
+        "cp",
+        &format!("{id}:/tmp/to-guest/hello.txt"),
+        back.to_str().unwrap(),
+    ]);
+    (cp_in, cp_out, back)
+}
+
 /// Processes whose command line mentions `dir` (QEMU and the vsock device name files in the
 /// bottle's directory).
 fn processes_under(dir: &Path) -> Vec<String> {
@@ -206,17 +223,7 @@ fn exec_cp_and_stop_reach_a_running_microvm_bottle(vmm: Vmm) {
         "-c",
         "echo $((6 * 7)) in $(pwd); exit 5",
     ]);
-    let local = s.dir.path().join("to-guest");
-    std::fs::create_dir_all(&local).unwrap();
-    std::fs::write(local.join("hello.txt"), "copied in\n").unwrap();
-    let cp_in = s.run(&["cp", local.to_str().unwrap(), &format!("{id}:/tmp")]);
-    let back = s.dir.path().join("back");
-    std::fs::create_dir_all(&back).unwrap();
-    let cp_out = s.run(&[
-        "cp",
-        &format!("{id}:/tmp/to-guest/hello.txt"),
-        back.to_str().unwrap(),
-    ]);
+    let (cp_in, cp_out, back) = copy_round_trip(&s, &id);
     let stop = s.run(&["stop", &id]);
     let status = running.wait();
 
@@ -418,17 +425,7 @@ fn the_guest_trusts_the_bottles_ca_and_never_holds_the_credential(vmm: Vmm) {
         "-c",
         "echo from exec; env | grep -c secret-value-456; exit 7",
     ]);
-    let local = s.dir.path().join("to-guest");
-    std::fs::create_dir_all(&local).unwrap();
-    std::fs::write(local.join("hello.txt"), "copied in\n").unwrap();
-    let cp_in = s.run(&["cp", local.to_str().unwrap(), &format!("{id}:/tmp")]);
-    let back = s.dir.path().join("back");
-    std::fs::create_dir_all(&back).unwrap();
-    let cp_out = s.run(&[
-        "cp",
-        &format!("{id}:/tmp/to-guest/hello.txt"),
-        back.to_str().unwrap(),
-    ]);
+    let (cp_in, cp_out, back) = copy_round_trip(&s, &id);
     let cp_ca = s.run(&[
         "cp",
         &format!("{id}:/etc/bot-bottle/ca.pem"),
