@@ -265,13 +265,6 @@ impl Running {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Whether QEMU is still running.
-    pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
     /// Waits for L1 to power off, at most `limit` (then QEMU is killed and that is the error).
     pub fn wait(mut self, limit: Duration) -> Result<Outcome, NestedError> {
         let deadline = Instant::now() + limit;
