@@ -146,6 +146,57 @@ fn cp_copies_a_tree_into_a_running_bottle_and_the_agents_output_back_out() {
     );
 }
 
+/// An agent that offers more than `cp` accepts: the copy stops at the bound (named in the
+/// error, with how to raise it) instead of taking all the host gives it; a copy under the
+/// bound still works (the positive control).
+#[test]
+fn cp_out_of_a_bottle_stops_at_its_bound_and_names_it() {
+    if !docker_available("cp_out_of_a_bottle_stops_at_its_bound") {
+        return;
+    }
+    let sb = Sandbox::new("78-78");
+    let mut cmd = sb.cmd();
+    cmd.args(["start", "test", "--", "sleep", "600"]);
+    let run = common::Running::spawn(cmd);
+    sb.wait_running(std::time::Duration::from_secs(180));
+    let made = sb.run(&[
+        "exec",
+        "test",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p ~/big ~/small && head -c 3000000 /dev/zero > ~/big/blob && echo hi > ~/small/note",
+    ]);
+    let bounded = |from: &str, to: &str| {
+        let mut cmd = sb.cmd();
+        cmd.env("BOT_BOTTLE_CP_MAX_BYTES", "1000000").args([
+            "cp",
+            from,
+            sb.dir.path().join(to).to_str().unwrap(),
+        ]);
+        cmd.output().unwrap()
+    };
+
+    let small = bounded("test:/home/agent/small", "got-small");
+    let big = bounded("test:/home/agent/big", "got-big");
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    run.wait();
+
+    assert!(made.status.success(), "{}", stderr(&made));
+    assert!(small.status.success(), "{}", stderr(&small));
+    assert_eq!(
+        std::fs::read_to_string(sb.dir.path().join("got-small/small/note")).unwrap(),
+        "hi\n"
+    );
+    assert_eq!(big.status.code(), Some(1));
+    assert!(
+        stderr(&big).contains("larger than 1000000 bytes")
+            && stderr(&big).contains("BOT_BOTTLE_CP_MAX_BYTES"),
+        "{}",
+        stderr(&big)
+    );
+}
+
 #[test]
 fn docker_backend_mount_is_readable_and_read_only() {
     if !docker_available("docker_backend_mount_is_readable_and_read_only") {

@@ -537,6 +537,96 @@ fn the_host_allows_more_while_the_microvm_bottle_runs(vmm: Vmm) {
     assert_eq!(s.docker_leftovers(), Vec::<String>::new());
 }
 
+/// How long what a SIGKILLed microVM `start` left may take to go: the VMM's death signal stops
+/// the guest (in the nested harness a clean stop of L1 takes up to its 30 s grace), and the
+/// reaper removes the bundle, networks and rows in passes a second apart.
+const MICROVM_REAP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Run directories' sockets a VMM made (the control socket and its per-port listeners).
+fn sockets_left(s: &Sandbox) -> Vec<PathBuf> {
+    common::files_under(&s.state().join("bottles"))
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vsock.sock"))
+        })
+        .collect()
+}
+
+fn a_sigkilled_start_takes_its_vm_and_bundle_with_it(vmm: Vmm) {
+    let test = "a_sigkilled_start_takes_its_vm_and_bundle_with_it";
+    let Some((stand_in, kernel)) = prereqs(test, vmm) else {
+        return;
+    };
+    let s = vmm.sandbox(97);
+    let mut running = Running::spawn(start_cmd(
+        &s,
+        &stand_in,
+        &kernel,
+        &["--tmpfs", "--", "sh", "-c", "sleep 600"],
+    ));
+    running.wait_for("booting", Duration::from_secs(240));
+    let id = s.wait_running(Duration::from_secs(180));
+    assert!(
+        s.processes().iter().any(|p| p.contains("__vmm")),
+        "no VMM child: {:?}",
+        s.processes()
+    );
+
+    running.signal(nix::sys::signal::Signal::SIGKILL);
+    running.wait();
+
+    // Without `cleanup`: the VMM ends by its death signal, the reaper removes the rest.
+    let deadline = std::time::Instant::now() + MICROVM_REAP_TIMEOUT;
+    while !(s.processes().is_empty() && s.docker_leftovers().is_empty() && s.rows().is_empty()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id}: left after {MICROVM_REAP_TIMEOUT:?}: processes {:?}, objects {:?}, rows {:?}",
+            s.processes(),
+            s.docker_leftovers(),
+            s.rows()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(processes_under(&s.state()), Vec::<String>::new());
+    assert_eq!(s.leases(), Vec::<(String, String)>::new());
+    assert_eq!(sockets_left(&s), Vec::<PathBuf>::new());
+}
+
+/// Kills land in this window after `start` began: from before its reaper exists, through the
+/// image builds, the bundle and the boot, to a guest running its agent (about 5 s here under
+/// QEMU's software emulation with warm images).
+const MICROVM_CHAOS_WINDOW_MS: u64 = 8_000;
+
+/// The chaos test on the microVM backend, with QEMU standing in for our VMM (20 boots of the
+/// nested harness would take most of CI's time; our VMM's death signal is tested on the real
+/// `__vmm` child in tests/lifecycle.rs and end to end by the test above in the harness).
+#[test]
+fn chaos_sigkill_of_a_microvm_start_leaves_an_orphan_or_nothing_and_cleanup_leaves_zero() {
+    let test = "chaos_sigkill_of_a_microvm_start";
+    let Some((stand_in, kernel)) = prereqs(test, Vmm::QemuDirect) else {
+        return;
+    };
+    let s = Vmm::QemuDirect.sandbox(98);
+    common::sigkill_chaos(&s, MICROVM_CHAOS_WINDOW_MS, MICROVM_REAP_TIMEOUT, || {
+        start_cmd(&s, &stand_in, &kernel, &["--fresh", "--", "sleep", "600"])
+    });
+    assert_eq!(processes_under(&s.state()), Vec::<String>::new());
+    assert_eq!(sockets_left(&s), Vec::<PathBuf>::new());
+    // The writable layer is the agent's work, kept for `resume` (README): at most the one
+    // disk of this bottle, and no process holds its lock.
+    let disks: Vec<PathBuf> = common::files_under(&s.state().join("disks"));
+    assert!(disks.len() <= 1, "{disks:?}");
+    for disk in disks {
+        let file = std::fs::File::open(&disk).unwrap();
+        assert!(
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok(),
+            "{} is still locked",
+            disk.display()
+        );
+    }
+}
+
 /// Every test above, once with each VMM: `qemu_direct::*` and `our_vmm_in_l1::*`.
 macro_rules! with_each_vmm {
     ($($name:ident),* $(,)?) => {
@@ -557,4 +647,5 @@ with_each_vmm!(
     the_guest_has_no_way_out_but_its_bundle,
     the_guest_trusts_the_bottles_ca_and_never_holds_the_credential,
     the_host_allows_more_while_the_microvm_bottle_runs,
+    a_sigkilled_start_takes_its_vm_and_bundle_with_it,
 );

@@ -108,6 +108,53 @@ impl Sandbox {
         serde_json::from_slice(&out.stdout).expect("list --json is JSON")
     }
 
+    /// Lease rows of the state DB (alias, bottle id), live or not.
+    pub fn leases(&self) -> Vec<(String, String)> {
+        let path = self.state().join("state.db");
+        if !path.is_file() {
+            return Vec::new();
+        }
+        bot_bottle::state::StateDb::open_existing(&path)
+            .unwrap()
+            .leases()
+            .unwrap()
+            .into_iter()
+            .map(|(alias, id, _)| (alias, id))
+            .collect()
+    }
+
+    /// Processes started for this sandbox (`start`, its reaper, a VMM child): every process
+    /// whose environment names this sandbox's state directory, as "pid cmdline".
+    pub fn processes(&self) -> Vec<String> {
+        let needle = format!("BOT_BOTTLE_STATE_DIR={}", self.state().display());
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+                continue;
+            };
+            let ours = environ
+                .split(|b| *b == 0)
+                .any(|var| var == needle.as_bytes());
+            let zombie = std::fs::read_to_string(entry.path().join("stat"))
+                .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|r| r.starts_with(" Z")));
+            if ours && !zombie {
+                let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                found.push(format!(
+                    "{pid} {}",
+                    String::from_utf8_lossy(&cmdline).replace('\0', " ")
+                ));
+            }
+        }
+        found
+    }
+
     /// Names of Docker containers and networks carrying this sandbox's state label.
     pub fn docker_leftovers(&self) -> Vec<String> {
         let tag = state_tag(&self.state());
@@ -222,6 +269,17 @@ impl Running {
     }
 }
 
+/// A test that fails midway must not leave its `start` running (its alias would stay taken,
+/// its agent would run on): SIGKILL it, so its reaper removes what it made.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Lines from `lines` up to and including the first for which `done` holds; panics with what
 /// came when none does within `timeout`.
 pub fn lines_until(
@@ -305,4 +363,99 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// A small seeded generator (xorshift64*): the chaos tests' kill points are reproducible from
+/// the printed seed.
+pub struct Xorshift(pub u64);
+
+impl Xorshift {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// How many times a chaos test kills `start` (`BOT_BOTTLE_CHAOS_RUNS` overrides).
+pub const CHAOS_RUNS: usize = 20;
+
+/// The chaos test (PRD 0007): `CHAOS_RUNS` times, spawn `start()` and SIGKILL it at a seeded
+/// random point within `window_ms` (the seed is printed; `BOT_BOTTLE_CHAOS_SEED` repeats it).
+/// Until its reaper is done, every bottle `list` shows is `orphaned` and every object that
+/// exists both before and after a `list` is listed (an object appearing only after, from a
+/// create sent just before the kill, is caught by the next round); the reaper is done within
+/// `reap_timeout`; then `cleanup` leaves no container, network, row, lease or process.
+pub fn sigkill_chaos(
+    sb: &Sandbox,
+    window_ms: u64,
+    reap_timeout: Duration,
+    start: impl Fn() -> Command,
+) {
+    let seed = std::env::var("BOT_BOTTLE_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    let runs = std::env::var("BOT_BOTTLE_CHAOS_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(CHAOS_RUNS);
+    eprintln!("chaos: seed {seed} (BOT_BOTTLE_CHAOS_SEED={seed} repeats it), {runs} runs");
+    let mut rng = Xorshift(seed);
+    for i in 0..runs {
+        let delay = Duration::from_millis(rng.next() % window_ms);
+        let run = Running::spawn(start());
+        std::thread::sleep(delay);
+        run.signal(nix::sys::signal::Signal::SIGKILL);
+        let status = run.wait();
+        let what = format!("run {i} (seed {seed}), killed after {delay:?} ({status})");
+
+        let deadline = std::time::Instant::now() + reap_timeout;
+        loop {
+            let before = sb.docker_leftovers();
+            let rows = sb.rows();
+            let after = sb.docker_leftovers();
+            assert!(
+                rows.iter().all(|r| r["status"] == "orphaned"),
+                "{what}: {rows:?}"
+            );
+            let ids: Vec<&str> = rows.iter().filter_map(|r| r["id"].as_str()).collect();
+            for object in before.iter().filter(|o| after.contains(o)) {
+                assert!(
+                    ids.iter().any(|id| object.contains(id)),
+                    "{what}: {object} exists but `list` shows only {ids:?}"
+                );
+            }
+            if sb.processes().is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: still running {:?}",
+                sb.processes()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = sb.run(&["cleanup"]);
+        assert!(out.status.success(), "{what}: {}", stderr(&out));
+        assert!(sb.rows().is_empty(), "{what}: rows {:?}", sb.rows());
+        assert!(
+            sb.docker_leftovers().is_empty(),
+            "{what}: objects {:?}",
+            sb.docker_leftovers()
+        );
+        assert!(sb.leases().is_empty(), "{what}: leases {:?}", sb.leases());
+        assert!(
+            sb.processes().is_empty(),
+            "{what}: processes {:?}",
+            sb.processes()
+        );
+    }
 }

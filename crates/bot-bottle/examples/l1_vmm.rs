@@ -97,6 +97,8 @@ fn host(args: &[String]) -> Result<u8, String> {
     stop_signals.add(Signal::SIGTERM);
     stop_signals.add(Signal::SIGINT);
     stop_signals.thread_block().map_err(|e| e.to_string())?;
+    // `start` gone (SIGKILL included): SIGTERM, the same clean stop as our VMM's (PRD 0007).
+    bot_bottle::orphans::die_with_parent(Signal::SIGTERM).map_err(|e| e.to_string())?;
 
     // The job: the launch file as L1 sees it, the DB row's copy, the script.
     let job = tempfile::Builder::new()

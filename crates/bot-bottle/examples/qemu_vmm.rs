@@ -9,7 +9,8 @@
 //! lets the guest reach only the destinations of the machine's verified allowlist, checked by
 //! the same `microvm::verified_rules` our VMM uses. What it does not: our VMM's event log of
 //! denied connections, and its seccomp and resource limits. Children die with it
-//! (`setpriv --pdeathsig KILL`). Software emulation (TCG): slow, for tests only.
+//! (`setpriv --pdeathsig KILL`), and it dies with
+//! `start` (`orphans::die_with_parent`). Software emulation (TCG): slow, for tests only.
 
 use std::net::{SocketAddrV4, TcpStream};
 use std::os::unix::net::UnixListener;
@@ -39,6 +40,9 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<u8, String> {
+    // Ends with `start` as our VMM does (PRD 0007); QEMU and the vsock device die with it.
+    bot_bottle::orphans::die_with_parent(nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| e.to_string())?;
     let args: Vec<String> = std::env::args().collect();
     let config = match args.iter().position(|a| a == "--config") {
         Some(i) if args.get(1).map(String::as_str) == Some("__vmm") => args.get(i + 1),

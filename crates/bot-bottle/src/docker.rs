@@ -8,7 +8,7 @@ use bollard::container::{ListContainersOptions, RemoveContainerOptions};
 use bollard::network::ListNetworksOptions;
 use bollard::Docker;
 
-use crate::plan::{LABEL_ALIAS, LABEL_ID, LABEL_MANAGED, LABEL_STATE};
+use crate::plan::{LABEL_ALIAS, LABEL_BOTTLE, LABEL_ID, LABEL_MANAGED, LABEL_STATE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -156,6 +156,8 @@ fn label_filter(scope: Scope<'_>) -> HashMap<String, Vec<String>> {
 pub struct ManagedContainer {
     pub name: String,
     pub bottle_id: String,
+    /// The bottle's name (`bot-bottle.bottle`).
+    pub bottle: String,
     pub alias: Option<Ipv4Addr>,
     pub running: bool,
 }
@@ -188,6 +190,7 @@ pub async fn managed_containers(
                     .or(c.id)
                     .unwrap_or_default(),
                 bottle_id: labels.get(LABEL_ID).cloned().unwrap_or_default(),
+                bottle: labels.get(LABEL_BOTTLE).cloned().unwrap_or_default(),
                 alias: labels.get(LABEL_ALIAS).and_then(|a| a.parse().ok()),
                 running: c.state.as_deref() == Some("running"),
             }

@@ -9,6 +9,8 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use crate::logging::say;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 type UndoFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
 type Undo = Box<dyn FnOnce() -> UndoFuture + Send>;
@@ -106,16 +108,16 @@ impl Drop for GuardStack {
                     Ok(rt) => {
                         let errors = rt.block_on(run_all(&bottle_id, undos));
                         for e in &errors {
-                            eprintln!("bot-bottle: {e}: {}", e.source);
+                            say(format_args!("{e}: {}", e.source));
                         }
                     }
-                    Err(err) => eprintln!(
-                        "bot-bottle: cannot run teardown ({err}); run `bot-bottle cleanup`"
-                    ),
+                    Err(err) => say(format_args!(
+                        "cannot run teardown ({err}); run `bot-bottle cleanup`"
+                    )),
                 }
             });
         if handle.join().is_err() {
-            eprintln!("bot-bottle: teardown panicked; run `bot-bottle cleanup`");
+            say(format_args!("teardown panicked; run `bot-bottle cleanup`"));
         }
     }
 }

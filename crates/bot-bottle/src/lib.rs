@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod microvm;
 pub mod microvm_run;
 pub mod mounts;
+pub mod orphans;
 pub mod paths;
 pub mod plan;
 pub mod preflight;

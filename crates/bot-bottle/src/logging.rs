@@ -13,5 +13,16 @@ pub fn init(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // A closed terminal answers writes with EIO: the subscriber would report that with
+        // `eprintln!`, which panics (and, in a destructor during teardown, aborts it).
+        .log_internal_errors(false)
         .try_init();
+}
+
+/// A `bot-bottle: ...` line on stderr that never panics: `eprintln!` does when the write fails,
+/// and after a hangup the terminal answers every write with EIO. Teardown paths use this (a
+/// panic in a destructor during unwinding aborts the process, and the teardown with it).
+pub fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "bot-bottle: {line}");
 }

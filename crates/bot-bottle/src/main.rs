@@ -24,11 +24,14 @@ fn is_bad_input(err: &anyhow::Error) -> bool {
     })
 }
 
-/// Print the chain of causes once, one numbered line each.
+/// Print the chain of causes once, one numbered line each. Never panics: after a hangup the
+/// terminal answers with EIO, and the exit code must still say what happened.
 fn report(err: &anyhow::Error) {
-    eprintln!("bot-bottle: error: {err}");
+    use std::io::Write as _;
+    let mut stderr = std::io::stderr().lock();
+    let _ = writeln!(stderr, "bot-bottle: error: {err}");
     for (i, cause) in err.chain().skip(1).enumerate() {
-        eprintln!("  {}: {cause}", i + 1);
+        let _ = writeln!(stderr, "  {}: {cause}", i + 1);
     }
 }
 

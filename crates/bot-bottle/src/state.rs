@@ -352,7 +352,7 @@ impl StateDb {
     // ---- leases (loopback aliases) ----------------------------------------------------------
 
     /// Every lease row: (alias, bottle id, owner), ordered by alias.
-    fn leases(&self) -> Result<Vec<(String, String, Owner)>, StateError> {
+    pub fn leases(&self) -> Result<Vec<(String, String, Owner)>, StateError> {
         let mut stmt = self
             .conn
             .prepare("SELECT alias, bottle_id, pid, pid_start FROM leases ORDER BY alias")

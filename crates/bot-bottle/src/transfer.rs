@@ -2,8 +2,26 @@
 //! the agent's side and is untrusted: it is unpacked only inside the destination directory
 //! (no absolute paths, no `..`, no writing through links), without owners or setuid bits.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
+
+/// The most `cp` accepts from a bottle, in bytes of tar stream, unless `MAX_COPY_ENV` says
+/// otherwise: the archive is streamed to the destination (never held in memory), and this
+/// bound keeps an agent that sends an endless one from filling the host's disk.
+pub const DEFAULT_MAX_COPY_BYTES: u64 = 4 << 30;
+/// Overrides [`DEFAULT_MAX_COPY_BYTES`] (bytes).
+pub const MAX_COPY_ENV: &str = "BOT_BOTTLE_CP_MAX_BYTES";
+
+/// The bound on what `cp` accepts: `$BOT_BOTTLE_CP_MAX_BYTES`, else the default.
+pub fn max_copy_bytes() -> Result<u64, TransferError> {
+    match std::env::var(MAX_COPY_ENV) {
+        Err(_) => Ok(DEFAULT_MAX_COPY_BYTES),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| TransferError::BadLimit { value: v }),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -27,6 +45,138 @@ pub enum TransferError {
     },
     #[error("the archive from the bottle has an entry that would land outside {dst}: `{entry}` (refused)")]
     Escape { dst: PathBuf, entry: String },
+    #[error("the archive from the bottle is larger than {limit} bytes, the bound on what `cp` accepts: copy a smaller path, or raise the bound with {MAX_COPY_ENV}=BYTES")]
+    TooLarge { limit: u64 },
+    #[error("{MAX_COPY_ENV}={value} is not a number of bytes")]
+    BadLimit { value: String },
+}
+
+/// A writer that refuses (with [`TransferError::TooLarge`]) whatever would go past `limit`
+/// bytes in all.
+pub struct Bounded<W> {
+    inner: W,
+    limit: u64,
+    written: u64,
+}
+
+impl<W> Bounded<W> {
+    pub fn new(inner: W, limit: u64) -> Self {
+        Self {
+            inner,
+            limit,
+            written: 0,
+        }
+    }
+
+    /// Account for `n` more bytes; the error once they pass the limit.
+    pub fn admit(&mut self, n: usize) -> Result<(), TransferError> {
+        self.written = self.written.saturating_add(n as u64);
+        if self.written > self.limit {
+            return Err(TransferError::TooLarge { limit: self.limit });
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for Bounded<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.admit(buf.len()).map_err(std::io::Error::other)?;
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Copy a tar stream out of a bottle into `dst` without holding it: `produce` writes the
+/// stream (bounded by `limit`) into a pipe on its own thread while this one unpacks it.
+/// A producer failure (the bound included) is the error reported.
+pub fn stream_out<P, E>(produce: P, dst: &Path, limit: u64) -> Result<usize, StreamError<E>>
+where
+    P: FnOnce(&mut dyn Write) -> Result<(), E> + Send + 'static,
+    E: Send + 'static,
+{
+    let (reader, writer) = std::io::pipe().map_err(|source| {
+        StreamError::Transfer(TransferError::Unpack {
+            path: dst.to_path_buf(),
+            source,
+        })
+    })?;
+    let producer = std::thread::spawn(move || {
+        let mut bounded = Bounded::new(writer, limit);
+        produce(&mut bounded)
+        // The writer drops here: the unpacker sees the end of the stream.
+    });
+    let unpacked = unpack_safely(reader, dst);
+    let produced = producer.join().map_err(|_| StreamError::ProducerPanicked)?;
+    match (produced, unpacked) {
+        (Err(e), _) => Err(StreamError::Produce(e)),
+        (Ok(()), result) => result.map_err(StreamError::Transfer),
+    }
+}
+
+/// A blocking reader over chunks sent from async code (a Docker archive stream), so the
+/// archive is unpacked as it arrives instead of being collected first. Use it on a blocking
+/// thread only.
+pub struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    current: bytes::Bytes,
+}
+
+impl ChunkReader {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> Self {
+        Self {
+            rx,
+            current: bytes::Bytes::new(),
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Why [`stream_out`] failed: the producer (the bottle's side) or the unpacking.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError<E> {
+    #[error("reading the archive from the bottle failed")]
+    Produce(#[source] E),
+    #[error(transparent)]
+    Transfer(TransferError),
+    #[error("the thread reading from the bottle panicked")]
+    ProducerPanicked,
+}
+
+/// Write a tar of `local` into `out` (see [`pack`]), streaming.
+pub fn pack_into(local: &Path, out: impl Write) -> Result<(), TransferError> {
+    let err = |source| TransferError::Pack {
+        path: local.to_path_buf(),
+        source,
+    };
+    let name = local
+        .file_name()
+        .map(PathBuf::from)
+        .ok_or_else(|| err(std::io::Error::other("no file name")))?;
+    let mut builder = tar::Builder::new(out);
+    builder.follow_symlinks(false);
+    let meta = std::fs::symlink_metadata(local).map_err(err)?;
+    if meta.is_dir() {
+        builder.append_dir_all(&name, local).map_err(err)?;
+    } else {
+        builder.append_path_with_name(local, &name).map_err(err)?;
+    }
+    builder.into_inner().map_err(err)?.flush().map_err(err)
 }
 
 /// Which way a copy goes.
@@ -89,23 +239,30 @@ pub fn parse(src: &str, dst: &str) -> Result<Direction, TransferError> {
 /// A tar of `local` (a file or a directory, recursively; links kept as links) whose top entry
 /// is its file name.
 pub fn pack(local: &Path) -> Result<Vec<u8>, TransferError> {
-    let err = |source| TransferError::Pack {
-        path: local.to_path_buf(),
+    let mut tar = Vec::new();
+    pack_into(local, &mut tar)?;
+    Ok(tar)
+}
+
+/// A tar of `local` as a reader: packed on a thread of its own into a pipe, so copying in
+/// never holds the archive either. A packing failure ends the stream early (the receiver
+/// sees a truncated archive) and is returned by the handle.
+pub fn pack_stream(
+    local: &Path,
+) -> Result<
+    (
+        std::io::PipeReader,
+        std::thread::JoinHandle<Result<(), TransferError>>,
+    ),
+    TransferError,
+> {
+    let local = local.to_path_buf();
+    let (reader, writer) = std::io::pipe().map_err(|source| TransferError::Pack {
+        path: local.clone(),
         source,
-    };
-    let name = local
-        .file_name()
-        .map(PathBuf::from)
-        .ok_or_else(|| err(std::io::Error::other("no file name")))?;
-    let mut builder = tar::Builder::new(Vec::new());
-    builder.follow_symlinks(false);
-    let meta = std::fs::symlink_metadata(local).map_err(err)?;
-    if meta.is_dir() {
-        builder.append_dir_all(&name, local).map_err(err)?;
-    } else {
-        builder.append_path_with_name(local, &name).map_err(err)?;
-    }
-    builder.into_inner().map_err(err)
+    })?;
+    let packer = std::thread::spawn(move || pack_into(&local, writer));
+    Ok((reader, packer))
 }
 
 /// Unpack an untrusted tar stream into `dst` (created if missing). Returns the entry count.
@@ -149,6 +306,46 @@ pub fn unpack_safely(tar: impl Read, dst: &Path) -> Result<usize, TransferError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tar_of(dir: &Path) -> Vec<u8> {
+        pack(dir).unwrap()
+    }
+
+    #[test]
+    fn stream_out_past_the_bound_is_refused_naming_it() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("blob"), vec![0u8; 64 * 1024]).unwrap();
+        let tar = tar_of(src.path());
+        let dst = tempfile::tempdir().unwrap();
+
+        let result = stream_out(
+            move |out| out.write_all(&tar),
+            &dst.path().join("out"),
+            16 * 1024,
+        );
+
+        let err = result.unwrap_err();
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(chain.contains("larger than 16384 bytes"), "{chain}");
+    }
+
+    #[test]
+    fn stream_out_under_the_bound_unpacks_what_came() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("note"), "hi\n").unwrap();
+        let tar = tar_of(src.path());
+        let limit = tar.len() as u64;
+        let dst = tempfile::tempdir().unwrap();
+        let name = src.path().file_name().unwrap().to_owned();
+
+        let n = stream_out(move |out| out.write_all(&tar), dst.path(), limit).unwrap();
+
+        assert_eq!(n, 2);
+        assert_eq!(
+            std::fs::read_to_string(dst.path().join(name).join("note")).unwrap(),
+            "hi\n"
+        );
+    }
 
     fn header(kind: tar::EntryType, size: u64) -> tar::Header {
         let mut h = tar::Header::new_gnu();

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use bot_bottle::docker;
 use bot_bottle::retention;
 use bot_bottle::state::StateDb;
@@ -13,6 +13,9 @@ use super::Context;
 
 #[derive(Debug, clap::Args)]
 pub struct CleanupArgs {
+    /// Only this bottle (id, or name when only one orphaned bottle has it); it must be
+    /// orphaned (its `start` gone): a running one is stopped with `bot-bottle stop`.
+    bottle: Option<String>,
     /// Only print what would be removed.
     #[arg(long)]
     dry_run: bool,
@@ -24,7 +27,89 @@ pub struct CleanupArgs {
     logs: bool,
 }
 
+/// The one orphaned bottle `target` names (an id, or a name only one orphan has); `None`
+/// when none does. Refuses a bottle whose `start` still runs.
+pub async fn find_orphan(
+    ctx: &Context,
+    target: &str,
+) -> anyhow::Result<Option<bot_bottle::orphans::Listed>> {
+    let listed = super::list::listed(ctx).await?;
+    let named: Vec<_> = listed
+        .into_iter()
+        .filter(|l| l.id == target || l.bottle == target)
+        .collect();
+    if let Some(live) = named.iter().find(|l| l.live && l.id == target) {
+        bail!(
+            "bottle {} is running (its start is pid {}): stop it with `bot-bottle stop {}`",
+            live.id,
+            live.pid,
+            live.id
+        );
+    }
+    let orphans: Vec<_> = named.into_iter().filter(|l| !l.live).collect();
+    match orphans.len() {
+        0 | 1 => Ok(orphans.into_iter().next()),
+        n => bail!(
+            "`{target}` matches {n} orphaned bottles ({}): give the id",
+            orphans
+                .iter()
+                .map(|l| l.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Remove an orphaned bottle's containers, networks and state row (what its reaper does).
+pub async fn remove_orphan(
+    ctx: &Context,
+    orphan: &bot_bottle::orphans::Listed,
+) -> anyhow::Result<i32> {
+    let docker = docker::connect()
+        .await
+        .context("removing an orphaned bottle needs Docker")?;
+    let db_path = ctx.dirs.db_path();
+    let db = if db_path.is_file() {
+        Some(StateDb::open_existing(&db_path).context("opening the state database")?)
+    } else {
+        None
+    };
+    let errors =
+        bot_bottle::orphans::remove_bottle(&docker, db.as_ref(), &ctx.dirs, &orphan.id).await;
+    let failed = !errors.is_empty();
+    for err in errors {
+        eprintln!("bot-bottle: {:#}", anyhow::Error::new(err));
+    }
+    if let Some(db) = &db {
+        db.prune_dead_leases()?;
+    }
+    if !failed {
+        println!(
+            "removed {} (orphaned: its start was gone){}",
+            orphan.id,
+            if orphan.containers.is_empty() {
+                String::new()
+            } else {
+                format!(" with {}", orphan.containers.join(", "))
+            }
+        );
+    }
+    Ok(i32::from(failed))
+}
+
 pub async fn run(ctx: &Context, args: CleanupArgs) -> anyhow::Result<i32> {
+    if let Some(target) = &args.bottle {
+        return match find_orphan(ctx, target).await? {
+            Some(orphan) if args.dry_run => {
+                println!("would remove {}", orphan.id);
+                Ok(0)
+            }
+            Some(orphan) => remove_orphan(ctx, &orphan).await,
+            None => bail!(
+                "no orphaned bottle `{target}` in this state directory: see `bot-bottle list`"
+            ),
+        };
+    }
     let db_path = ctx.dirs.db_path();
     let db = if db_path.is_file() {
         Some(StateDb::open_existing(&db_path).context("opening the state database")?)
@@ -67,15 +152,15 @@ pub async fn run(ctx: &Context, args: CleanupArgs) -> anyhow::Result<i32> {
             println!("would remove {id}");
             continue;
         }
-        for err in docker::remove_bottle_objects(&docker, id).await {
+        // The same removal as the reaper's: the row stays while objects remain.
+        let errors = bot_bottle::orphans::remove_bottle(&docker, db.as_ref(), &ctx.dirs, id).await;
+        if errors.is_empty() {
+            println!("removed {id}");
+        }
+        for err in errors {
             failures += 1;
-            eprintln!("bot-bottle: {id}: {err}");
+            eprintln!("bot-bottle: {:#}", anyhow::Error::new(err));
         }
-        if let Some(db) = &db {
-            db.delete_bottle(id)
-                .with_context(|| format!("removing state of {id}"))?;
-        }
-        println!("removed {id}");
     }
     if let Some(db) = &db {
         if !args.dry_run {

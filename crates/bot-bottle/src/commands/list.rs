@@ -1,6 +1,9 @@
-//! `bot-bottle list`: bottles, state, backend, alias, age.
+//! `bot-bottle list`: bottles, state, backend, alias, age. A bottle whose `start` is gone but
+//! whose row or Docker objects remain is listed as `orphaned`, with the hint to clean it up:
+//! a running agent is never left unlisted (PRD 0007).
 
 use anyhow::Context as _;
+use bot_bottle::orphans::{self, Listed};
 use bot_bottle::state::StateDb;
 
 use super::Context;
@@ -10,12 +13,14 @@ pub struct ListArgs {
     /// Print JSON (an array of bottles).
     #[arg(long)]
     json: bool,
-    /// Also show rows whose process is gone (what `cleanup` would remove).
-    #[arg(long)]
+    /// Kept for scripts: orphaned bottles (what `cleanup` would remove) are always shown.
+    #[arg(long, hide = true)]
     all: bool,
 }
 
-pub async fn run(ctx: &Context, args: ListArgs) -> anyhow::Result<i32> {
+/// Every bottle of this state directory, orphans included. Without Docker only the rows can
+/// be read: said on stderr, the rows still listed.
+pub async fn listed(ctx: &Context) -> anyhow::Result<Vec<Listed>> {
     let db_path = ctx.dirs.db_path();
     let rows = if db_path.is_file() {
         StateDb::open_existing(&db_path)
@@ -24,7 +29,27 @@ pub async fn run(ctx: &Context, args: ListArgs) -> anyhow::Result<i32> {
     } else {
         Vec::new()
     };
-    let rows: Vec<_> = rows.into_iter().filter(|r| args.all || r.live).collect();
+    let objects = match bot_bottle::docker::connect().await {
+        Ok(docker) => orphans::docker_objects(&docker, &ctx.dirs.state_tag())
+            .await
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e.into()),
+    };
+    let (containers, networks, names) = match objects {
+        Ok(objects) => objects,
+        Err(e) => {
+            eprintln!(
+                "bot-bottle: warning: cannot list Docker objects ({e:#}): bottles without a state row are not shown"
+            );
+            Default::default()
+        }
+    };
+    Ok(orphans::classify(rows, &containers, &networks, &names))
+}
+
+pub async fn run(ctx: &Context, args: ListArgs) -> anyhow::Result<i32> {
+    let _ = args.all;
+    let rows = listed(ctx).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);
@@ -41,17 +66,31 @@ pub async fn run(ctx: &Context, args: ListArgs) -> anyhow::Result<i32> {
         "{:<24} {:<10} {:<8} {:<10} {:<12} AGE",
         "ID", "BOTTLE", "BACKEND", "STATUS", "ALIAS"
     );
-    for r in rows {
-        let status = if r.live { r.status.as_str() } else { "dead" };
+    for r in &rows {
+        let age = if r.created_at > 0 {
+            format!("{}s", (now - r.created_at).max(0))
+        } else {
+            "-".to_owned()
+        };
         println!(
-            "{:<24} {:<10} {:<8} {:<10} {:<12} {}s",
+            "{:<24} {:<10} {:<8} {:<10} {:<12} {age}",
             r.id,
             r.bottle,
             r.backend,
-            status,
+            r.status,
             r.alias.as_deref().unwrap_or("-"),
-            (now - r.created_at).max(0)
         );
+    }
+    let orphaned: Vec<&Listed> = rows.iter().filter(|r| !r.live).collect();
+    if !orphaned.is_empty() {
+        println!(
+            "{} orphaned bottle(s): their `start` is gone; `bot-bottle cleanup` removes them \
+             (or `bot-bottle cleanup <id>` one)",
+            orphaned.len()
+        );
+        for r in orphaned.iter().filter(|r| !r.containers.is_empty()) {
+            println!("  {}: still has {}", r.id, r.containers.join(", "));
+        }
     }
     Ok(0)
 }

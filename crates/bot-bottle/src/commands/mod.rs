@@ -1,14 +1,15 @@
 //! One file per subcommand; `anyhow` with context at this edge only.
 
 mod allow;
-mod cleanup;
+pub mod cleanup;
 mod cp;
 mod doctor;
 mod exec;
 mod kernel;
-mod list;
+pub mod list;
 mod logs;
 mod plan;
+mod reaper;
 mod sidecar;
 mod start;
 pub mod stop;
@@ -62,6 +63,9 @@ pub enum Command {
     /// Run a microVM (the VMM child process of `start`).
     #[command(hide = true, name = "__vmm")]
     Vmm(vmm::VmmArgs),
+    /// Watch a `start` and remove what its bottle left when it dies (spawned by `start`).
+    #[command(hide = true, name = "__reaper")]
+    Reaper(reaper::ReaperArgs),
 }
 
 /// What every command needs: where things live, where manifests come from.
@@ -101,6 +105,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Plan(args) => plan::run(&ctx()?, args).await,
         Command::Logs(args) => logs::run(&ctx()?, args).await,
         Command::Kernel(args) => kernel::run(&ctx()?, args).await,
+        Command::Reaper(args) => reaper::run(&ctx()?, args).await,
     }
 }
 

@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context as _};
 use bot_bottle::guard::GuardStack;
+use bot_bottle::logging::say;
 use bot_bottle::manifest::Backend;
 use bot_bottle::plan::{self, BottlePlan, HostFacts};
 use bot_bottle::state::{Owner, StateDb};
@@ -39,26 +40,85 @@ pub struct StartArgs {
     command: Vec<String>,
 }
 
-/// Why the session ended early.
+/// Why the session ended early: the signal that ended it.
 #[derive(Debug, thiserror::Error)]
-#[error("interrupted by {0}: tearing down")]
-struct Interrupted(&'static str);
+#[error("interrupted by {name}: tearing down")]
+struct Interrupted {
+    name: &'static str,
+    signal: i32,
+}
+
+impl Interrupted {
+    /// The shell's convention: 128 + the signal's number.
+    fn exit_code(&self) -> i32 {
+        128 + self.signal
+    }
+}
+
+/// Every signal whose default action would end `start` without its teardown (SIGKILL and
+/// SIGSTOP cannot be caught: the reaper covers SIGKILL). SIGHUP is also what a closed terminal
+/// or a lost SSH session sends; SIGPIPE what writing to a closed pipe does once handled.
+const ENDING_SIGNALS: &[(&str, nix::sys::signal::Signal)] = &[
+    ("Ctrl-C", nix::sys::signal::Signal::SIGINT),
+    ("SIGTERM", nix::sys::signal::Signal::SIGTERM),
+    ("SIGHUP", nix::sys::signal::Signal::SIGHUP),
+    ("SIGQUIT", nix::sys::signal::Signal::SIGQUIT),
+    ("SIGPIPE", nix::sys::signal::Signal::SIGPIPE),
+];
+
+/// Resolves with the first of [`ENDING_SIGNALS`] that arrives.
+struct EndingSignals(Vec<(&'static str, i32, tokio::signal::unix::Signal)>);
+
+impl EndingSignals {
+    fn install() -> anyhow::Result<Self> {
+        let mut streams = Vec::new();
+        for &(name, sig) in ENDING_SIGNALS {
+            let stream = signal(SignalKind::from_raw(sig as i32))
+                .with_context(|| format!("installing the {name} handler"))?;
+            streams.push((name, sig as i32, stream));
+        }
+        Ok(Self(streams))
+    }
+
+    async fn recv(&mut self) -> Interrupted {
+        let waits = self.0.iter_mut().map(|(name, signal, stream)| {
+            Box::pin(async move {
+                stream.recv().await;
+                Interrupted {
+                    name,
+                    signal: *signal,
+                }
+            })
+        });
+        futures_util::future::select_all(waits).await.0
+    }
+}
 
 pub async fn run(ctx: &Context, args: StartArgs) -> anyhow::Result<i32> {
     let resolved = super::resolve(ctx, &args.bottle, args.backend, &args.mounts)?;
     let id = super::new_bottle_id(&resolved.manifest.name)?;
     let span = tracing::info_span!("bottle", bottle_id = %id);
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut signals = EndingSignals::install()?;
+    // Before anything is acquired: the reaper outlives this process and removes what the
+    // bottle left if it dies without its teardown (SIGKILL).
+    ctx.dirs.ensure_state()?;
+    let exe = std::env::current_exe().context("locating the bot-bottle executable")?;
+    let reaper = bot_bottle::orphans::Reaper::spawn(&exe, &id)?;
+    tracing::debug!(parent: &span, reaper = reaper.pid(), "reaper started");
     let mut stack = GuardStack::new(id.clone());
     let outcome = tokio::select! {
         r = session(ctx, &args, resolved, &id, &mut stack).instrument(span.clone()) => r,
-        _ = sigint.recv() => Err(Interrupted("Ctrl-C").into()),
-        _ = sigterm.recv() => Err(Interrupted("SIGTERM").into()),
+        interrupted = signals.recv() => Err(interrupted.into()),
     };
     let errors = stack.unwind().instrument(span).await;
     for e in &errors {
-        eprintln!("bot-bottle: teardown: {e}: {}", e.source);
+        say(format_args!("teardown: {e}: {}", e.source));
+    }
+    if errors.is_empty() {
+        reaper.dismiss();
+    } else {
+        // The reaper tries again once this process is gone.
+        drop(reaper);
     }
     match outcome {
         Ok(code) if errors.is_empty() => Ok(code),
@@ -66,11 +126,13 @@ pub async fn run(ctx: &Context, args: StartArgs) -> anyhow::Result<i32> {
             "{} teardown step(s) failed: run `bot-bottle cleanup`",
             errors.len()
         ),
-        Err(err) if err.is::<Interrupted>() => {
-            eprintln!("bot-bottle: {err}");
-            Ok(130)
-        }
-        Err(err) => Err(err),
+        Err(err) => match err.downcast::<Interrupted>() {
+            Ok(interrupted) => {
+                say(format_args!("{interrupted}"));
+                Ok(interrupted.exit_code())
+            }
+            Err(err) => Err(err),
+        },
     }
 }
 
@@ -92,7 +154,7 @@ async fn choose_runsc(docker: &bollard::Docker) -> anyhow::Result<bool> {
 
 async fn pause_point(step: &str) {
     if std::env::var(PAUSE_ENV).is_ok_and(|v| v == step) {
-        eprintln!("bot-bottle: paused at {step}");
+        say(format_args!("paused at {step}"));
         std::future::pending::<()>().await;
     }
 }
@@ -188,7 +250,7 @@ async fn session(
             std::env::var(var).ok()
         });
     for w in warnings {
-        eprintln!("bot-bottle: warning: {w}");
+        say(format_args!("warning: {w}"));
     }
     if resolved.backend == Backend::Microvm {
         db.verify_allowlist(&machine, &plan.allowlist)
@@ -347,7 +409,7 @@ async fn prune_old_runs(ctx: &Context, db: &StateDb) {
     let runs = match retention::list_runs(&root) {
         Ok(runs) => runs,
         Err(e) => {
-            eprintln!("bot-bottle: warning: {e}");
+            say(format_args!("warning: {e}"));
             return;
         }
     };
@@ -367,8 +429,8 @@ async fn prune_old_runs(ctx: &Context, db: &StateDb) {
             tracing::info!(count = removed.len(), "removed the directories of old runs")
         }
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => eprintln!("bot-bottle: warning: {e}"),
-        Err(e) => eprintln!("bot-bottle: warning: pruning old runs failed: {e}"),
+        Ok(Err(e)) => say(format_args!("warning: {e}")),
+        Err(e) => say(format_args!("warning: pruning old runs failed: {e}")),
     }
 }
 
@@ -485,6 +547,11 @@ async fn run_microvm(
             .arg("__vmm")
             .arg("--config")
             .arg(&launch_path)
+            // The VMM ends with this process, however it ends (PR_SET_PDEATHSIG).
+            .env(
+                bot_bottle::orphans::PARENT_PID_ENV,
+                std::process::id().to_string(),
+            )
             .stdin(std::process::Stdio::null()),
     )?;
     // Normally the guest powers off and the child is reaped below; this undo stops it when

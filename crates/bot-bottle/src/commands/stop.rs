@@ -41,7 +41,14 @@ pub fn find_live(db: &StateDb, target: &str) -> anyhow::Result<BottleRow> {
 
 pub async fn run(ctx: &Context, args: StopArgs) -> anyhow::Result<i32> {
     let db = StateDb::open_existing(&ctx.dirs.db_path()).context("no bottles to stop")?;
-    let row = find_live(&db, &args.target)?;
+    let row = match find_live(&db, &args.target) {
+        Ok(row) => row,
+        // Its `start` is gone: nothing can tear it down but us (what `cleanup <bottle>` does).
+        Err(err) => match super::cleanup::find_orphan(ctx, &args.target).await? {
+            Some(orphan) => return super::cleanup::remove_orphan(ctx, &orphan).await,
+            None => return Err(err),
+        },
+    };
     let pid = Pid::from_raw(i32::try_from(row.pid).context("bad pid in state row")?);
     kill(pid, Signal::SIGTERM)
         .with_context(|| format!("signalling bottle {} (pid {pid})", row.id))?;

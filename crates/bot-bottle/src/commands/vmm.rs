@@ -20,7 +20,22 @@ pub struct VmmArgs {
 /// Exit status: how the guest ended (`bottle_vmm::EXIT_CODE_*`); `EXIT_CODE_VMM_ERROR` with the
 /// cause on stderr when the VM was refused or could not run.
 pub async fn run(args: VmmArgs) -> anyhow::Result<i32> {
-    match boot(args).await {
+    let result = match die_with_parent() {
+        Ok(()) => boot(args).await,
+        Err(err) => Err(err),
+    };
+    report(result)
+}
+
+/// SIGTERM is our VMM's clean stop: the kernel sends it when `start` ends (PRD 0007).
+fn die_with_parent() -> anyhow::Result<()> {
+    Ok(bot_bottle::orphans::die_with_parent(
+        nix::sys::signal::Signal::SIGTERM,
+    )?)
+}
+
+fn report(result: anyhow::Result<i32>) -> anyhow::Result<i32> {
+    match result {
         Ok(code) => Ok(code),
         Err(err) => {
             eprintln!("bot-bottle __vmm: error: {err}");

@@ -1,0 +1,133 @@
+//! `bot-bottle __reaper <bottle-id>` (hidden): spawned by `start`, outlives it, and removes
+//! what the bottle left when `start` ends without saying its teardown was complete: SIGKILL,
+//! the OOM killer, a crash (PRD 0007).
+//!
+//! It waits on a pipe from `start` (EOF comes however `start` dies), then removes the bottle's
+//! containers, networks and state row with the code `cleanup` uses, in passes until the engine
+//! shows nothing of it twice in a row.
+
+use std::io::Write as _;
+
+use anyhow::Context as _;
+use bot_bottle::orphans::{self, Wake};
+use bot_bottle::state::StateDb;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::Instrument as _;
+
+use super::Context;
+
+#[derive(Debug, clap::Args)]
+pub struct ReaperArgs {
+    /// The bottle whose `start` this process watches.
+    bottle_id: String,
+}
+
+pub async fn run(ctx: &Context, args: ReaperArgs) -> anyhow::Result<i32> {
+    // A session of its own: no controlling terminal, so Ctrl-C and a closed terminal (which
+    // end `start`) never reach the process that cleans up after it.
+    if let Err(e) = nix::unistd::setsid() {
+        tracing::debug!(error = %e, "the reaper stays in start's session");
+    }
+    // And the same signals sent to it directly only wake these (ignored) streams.
+    let mut held = Vec::new();
+    for kind in [
+        SignalKind::hangup(),
+        SignalKind::interrupt(),
+        SignalKind::quit(),
+        SignalKind::pipe(),
+    ] {
+        held.push(signal(kind).context("installing the reaper's signal handlers")?);
+    }
+    let wake = tokio::task::spawn_blocking(|| orphans::wait_for_start(std::io::stdin()))
+        .await
+        .context("the reaper's wait panicked")?;
+    if wake == Wake::Clean {
+        return Ok(0);
+    }
+    let span = tracing::info_span!("reaper", bottle_id = %args.bottle_id);
+    reap(ctx, &args.bottle_id).instrument(span).await
+}
+
+async fn reap(ctx: &Context, id: &str) -> anyhow::Result<i32> {
+    let log = ReaperLog::open(&ctx.dirs.bottle_dir(id));
+    let db_path = ctx.dirs.db_path();
+    let db = if db_path.is_file() {
+        Some(StateDb::open_existing(&db_path).context("opening the state database")?)
+    } else {
+        None
+    };
+    if let Some(db) = &db {
+        if let Some(row) = db.bottles()?.into_iter().find(|r| r.id == id && r.live) {
+            // Never expected: the pipe closed while its `start` runs. Leave a live bottle alone.
+            log.line(&format!(
+                "start (pid {}) still runs: leaving the bottle alone",
+                row.pid
+            ));
+            return Ok(0);
+        }
+    }
+    log.line("start ended without tearing down: removing what the bottle left");
+    let docker = bot_bottle::docker::connect()
+        .await
+        .context("the reaper needs Docker")?;
+    let mut empty = 0;
+    let mut failures = 0;
+    for _ in 0..orphans::REAP_MAX_PASSES {
+        let had = orphans::has_objects(&docker, id).await.unwrap_or(true);
+        let errors = orphans::remove_bottle(&docker, db.as_ref(), &ctx.dirs, id).await;
+        for e in &errors {
+            log.line(&format!("{e}: {}", error_chain(e)));
+        }
+        failures = errors.len();
+        if !had && errors.is_empty() {
+            empty += 1;
+            if empty >= orphans::REAP_EMPTY_PASSES {
+                break;
+            }
+        } else {
+            empty = 0;
+        }
+        tokio::time::sleep(orphans::REAP_PASS_INTERVAL).await;
+    }
+    if let Some(db) = &db {
+        db.prune_dead_leases()?;
+    }
+    if failures == 0 {
+        log.line("removed: nothing of the bottle is left");
+    } else {
+        log.line("some objects are left with the state row: run `bot-bottle cleanup`");
+    }
+    Ok(i32::from(failures > 0))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut causes = Vec::new();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        causes.push(cause.to_string());
+        next = cause.source();
+    }
+    causes.join(": ")
+}
+
+/// `<run dir>/reaper.log`: the reaper's stderr may be a terminal that is gone.
+struct ReaperLog(Option<std::fs::File>);
+
+impl ReaperLog {
+    fn open(dir: &std::path::Path) -> Self {
+        let file = std::fs::create_dir_all(dir).and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("reaper.log"))
+        });
+        Self(file.ok())
+    }
+
+    fn line(&self, text: &str) {
+        tracing::info!("{text}");
+        if let Some(mut f) = self.0.as_ref() {
+            let _ = writeln!(f, "{text}");
+        }
+    }
+}
