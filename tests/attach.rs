@@ -233,7 +233,7 @@ fn docker_backend_mount_is_readable_and_read_only() {
 }
 
 const CREDS_BOTTLE: &str = "extends = \"test\"\n\
-[egress]\nallow = [\"api.example.test\"]\nhosts = { \"api.example.test\" = \"host-gateway\" }\n\
+[egress]\nallow = [\"api.example.test:*\"]\nhosts = { \"api.example.test\" = \"host-gateway\" }\nallow_private = [\"api.example.test\"]\n\
 [credentials.\"api.example.test\"]\nenv = \"BB_TEST_TOKEN\"\nscheme = \"Bearer\"\n";
 
 #[test]
@@ -414,7 +414,7 @@ fn the_host_allows_more_while_the_bottle_runs_and_the_agent_cannot_allow_itself(
     let sb = Sandbox::new("95-95");
     sb.add_bottle(
         "later",
-        "extends = \"test\"\n[egress]\nhosts = { \"later.test\" = \"host-gateway\", \"allowed.test\" = \"host-gateway\" }\n",
+        "extends = \"test\"\n[egress]\nhosts = { \"later.test\" = \"host-gateway\", \"allowed.test\" = \"host-gateway\" }\nallow_private = [\"later.test\"]\n",
     );
     let port = common::http_server("later-says-hello");
     // The agent tries to allow itself (no token, a guessed one), reports what it got, then
@@ -437,18 +437,19 @@ fn the_host_allows_more_while_the_bottle_runs_and_the_agent_cannot_allow_itself(
         |l| l.starts_with("BEFORE:"),
         std::time::Duration::from_secs(180),
     );
-    let allowed = sb.run(&["allow", "later", "later.test"]);
+    // `:*`: the test's server is on a port of its own (a rule without a port opens 443 only).
+    let allowed = sb.run(&["allow", "later", "later.test:*"]);
     let listed = sb.run(&["allow", "later", "--list"]);
     let status = run.wait();
     seen.extend(rx.try_iter());
 
     let text = seen.join("\n");
     assert!(allowed.status.success(), "{}", stderr(&allowed));
-    assert!(common::stdout(&allowed).contains("now allows later.test"));
+    assert!(common::stdout(&allowed).contains("now allows later.test:*"));
     let rules: serde_json::Value = serde_json::from_str(&common::stdout(&listed)).unwrap();
     assert_eq!(
         rules["allow"],
-        serde_json::json!(["allowed.test", "later.test"]),
+        serde_json::json!(["allowed.test:*", "later.test:*"]),
         "{rules}"
     );
     assert!(text.contains("SELF-NOTOKEN: HTTP/1.1 401"), "{text}");

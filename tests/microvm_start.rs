@@ -493,7 +493,7 @@ fn the_host_allows_more_while_the_microvm_bottle_runs(vmm: Vmm) {
     let s = vmm.sandbox(96);
     s.add_bottle(
         "later",
-        "extends = \"test\"\n[egress]\nhosts = { \"later.test\" = \"host-gateway\", \"allowed.test\" = \"host-gateway\" }\n",
+        "extends = \"test\"\n[egress]\nhosts = { \"later.test\" = \"host-gateway\", \"allowed.test\" = \"host-gateway\" }\nallow_private = [\"later.test\"]\n",
     );
     let port = common::http_server("later-says-hello");
     let script = format!(
@@ -522,7 +522,8 @@ fn the_host_allows_more_while_the_microvm_bottle_runs(vmm: Vmm) {
         |l| l.starts_with("BEFORE:"),
         Duration::from_secs(180),
     );
-    let allowed = s.run(&["allow", "later", "later.test"]);
+    // `:*`: the test's server is on a port of its own (a rule without a port opens 443 only).
+    let allowed = s.run(&["allow", "later", "later.test:*"]);
     let status = run.wait();
     seen.extend(lines.try_iter());
 

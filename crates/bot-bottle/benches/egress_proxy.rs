@@ -122,7 +122,8 @@ fn event_log_path() -> std::path::PathBuf {
 }
 
 async fn start_proxy() -> SocketAddr {
-    let policy = EgressPolicy::new(&[HOST.to_owned()], &[], "denied").unwrap();
+    // `:*`: the bench servers listen on ports of their own (a portless rule opens 443 only).
+    let policy = EgressPolicy::new(&[format!("{HOST}:*")], &[], "denied").unwrap();
     let mut config = ProxyConfig::new("bench", "127.0.0.1:0".parse().unwrap(), policy);
     config.resolver = Resolver::fixed([(HOST, IpAddr::V4(Ipv4Addr::LOCALHOST))]);
     config.allow_loopback_upstream = true;

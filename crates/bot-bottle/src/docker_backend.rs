@@ -134,6 +134,7 @@ pub async fn create_bundle(
         allow: plan.egress.allow.clone(),
         deny: plan.egress.deny.clone(),
         deny_message: plan.egress.deny_message.clone(),
+        allow_private: plan.egress.allow_private.clone(),
         event_log: Some(Path::new(LOG_DIR_IN_BUNDLE).join(EGRESS_LOG)),
         credentials: credentials.to_vec(),
         ca_cert: intercepting.then(|| Path::new(LOG_DIR_IN_BUNDLE).join(CA_CERT)),

@@ -128,6 +128,10 @@ pub struct RawEgress {
     pub deny_message: Option<String>,
     #[serde(default)]
     pub hosts: BTreeMap<String, String>,
+    /// Names (or addresses) the proxy may dial although they resolve to a private, shared,
+    /// benchmark, documentation, unique-local or Docker-host address.
+    #[serde(default)]
+    pub allow_private: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -204,6 +208,8 @@ pub struct Egress {
     pub deny: Vec<String>,
     pub deny_message: String,
     pub hosts: BTreeMap<String, String>,
+    /// Exceptions to the proxy's address floor (see `prds/0003-egress-policy.md`).
+    pub allow_private: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -362,6 +368,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
     let mut allow = Vec::new();
     let mut deny = Vec::new();
     let mut hosts = BTreeMap::new();
+    let mut allow_private = Vec::new();
     let mut credentials = BTreeMap::new();
     let mut mounts: Vec<Mount> = Vec::new();
     // Walk parent-most first so children override.
@@ -381,6 +388,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
         push_unique(&mut allow, &raw.egress.allow);
         push_unique(&mut deny, &raw.egress.deny);
         hosts.extend(raw.egress.hosts);
+        push_unique(&mut allow_private, &raw.egress.allow_private);
         credentials.extend(raw.credentials);
         for m in raw.mount {
             if !mounts.contains(&m) {
@@ -419,6 +427,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
             "`[resources] pids = {pids}` is out of range: use 16..=1000000"
         )));
     }
+    check_egress(&allow, &deny, &allow_private).map_err(invalid)?;
     for (host, cred) in &credentials {
         if cred.env.is_some() == cred.file.is_some() {
             return Err(invalid(format!(
@@ -447,6 +456,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
             deny,
             deny_message: deny_message.unwrap_or_else(|| DEFAULT_DENY_MESSAGE.to_owned()),
             hosts,
+            allow_private,
         },
         credentials,
         mounts,
@@ -458,6 +468,16 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
         git_enabled: git_enabled.unwrap_or(false),
         sources,
     })
+}
+
+/// The egress rules and `allow_private` entries parse (the bundle would refuse them later).
+/// A `hosts` entry that leads below the proxy's address floor is not an error here: the
+/// proxy refuses it with a 403 that names `allow_private`.
+fn check_egress(allow: &[String], deny: &[String], allow_private: &[String]) -> Result<(), String> {
+    crate::egress::EgressPolicy::new(allow, deny, "")
+        .and_then(|p| p.with_private_exceptions(allow_private))
+        .map(|_| ())
+        .map_err(|e| format!("`[egress]`: {e}"))
 }
 
 /// Expand a leading `~/` against `home`.
@@ -582,6 +602,31 @@ mod tests {
         let err = src.load("c").unwrap_err().to_string();
         assert!(err.contains("`[credentials.\"a.com\"] paths`"), "{err}");
         assert!(err.contains("`..`"), "{err}");
+    }
+
+    #[test]
+    fn allow_private_merges_across_extends_and_a_bad_entry_is_named() {
+        let (_d, src) = source_with(&[
+            (
+                "base",
+                "[agent]\ndockerfile = \"x\"\n[egress]\nallow_private = [\"a.test\"]\n",
+            ),
+            (
+                "child",
+                "extends = \"base\"\n[egress]\nallow_private = [\"*.corp.test\", \"a.test\"]\n",
+            ),
+            (
+                "bad",
+                "[agent]\ndockerfile = \"x\"\n[egress]\nallow_private = [\"a.test:443\"]\n",
+            ),
+        ]);
+
+        let child = src.load("child").unwrap();
+        let err = src.load("bad").unwrap_err().to_string();
+
+        assert_eq!(child.egress.allow_private, vec!["a.test", "*.corp.test"]);
+        assert!(err.contains("\"a.test:443\""), "{err}");
+        assert!(err.contains("without a port"), "{err}");
     }
 
     #[test]

@@ -152,6 +152,9 @@ pub struct EgressPlan {
     pub deny_message: String,
     /// Hosts that get credentials injected (names only: values never enter the plan).
     pub credential_hosts: Vec<String>,
+    /// Exceptions to the proxy's address floor (`[egress] allow_private`).
+    #[serde(default)]
+    pub allow_private: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -341,6 +344,7 @@ pub fn plan(manifest: &Manifest, host: &HostFacts) -> Result<BottlePlan, PlanErr
             deny: manifest.egress.deny.clone(),
             deny_message: manifest.egress.deny_message.clone(),
             credential_hosts: manifest.credentials.keys().cloned().collect(),
+            allow_private: manifest.egress.allow_private.clone(),
         },
         allowlist,
         mounts,

@@ -72,6 +72,9 @@ pub struct SidecarConfig {
     pub allow: Vec<String>,
     pub deny: Vec<String>,
     pub deny_message: String,
+    /// Exceptions to the proxy's address floor (`[egress] allow_private`).
+    #[serde(default)]
+    pub allow_private: Vec<String>,
     /// Where the decision log goes (inside the bundle).
     pub event_log: Option<PathBuf>,
     /// Secrets the proxy adds to requests (by TLS interception); empty: no interception.
@@ -210,10 +213,24 @@ fn interception(config: &SidecarConfig, ca_cert: &Path) -> Result<Interception, 
     Ok(Interception::new(ca, credentials))
 }
 
+/// The Docker host as the bundle sees it: the gateways of its routes (one per network it is
+/// on). Refused by the proxy's address floor unless `allow_private` names the host.
+fn docker_host_addresses() -> Vec<std::net::IpAddr> {
+    match std::fs::read_to_string("/proc/net/route") {
+        Ok(table) => crate::egress::resolve::route_gateways(&table),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read /proc/net/route: the Docker host's gateway addresses are refused only by range");
+            Vec::new()
+        }
+    }
+}
+
 /// Run the bundle until SIGTERM.
 pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     let policy = EgressPolicy::new(&config.allow, &config.deny, &config.deny_message)
-        .map_err(|source| SidecarError::Policy { source })?;
+        .and_then(|p| p.with_private_exceptions(&config.allow_private))
+        .map_err(|source| SidecarError::Policy { source })?
+        .with_host_addresses(docker_host_addresses());
     let mut proxy = ProxyConfig::new(
         &config.bottle_id,
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, PROXY_PORT)),

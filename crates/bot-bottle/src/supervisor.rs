@@ -323,23 +323,25 @@ mod tests {
         let rules: serde_json::Value = serde_json::from_str(&rules).unwrap();
         assert_eq!(rules["allow"], serde_json::json!(["a.test", "later.test"]));
         assert_eq!(rules["deny"], serde_json::json!(["evil.test"]));
-        // Every attempt and change is in the bottle's log.
+        // Every attempt and change is in the bottle's log (repeated refusals as one count).
         let events: Vec<EgressEvent> = std::fs::read_to_string(&log)
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        let reasons: Vec<&str> = events.iter().map(|e| e.reason.as_str()).collect();
+        let reasons: Vec<(&str, u64)> = events
+            .iter()
+            .map(|e| (e.reason.as_str(), e.repeated.unwrap_or(1)))
+            .collect();
         assert_eq!(
             reasons,
             [
-                "supervisor_unauthorized",
-                "supervisor_unauthorized",
-                "supervisor_unauthorized",
-                "supervisor_rule"
+                ("supervisor_unauthorized", 1),
+                ("supervisor_unauthorized", 2),
+                ("supervisor_rule", 1)
             ]
         );
-        assert_eq!(events[3].rule.as_deref(), Some("later.test"));
+        assert_eq!(events[2].rule.as_deref(), Some("later.test"));
     }
 
     #[test]

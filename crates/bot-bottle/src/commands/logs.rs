@@ -66,13 +66,19 @@ pub async fn run(ctx: &Context, args: LogsArgs) -> anyhow::Result<i32> {
         );
     };
     let path = dir.join(&id).join(EGRESS_LOG);
-    // The older part of a rotated log first (see `EventLog`), then the current one.
-    let mut older = Printer {
-        json: args.json,
-        pending: Vec::new(),
-        offset: 0,
-    };
-    older.print_new(&bot_bottle::egress::events::previous_part(&path))?;
+    // A rotated log's parts in order (see `EventLog`): the run's first part, the previous
+    // one, then the current one.
+    for part in [
+        bot_bottle::egress::events::first_part(&path),
+        bot_bottle::egress::events::previous_part(&path),
+    ] {
+        let mut older = Printer {
+            json: args.json,
+            pending: Vec::new(),
+            offset: 0,
+        };
+        older.print_new(&part)?;
+    }
     let mut printer = Printer {
         json: args.json,
         pending: Vec::new(),
@@ -130,18 +136,107 @@ impl Printer {
         let complete: Vec<u8> = self.pending.drain(..=end).collect();
         let mut out = std::io::stdout().lock();
         for line in complete.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            let text = String::from_utf8_lossy(line);
-            let shown = match (self.json, serde_json::from_str::<EgressEvent>(&text)) {
-                (false, Ok(event)) => event.human(),
-                // Raw when asked, or when a line is not an event (shown, never dropped).
-                _ => text.into_owned(),
-            };
-            if writeln!(out, "{shown}").is_err() {
+            if writeln!(out, "{}", render(line, self.json)).is_err() {
                 // The reader went away (e.g. `| head`): nothing more to show.
                 return Ok(());
             }
         }
         let _ = out.flush();
         Ok(())
+    }
+}
+
+/// One log line as shown: the event for a person (or the stored JSON with `--json`, or the
+/// raw line when it is not an event: shown, never dropped), with every character that could
+/// act on the terminal escaped (see [`escape_for_terminal`]).
+fn render(line: &[u8], json: bool) -> String {
+    let text = String::from_utf8_lossy(line);
+    let shown = match (json, serde_json::from_str::<EgressEvent>(&text)) {
+        (false, Ok(event)) => event.human(),
+        _ => text.into_owned(),
+    };
+    escape_for_terminal(&shown)
+}
+
+/// Characters the agent could use to spoof what the user's terminal shows: C0 and C1 controls
+/// and DEL (ESC starts escape sequences, BEL rings, CR and BS overwrite), bidirectional
+/// embeddings, overrides, isolates and marks (U+202E shows text backwards), invisible
+/// format characters, line and paragraph separators, and tag characters.
+fn acts_on_terminal(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{061C}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+                | '\u{E0000}'..='\u{E007F}'
+        )
+}
+
+/// `text` with each character of [`acts_on_terminal`] written as `\uXXXX` (UTF-16 units, so
+/// a `--json` line stays valid JSON with the same meaning).
+fn escape_for_terminal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if acts_on_terminal(c) {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPOOF: &str = "evil\u{1b}[2J\u{7}\u{202e}moc.elgoog\u{2066}\r\u{9b}31m.test";
+
+    fn event_line(host: &str) -> Vec<u8> {
+        let mut event = EgressEvent::now("b1", "c", "CONNECT", host, 443);
+        event.verdict = "deny".into();
+        event.reason = "not_allowed".into();
+        event.detail = Some(host.to_owned());
+        serde_json::to_vec(&event).unwrap()
+    }
+
+    #[test]
+    fn control_and_bidi_characters_are_escaped_in_both_forms() {
+        let line = event_line(SPOOF);
+
+        let shown = [render(&line, false), render(&line, true)];
+
+        for text in &shown {
+            assert!(!text.chars().any(acts_on_terminal), "{text:?}");
+            assert!(
+                text.contains("evil\\u001b[2J\\u0007\\u202emoc.elgoog\\u2066"),
+                "{text}"
+            );
+        }
+        let parsed: EgressEvent = serde_json::from_str(&shown[1]).unwrap();
+        assert_eq!(parsed.host, SPOOF);
+    }
+
+    #[test]
+    fn a_line_that_is_no_event_is_shown_escaped() {
+        assert_eq!(
+            render(b"not json \x1b]0;title\x07", false),
+            "not json \\u001b]0;title\\u0007"
+        );
+    }
+
+    #[test]
+    fn characters_outside_the_basic_plane_are_escaped_as_surrogate_pairs() {
+        assert_eq!(escape_for_terminal("a\u{E0041}b"), "a\\udb40\\udc41b");
+        assert_eq!(escape_for_terminal("bücher ok"), "bücher ok");
     }
 }

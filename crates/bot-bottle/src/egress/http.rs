@@ -44,6 +44,11 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, Hea
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
         Err(e) => return Err(HeadError::Malformed(e.to_string())),
     };
+    if has_bare_lf(&buf[..len]) {
+        return Err(HeadError::Malformed(
+            "bare LF line ending in the request head (end lines with CRLF)".into(),
+        ));
+    }
     let missing = || HeadError::Malformed("incomplete request line".into());
     let head = RequestHead {
         method: req.method.ok_or_else(missing)?.to_owned(),
@@ -56,6 +61,20 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, Hea
             .collect(),
     };
     Ok(Some((head, len)))
+}
+
+/// Whether some `\n` in `bytes` is not preceded by `\r` (RFC 9112 §2.2: the proxy does not
+/// accept a lone LF as a line end, so it never reads lines differently from the next hop).
+fn has_bare_lf(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
+}
+
+/// A `tchar` of RFC 9110 §5.6.2: the bytes of a token (header names, codings, extensions).
+pub(crate) fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// Splits `host[:port]` / `[v6][:port]`. The port is required when `default_port` is `None`.
@@ -157,53 +176,145 @@ pub(crate) enum BodyFraming {
     Chunked,
 }
 
-/// Reads `Content-Length` / `Transfer-Encoding`. Both together, conflicting lengths or an
-/// encoding other than a final `chunked` are refused (request-smuggling defences).
-pub(crate) fn body_framing(head: &RequestHead) -> Result<BodyFraming, String> {
-    framing_of(&head.headers)
+/// Why a message's body framing was refused (request-smuggling defences).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum FramingError {
+    #[error("both Content-Length and Transfer-Encoding")]
+    LengthAndEncoding,
+    #[error("conflicting Content-Length headers")]
+    ConflictingLengths,
+    #[error("bad Content-Length {0:?} (expected decimal digits only)")]
+    BadLength(String),
+    #[error(
+        "Transfer-Encoding {0:?} refused: a request's only transfer coding must be `chunked` \
+         (send one `Transfer-Encoding: chunked`, or a Content-Length)"
+    )]
+    RequestCoding(String),
+    #[error("Transfer-Encoding in an HTTP/1.0 request (use HTTP/1.1, or a Content-Length)")]
+    CodingInHttp10,
+    #[error("unsupported transfer coding {0:?}")]
+    UnsupportedCoding(String),
 }
 
-/// [`body_framing`] from a header list (requests and responses alike).
-fn framing_of(headers: &[(String, Vec<u8>)]) -> Result<BodyFraming, String> {
-    let values = |name: &'static str| {
-        headers
+/// For callers whose errors are still text.
+impl From<FramingError> for String {
+    fn from(e: FramingError) -> Self {
+        e.to_string()
+    }
+}
+
+/// Reads a request's `Content-Length` / `Transfer-Encoding`. Refused: both together,
+/// conflicting or non-decimal lengths, and any transfer coding but exactly one `chunked`
+/// (`identity, chunked`, `gzip, chunked`, two `chunked`, an empty or quoted element), and
+/// `Transfer-Encoding` in an HTTP/1.0 request (RFC 9112 §6.1).
+pub(crate) fn body_framing(head: &RequestHead) -> Result<BodyFraming, FramingError> {
+    let codings: Vec<&[u8]> = head.header_values("transfer-encoding").collect();
+    if codings.is_empty() {
+        return content_length(&head.headers);
+    }
+    if head.header_values("content-length").next().is_some() {
+        return Err(FramingError::LengthAndEncoding);
+    }
+    if head.version == 0 {
+        return Err(FramingError::CodingInHttp10);
+    }
+    match codings.as_slice() {
+        [only] if trim_ows(only).eq_ignore_ascii_case(b"chunked") => Ok(BodyFraming::Chunked),
+        _ => Err(FramingError::RequestCoding(
+            codings
+                .iter()
+                .map(|c| String::from_utf8_lossy(c))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )),
+    }
+}
+
+fn trim_ows(value: &[u8]) -> &[u8] {
+    let start = value
+        .iter()
+        .take_while(|b| matches!(b, b' ' | b'\t'))
+        .count();
+    let end = value.len()
+        - value[start..]
             .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
-    };
-    let encodings: Vec<String> = values("transfer-encoding")
-        .flat_map(|v| {
+            .rev()
+            .take_while(|b| matches!(b, b' ' | b'\t'))
+            .count();
+    &value[start..end]
+}
+
+/// Compression codings a response may carry before its final `chunked`.
+const RESPONSE_CODINGS: &[&str] = &[
+    "gzip",
+    "x-gzip",
+    "deflate",
+    "compress",
+    "x-compress",
+    "br",
+    "zstd",
+];
+
+/// A response's framing from its headers: `chunked` last and once, before it only known
+/// compression codings (never `identity`); a length as a request's.
+fn response_body_framing(headers: &[(String, Vec<u8>)]) -> Result<BodyFraming, FramingError> {
+    let codings: Vec<String> = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"))
+        .flat_map(|(_, v)| {
             String::from_utf8_lossy(v)
                 .split(',')
-                .map(|s| s.trim().to_ascii_lowercase())
+                .map(|s| s.trim_matches([' ', '\t']).to_ascii_lowercase())
                 .collect::<Vec<_>>()
         })
-        .filter(|s| !s.is_empty())
         .collect();
-    let lengths: Vec<&[u8]> = values("content-length").collect();
-    match (encodings.last(), lengths.first()) {
-        (Some(_), Some(_)) => Err("both Content-Length and Transfer-Encoding".into()),
-        (Some(last), None) if last == "chunked" => Ok(BodyFraming::Chunked),
-        (Some(last), None) => Err(format!("unsupported transfer coding {last:?}")),
-        (None, Some(first)) => {
-            if lengths.iter().any(|l| l != first) {
-                return Err("conflicting Content-Length headers".into());
-            }
-            let text = std::str::from_utf8(first).map_err(|_| "bad Content-Length")?;
-            let valid = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
-            let len = text
-                .parse::<u64>()
-                .ok()
-                .filter(|_| valid)
-                .ok_or_else(|| format!("bad Content-Length {text:?}"))?;
-            Ok(if len == 0 {
-                BodyFraming::None
-            } else {
-                BodyFraming::Length(len)
-            })
-        }
-        (None, None) => Ok(BodyFraming::None),
+    let Some((last, before)) = codings.split_last() else {
+        return content_length(headers);
+    };
+    if headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+    {
+        return Err(FramingError::LengthAndEncoding);
     }
+    if last != "chunked" {
+        return Err(FramingError::UnsupportedCoding(last.clone()));
+    }
+    match before
+        .iter()
+        .find(|c| !RESPONSE_CODINGS.contains(&c.as_str()))
+    {
+        Some(bad) => Err(FramingError::UnsupportedCoding(bad.clone())),
+        None => Ok(BodyFraming::Chunked),
+    }
+}
+
+/// The framing given by `Content-Length` headers alone (none: no body).
+fn content_length(headers: &[(String, Vec<u8>)]) -> Result<BodyFraming, FramingError> {
+    let lengths: Vec<&[u8]> = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    let Some(first) = lengths.first() else {
+        return Ok(BodyFraming::None);
+    };
+    if lengths.iter().any(|l| l != first) {
+        return Err(FramingError::ConflictingLengths);
+    }
+    let bad = || FramingError::BadLength(String::from_utf8_lossy(first).into_owned());
+    if first.is_empty() || !first.iter().all(u8::is_ascii_digit) {
+        return Err(bad());
+    }
+    let len = std::str::from_utf8(first)
+        .ok()
+        .and_then(|t| t.parse::<u64>().ok())
+        .ok_or_else(bad)?;
+    Ok(if len == 0 {
+        BodyFraming::None
+    } else {
+        BodyFraming::Length(len)
+    })
 }
 
 /// Headers that describe one hop and are not forwarded (RFC 9110 §7.6.1), plus the proxy's own.
@@ -324,7 +435,9 @@ pub(crate) fn response_framing(
     if !delimited {
         return Ok(ResponseFraming::UntilClose);
     }
-    framing_of(&head.headers).map(ResponseFraming::Body)
+    response_body_framing(&head.headers)
+        .map(ResponseFraming::Body)
+        .map_err(|e| e.to_string())
 }
 
 /// A complete response from the proxy itself (`Connection: close`, plain-text body).
@@ -450,7 +563,7 @@ mod tests {
         );
         assert_eq!(
             body_framing(&head(
-                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                "POST / HTTP/1.1\r\nTransfer-Encoding: Chunked \r\n\r\n"
             )),
             Ok(BodyFraming::Chunked)
         );
@@ -467,9 +580,48 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: identity, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked,\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: \"chunked\"\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: \r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
         ] {
             assert!(body_framing(&head(text)).is_err(), "{text}");
         }
+    }
+
+    #[test]
+    fn a_request_head_with_a_bare_lf_is_malformed() {
+        for text in [
+            &b"GET / HTTP/1.1\nHost: a\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n\n",
+        ] {
+            assert!(
+                matches!(parse_head(text), Err(HeadError::Malformed(_))),
+                "{:?}",
+                String::from_utf8_lossy(text)
+            );
+        }
+    }
+
+    #[test]
+    fn response_framing_takes_compression_before_chunked_but_not_identity() {
+        let response = |te: &str| ResponseHead {
+            status: 200,
+            version: 1,
+            headers: vec![("Transfer-Encoding".into(), te.as_bytes().to_vec())],
+        };
+        assert_eq!(
+            response_framing(&response("gzip, chunked"), "GET"),
+            Ok(ResponseFraming::Body(BodyFraming::Chunked))
+        );
+        assert!(response_framing(&response("identity, chunked"), "GET").is_err());
+        assert!(response_framing(&response("chunked, chunked"), "GET").is_err());
+        assert!(response_framing(&response("chunked, gzip"), "GET").is_err());
     }
 
     #[test]

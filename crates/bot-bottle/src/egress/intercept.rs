@@ -11,6 +11,12 @@
 //! and response is read by its framing (`Content-Length`, chunked, or until close) and every
 //! request on the connection gets the credential; responses are relayed as they arrive, so a
 //! streamed (server-sent events) answer reaches the agent chunk by chunk.
+//!
+//! The credential is bound to the host it was given for: inside the tunnel, a request whose
+//! `Host` header or absolute-form target names another host (or port) is refused, and so are
+//! `TRACE`, `CONNECT` and protocol upgrades, which would leave HTTP (and the proxy's view)
+//! behind. The credential never comes back to the agent: a response head carrying it is
+//! refused, and in bodies it is overwritten (same length, so framing holds).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -28,10 +34,16 @@ use tokio::net::TcpStream;
 use super::body;
 use super::events::{EgressEvent, EventLog};
 use super::http::{self, BodyFraming, ResponseFraming};
-use super::policy::CredentialPaths;
+use super::policy::{normalize_host, CredentialPaths, PathError};
 
 /// Longest request head the agent may send through an intercepted connection.
 const MAX_HEAD: usize = 64 * 1024;
+/// Most host certificates kept issued at once. Only credential hosts are intercepted and
+/// their names are normalised first, so this bounds only a bottle with very many credentials.
+const MAX_ISSUED_CERTS: usize = 64;
+/// Shortest part of a credential (the token after its scheme) that is also redacted alone:
+/// shorter ones would overwrite ordinary text.
+const MIN_REDACTED_TOKEN: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
@@ -55,8 +67,47 @@ pub enum InterceptError {
         "credential header {header:?} is not a valid header name or its value is not printable"
     )]
     BadHeader { header: String },
-    #[error("credential paths: {0}")]
-    BadPath(String),
+    /// The path error is the message (it names the path and why), not a cause to repeat.
+    #[error("invalid credential paths: {0}")]
+    BadPath(PathError),
+}
+
+/// Why a request inside an intercepted tunnel is refused before it goes up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindingError {
+    #[error("the request names host {named:?}, but this tunnel (and its credential) is bound to {bound}")]
+    OtherHost { named: String, bound: String },
+    #[error("the request has {count} Host headers; exactly one, naming {bound}, is required")]
+    HostCount { count: usize, bound: String },
+    #[error("request target {target:?} is neither a path nor an https:// URL of {bound}")]
+    Target { target: String, bound: String },
+    #[error("{method} is not allowed inside an intercepted tunnel")]
+    Method { method: String },
+    #[error("protocol upgrades (`Upgrade`, `Connection: upgrade`) are not allowed through an intercepted host")]
+    Upgrade,
+    #[error(transparent)]
+    Path(#[from] PathError),
+}
+
+impl BindingError {
+    fn status(&self) -> u16 {
+        match self {
+            BindingError::Method { .. } => 405,
+            _ => 403,
+        }
+    }
+
+    /// The event's `reason`.
+    fn code(&self) -> &'static str {
+        match self {
+            BindingError::OtherHost { .. }
+            | BindingError::HostCount { .. }
+            | BindingError::Target { .. } => "host_mismatch",
+            BindingError::Method { .. } => "method_not_allowed",
+            BindingError::Upgrade => "upgrade_refused",
+            BindingError::Path(_) => "path_not_allowed",
+        }
+    }
 }
 
 /// What the proxy sets on every request to one host, and where on that host.
@@ -107,6 +158,19 @@ impl Injection {
         self.paths = CredentialPaths::new(prefixes).map_err(InterceptError::BadPath)?;
         Ok(self)
     }
+
+    /// What must never reach the agent: the whole value, and the token after its scheme
+    /// (`Bearer <token>`) when that is long enough to be unmistakable.
+    fn secrets(&self) -> Vec<Vec<u8>> {
+        let mut secrets = vec![self.value.as_bytes().to_vec()];
+        if let Some((_, token)) = self.value.split_once(' ') {
+            let token = token.trim();
+            if token.len() >= MIN_REDACTED_TOKEN {
+                secrets.push(token.as_bytes().to_vec());
+            }
+        }
+        secrets
+    }
 }
 
 /// Where a request refused for its path is recorded, and what the agent is told.
@@ -118,12 +182,12 @@ pub(crate) struct PathRefusals<'a> {
 }
 
 impl PathRefusals<'_> {
-    /// Records the refusal and returns the 403 for the agent.
-    async fn refuse(&self, method: &str, why: &str) -> Vec<u8> {
+    /// Records a refusal (`reason` is the event's code).
+    async fn record(&self, method: &str, reason: &str, why: &str) {
         let mut event = self.template.clone();
         event.method = method.to_owned();
         event.verdict = "deny".into();
-        event.reason = "path_not_allowed".into();
+        event.reason = reason.to_owned();
         event.detail = Some(why.to_owned());
         tracing::info!(host = %event.host, port = event.port, reason = %event.reason, detail = why, "egress decision");
         if let Some(log) = self.log {
@@ -131,11 +195,22 @@ impl PathRefusals<'_> {
                 tracing::error!(error = %e, "cannot record egress event");
             }
         }
+    }
+
+    /// Records the refusal and returns the 403 (405 for a method) for the agent.
+    async fn refuse(&self, method: &str, refused: &BindingError) -> Vec<u8> {
+        let why = refused.to_string();
+        self.record(method, refused.code(), &why).await;
         let message = self.deny_message.trim_end();
         let separator = if message.is_empty() { "" } else { "\n" };
+        let (status, reason) = match refused.status() {
+            405 => (405, "Method Not Allowed".to_owned()),
+            _ => (403, super::proxy::forbidden_reason(message)),
+        };
+        let event = &self.template;
         http::response(
-            403,
-            &super::proxy::forbidden_reason(message),
+            status,
+            &reason,
             &format!(
                 "{message}{separator}bot-bottle egress: {}:{} denied: {why}\n",
                 event.host, event.port
@@ -197,11 +272,22 @@ impl BottleCa {
         &self.cert_der
     }
 
-    /// The TLS server configuration presenting a certificate for `host`, issued once.
+    /// The TLS server configuration presenting a certificate for `host` (normalised: every
+    /// spelling of a name shares one), issued once; at most [`MAX_ISSUED_CERTS`] are kept.
     fn server_config(&self, host: &str) -> Result<Arc<rustls::ServerConfig>, InterceptError> {
+        let normal = normalize_host(host).ok_or_else(|| InterceptError::ServerName {
+            host: host.to_owned(),
+        })?;
+        let host = normal.as_str();
         let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(config) = issued.get(host) {
             return Ok(config.clone());
+        }
+        if issued.len() >= MAX_ISSUED_CERTS {
+            // Any one goes: it is issued again if asked for.
+            if let Some(evicted) = issued.keys().next().cloned() {
+                issued.remove(&evicted);
+            }
         }
         let issue = |source| InterceptError::Issue {
             host: host.to_owned(),
@@ -275,7 +361,10 @@ impl Interception {
             ca,
             credentials: credentials
                 .into_iter()
-                .map(|(host, i)| (host.to_ascii_lowercase(), i))
+                .map(|(host, i)| {
+                    let host = normalize_host(&host).unwrap_or(host.to_ascii_lowercase());
+                    (host, i)
+                })
                 .collect(),
             upstream: tokio_rustls::TlsConnector::from(Arc::new(config)),
         }
@@ -283,7 +372,7 @@ impl Interception {
 
     /// The injection for `host`, when it has a credential.
     pub fn for_host(&self, host: &str) -> Option<&Injection> {
-        self.credentials.get(&host.to_ascii_lowercase())
+        self.credentials.get(&normalize_host(host)?)
     }
 
     /// Serves one intercepted tunnel: `client` has been told the tunnel is open (and may
@@ -297,6 +386,14 @@ impl Interception {
         injection: &Injection,
         refusals: &PathRefusals<'_>,
     ) -> std::io::Result<()> {
+        let host = normalize_host(host).ok_or_else(|| {
+            std::io::Error::other(InterceptError::ServerName {
+                host: host.to_owned(),
+            })
+        })?;
+        let host = host.as_str();
+        let port = refusals.template.port;
+        let secrets = injection.secrets();
         let server = self.ca.server_config(host).map_err(std::io::Error::other)?;
         let client = Prefixed {
             prefix: leftover,
@@ -332,7 +429,7 @@ impl Interception {
             let Some(head) = body::read_head(&mut agent, MAX_HEAD).await? else {
                 break;
             };
-            let request = match rewrite_head(&head, injection) {
+            let mut request = match rewrite_head(&head, injection) {
                 Ok(request) => request,
                 Err(why) => {
                     let reply =
@@ -341,18 +438,33 @@ impl Interception {
                     break;
                 }
             };
-            if let Err(why) = injection.paths.allows(&request.target) {
-                // Its body was not read: the connection cannot go on.
-                let reply = refusals.refuse(&request.method, &why).await;
-                agent.write_all(&reply).await?;
-                break;
+            let bound = bind_request(&request, host, port)
+                .and_then(|target| Ok(injection.paths.allows(&target)?));
+            match bound {
+                Ok(target) => request.set_target(&target),
+                Err(refused) => {
+                    // Its body was not read: the connection cannot go on.
+                    let reply = refusals.refuse(&request.method, &refused).await;
+                    agent.write_all(&reply).await?;
+                    break;
+                }
             }
             if request.expects_continue {
                 agent.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
                 agent.flush().await?;
             }
             real.write_all(&request.head).await?;
-            body::forward(&mut agent, &mut real, request.framing).await?;
+            if let Err(e) = body::forward(&mut agent, &mut real, request.framing).await {
+                if !e.is_framing() {
+                    return Err(e.into());
+                }
+                // The real host holds a request it will never see the end of: this connection
+                // ends here (the caller closes it), nothing more goes up on it.
+                let reply =
+                    http::response(400, "Bad Request", &format!("bot-bottle egress: {e}\n"));
+                agent.write_all(&reply).await?;
+                break;
+            }
             real.flush().await?;
 
             // The answer: interim (1xx) heads pass through, then the final one and its body.
@@ -361,6 +473,17 @@ impl Interception {
                     return Err(std::io::ErrorKind::UnexpectedEof.into());
                 };
                 let response = http::parse_response_head(&raw).map_err(std::io::Error::other)?;
+                if secrets.iter().any(|secret| contains(&raw, secret)) {
+                    let why = "the response head carries the injected credential: refused";
+                    refusals
+                        .record(&request.method, "credential_echo", why)
+                        .await;
+                    let reply =
+                        http::response(502, "Bad Gateway", &format!("bot-bottle egress: {why}\n"));
+                    agent.write_all(&reply).await?;
+                    agent.flush().await?;
+                    return agent.shutdown().await;
+                }
                 if (100..200).contains(&response.status) && response.status != 101 {
                     agent.write_all(&raw).await?;
                     continue;
@@ -385,15 +508,29 @@ impl Interception {
                 }
             };
             agent.write_all(&raw).await?;
-            match framing {
+            let mut redacting = Redactor::new(&mut agent, &secrets);
+            let until_close = match framing {
                 ResponseFraming::Body(framing) => {
-                    body::forward(&mut real, &mut agent, framing).await?;
-                    agent.flush().await?;
+                    body::forward(&mut real, &mut redacting, framing).await?;
+                    false
                 }
                 ResponseFraming::UntilClose => {
-                    tokio::io::copy_buf(&mut real, &mut agent).await?;
-                    break;
+                    tokio::io::copy_buf(&mut real, &mut redacting).await?;
+                    true
                 }
+            };
+            let redacted = redacting.finish().await?;
+            agent.flush().await?;
+            if redacted > 0 {
+                let why = format!(
+                    "the response body carried the injected credential {redacted} time(s): overwritten"
+                );
+                refusals
+                    .record(&request.method, "credential_echo", &why)
+                    .await;
+            }
+            if until_close {
+                break;
             }
             if request.closes || http::closes_connection(response.version, &response.headers) {
                 break;
@@ -401,6 +538,184 @@ impl Interception {
         }
         agent.flush().await?;
         agent.shutdown().await
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Binds a request to the tunnel's host: exactly one `Host` header naming `host` (its port,
+/// if written, `port`), an origin-form target or an `https://` URL of the same host, no
+/// `TRACE` or `CONNECT`, no protocol upgrade. Returns the origin-form target to send up.
+pub fn bind_request(request: &Rewritten, host: &str, port: u16) -> Result<String, BindingError> {
+    let method = request.method.to_ascii_uppercase();
+    if ["TRACE", "TRACK", "CONNECT"].contains(&method.as_str()) {
+        return Err(BindingError::Method {
+            method: request.method.clone(),
+        });
+    }
+    if request.upgrade {
+        return Err(BindingError::Upgrade);
+    }
+    let bound = format!("{host}:{port}");
+    let names_bound = |authority: &str| {
+        http::parse_authority(authority.trim(), Some(port))
+            .is_ok_and(|(h, p)| normalize_host(&h).as_deref() == Some(host) && p == port)
+    };
+    let [only] = request.hosts.as_slice() else {
+        return Err(BindingError::HostCount {
+            count: request.hosts.len(),
+            bound,
+        });
+    };
+    if !names_bound(only) {
+        return Err(BindingError::OtherHost {
+            named: only.clone(),
+            bound,
+        });
+    }
+    let target = &request.target;
+    if target.starts_with('/') || (target == "*" && method == "OPTIONS") {
+        return Ok(target.clone());
+    }
+    let lower = target.to_ascii_lowercase();
+    let Some(rest) = lower
+        .starts_with("https://")
+        .then(|| &target["https://".len()..])
+    else {
+        return Err(BindingError::Target {
+            target: target.clone(),
+            bound,
+        });
+    };
+    let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    if !names_bound(authority) {
+        return Err(BindingError::OtherHost {
+            named: authority.to_owned(),
+            bound,
+        });
+    }
+    Ok(match path {
+        "" => "/".to_owned(),
+        p if p.starts_with('?') => format!("/{p}"),
+        p => p.to_owned(),
+    })
+}
+
+/// Writes through to `inner`, overwriting every occurrence of a secret with `*` (same
+/// length: the body's framing still holds). A tail that could be the start of a secret is
+/// held back until the next write shows whether it is one, or until [`Redactor::finish`].
+struct Redactor<'a, W> {
+    inner: &'a mut W,
+    secrets: &'a [Vec<u8>],
+    /// Accepted, redacted as far as it can be, held: it may still become part of a secret.
+    held: Vec<u8>,
+    /// Redacted and final, not yet taken by `inner`.
+    out: Vec<u8>,
+    hits: usize,
+}
+
+impl<'a, W: AsyncWrite + Unpin> Redactor<'a, W> {
+    fn new(inner: &'a mut W, secrets: &'a [Vec<u8>]) -> Self {
+        Redactor {
+            inner,
+            secrets,
+            held: Vec::new(),
+            out: Vec::new(),
+            hits: 0,
+        }
+    }
+
+    /// Redacts `held` and moves what is final (cannot become part of a secret, whatever
+    /// comes next; everything when `all`) to `out`.
+    fn redact(&mut self, all: bool) {
+        for secret in self.secrets {
+            let mut at = 0;
+            while at + secret.len() <= self.held.len() {
+                if self.held[at..].starts_with(secret) {
+                    self.held[at..at + secret.len()].fill(b'*');
+                    self.hits += 1;
+                    at += secret.len();
+                } else {
+                    at += 1;
+                }
+            }
+        }
+        // The longest tail that is a proper prefix of a secret stays held.
+        let keep = if all {
+            0
+        } else {
+            self.secrets
+                .iter()
+                .filter_map(|secret| {
+                    (1..secret.len().min(self.held.len() + 1))
+                        .rev()
+                        .find(|&n| self.held.ends_with(&secret[..n]))
+                })
+                .max()
+                .unwrap_or(0)
+        };
+        let final_len = self.held.len() - keep;
+        self.out.extend(self.held.drain(..final_len));
+    }
+
+    /// Writes `out` on; `Ready(Ok)` once `inner` took all of it.
+    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.out.is_empty() {
+            match Pin::new(&mut *self.inner).poll_write(cx, &self.out) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.out.drain(..n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes what is held and returns how many secrets were overwritten.
+    async fn finish(mut self) -> std::io::Result<usize> {
+        self.redact(true);
+        let out = std::mem::take(&mut self.out);
+        self.inner.write_all(&out).await?;
+        Ok(self.hits)
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Redactor<'_, W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        // Earlier bytes go on first; only then is `buf` taken, and sent on at once if it can
+        // be (a streamed response must not wait for the next piece).
+        match self.poll_out(cx) {
+            Poll::Ready(Ok(())) => {}
+            other => return other.map(|r| r.map(|()| 0)),
+        }
+        self.held.extend_from_slice(buf);
+        self.redact(false);
+        if let Poll::Ready(Err(e)) = self.poll_out(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.poll_out(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut *self.inner).poll_flush(cx),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 
@@ -417,6 +732,27 @@ pub struct Rewritten {
     pub closes: bool,
     /// The agent waits for `100 Continue` before its body: the proxy answers it.
     pub expects_continue: bool,
+    /// Every `Host` header value, in order.
+    pub hosts: Vec<String>,
+    /// The agent asks for a protocol switch (`Upgrade`, or `upgrade` in `Connection`).
+    pub upgrade: bool,
+}
+
+impl Rewritten {
+    /// Sends the request up for `target` (the canonical form it was decided on).
+    pub fn set_target(&mut self, target: &str) {
+        if target == self.target {
+            return;
+        }
+        let line_end = self
+            .head
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .unwrap_or(self.head.len());
+        let line = format!("{} {target} HTTP/1.1", self.method);
+        self.head.splice(..line_end, line.into_bytes());
+        self.target = target.to_owned();
+    }
 }
 
 /// The request head as sent up: the credential's header set by the proxy (the agent's own
@@ -435,6 +771,12 @@ pub fn rewrite_head(head: &[u8], injection: &Injection) -> Result<Rewritten, Str
     let framing = http::body_framing(&parsed)?;
     let closes = http::closes_connection(parsed.version, &parsed.headers);
     let named_by_connection = http::connection_tokens(&parsed.headers);
+    let hosts: Vec<String> = parsed
+        .header_values("host")
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    let upgrade = named_by_connection.iter().any(|t| t == "upgrade")
+        || parsed.header_values("upgrade").next().is_some();
     let mut expects_continue = false;
     let mut out = format!("{} {} HTTP/1.1\r\n", parsed.method, parsed.target).into_bytes();
     for (name, value) in &parsed.headers {
@@ -466,6 +808,8 @@ pub fn rewrite_head(head: &[u8], injection: &Injection) -> Result<Rewritten, Str
         framing,
         closes,
         expects_continue,
+        hosts,
+        upgrade,
     })
 }
 
@@ -596,6 +940,14 @@ mod tests {
     struct Seen {
         connections: std::sync::atomic::AtomicUsize,
         requests: std::sync::atomic::AtomicUsize,
+        /// Every request head received, in order (what the agent sees back is redacted).
+        heads: Mutex<Vec<String>>,
+    }
+
+    impl Seen {
+        fn heads(&self) -> String {
+            self.heads.lock().unwrap().join("")
+        }
     }
 
     /// A TLS server that keeps connections open and answers each request with `200` and the
@@ -622,6 +974,10 @@ mod tests {
                     let mut tls = BufReader::new(tls);
                     while let Ok(Some(head)) = body::read_head(&mut tls, MAX_HEAD).await {
                         seen.requests.fetch_add(1, Ordering::SeqCst);
+                        seen.heads
+                            .lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&head).into_owned());
                         let (parsed, _) = http::parse_head(&head).unwrap().unwrap();
                         let mut echo = head.clone();
                         let framing = http::body_framing(&parsed).unwrap();
@@ -702,7 +1058,7 @@ mod tests {
             roots,
         );
         let policy = EgressPolicy::new(
-            &["api.test".to_owned(), "other.test".to_owned()],
+            &["api.test:*".to_owned(), "other.test:*".to_owned()],
             &[],
             "denied",
         )
@@ -792,20 +1148,27 @@ mod tests {
     #[tokio::test]
     async fn the_credential_reaches_the_real_host_and_never_the_agent() {
         let (root, server) = pki("api.test");
-        let (port, _) = tls_upstream(server, notify()).await;
+        let (port, seen) = tls_upstream(server, notify()).await;
         let (proxy, bottle_ca) = proxy(root).await;
 
         let response = agent_request(proxy, "api.test", port, bottle_ca, REQUEST)
             .await
             .unwrap();
 
-        // The upstream echoes what it received: the proxy's credential, not the agent's.
-        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        // The upstream got the proxy's credential, not the agent's; it echoes the request
+        // back, and the credential in that echo is overwritten before the agent sees it.
+        let received = seen.heads();
         assert!(
-            response.contains("Authorization: Bearer real-secret"),
+            received.contains("Authorization: Bearer real-secret\r\n"),
+            "{received}"
+        );
+        assert!(!received.contains("Bearer fake"), "{received}");
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(!response.contains("real-secret"), "{response}");
+        assert!(
+            response.contains("Authorization: ******************\r\n"),
             "{response}"
         );
-        assert!(!response.contains("Bearer fake"), "{response}");
         assert!(response.ends_with("hello"), "{response}");
     }
 
@@ -857,6 +1220,32 @@ mod tests {
         assert!(ca.cert_pem().starts_with("-----BEGIN CERTIFICATE-----"));
     }
 
+    #[test]
+    fn every_casing_and_trailing_dot_of_a_host_shares_one_certificate() {
+        let ca = BottleCa::generate("test-casings").unwrap();
+        let host = "credentialhost.example";
+
+        for i in 0..2048u32 {
+            let mut letter = 0;
+            let casing: String = host
+                .chars()
+                .map(|c| {
+                    letter += 1;
+                    if c.is_ascii_alphabetic() && (i >> (letter % 16)) & 1 == 1 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            let dotted = format!("{casing}.");
+            ca.server_config(&casing).unwrap();
+            ca.server_config(&dotted).unwrap();
+        }
+
+        assert_eq!(ca.issued.lock().unwrap().len(), 1);
+    }
+
     fn notify() -> Arc<tokio::sync::Notify> {
         Arc::new(tokio::sync::Notify::new())
     }
@@ -890,12 +1279,17 @@ mod tests {
             String::from_utf8(b).unwrap(),
             String::from_utf8(c).unwrap(),
         );
-        for seen_up in [&a, &b, &c] {
-            assert!(
-                seen_up.contains("Authorization: Bearer real-secret\r\n"),
-                "{seen_up}"
-            );
-            assert!(!seen_up.contains("fake"), "{seen_up}");
+        let received = seen.heads();
+        assert_eq!(
+            received
+                .matches("Authorization: Bearer real-secret\r\n")
+                .count(),
+            3,
+            "{received}"
+        );
+        assert!(!received.contains("fake"), "{received}");
+        for echoed in [&a, &b, &c] {
+            assert!(!echoed.contains("real-secret"), "{echoed}");
         }
         assert!(b.ends_with("3\r\nabc\r\n0\r\n\r\n"), "{b}");
         assert_eq!(continued, b"HTTP/1.1 100 Continue\r\n\r\n");
@@ -975,7 +1369,8 @@ mod tests {
 
         assert!(String::from_utf8(until_close)
             .unwrap()
-            .contains("Authorization: Bearer real-secret"));
+            .contains("GET /until-close"));
+        assert!(seen.heads().contains("Authorization: Bearer real-secret"));
         assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
         assert!(
             refused.contains("both Content-Length and Transfer-Encoding"),
@@ -1021,13 +1416,14 @@ mod tests {
         .unwrap();
 
         let allowed = String::from_utf8(allowed).unwrap();
-        assert!(
-            allowed.contains("Authorization: Bearer real-secret"),
-            "{allowed}"
-        );
+        assert!(allowed.contains("GET /me/app/info/refs"), "{allowed}");
+        assert!(seen.heads().contains("Authorization: Bearer real-secret"));
         assert_eq!(escaped_head.status, 403);
         let escaped = String::from_utf8(escaped).unwrap();
-        assert!(escaped.contains("`.` or `..` segments"), "{escaped}");
+        assert!(
+            escaped.contains("canonical \"/evil/repo/git-receive-pack\""),
+            "{escaped}"
+        );
         assert!(other.starts_with("HTTP/1.1 403"), "{other}");
         assert!(other.contains("outside the paths"), "{other}");
         // Only the allowed request reached the host.

@@ -19,15 +19,22 @@ pub(crate) mod body;
 pub(crate) mod http;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_binding;
+#[cfg(test)]
+mod tests_framing;
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use events::EgressEvent;
-pub use policy::{CredentialPaths, Decision, DenyReason, EgressPolicy, LivePolicy};
+pub use policy::{
+    normalize_host, CredentialPaths, Decision, DenyReason, EgressPolicy, FloorRefusal, LivePolicy,
+    PathError,
+};
 pub use proxy::{serve, EgressProxy, ProxyConfig, ProxyLimits};
-pub use resolve::Resolver;
+pub use resolve::{FloorRange, Resolver};
 
 /// Everything that can go wrong in the egress module.
 #[derive(Debug, thiserror::Error)]
@@ -66,23 +73,13 @@ pub enum EgressError {
     HostNotFound { host: String },
     #[error("DNS lookup of {host} timed out (nameservers: {nameservers})")]
     DnsTimeout { host: String, nameservers: String },
-    #[error("DNS server {server} failed to answer for {host} (rcode {rcode})")]
-    DnsServerFailure {
+    #[error("DNS lookup of {host} failed (nameservers: {nameservers})")]
+    DnsLookup {
         host: String,
-        server: SocketAddr,
-        rcode: u8,
-    },
-    #[error("malformed DNS answer from {server} for {host}: {reason}")]
-    DnsMalformed {
-        host: String,
-        server: SocketAddr,
-        reason: &'static str,
-    },
-    #[error("DNS query to {server} failed")]
-    DnsIo {
-        server: SocketAddr,
+        nameservers: String,
+        /// Boxed: hickory's error is large, and every egress `Result` would carry its size.
         #[source]
-        source: io::Error,
+        source: Box<hickory_resolver::net::NetError>,
     },
     #[error("cannot connect to {host}:{port}")]
     Connect {

@@ -1,10 +1,11 @@
 //! The egress policy: which `host:port` pairs a bottle may reach. Pure, no I/O.
 //!
 //! Rule syntax (allow and deny lists alike):
-//! - `host` — exactly that host name, any port;
+//! - `host` — exactly that host name;
 //! - `*.suffix` — every name *below* `suffix` (`a.suffix`, `a.b.suffix`), not `suffix` itself;
-//! - either of those followed by `:port` — only that port;
-//! - an IP literal (`1.2.3.4`, `1.2.3.4:80`, `[::1]:443`, `::1`) — that address, exactly.
+//! - an IP literal (`1.2.3.4`, `[::1]`, `::1`) — that address, exactly;
+//! - any of those followed by `:port` (only that port) or `:*` (every port). Without a port an
+//!   allow rule opens port 443 only; a deny rule without a port denies every port.
 //!
 //! Order of evaluation, first match wins:
 //! 1. the request host is malformed → deny (`invalid_host`);
@@ -17,11 +18,13 @@
 //! 5. an allow rule matches → allow;
 //! 6. otherwise → deny (`not_allowed`).
 //!
-//! Host names compare case-insensitively, and one trailing dot (`example.com.`) is ignored.
+//! Host names are normalised once ([`normalize_host`]: IDNA to ASCII, lower case, one trailing
+//! dot dropped) before they are compared, intercepted or logged.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use super::resolve::{floor_range, FloorRange};
 use super::EgressError;
 
 /// Well-known DNS-over-HTTPS endpoints. Each entry also covers every name below it. A resolver
@@ -84,12 +87,26 @@ enum HostPattern {
     Ip(IpAddr),
 }
 
+/// The port part of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortSpec {
+    /// No port written: port 443 in an allow rule, every port in a deny rule.
+    Unwritten,
+    /// `:*`: every port.
+    Any,
+    /// `:port`.
+    One(u16),
+}
+
+/// The port an allow rule without a port opens (HTTPS through `CONNECT`).
+pub const DEFAULT_ALLOW_PORT: u16 = 443;
+
 /// One parsed allow or deny rule. Keeps its original text for events and messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Rule {
     text: String,
     host: HostPattern,
-    port: Option<u16>,
+    port: PortSpec,
 }
 
 /// A request host after normalisation.
@@ -178,12 +195,36 @@ impl Decision {
     }
 }
 
-/// Allow and deny lists plus the message a denied agent reads.
+/// Allow and deny lists plus the message a denied agent reads, and the exceptions to the
+/// address floor.
 #[derive(Debug, Clone)]
 pub struct EgressPolicy {
     allow: Vec<Rule>,
     deny: Vec<Rule>,
     deny_message: String,
+    /// `[egress] allow_private`: names (or addresses) that may lead to a waivable floor range.
+    private_ok: Vec<Rule>,
+    /// The Docker host as the bundle sees it (its route gateways): never dialled unless waived.
+    host_addresses: Vec<IpAddr>,
+}
+
+/// Why the proxy refuses to dial an address an allowed request led to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FloorRefusal {
+    pub ip: IpAddr,
+    pub range: FloorRange,
+}
+
+impl fmt::Display for FloorRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} is {}", self.ip, self.range)?;
+        if self.range.waivable() {
+            f.write_str(
+                ": `[egress] allow_private = [\"<name>\"]` in the manifest opens it for a name",
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl EgressPolicy {
@@ -199,7 +240,68 @@ impl EgressPolicy {
                 .map(|r| parse_rule(r))
                 .collect::<Result<_, _>>()?,
             deny_message: deny_message.to_owned(),
+            private_ok: Vec::new(),
+            host_addresses: Vec::new(),
         })
+    }
+
+    /// The manifest's `[egress] allow_private`: host names, `*.suffix` patterns or addresses
+    /// (no port) whose resolved addresses may lie in a waivable floor range (private, shared,
+    /// benchmark, documentation, unique-local, the Docker host).
+    pub fn with_private_exceptions(mut self, entries: &[String]) -> Result<Self, EgressError> {
+        for entry in entries {
+            let rule = parse_rule(entry)?;
+            if rule.port != PortSpec::Unwritten {
+                return Err(invalid(
+                    entry,
+                    "an `allow_private` entry names a host or address, without a port (the allow rule sets the port)",
+                ));
+            }
+            self.private_ok.push(rule);
+        }
+        Ok(self)
+    }
+
+    /// The addresses of the Docker host as the bundle sees it: refused like a private range.
+    pub fn with_host_addresses(mut self, addresses: Vec<IpAddr>) -> Self {
+        self.host_addresses = addresses;
+        self
+    }
+
+    /// Whether `[egress] allow_private` names `host`.
+    pub fn allows_private(&self, host: &str) -> bool {
+        normalize_target(host)
+            .is_some_and(|target| self.private_ok.iter().any(|r| r.matches_host(&target)))
+    }
+
+    /// The address floor: whether `ip`, which the allowed request for `host` led to, may be
+    /// dialled. `allow_loopback` only for tests and benchmarks.
+    pub fn may_dial(
+        &self,
+        host: &str,
+        ip: IpAddr,
+        allow_loopback: bool,
+    ) -> Result<(), FloorRefusal> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let range = if self.host_addresses.contains(&ip) {
+            Some(FloorRange::HostGateway)
+        } else {
+            floor_range(ip)
+        };
+        let Some(range) = range else {
+            return Ok(());
+        };
+        if range == FloorRange::Loopback && allow_loopback {
+            return Ok(());
+        }
+        if range.waivable() && self.allows_private(host) {
+            Ok(())
+        } else {
+            Err(FloorRefusal { ip, range })
+        }
     }
 
     /// The manifest's message for denied requests, sent in every 403 body.
@@ -217,8 +319,11 @@ impl EgressPolicy {
             HostPattern::Suffix(_) => None,
         };
         if let Some(target) = target {
-            let port = parsed.port.unwrap_or(443);
-            if let Some(deny) = self.deny.iter().find(|d| d.matches(&target, port)) {
+            let port = match parsed.port {
+                PortSpec::One(port) => port,
+                PortSpec::Unwritten | PortSpec::Any => DEFAULT_ALLOW_PORT,
+            };
+            if let Some(deny) = self.deny.iter().find(|d| d.matches(&target, port, true)) {
                 return Err(EgressError::InvalidRule {
                     rule: rule.to_owned(),
                     reason: format!(
@@ -248,7 +353,7 @@ impl EgressPolicy {
                 reason: DenyReason::InvalidHost,
             };
         };
-        if let Some(rule) = self.deny.iter().find(|r| r.matches(&target, port)) {
+        if let Some(rule) = self.deny.iter().find(|r| r.matches(&target, port, true)) {
             return Decision::Deny {
                 reason: DenyReason::DenyRule {
                     rule: rule.text.clone(),
@@ -261,7 +366,7 @@ impl EgressPolicy {
             Target::Name(_) => None,
         };
         let allowed = self.allow.iter().find(|r| {
-            r.matches(&target, port)
+            r.matches(&target, port, false)
                 && (exact_only.is_none() || !matches!(r.host, HostPattern::Suffix(_)))
         });
         match (allowed, exact_only) {
@@ -277,10 +382,18 @@ impl EgressPolicy {
 }
 
 impl Rule {
-    fn matches(&self, target: &Target, port: u16) -> bool {
-        if self.port.is_some_and(|p| p != port) {
-            return false;
-        }
+    /// `unwritten_means_any`: a rule without a port matches every port (deny rules), else
+    /// only [`DEFAULT_ALLOW_PORT`] (allow rules).
+    fn matches(&self, target: &Target, port: u16, unwritten_means_any: bool) -> bool {
+        let port_matches = match self.port {
+            PortSpec::Any => true,
+            PortSpec::One(p) => p == port,
+            PortSpec::Unwritten => unwritten_means_any || port == DEFAULT_ALLOW_PORT,
+        };
+        port_matches && self.matches_host(target)
+    }
+
+    fn matches_host(&self, target: &Target) -> bool {
         match (&self.host, target) {
             (HostPattern::Exact(rule), Target::Name(name)) => rule == name,
             (HostPattern::Suffix(suffix), Target::Name(name)) => name
@@ -355,35 +468,40 @@ fn parse_rule(text: &str) -> Result<Rule, EgressError> {
 }
 
 /// Splits `host[:port]` (or `[v6][:port]`, or a bare IPv6 literal without port).
-fn split_host_port(text: &str) -> Result<(&str, Option<u16>), String> {
+fn split_host_port(text: &str) -> Result<(&str, PortSpec), String> {
     if let Some(rest) = text.strip_prefix('[') {
         let (inside, after) = rest
             .split_once(']')
             .ok_or("an opening `[` needs a closing `]`")?;
         let port = match after {
-            "" => None,
-            _ => Some(parse_port(
+            "" => PortSpec::Unwritten,
+            _ => parse_port(
                 after
                     .strip_prefix(':')
                     .ok_or("expected `:port` after `]`")?,
-            )?),
+            )?,
         };
         return Ok((inside, port));
     }
     if text.matches(':').count() > 1 {
         // A bare IPv6 literal; a port needs brackets.
-        return Ok((text, None));
+        return Ok((text, PortSpec::Unwritten));
     }
     match text.split_once(':') {
-        Some((host, port)) => Ok((host, Some(parse_port(port)?))),
-        None => Ok((text, None)),
+        Some((host, port)) => Ok((host, parse_port(port)?)),
+        None => Ok((text, PortSpec::Unwritten)),
     }
 }
 
-fn parse_port(text: &str) -> Result<u16, String> {
+fn parse_port(text: &str) -> Result<PortSpec, String> {
+    if text == "*" {
+        return Ok(PortSpec::Any);
+    }
     match text.parse::<u16>() {
-        Ok(0) | Err(_) => Err(format!("`{text}` is not a port (expected 1-65535)")),
-        Ok(port) => Ok(port),
+        Ok(0) | Err(_) => Err(format!(
+            "`{text}` is not a port (expected 1-65535, or `*` for every port)"
+        )),
+        Ok(port) => Ok(PortSpec::One(port)),
     }
 }
 
@@ -413,9 +531,15 @@ fn looks_numeric(text: &str) -> bool {
     })
 }
 
-/// Lower-cases, drops one trailing dot and checks DNS syntax. `None` if not a valid name.
+/// The one normal form of a host name: IDNA (UTS #46) to ASCII, which also lower-cases, then
+/// one trailing dot dropped, then DNS syntax checked. `None` if not a valid name.
 fn normalize_name(text: &str) -> Option<String> {
-    let name = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
+    let ascii = if text.is_ascii() && !text.contains("xn--") && !text.contains("XN--") {
+        text.to_ascii_lowercase()
+    } else {
+        idna::domain_to_ascii(text).ok()?
+    };
+    let name = ascii.strip_suffix('.').unwrap_or(&ascii).to_owned();
     let valid = !name.is_empty()
         && name.len() <= MAX_HOST_LEN
         && name.split('.').all(|label| {
@@ -442,12 +566,23 @@ fn normalize_target(host: &str) -> Option<Target> {
 }
 
 /// Normalises a request host for comparisons (e.g. URI host vs `Host` header): lower case, no
-/// trailing dot, no IPv6 brackets, IPv4-mapped IPv6 as IPv4.
+/// trailing dot, no IPv6 brackets, IPv4-mapped IPv6 as IPv4, IDNA to ASCII.
 pub(crate) fn canonical_host(host: &str) -> String {
-    match parse_ip_literal(host) {
-        Some(ip) => ip.to_string(),
-        None => host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase(),
+    normalize_host(host).unwrap_or_else(|| host.to_ascii_lowercase())
+}
+
+/// The one normal form of a request host, applied before the policy, interception, the
+/// certificate cache and the event log: an IP literal as its canonical address (IPv4-mapped
+/// IPv6 as IPv4, no brackets), a name IDNA-mapped to ASCII, lower case, one trailing dot
+/// dropped. `None` when the host is no valid name or address (the policy denies it).
+pub fn normalize_host(host: &str) -> Option<String> {
+    if let Some(ip) = parse_ip_literal(host) {
+        return Some(ip.to_string());
     }
+    if looks_numeric(host) {
+        return None;
+    }
+    normalize_name(host)
 }
 
 /// A policy shared by the proxy and the supervisor, which may add allow rules while the bottle
@@ -475,6 +610,15 @@ impl LivePolicy {
         self.read().deny_message().to_owned()
     }
 
+    pub fn may_dial(
+        &self,
+        host: &str,
+        ip: IpAddr,
+        allow_loopback: bool,
+    ) -> Result<(), FloorRefusal> {
+        self.read().may_dial(host, ip, allow_loopback)
+    }
+
     pub fn rules(&self) -> (Vec<String>, Vec<String>) {
         self.read().rules()
     }
@@ -487,61 +631,186 @@ impl LivePolicy {
     }
 }
 
+/// Why a request path has no canonical form, or falls outside a credential's paths.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path {path:?} must start with `/`")]
+    NotAbsolute { path: String },
+    #[error("path {path:?} must not contain {found:?} (write the prefix as plain segments, e.g. `/owner/repo`)")]
+    BadPrefixChar { path: String, found: char },
+    #[error("path {path:?} must be in its canonical form {canonical:?} (no `.`/`..` or empty segments, nothing encoded)")]
+    PrefixNotCanonical { path: String, canonical: String },
+    #[error("request target {target:?} is not an absolute path")]
+    TargetNotAbsolute { target: String },
+    #[error("path {path:?} has a `;` parameter, which servers read differently: refused")]
+    Parameter { path: String },
+    #[error("path {path:?} has a backslash, which some servers read as `/`: refused")]
+    Backslash { path: String },
+    #[error("path {path:?} has a byte that must be percent-encoded (space, control or non-ASCII): refused")]
+    RawByte { path: String },
+    #[error("path {path:?} has a `%` not followed by two hex digits: refused")]
+    BadEscape { path: String },
+    #[error("path {path:?} encodes `%` itself (double encoding such as `%252e`): refused")]
+    DoubleEncoded { path: String },
+    #[error("path {path:?} encodes a slash, backslash or control character: refused")]
+    EncodedDelimiter { path: String },
+    #[error("path {path:?} does not decode to valid UTF-8 (e.g. an overlong `%c0%ae`): refused")]
+    NotUtf8 { path: String },
+    #[error("path {path:?} has an empty segment (`//`), which servers read differently: refused")]
+    EmptySegment { path: String },
+    #[error("path {path:?} climbs above `/` with `..`: refused")]
+    AboveRoot { path: String },
+    #[error("path {path:?} (canonical {canonical:?}) is outside the paths this credential may be used for ({prefixes})")]
+    Outside {
+        path: String,
+        canonical: String,
+        prefixes: String,
+    },
+}
+
+/// The one canonical form a request path is decided on (and sent to the host in): percent
+/// escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`) decoded, other escapes kept with
+/// upper-case hex, then `.` and `..` segments resolved (RFC 3986 §5.2.4). Refused, because
+/// servers disagree on what they mean: `;` parameters, backslashes, `%25` (double encoding),
+/// encoded `/`, `\` or control characters, escapes that do not decode to UTF-8 (overlong
+/// forms like `%c0%ae`), raw bytes that must be encoded, empty segments, and `..` above `/`.
+pub fn canonical_path(path: &str) -> Result<String, PathError> {
+    let err_path = || path.to_owned();
+    if !path.starts_with('/') {
+        return Err(PathError::TargetNotAbsolute { target: err_path() });
+    }
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut decoded: Vec<u8> = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| PathError::BadEscape { path: err_path() })?;
+                match hex {
+                    b'%' => return Err(PathError::DoubleEncoded { path: err_path() }),
+                    b'/' | b'\\' | 0..=0x1f | 0x7f => {
+                        return Err(PathError::EncodedDelimiter { path: err_path() })
+                    }
+                    c if c.is_ascii_alphanumeric() || b"-._~".contains(&c) => {
+                        out.push(char::from(c))
+                    }
+                    c => out.push_str(&format!("%{c:02X}")),
+                }
+                decoded.push(hex);
+                i += 3;
+            }
+            b';' => return Err(PathError::Parameter { path: err_path() }),
+            b'\\' => return Err(PathError::Backslash { path: err_path() }),
+            c if c <= b' ' || c >= 0x7f => return Err(PathError::RawByte { path: err_path() }),
+            c => {
+                out.push(char::from(c));
+                decoded.push(c);
+                i += 1;
+            }
+        }
+    }
+    if std::str::from_utf8(&decoded).is_err() {
+        return Err(PathError::NotUtf8 { path: err_path() });
+    }
+    let segments: Vec<&str> = out[1..].split('/').collect();
+    let last = segments.len() - 1;
+    let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
+    let mut trailing_slash = false;
+    for (n, segment) in segments.into_iter().enumerate() {
+        trailing_slash = false;
+        match segment {
+            "" if n == last => trailing_slash = true,
+            "" => return Err(PathError::EmptySegment { path: err_path() }),
+            "." => trailing_slash = true,
+            ".." => {
+                kept.pop()
+                    .ok_or_else(|| PathError::AboveRoot { path: err_path() })?;
+                trailing_slash = true;
+            }
+            segment => kept.push(segment),
+        }
+    }
+    let mut canonical = format!("/{}", kept.join("/"));
+    if trailing_slash && !canonical.ends_with('/') {
+        canonical.push('/');
+    }
+    Ok(canonical)
+}
+
 /// The request paths a host's credential may be used for: prefixes matched on whole path
-/// segments (`/me/app` covers `/me/app` and `/me/app/info/refs`, not `/me/app-other`). Empty:
-/// every path. A request whose path could be read two ways (dot segments, encoded dots,
-/// slashes or backslashes) is refused rather than guessed at: servers differ in how they
-/// normalise it, and the one that counts is the real host.
+/// segments (`/me/app` covers `/me/app` and `/me/app/info/refs`, not `/me/app-other`) of the
+/// request's [`canonical_path`]. Empty: every path. A request path without a canonical form
+/// is refused rather than guessed at: servers differ in how they normalise it, and the one
+/// that counts is the real host.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CredentialPaths(Vec<String>);
 
 impl CredentialPaths {
-    /// Checks each prefix: absolute, no query or fragment, no dot segments, nothing encoded.
-    pub fn new(prefixes: &[String]) -> Result<Self, String> {
+    /// Checks each prefix: absolute, no query, fragment, `;`, `%` or backslash, and already
+    /// in canonical form.
+    pub fn new(prefixes: &[String]) -> Result<Self, PathError> {
         for p in prefixes {
             if !p.starts_with('/') {
-                return Err(format!("path {p:?} must start with `/`"));
+                return Err(PathError::NotAbsolute { path: p.clone() });
             }
-            if let Some(c) = p.chars().find(|c| "?#%\\".contains(*c) || c.is_control()) {
-                return Err(format!("path {p:?} must not contain {c:?}"));
+            if let Some(c) = p.chars().find(|c| "?#%;\\".contains(*c) || c.is_control()) {
+                return Err(PathError::BadPrefixChar {
+                    path: p.clone(),
+                    found: c,
+                });
             }
-            if p.split('/').any(|s| s == "." || s == "..") {
-                return Err(format!("path {p:?} must not contain `.` or `..` segments"));
+            let canonical = canonical_path(p).unwrap_or_default();
+            if &canonical != p {
+                return Err(PathError::PrefixNotCanonical {
+                    path: p.clone(),
+                    canonical,
+                });
             }
         }
         Ok(Self(prefixes.to_vec()))
     }
 
-    /// Whether the request target `target` falls under a prefix; `Err` says why not.
-    pub fn allows(&self, target: &str) -> Result<(), String> {
+    /// Whether the origin-form request target `target` falls under a prefix. `Ok` carries
+    /// the target to send up: its path in canonical form, the query unchanged (with no
+    /// prefixes, the target as given).
+    pub fn allows(&self, target: &str) -> Result<String, PathError> {
         if self.0.is_empty() {
-            return Ok(());
+            return Ok(target.to_owned());
         }
-        if !target.starts_with('/') {
-            return Err(format!("request target {target:?} is not an absolute path"));
+        let (path, query) = match target.find(['?', '#']) {
+            Some(at) if target.as_bytes()[at] == b'#' => {
+                return Err(PathError::RawByte {
+                    path: target.to_owned(),
+                })
+            }
+            Some(at) => target.split_at(at),
+            None => (target, ""),
+        };
+        if !path.starts_with('/') {
+            return Err(PathError::TargetNotAbsolute {
+                target: target.to_owned(),
+            });
         }
-        let path = target.split(['?', '#']).next().unwrap_or(target);
-        let lower = path.to_ascii_lowercase();
-        if path.contains('\\') || ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e)) {
-            return Err(format!(
-                "path {path:?} encodes a dot, slash or backslash: refused"
-            ));
-        }
-        if path.split('/').any(|s| s == "." || s == "..") {
-            return Err(format!("path {path:?} has `.` or `..` segments: refused"));
-        }
+        let canonical = canonical_path(path)?;
         let under = |prefix: &String| {
-            path == prefix
-                || (path.starts_with(prefix.as_str())
-                    && (prefix.ends_with('/') || path[prefix.len()..].starts_with('/')))
+            canonical == *prefix
+                || (canonical.starts_with(prefix.as_str())
+                    && (prefix.ends_with('/') || canonical[prefix.len()..].starts_with('/')))
         };
         if self.0.iter().any(under) {
-            Ok(())
+            Ok(format!("{canonical}{query}"))
         } else {
-            Err(format!(
-                "path {path:?} is outside the paths this credential may be used for ({})",
-                self.0.join(", ")
-            ))
+            Err(PathError::Outside {
+                path: path.to_owned(),
+                canonical,
+                prefixes: self.0.join(", "),
+            })
         }
     }
 
@@ -577,10 +846,13 @@ mod tests {
     }
 
     #[test]
-    fn exact_rule_allows_its_host_on_any_port() {
-        let p = policy(&["api.example.com"], &[]);
-        assert_eq!(p.decide("api.example.com", 443), allow("api.example.com"));
-        assert_eq!(p.decide("api.example.com", 8080), allow("api.example.com"));
+    fn exact_rule_with_star_port_allows_its_host_on_any_port() {
+        let p = policy(&["api.example.com:*"], &[]);
+        assert_eq!(p.decide("api.example.com", 443), allow("api.example.com:*"));
+        assert_eq!(
+            p.decide("api.example.com", 8080),
+            allow("api.example.com:*")
+        );
     }
 
     #[test]
@@ -610,7 +882,7 @@ mod tests {
     fn suffix_rule_allows_names_below_at_any_depth() {
         let p = policy(&["*.github.com"], &[]);
         assert_eq!(p.decide("api.github.com", 443), allow("*.github.com"));
-        assert_eq!(p.decide("a.b.github.com", 22), allow("*.github.com"));
+        assert_eq!(p.decide("a.b.github.com", 443), allow("*.github.com"));
     }
 
     #[test]
@@ -688,7 +960,7 @@ mod tests {
     #[test]
     fn ipv4_mapped_ipv6_matches_the_ipv4_rule() {
         let p = policy(&["127.0.0.1"], &[]);
-        assert_eq!(p.decide("[::ffff:127.0.0.1]", 80), allow("127.0.0.1"));
+        assert_eq!(p.decide("[::ffff:127.0.0.1]", 443), allow("127.0.0.1"));
     }
 
     #[test]
@@ -781,7 +1053,7 @@ mod tests {
             "example..com",
             "-a.com",
             "a/b",
-            "é.com",
+            "xn--zz.com",
         ] {
             assert_eq!(
                 p.decide(host, 443),
@@ -800,7 +1072,7 @@ mod tests {
     #[test]
     fn decision_exposes_rule_and_reason_code() {
         let p = policy(&["a.test"], &["b.test"]);
-        let allowed = p.decide("a.test", 1);
+        let allowed = p.decide("a.test", 443);
         let denied = p.decide("b.test", 1);
         let unknown = p.decide("c.test", 1);
         assert_eq!(
@@ -866,12 +1138,15 @@ mod tests {
             "/v1/messages",
             "/me/app?x=/../evil",
         ] {
-            assert_eq!(p.allows(ok), Ok(()), "{ok}");
+            assert!(p.allows(ok).is_ok(), "{ok}");
         }
         for refused in ["/me/app-evil", "/me/ap", "/evil/app", "/v1", "/", "/ME/APP"] {
             assert!(p.allows(refused).is_err(), "{refused}");
         }
-        assert_eq!(CredentialPaths::default().allows("/anything"), Ok(()));
+        assert_eq!(
+            CredentialPaths::default().allows("/anything"),
+            Ok("/anything".to_owned())
+        );
     }
 
     #[test]
@@ -890,6 +1165,141 @@ mod tests {
         ] {
             assert!(p.allows(attack).is_err(), "{attack}");
         }
+    }
+
+    #[test]
+    fn an_allow_rule_without_a_port_opens_only_443() {
+        let p = policy(&["api.example.com", "*.example.org", "10.0.0.5"], &[]);
+        assert_eq!(p.decide("api.example.com", 443), allow("api.example.com"));
+        assert_eq!(p.decide("a.example.org", 443), allow("*.example.org"));
+        for (host, port) in [
+            ("api.example.com", 22),
+            ("api.example.com", 80),
+            ("a.example.org", 6379),
+            ("10.0.0.5", 8080),
+        ] {
+            assert!(!p.decide(host, port).is_allowed(), "{host}:{port}");
+        }
+    }
+
+    #[test]
+    fn international_names_are_decided_in_their_ascii_form() {
+        let p = policy(&["xn--bcher-kva.example"], &[]);
+        assert_eq!(
+            p.decide("BÜCHER.example.", 443),
+            allow("xn--bcher-kva.example")
+        );
+        assert_eq!(
+            p.decide("xn--BCHER-kva.example", 443),
+            allow("xn--bcher-kva.example")
+        );
+    }
+
+    #[test]
+    fn credential_paths_refuse_what_has_no_canonical_form() {
+        let p = paths(&["/me/app"]);
+        for attack in [
+            "/me/app/..;/other",
+            "/me/app;x=1/../../other",
+            "/me/app/%252e%252e/other",
+            "/me/app/%25",
+            "/me/app/%c0%ae%c0%ae/other",
+            "/me/app/%e0%80%ae/other",
+            "/me/app/%ff",
+            "/me/app//../other",
+            "/me/app/%00",
+            "/me/app/%2F..%2Fother",
+            "/me/app/%zz",
+            "/me/app/caf\u{e9}",
+        ] {
+            assert!(p.allows(attack).is_err(), "{attack}");
+        }
+    }
+
+    #[test]
+    fn canonical_paths_decode_only_unreserved_escapes_and_resolve_dot_segments() {
+        let cases = [
+            ("/", "/"),
+            ("/me/app", "/me/app"),
+            ("/me/app/", "/me/app/"),
+            ("/me/%61pp", "/me/app"),
+            ("/me/app/%2e%2E/x", "/me/x"),
+            ("/me/app/x/../y", "/me/app/y"),
+            ("/me/app/./y/.", "/me/app/y/"),
+            ("/me/app/x/..", "/me/app/"),
+            ("/me/a%3ab", "/me/a%3Ab"),
+            ("/caf%C3%A9", "/caf%C3%A9"),
+        ];
+        let seen: Vec<(&str, Result<String, PathError>)> =
+            cases.iter().map(|(p, _)| (*p, canonical_path(p))).collect();
+        let expected: Vec<(&str, Result<String, PathError>)> = cases
+            .iter()
+            .map(|(p, c)| (*p, Ok((*c).to_owned())))
+            .collect();
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn a_request_is_sent_up_in_the_canonical_form_it_was_decided_on() {
+        let p = paths(&["/me/app"]);
+        assert_eq!(
+            p.allows("/me/app/x/../%79?q=/../z"),
+            Ok("/me/app/y?q=/../z".to_owned())
+        );
+        assert!(matches!(
+            p.allows("/me/../../other"),
+            Err(PathError::AboveRoot { .. })
+        ));
+    }
+
+    #[test]
+    fn star_port_opens_every_port_and_a_portless_deny_rule_denies_every_port() {
+        let p = policy(&["a.test:*", "b.test:*"], &["b.test"]);
+        assert_eq!(p.decide("a.test", 22), allow("a.test:*"));
+        assert_eq!(p.decide("a.test", 443), allow("a.test:*"));
+        assert_eq!(
+            p.decide("b.test", 8080),
+            deny(DenyReason::DenyRule {
+                rule: "b.test".into()
+            })
+        );
+        assert!(rule_error("a.test:**").contains("`*` for every port"));
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn the_address_floor_holds_unless_allow_private_names_the_host() {
+        let p = policy(&["*.corp.test"], &[])
+            .with_private_exceptions(&["git.corp.test".to_owned(), "10.0.0.5".to_owned()])
+            .unwrap()
+            .with_host_addresses(vec![ip("198.51.100.1")]);
+
+        let named = p.may_dial("git.corp.test", ip("10.1.2.3"), false);
+        let named_mapped = p.may_dial("GIT.corp.test.", ip("::ffff:10.1.2.3"), false);
+        let literal = p.may_dial("10.0.0.5", ip("10.0.0.5"), false);
+        let unnamed = p.may_dial("wiki.corp.test", ip("10.1.2.3"), false);
+        let metadata = p.may_dial("git.corp.test", ip("169.254.169.254"), false);
+        let loopback = p.may_dial("git.corp.test", ip("127.0.0.1"), false);
+        let host = p.may_dial("wiki.corp.test", ip("198.51.100.1"), false);
+        let public = p.may_dial("wiki.corp.test", ip("93.184.216.34"), false);
+
+        assert_eq!((named, named_mapped, literal), (Ok(()), Ok(()), Ok(())));
+        let range = |r: Result<(), FloorRefusal>| r.map_err(|e| e.range);
+        assert_eq!(range(unnamed), Err(FloorRange::Private));
+        assert_eq!(range(metadata), Err(FloorRange::LinkLocal));
+        assert_eq!(range(loopback), Err(FloorRange::Loopback));
+        assert_eq!(range(host), Err(FloorRange::HostGateway));
+        assert_eq!(public, Ok(()));
+    }
+
+    #[test]
+    fn allow_private_entries_name_hosts_without_ports() {
+        let entries = ["x.test:443".to_owned()];
+        let refused = policy(&[], &[]).with_private_exceptions(&entries);
+        assert!(refused.unwrap_err().to_string().contains("without a port"));
     }
 
     #[test]

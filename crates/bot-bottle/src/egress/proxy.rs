@@ -10,7 +10,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use super::body;
 use super::events::{EgressEvent, EventLog};
 use super::http::{self, HeadError, RequestHead};
 use super::intercept::{Interception, PathRefusals};
-use super::policy::{canonical_host, Decision, EgressPolicy, LivePolicy};
+use super::policy::{canonical_host, normalize_host, Decision, EgressPolicy, LivePolicy};
 use super::resolve::Resolver;
 use super::EgressError;
 
@@ -499,20 +499,24 @@ impl Conn<'_> {
                     return Err(self.upstream_failed(event, host, port, &e).await);
                 }
             };
-        let literal = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_ok();
-        let (dialable, blocked): (Vec<IpAddr>, Vec<IpAddr>) = addresses
+        // The address floor, for every dial (IP literals the policy lists included).
+        let (dialable, blocked): (Vec<_>, Vec<_>) = addresses
             .into_iter()
-            .partition(|ip| literal || dialable(*ip, self.shared.allow_loopback_upstream));
+            .map(|ip| {
+                let floor =
+                    self.shared
+                        .policy
+                        .may_dial(host, ip, self.shared.allow_loopback_upstream);
+                (ip, floor)
+            })
+            .partition(|(_, floor)| floor.is_ok());
+        let dialable: Vec<IpAddr> = dialable.into_iter().map(|(ip, _)| ip).collect();
         if dialable.is_empty() {
             let e = EgressError::BlockedAddress {
                 host: host.to_owned(),
                 addresses: blocked
                     .iter()
-                    .map(ToString::to_string)
+                    .filter_map(|(_, floor)| floor.as_ref().err().map(ToString::to_string))
                     .collect::<Vec<_>>()
                     .join(", "),
             };
@@ -579,7 +583,8 @@ impl Conn<'_> {
         leftover: Vec<u8>,
     ) -> Result<(), Refusal> {
         let (host, port) = match http::parse_authority(&head.target, None) {
-            Ok(target) => target,
+            // One spelling of the host for the policy, interception and the log.
+            Ok((host, port)) => (normalize_host(&host).unwrap_or(host), port),
             Err(why) => {
                 return Err(self
                     .bad_request("CONNECT", &format!("CONNECT target: {why}"))
@@ -632,6 +637,9 @@ impl Conn<'_> {
         }
         .await
         .inspect_err(|e: &io::Error| tracing::debug!(%host, port, error = %e, "tunnel ended"));
+        // An intercepted tunnel may end with the agent's next request unread (after a refusal):
+        // drain it briefly so closing does not reset the answer still in flight.
+        linger(client).await;
         Ok(())
     }
 
@@ -685,9 +693,14 @@ impl Conn<'_> {
         };
         let framing = match http::body_framing(head) {
             Ok(framing) => framing,
-            Err(why) => return Err(self.bad_request(method, &why).await),
+            Err(why) => return Err(self.bad_request(method, &why.to_string()).await),
         };
 
+        // One spelling of the host for the policy, the floor and the log.
+        let target = http::AbsoluteTarget {
+            host: normalize_host(&target.host).unwrap_or(target.host),
+            ..target
+        };
         // Decide on the URI host; a Host header naming anything else must be allowed too.
         let decision = self.shared.policy.decide(&target.host, target.port);
         let mut event = self.decided(method, &target.host, target.port, &decision);
@@ -713,31 +726,56 @@ impl Conn<'_> {
         let mut upstream = Tracked::new(upstream);
         let activity = upstream.activity();
         let request = http::upstream_head(head, &target.path, &target.authority);
+        // Whether any byte of the upstream's answer has gone to the client (after that, a
+        // framing error can no longer be answered with a 400).
+        let responded = AtomicBool::new(false);
         let exchange = async {
-            upstream.write_all(&request).await?;
+            upstream
+                .write_all(&request)
+                .await
+                .map_err(body::BodyError::Io)?;
             let (client_read, mut client_write) = client.split();
-            let (upstream_read, mut upstream_write) = tokio::io::split(&mut upstream);
+            let (mut upstream_read, mut upstream_write) = tokio::io::split(&mut upstream);
             let mut body = BufReader::new(io::Cursor::new(leftover).chain(client_read));
             let sending = body::forward(&mut body, &mut upstream_write, framing);
             let receiving = async {
-                let mut upstream_read = upstream_read;
-                tokio::io::copy(&mut upstream_read, &mut client_write).await?;
+                let mut buf = vec![0u8; TUNNEL_BUFFER];
+                loop {
+                    let n = upstream_read.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    responded.store(true, Ordering::Relaxed);
+                    client_write.write_all(&buf[..n]).await?;
+                }
                 client_write.shutdown().await
             };
             tokio::pin!(sending, receiving);
             tokio::select! {
-                received = &mut receiving => received,
+                received = &mut receiving => received.map_err(body::BodyError::Io),
                 sent = &mut sending => {
                     sent?;
-                    receiving.await
+                    receiving.await.map_err(body::BodyError::Io)
                 }
             }
         };
-        let _ = tokio::select! {
+        let outcome = tokio::select! {
             done = exchange => done,
             () = idle(&activity, self.shared.limits.idle_timeout) => Ok(()),
+        };
+        match outcome {
+            Err(e) if e.is_framing() => {
+                // The upstream holds a request it will never see the end of: close it first.
+                drop(upstream);
+                tracing::info!(host = %target.host, error = %e, "request body framing refused");
+                if !responded.load(Ordering::Relaxed) {
+                    return Err(self.bad_request(method, &e.to_string()).await);
+                }
+                let _ = client.shutdown().await;
+            }
+            Err(e) => tracing::debug!(host = %target.host, error = %e, "forwarding ended"),
+            Ok(()) => {}
         }
-        .inspect_err(|e| tracing::debug!(host = %target.host, error = %e, "forwarding ended"));
         // The response is complete (upstream closed); the client write side is shut down.
         linger(client).await;
         Ok(())
@@ -756,25 +794,6 @@ fn gateway_error(e: &EgressError) -> Refusal {
         reason: reason.into(),
         body: format!("bot-bottle egress: {e}\n"),
     }
-}
-
-/// Whether an address an allowed *name* resolved to may be dialled. Never: unspecified
-/// (`0.0.0.0` reaches the local host), multicast, broadcast, link-local (cloud metadata at
-/// 169.254.169.254). Loopback only when `allow_loopback`.
-fn dialable(ip: IpAddr, allow_loopback: bool) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
-    let forbidden = match ip {
-        IpAddr::V4(v4) => {
-            v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() || v4.is_link_local()
-        }
-        IpAddr::V6(v6) => {
-            v6.is_unspecified() || v6.is_multicast() || (v6.segments()[0] & 0xffc0) == 0xfe80
-        }
-    };
-    !forbidden && (allow_loopback || !ip.is_loopback())
 }
 
 /// Milliseconds since `base` of the last byte moved, shared between a stream and its watchdog.
@@ -864,44 +883,5 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::net::{Ipv4Addr, Ipv6Addr};
-
-    #[test]
-    fn dialable_refuses_unspecified_link_local_and_multicast() {
-        let refused = [
-            "0.0.0.0",
-            "169.254.169.254",
-            "224.0.0.1",
-            "255.255.255.255",
-            "::",
-            "fe80::1",
-            "ff02::1",
-            "::ffff:169.254.169.254",
-        ];
-        let results: Vec<bool> = refused
-            .iter()
-            .map(|ip| dialable(ip.parse().unwrap(), true))
-            .collect();
-        assert_eq!(results, vec![false; refused.len()]);
-    }
-
-    #[test]
-    fn dialable_refuses_loopback_unless_allowed() {
-        let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
-        assert_eq!((dialable(v4, false), dialable(v6, false)), (false, false));
-        assert_eq!((dialable(v4, true), dialable(v6, true)), (true, true));
-    }
-
-    #[test]
-    fn dialable_accepts_private_and_public_addresses() {
-        assert!(dialable("172.18.0.3".parse().unwrap(), false));
-        assert!(dialable("2001:db8::1".parse().unwrap(), false));
     }
 }

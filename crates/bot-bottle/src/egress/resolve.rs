@@ -2,7 +2,8 @@
 //!
 //! The sidecar is a static glibc binary, where `getaddrinfo` would try to load NSS modules, so we
 //! never call it. [`Resolver::system`] reads `/etc/hosts` first (exact name match), then asks the
-//! `nameserver`s of `/etc/resolv.conf` over UDP (TCP when the answer is truncated). Inside a
+//! `nameserver`s of `/etc/resolv.conf` over UDP (TCP when the answer is truncated), through
+//! hickory-resolver (pure Rust; DNS messages are never parsed by hand here). Inside a
 //! Docker user network that nameserver is `127.0.0.11`, which knows container names and aliases.
 //! Search domains and `ndots` are ignored on purpose: the proxy resolves exactly the name the
 //! policy allowed, never a name the policy did not see.
@@ -10,32 +11,26 @@
 //! Both files are re-read on every lookup (they are small, and Docker rewrites them).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
-use tokio::time::timeout;
+use hickory_resolver::config::{
+    LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::NetError;
+use hickory_resolver::proto::rr::Name;
 
 use super::EgressError;
 
-/// How long one DNS attempt (A and AAAA queries together) may take: 127.0.0.11 answers in
-/// well under a millisecond; an upstream recursive resolver within a second or two.
+/// How long one DNS query may take: 127.0.0.11 answers in well under a millisecond; an
+/// upstream recursive resolver within a second or two.
 const DNS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long to wait for the second address family once the first has answered.
-const DNS_SECOND_FAMILY_GRACE: Duration = Duration::from_millis(200);
-/// Attempts per nameserver before moving to the next one (UDP may drop a datagram).
+/// Attempts per query (UDP may drop a datagram).
 const DNS_ATTEMPTS: usize = 2;
-/// Largest DNS message we read over UDP (no EDNS, so servers stay within 512; margin kept).
-const DNS_UDP_MAX: usize = 1232;
 const DNS_PORT: u16 = 53;
-const TYPE_A: u16 = 1;
-const TYPE_AAAA: u16 = 28;
-const CLASS_IN: u16 = 1;
-const RCODE_NXDOMAIN: u8 = 3;
 
 /// Where upstream addresses come from.
 #[derive(Debug, Clone)]
@@ -176,266 +171,350 @@ fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// Asks `nameservers` (in order) for the A records of exactly `name` (as a fully qualified
+/// name: no search domains), then AAAA only when there are none (some resolvers forward AAAA
+/// queries for local names upstream, where they may never be answered). hickory-resolver
+/// speaks DNS (UDP, TCP when an answer is truncated); nothing is cached, since Docker
+/// rewrites its records while a bottle runs.
 async fn lookup_dns(name: &str, nameservers: &[SocketAddr]) -> Result<Vec<IpAddr>, EgressError> {
     let not_found = || EgressError::HostNotFound {
         host: name.to_owned(),
     };
-    let qname = encode_name(name).ok_or_else(not_found)?;
-    let mut last_error = None;
-    for &server in nameservers {
-        for _ in 0..DNS_ATTEMPTS {
-            let (v4, v6) = both_families(server, name, &qname).await;
-            match (v4, v6) {
-                (Err(EgressError::DnsTimeout { .. }), Err(EgressError::DnsTimeout { .. })) => {}
-                (Ok(mut a), Ok(aaaa)) => {
-                    a.extend(aaaa);
-                    return if a.is_empty() {
-                        Err(not_found())
-                    } else {
-                        Ok(a)
-                    };
-                }
-                (Ok(a), Err(_)) if !a.is_empty() => return Ok(a),
-                (Err(_), Ok(aaaa)) if !aaaa.is_empty() => return Ok(aaaa),
-                (Err(e), _) | (_, Err(e)) => last_error = Some(e),
-            }
-        }
-    }
-    Err(last_error.unwrap_or_else(|| EgressError::DnsTimeout {
-        host: name.to_owned(),
-        nameservers: nameservers
+    let listed = || {
+        nameservers
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
-            .join(", "),
-    }))
-}
-
-/// A and AAAA queries in parallel, each bounded by [`DNS_ATTEMPT_TIMEOUT`]. Once one family has
-/// answered with addresses, the other gets only [`DNS_SECOND_FAMILY_GRACE`]: some resolvers
-/// forward AAAA queries for local names upstream, where they may never be answered.
-async fn both_families(
-    server: SocketAddr,
-    name: &str,
-    qname: &[u8],
-) -> (
-    Result<Vec<IpAddr>, EgressError>,
-    Result<Vec<IpAddr>, EgressError>,
-) {
-    let bounded = |qtype| async move {
-        timeout(DNS_ATTEMPT_TIMEOUT, query(server, name, qname, qtype))
-            .await
-            .unwrap_or_else(|_| {
-                Err(EgressError::DnsTimeout {
-                    host: name.to_owned(),
-                    nameservers: server.to_string(),
-                })
-            })
+            .join(", ")
     };
-    let other_with_grace = |first: &Result<Vec<IpAddr>, EgressError>| {
-        if matches!(first, Ok(found) if !found.is_empty()) {
-            DNS_SECOND_FAMILY_GRACE
-        } else {
-            DNS_ATTEMPT_TIMEOUT
+    let fqdn = Name::from_ascii(format!("{name}.")).map_err(|_| not_found())?;
+    let servers = nameservers
+        .iter()
+        .map(|server| {
+            let mut config = NameServerConfig::udp_and_tcp(server.ip());
+            for connection in &mut config.connections {
+                connection.port = server.port();
+            }
+            config
+        })
+        .collect();
+    let mut options = ResolverOpts::default();
+    options.ndots = 0;
+    options.timeout = DNS_ATTEMPT_TIMEOUT;
+    options.attempts = DNS_ATTEMPTS;
+    options.cache_size = 0;
+    options.use_hosts_file = ResolveHosts::Never;
+    options.ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
+    let resolver = hickory_resolver::Resolver::builder_with_config(
+        ResolverConfig::from_parts(None, Vec::new(), servers),
+        TokioRuntimeProvider::default(),
+    )
+    .with_options(options)
+    .build()
+    .map_err(|source| EgressError::DnsLookup {
+        host: name.to_owned(),
+        nameservers: listed(),
+        source: Box::new(source),
+    })?;
+    match resolver.lookup_ip(fqdn).await {
+        Ok(found) => {
+            let mut addresses: Vec<IpAddr> = found.iter().collect();
+            addresses.sort_by_key(IpAddr::is_ipv6);
+            addresses.dedup();
+            if addresses.is_empty() {
+                Err(not_found())
+            } else {
+                Ok(addresses)
+            }
         }
-    };
-    let a = bounded(TYPE_A);
-    let aaaa = bounded(TYPE_AAAA);
-    tokio::pin!(a, aaaa);
-    let late = || Ok(Vec::new());
-    tokio::select! {
-        v4 = &mut a => {
-            let v6 = timeout(other_with_grace(&v4), &mut aaaa).await.unwrap_or_else(|_| late());
-            (v4, v6)
-        }
-        v6 = &mut aaaa => {
-            let v4 = timeout(other_with_grace(&v6), &mut a).await.unwrap_or_else(|_| late());
-            (v4, v6)
-        }
-    }
-}
-
-/// One query (UDP, retried over TCP when truncated). NXDOMAIN and empty answers give `Ok(vec![])`.
-async fn query(
-    server: SocketAddr,
-    name: &str,
-    qname: &[u8],
-    qtype: u16,
-) -> Result<Vec<IpAddr>, EgressError> {
-    let io_err = |source| EgressError::DnsIo { server, source };
-    let id = random_id();
-    let message = encode_query(id, qname, qtype);
-    let local: SocketAddr = match server {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = UdpSocket::bind(local).await.map_err(io_err)?;
-    socket.connect(server).await.map_err(io_err)?;
-    socket.send(&message).await.map_err(io_err)?;
-    let mut buf = vec![0u8; DNS_UDP_MAX];
-    let answer = loop {
-        let n = socket.recv(&mut buf).await.map_err(io_err)?;
-        // Datagrams with another id are stale or forged: keep waiting for ours.
-        if let Ok(answer) = parse_response(&buf[..n], id, qtype) {
-            break answer;
-        }
-    };
-    let answer = if answer.truncated {
-        query_tcp(server, &message, id, qtype)
-            .await?
-            .map_err(|reason| malformed(name, server, reason))?
-    } else {
-        answer
-    };
-    match answer.rcode {
-        0 | RCODE_NXDOMAIN => Ok(answer.addresses),
-        rcode => Err(EgressError::DnsServerFailure {
+        Err(e) if e.is_no_records_found() || e.is_nx_domain() => Err(not_found()),
+        Err(NetError::Timeout) => Err(EgressError::DnsTimeout {
             host: name.to_owned(),
-            server,
-            rcode,
+            nameservers: listed(),
+        }),
+        Err(source) => Err(EgressError::DnsLookup {
+            host: name.to_owned(),
+            nameservers: listed(),
+            source: Box::new(source),
         }),
     }
 }
 
-fn malformed(name: &str, server: SocketAddr, reason: &'static str) -> EgressError {
-    EgressError::DnsMalformed {
-        host: name.to_owned(),
-        server,
-        reason,
+/// The address floor: ranges the proxy refuses to dial, whatever name led there, because they
+/// lead back into the bundle, the host, another bottle, the cloud's metadata service or the
+/// user's local network rather than to the internet. A manifest may waive the ranges for which
+/// [`FloorRange::waivable`] holds, for names it lists in `[egress] allow_private`; the rest are
+/// never dialled (loopback only in tests, through `ProxyConfig::allow_loopback_upstream`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloorRange {
+    /// `0.0.0.0/8` ("this network"; `0.0.0.0` reaches the local host) and `::`.
+    ThisNetwork,
+    /// `127.0.0.0/8`, `::1`: the bundle's own services.
+    Loopback,
+    /// `169.254.0.0/16` (the cloud metadata service at 169.254.169.254), `fe80::/10`, and the
+    /// deprecated site-local `fec0::/10`.
+    LinkLocal,
+    /// `10.0.0.0/8`, `172.16.0.0/12`, `192.168.0.0/16` (RFC 1918).
+    Private,
+    /// `100.64.0.0/10` (RFC 6598, carrier-grade NAT).
+    SharedAddressSpace,
+    /// `198.18.0.0/15` (RFC 2544): the bottles' own internal networks live here.
+    Benchmark,
+    /// `192.0.2.0/24`, `198.51.100.0/24`, `203.0.113.0/24`, `2001:db8::/32`.
+    Documentation,
+    /// `224.0.0.0/4`, `ff00::/8`.
+    Multicast,
+    /// `240.0.0.0/4`, including the broadcast address `255.255.255.255`.
+    Reserved,
+    /// `fc00::/7` (IPv6 unique local).
+    UniqueLocal,
+    /// An address of the Docker host as the bundle sees it (its gateways, `host-gateway`).
+    HostGateway,
+}
+
+impl FloorRange {
+    /// Whether `[egress] allow_private` may open this range for a name it lists.
+    pub fn waivable(self) -> bool {
+        matches!(
+            self,
+            FloorRange::Private
+                | FloorRange::SharedAddressSpace
+                | FloorRange::Benchmark
+                | FloorRange::Documentation
+                | FloorRange::UniqueLocal
+                | FloorRange::HostGateway
+        )
     }
 }
 
-async fn query_tcp(
-    server: SocketAddr,
-    message: &[u8],
-    id: u16,
-    qtype: u16,
-) -> Result<Result<Answer, &'static str>, EgressError> {
-    let io_err = |source| EgressError::DnsIo { server, source };
-    let mut stream = TcpStream::connect(server).await.map_err(io_err)?;
-    let len = u16::try_from(message.len()).unwrap_or(u16::MAX);
-    let mut framed = len.to_be_bytes().to_vec();
-    framed.extend_from_slice(message);
-    stream.write_all(&framed).await.map_err(io_err)?;
-    let len = stream.read_u16().await.map_err(io_err)?;
-    let mut buf = vec![0u8; usize::from(len)];
-    stream.read_exact(&mut buf).await.map_err(io_err)?;
-    Ok(parse_response(&buf, id, qtype))
+impl std::fmt::Display for FloorRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FloorRange::ThisNetwork => "\"this network\" (0.0.0.0/8, ::)",
+            FloorRange::Loopback => "loopback",
+            FloorRange::LinkLocal => "link-local (cloud metadata)",
+            FloorRange::Private => "private (RFC 1918)",
+            FloorRange::SharedAddressSpace => "shared address space (100.64.0.0/10)",
+            FloorRange::Benchmark => "benchmarking (198.18.0.0/15)",
+            FloorRange::Documentation => "documentation",
+            FloorRange::Multicast => "multicast",
+            FloorRange::Reserved => "reserved or broadcast (240.0.0.0/4)",
+            FloorRange::UniqueLocal => "IPv6 unique local (fc00::/7)",
+            FloorRange::HostGateway => "the Docker host",
+        })
+    }
 }
 
-fn random_id() -> u16 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    (hasher.finish() & 0xffff) as u16
+/// The floor range `ip` falls in, `None` for an address the proxy may dial. IPv6 forms that
+/// carry an IPv4 address (IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d`, NAT64
+/// `64:ff9b::/96`, 6to4 `2002::/16`) are judged by that IPv4 address.
+pub fn floor_range(ip: IpAddr) -> Option<FloorRange> {
+    match ip {
+        IpAddr::V4(v4) => floor_range_v4(v4),
+        IpAddr::V6(v6) => floor_range_v6(v6),
+    }
 }
 
-/// `name` as DNS labels, `None` if a label is empty or longer than 63 bytes.
-fn encode_name(name: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(name.len() + 2);
-    for label in name.split('.') {
-        let len = u8::try_from(label.len())
-            .ok()
-            .filter(|l| (1..=63).contains(l))?;
-        out.push(len);
-        out.extend_from_slice(label.as_bytes());
-    }
-    out.push(0);
-    (out.len() <= 255).then_some(out)
-}
-
-fn encode_query(id: u16, qname: &[u8], qtype: u16) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(12 + qname.len() + 4);
-    msg.extend_from_slice(&id.to_be_bytes());
-    msg.extend_from_slice(&0x0100u16.to_be_bytes()); // standard query, recursion desired
-    msg.extend_from_slice(&1u16.to_be_bytes()); // one question
-    msg.extend_from_slice(&[0; 6]); // no answer, authority or additional records
-    msg.extend_from_slice(qname);
-    msg.extend_from_slice(&qtype.to_be_bytes());
-    msg.extend_from_slice(&CLASS_IN.to_be_bytes());
-    msg
-}
-
-#[derive(Debug, PartialEq, Eq)]
-struct Answer {
-    rcode: u8,
-    truncated: bool,
-    addresses: Vec<IpAddr>,
-}
-
-/// Reads a DNS response: checks id and QR bit, collects A/AAAA records of the answer section
-/// (a recursive resolver's CNAME chain ends in them).
-fn parse_response(msg: &[u8], id: u16, qtype: u16) -> Result<Answer, &'static str> {
-    let u16_at = |pos: usize| -> Result<u16, &'static str> {
-        msg.get(pos..pos + 2)
-            .map(|b| u16::from_be_bytes([b[0], b[1]]))
-            .ok_or("message too short")
-    };
-    if u16_at(0)? != id {
-        return Err("wrong id");
-    }
-    let flags = u16_at(2)?;
-    if flags & 0x8000 == 0 {
-        return Err("not a response");
-    }
-    let questions = u16_at(4)?;
-    let answers = u16_at(6)?;
-    let mut pos = 12;
-    for _ in 0..questions {
-        pos = skip_name(msg, pos)? + 4;
-    }
-    let mut addresses = Vec::new();
-    for _ in 0..answers {
-        pos = skip_name(msg, pos)?;
-        let rtype = u16_at(pos)?;
-        let class = u16_at(pos + 2)?;
-        let len = usize::from(u16_at(pos + 8)?);
-        let data = msg
-            .get(pos + 10..pos + 10 + len)
-            .ok_or("record data past the end")?;
-        pos += 10 + len;
-        if class != CLASS_IN || rtype != qtype {
-            continue;
-        }
-        match (rtype, <[u8; 4]>::try_from(data), <[u8; 16]>::try_from(data)) {
-            (TYPE_A, Ok(v4), _) => addresses.push(IpAddr::from(v4)),
-            (TYPE_AAAA, _, Ok(v6)) => addresses.push(IpAddr::from(v6)),
-            _ => return Err("address record of the wrong length"),
-        }
-    }
-    Ok(Answer {
-        rcode: (flags & 0x000f) as u8,
-        truncated: flags & 0x0200 != 0,
-        addresses,
+fn floor_range_v4(ip: Ipv4Addr) -> Option<FloorRange> {
+    let [a, b, c, _] = ip.octets();
+    Some(match (a, b, c) {
+        (0, _, _) => FloorRange::ThisNetwork,
+        (127, _, _) => FloorRange::Loopback,
+        (169, 254, _) => FloorRange::LinkLocal,
+        (10, _, _) | (192, 168, _) => FloorRange::Private,
+        (172, 16..=31, _) => FloorRange::Private,
+        (100, 64..=127, _) => FloorRange::SharedAddressSpace,
+        (198, 18..=19, _) => FloorRange::Benchmark,
+        (192, 0, 2) | (198, 51, 100) | (203, 0, 113) => FloorRange::Documentation,
+        (224..=239, _, _) => FloorRange::Multicast,
+        (240..=255, _, _) => FloorRange::Reserved,
+        _ => return None,
     })
 }
 
-/// Position just past the (possibly compressed) name starting at `pos`.
-fn skip_name(msg: &[u8], mut pos: usize) -> Result<usize, &'static str> {
-    loop {
-        let len = *msg.get(pos).ok_or("name past the end")?;
-        match len & 0xc0 {
-            0x00 if len == 0 => return Ok(pos + 1),
-            0x00 => pos += 1 + usize::from(len),
-            0xc0 => return Ok(pos + 2),
-            _ => return Err("unknown label type"),
-        }
+fn floor_range_v6(ip: Ipv6Addr) -> Option<FloorRange> {
+    let s = ip.segments();
+    let embedded = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return floor_range_v4(v4);
     }
+    if ip.is_unspecified() {
+        return Some(FloorRange::ThisNetwork);
+    }
+    if ip.is_loopback() {
+        return Some(FloorRange::Loopback);
+    }
+    if s[..6] == [0; 6] {
+        // IPv4-compatible (deprecated): never a public destination of its own.
+        return floor_range_v4(embedded(s[6], s[7])).or(Some(FloorRange::Reserved));
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return floor_range_v4(embedded(s[6], s[7]));
+    }
+    if s[0] == 0x2002 {
+        return floor_range_v4(embedded(s[1], s[2]));
+    }
+    Some(match s[0] {
+        x if x & 0xffc0 == 0xfe80 || x & 0xffc0 == 0xfec0 => FloorRange::LinkLocal,
+        x if x & 0xfe00 == 0xfc00 => FloorRange::UniqueLocal,
+        x if x & 0xff00 == 0xff00 => FloorRange::Multicast,
+        0x2001 if s[1] == 0x0db8 => FloorRange::Documentation,
+        _ => return None,
+    })
+}
+
+/// The gateways of the routes in `/proc/net/route` (IPv4, little-endian hex): the Docker host
+/// as the bundle sees it on each of its networks.
+pub fn route_gateways(proc_net_route: &str) -> Vec<IpAddr> {
+    let mut gateways: Vec<IpAddr> = proc_net_route
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let gateway = line.split_whitespace().nth(2)?;
+            let raw = u32::from_str_radix(gateway, 16).ok()?;
+            (raw != 0).then(|| IpAddr::V4(Ipv4Addr::from(raw.swap_bytes())))
+        })
+        .collect();
+    gateways.sort();
+    gateways.dedup();
+    gateways
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UdpSocket;
 
-    /// A response to `query` (a message made by `encode_query`) with these records.
+    fn range(ip: &str) -> Option<FloorRange> {
+        floor_range(ip.parse().unwrap())
+    }
+
+    #[test]
+    fn the_floor_covers_every_non_internet_range_and_its_ipv6_spellings() {
+        let cases = [
+            ("0.0.0.0", FloorRange::ThisNetwork),
+            ("0.1.2.3", FloorRange::ThisNetwork),
+            ("::", FloorRange::ThisNetwork),
+            ("127.0.0.1", FloorRange::Loopback),
+            ("::1", FloorRange::Loopback),
+            ("169.254.169.254", FloorRange::LinkLocal),
+            ("fe80::1", FloorRange::LinkLocal),
+            ("fec0::1", FloorRange::LinkLocal),
+            ("10.0.0.1", FloorRange::Private),
+            ("172.16.0.1", FloorRange::Private),
+            ("172.31.255.255", FloorRange::Private),
+            ("192.168.1.1", FloorRange::Private),
+            ("100.64.0.1", FloorRange::SharedAddressSpace),
+            ("100.127.255.254", FloorRange::SharedAddressSpace),
+            ("198.18.0.1", FloorRange::Benchmark),
+            ("198.19.255.1", FloorRange::Benchmark),
+            ("192.0.2.1", FloorRange::Documentation),
+            ("198.51.100.7", FloorRange::Documentation),
+            ("203.0.113.9", FloorRange::Documentation),
+            ("2001:db8::1", FloorRange::Documentation),
+            ("224.0.0.1", FloorRange::Multicast),
+            ("ff02::1", FloorRange::Multicast),
+            ("255.255.255.255", FloorRange::Reserved),
+            ("240.0.0.1", FloorRange::Reserved),
+            ("fc00::1", FloorRange::UniqueLocal),
+            ("fd12:3456::1", FloorRange::UniqueLocal),
+            ("::ffff:169.254.169.254", FloorRange::LinkLocal),
+            ("::ffff:10.0.0.1", FloorRange::Private),
+            ("::ffff:127.0.0.1", FloorRange::Loopback),
+            ("::10.0.0.1", FloorRange::Private),
+            ("64:ff9b::a9fe:a9fe", FloorRange::LinkLocal),
+            ("2002:a00:1::1", FloorRange::Private),
+        ];
+        let seen: Vec<(&str, Option<FloorRange>)> =
+            cases.iter().map(|(ip, _)| (*ip, range(ip))).collect();
+        let expected: Vec<(&str, Option<FloorRange>)> =
+            cases.iter().map(|(ip, r)| (*ip, Some(*r))).collect();
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn the_floor_lets_internet_addresses_through() {
+        for ip in [
+            "1.1.1.1",
+            "93.184.216.34",
+            "172.32.0.1",
+            "100.128.0.1",
+            "198.20.0.1",
+            "2606:4700::1111",
+            "64:ff9b::808:808",
+        ] {
+            assert_eq!(range(ip), None, "{ip}");
+        }
+    }
+
+    #[test]
+    fn only_ranges_that_lead_to_another_machine_can_be_waived() {
+        let never = [
+            FloorRange::ThisNetwork,
+            FloorRange::Loopback,
+            FloorRange::LinkLocal,
+            FloorRange::Multicast,
+            FloorRange::Reserved,
+        ];
+        assert!(never.iter().all(|r| !r.waivable()));
+        assert!(FloorRange::Private.waivable() && FloorRange::HostGateway.waivable());
+    }
+
+    #[test]
+    fn route_gateways_are_read_from_proc_net_route() {
+        let table =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                     eth0\t00000000\t010012AC\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                     eth0\t000012AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
+                     eth1\t00000000\t014812C6\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
+
+        let gateways = route_gateways(table);
+
+        assert_eq!(
+            gateways,
+            vec![
+                "172.18.0.1".parse::<IpAddr>().unwrap(),
+                "198.18.72.1".parse().unwrap()
+            ]
+        );
+    }
+
+    const TYPE_A: u16 = 1;
+    const TYPE_AAAA: u16 = 28;
+    const CLASS_IN: u16 = 1;
+    const RCODE_NXDOMAIN: u8 = 3;
+
+    /// `name` as DNS labels (lower case).
+    fn encode_name(name: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        for label in name.split('.') {
+            out.push(u8::try_from(label.len()).unwrap());
+            out.extend_from_slice(label.to_ascii_lowercase().as_bytes());
+        }
+        out.push(0);
+        out
+    }
+
+    /// The question of a query: its name (lower case) and type, and where the question ends.
+    fn question(query: &[u8]) -> (Vec<u8>, u16, usize) {
+        let mut at = 12;
+        while query[at] != 0 {
+            at += usize::from(query[at]) + 1;
+        }
+        let name = query[12..=at].to_ascii_lowercase();
+        let qtype = u16::from_be_bytes([query[at + 1], query[at + 2]]);
+        (name, qtype, at + 5)
+    }
+
+    /// A response to `query` (its header and question, nothing it added) with these records.
     fn response(query: &[u8], rcode: u8, truncated: bool, records: &[(u16, Vec<u8>)]) -> Vec<u8> {
-        let mut msg = query.to_vec();
+        let (_, _, end) = question(query);
+        let mut msg = query[..end].to_vec();
         let flags = 0x8180u16 | u16::from(rcode) | if truncated { 0x0200 } else { 0 };
         msg[2..4].copy_from_slice(&flags.to_be_bytes());
         msg[6..8].copy_from_slice(&u16::try_from(records.len()).unwrap().to_be_bytes());
+        msg[8..12].copy_from_slice(&[0; 4]);
         for (rtype, data) in records {
             msg.extend_from_slice(&[0xc0, 12]); // pointer to the question's name
             msg.extend_from_slice(&rtype.to_be_bytes());
@@ -458,13 +537,12 @@ mod tests {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         tokio::spawn(async move {
-            let mut buf = [0u8; 512];
-            let wanted = encode_name(name).unwrap();
+            let mut buf = [0u8; 1500];
+            let wanted = encode_name(name);
             while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
                 let query = &buf[..n];
-                let qname = &query[12..n - 4];
-                let qtype = u16::from_be_bytes([query[n - 4], query[n - 3]]);
-                let known = qname == wanted.as_slice();
+                let (qname, qtype, _) = question(query);
+                let known = qname == wanted;
                 let records = match (known, qtype) {
                     (true, TYPE_A) => vec![(TYPE_A, v4.octets().to_vec())],
                     _ => vec![],
@@ -478,70 +556,6 @@ mod tests {
             }
         });
         addr
-    }
-
-    #[test]
-    fn parse_response_collects_a_records_and_skips_others() {
-        let query = encode_query(7, &encode_name("a.test").unwrap(), TYPE_A);
-        let msg = response(
-            &query,
-            0,
-            false,
-            &[
-                (5, encode_name("b.test").unwrap()),
-                (TYPE_A, vec![10, 0, 0, 1]),
-                (TYPE_A, vec![10, 0, 0, 2]),
-            ],
-        );
-
-        let answer = parse_response(&msg, 7, TYPE_A).unwrap();
-
-        assert_eq!(
-            answer.addresses,
-            vec![IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2])]
-        );
-    }
-
-    #[test]
-    fn parse_response_reads_aaaa_rcode_and_truncation() {
-        let query = encode_query(9, &encode_name("a.test").unwrap(), TYPE_AAAA);
-        let v6 = Ipv6Addr::LOCALHOST.octets().to_vec();
-        let msg = response(&query, 2, true, &[(TYPE_AAAA, v6)]);
-
-        let answer = parse_response(&msg, 9, TYPE_AAAA).unwrap();
-
-        assert_eq!(
-            answer,
-            Answer {
-                rcode: 2,
-                truncated: true,
-                addresses: vec![IpAddr::V6(Ipv6Addr::LOCALHOST)]
-            }
-        );
-    }
-
-    #[test]
-    fn parse_response_rejects_wrong_id() {
-        let query = encode_query(1, &encode_name("a.test").unwrap(), TYPE_A);
-        let msg = response(&query, 0, false, &[]);
-        assert_eq!(parse_response(&msg, 2, TYPE_A), Err("wrong id"));
-    }
-
-    #[test]
-    fn parse_response_rejects_truncated_garbage_without_panicking() {
-        let query = encode_query(1, &encode_name("a.test").unwrap(), TYPE_A);
-        let msg = response(&query, 0, false, &[(TYPE_A, vec![1, 2, 3, 4])]);
-        let results: Vec<bool> = (0..msg.len())
-            .map(|cut| parse_response(&msg[..cut], 1, TYPE_A).is_err())
-            .collect();
-        assert_eq!(results, vec![true; msg.len()]);
-    }
-
-    #[test]
-    fn encode_name_rejects_empty_and_long_labels() {
-        assert_eq!(encode_name("a..b"), None);
-        assert_eq!(encode_name(&"x".repeat(64)), None);
-        assert_eq!(encode_name("ab.c"), Some(vec![2, b'a', b'b', 1, b'c', 0]));
     }
 
     #[test]
@@ -642,7 +656,7 @@ mod tests {
                 let len = usize::from(stream.read_u16().await.unwrap());
                 let mut query = vec![0u8; len];
                 stream.read_exact(&mut query).await.unwrap();
-                let qtype = u16::from_be_bytes([query[len - 4], query[len - 3]]);
+                let (_, qtype, _) = question(&query);
                 let records: Vec<(u16, Vec<u8>)> = [(TYPE_A, vec![127, 0, 0, 5])]
                     .into_iter()
                     .filter(|(t, _)| *t == qtype)
@@ -674,6 +688,34 @@ mod tests {
         let err = resolver.lookup("other.test").await.unwrap_err();
 
         assert!(matches!(err, EgressError::HostNotFound { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_server_answering_garbage_is_an_error_not_a_panic() {
+        // Every answer is cut short, or has its counts inflated past its end.
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            let mut n_answer = 0usize;
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                let mut reply = response(&buf[..n], 0, false, &[(TYPE_A, vec![1, 2, 3, 4])]);
+                match n_answer % 2 {
+                    0 => reply.truncate(reply.len() - 3),
+                    _ => reply[6..8].copy_from_slice(&[0xff, 0xff]),
+                }
+                n_answer += 1;
+                let _ = socket.send_to(&reply, peer).await;
+            }
+        });
+        let resolver = Resolver::Dns {
+            hosts: None,
+            nameservers: vec![server],
+        };
+
+        let found = resolver.lookup("garbage.test").await;
+
+        assert!(found.is_err(), "{found:?}");
     }
 
     #[tokio::test]

@@ -104,7 +104,7 @@ fn strings(items: &[&str]) -> Vec<String> {
 /// `allowed.test`, `evil.test`, `x.ok.test` and `bad.ok.test` all resolve to 127.0.0.1.
 fn config() -> ProxyConfig {
     let policy = EgressPolicy::new(
-        &strings(&["allowed.test", "*.ok.test"]),
+        &strings(&["allowed.test:*", "*.ok.test:*"]),
         &strings(&["bad.ok.test"]),
         DENY_MESSAGE,
     )
@@ -274,7 +274,8 @@ async fn connect_to_listed_ip_literal_is_allowed() {
     let rule = format!("127.0.0.1:{}", up.addr.port());
     let mut config = config();
     config.policy = EgressPolicy::new(std::slice::from_ref(&rule), &[], DENY_MESSAGE).unwrap();
-    config.allow_loopback_upstream = false;
+    // The address floor holds for listed literals too (loopback only with the test switch).
+    config.allow_loopback_upstream = true;
     let proxy = start(config).await;
 
     let mut stream = tunnel(proxy.addr, &rule).await;
@@ -443,7 +444,7 @@ async fn decisions_are_written_as_parseable_event_lines() {
                 "x.ok.test",
                 port,
                 "allow",
-                Some("*.ok.test"),
+                Some("*.ok.test:*"),
                 "allow_rule"
             ),
             ("b1", "dns.google", 443, "deny", None, "doh_endpoint"),
@@ -742,7 +743,8 @@ async fn concurrent_tunnels_each_carry_their_own_bytes_and_log_one_line() {
 }
 
 /// An agent flooding the proxy with denied requests cannot fill the host's disk through its
-/// log: the log rotates at its bound, at most two parts exist, the newest events are kept.
+/// log: the log rotates at its bound, at most three parts exist (the first, kept for the
+/// run, the previous and the current), the newest events are kept.
 #[tokio::test]
 async fn a_flood_of_denied_requests_keeps_the_log_bounded_and_its_newest_events() {
     const BOUND: u64 = 64 * 1024;
@@ -763,6 +765,8 @@ async fn a_flood_of_denied_requests_keeps_the_log_bounded_and_its_newest_events(
     // The last denial is there, whole; the first ones are gone; every line parses.
     assert!(current.contains("\"host\":\"flood-1499.evil.test\""));
     assert!(!previous.contains("\"host\":\"flood-0.evil.test\""));
+    let first = std::fs::read_to_string(super::events::first_part(&proxy.events)).unwrap();
+    assert!(first.contains("\"host\":\"flood-0.evil.test\""));
     for line in previous.lines().chain(current.lines()) {
         serde_json::from_str::<EgressEvent>(line).unwrap();
     }
@@ -770,5 +774,5 @@ async fn a_flood_of_denied_requests_keeps_the_log_bounded_and_its_newest_events(
     let parts = std::fs::read_dir(proxy.events.parent().unwrap())
         .unwrap()
         .count();
-    assert_eq!(parts, 2);
+    assert_eq!(parts, 3);
 }
