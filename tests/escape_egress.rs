@@ -120,3 +120,51 @@ fn names_below_the_address_floor_and_ports_a_rule_does_not_name_are_refused() {
         sb.docker_leftovers()
     );
 }
+
+/// The bundle holds the allowlist and the credentials: an agent that finds a way to grow its
+/// memory or its processes meets the bundle container's own limits, not the host's.
+#[test]
+fn the_bundle_container_has_memory_without_swap_and_pids_limits() {
+    if !docker_available("the_bundle_container_has_limits") {
+        return;
+    }
+    let sb = Sandbox::new("201-201");
+    let mut cmd = sb.cmd();
+    cmd.args(["start", "test", "--backend", "docker", "--", "sleep", "60"]);
+    let running = common::Running::spawn(cmd);
+    let id = sb.wait_running(std::time::Duration::from_secs(120));
+    let bundle = sb
+        .docker_leftovers()
+        .into_iter()
+        .find(|n| n.contains(&id) && n.contains("bundle"))
+        .expect("the bundle container");
+
+    let out = std::process::Command::new("docker")
+        .args([
+            "inspect",
+            "--format",
+            "{{.HostConfig.Memory}} {{.HostConfig.MemorySwap}} {{.HostConfig.PidsLimit}}",
+            &bundle,
+        ])
+        .output()
+        .unwrap();
+    let stop = sb.run(&["stop", &id]);
+    running.wait();
+
+    assert_eq!(
+        stdout(&out).trim(),
+        format!(
+            "{m} {m} {p}",
+            m = bot_bottle::docker_backend::BUNDLE_MEMORY_BYTES,
+            p = bot_bottle::docker_backend::BUNDLE_PIDS_LIMIT
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stop.status.success(), "{}", stderr(&stop));
+    assert!(
+        sb.docker_leftovers().is_empty(),
+        "{:?}",
+        sb.docker_leftovers()
+    );
+}

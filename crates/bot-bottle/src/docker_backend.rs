@@ -182,6 +182,9 @@ pub async fn create_bundle(
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges".into()]),
             pids_limit: Some(BUNDLE_PIDS_LIMIT),
+            memory: Some(BUNDLE_MEMORY_BYTES),
+            // No swap beyond it: the limit is the bundle's whole footprint.
+            memory_swap: Some(BUNDLE_MEMORY_BYTES),
             ..Default::default()
         }),
         ..Default::default()
@@ -292,7 +295,11 @@ pub async fn install_ca(
 }
 
 /// The bundle's pids limit: its runtime's workers and blocking pool with room to spare.
-const BUNDLE_PIDS_LIMIT: i64 = 1024;
+pub const BUNDLE_PIDS_LIMIT: i64 = 1024;
+/// The bundle's memory limit: the proxy at its connection cap (512 tunnels with their
+/// buffers), the bounded certificate cache and the supervisor, with room to spare; an agent
+/// that finds a way to grow the bundle's memory meets the limit, not the host's (issue 15).
+pub const BUNDLE_MEMORY_BYTES: i64 = 256 * 1024 * 1024;
 
 /// The upstream resolver Docker's embedded DNS (127.0.0.11 in every container on a user-defined
 /// network) is given for the agent: TEST-NET-1, never routed. The agent needs no DNS (its proxy

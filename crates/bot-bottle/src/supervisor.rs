@@ -26,6 +26,11 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: u64 = 4096;
 /// A client that sends nothing for this long is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; one beyond is closed as soon as it is accepted, so an agent
+/// holding connections open costs the bundle at most this many descriptors and buffers (issue
+/// 15: 2,000 held connections used to cost 18 MiB and 2,013 descriptors). The host's own
+/// requests are short; while an agent holds them all, `allow` fails and is retried.
+pub const MAX_CONNECTIONS: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
@@ -82,13 +87,20 @@ impl Supervisor {
     /// Serves `listener` for as long as the task runs.
     pub async fn serve(self, listener: TcpListener) {
         let this = std::sync::Arc::new(self);
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let Ok((sock, peer)) = listener.accept().await else {
+                continue;
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                // Over the limit: closed at once (dropped), never read.
+                drop(sock);
                 continue;
             };
             let this = this.clone();
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(REQUEST_TIMEOUT, this.handle(sock, peer)).await;
+                drop(permit);
             });
         }
     }
@@ -271,6 +283,44 @@ mod tests {
         };
         tokio::spawn(s.serve(listener));
         (addr, policy)
+    }
+
+    #[tokio::test]
+    async fn connections_held_open_beyond_the_limit_are_closed_at_once() {
+        use tokio::io::AsyncReadExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, _) = supervisor(&dir.path().join("egress.jsonl")).await;
+
+        // The agent opens many connections and sends nothing.
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS + 20 {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let reads = held.iter_mut().map(|sock| async move {
+            let mut byte = [0u8; 1];
+            matches!(
+                tokio::time::timeout(Duration::from_millis(500), sock.read(&mut byte)).await,
+                Ok(Ok(0))
+            )
+        });
+        let closed = futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .filter(|c| *c)
+            .count();
+
+        assert_eq!(closed, 20, "connections beyond {MAX_CONNECTIONS} stay open");
+        // Once the held ones go, the host's request is served again.
+        drop(held);
+        let mut rules = Err(SupervisorError::Random(std::io::ErrorKind::Other.into()));
+        for _ in 0..50 {
+            rules = request_rules(addr, TOKEN).await;
+            if rules.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(rules.is_ok(), "{rules:?}");
     }
 
     #[tokio::test]

@@ -8,8 +8,11 @@
 //! - `rule`: the text of the allow/deny rule that decided, or `null`;
 //! - `reason`: `allow_rule`, `deny_rule`, `ip_literal`, `doh_endpoint`, `not_allowed`,
 //!   `invalid_host`, `host_header_denied` (plain HTTP whose `Host` header names a denied host),
-//!   `path_not_allowed` (a request inside an intercepted tunnel outside its credential's
-//!   `paths`; `method` is the request's), `supervisor_rule` (the host added the allow rule in
+//!   `blocked_address` (the name resolved below the address floor), inside an intercepted
+//!   tunnel (`method` is the request's) `path_not_allowed` (outside its credential's `paths`),
+//!   `host_mismatch` (a `Host` or absolute-form authority other than the intercepted host),
+//!   `method_not_allowed` (`TRACE`, `CONNECT`), `upgrade_refused` and `credential_echo` (the
+//!   upstream's response carried the injected value), `supervisor_rule` (the host added the allow rule in
 //!   `rule`), `supervisor_unauthorized` (a supervisor request without the bottle's token) or
 //!   `bad_request` (malformed request; `host` is empty and `port` 0);
 //! - `detail`: free text for humans (e.g. the `Host` header value), or `null`;
