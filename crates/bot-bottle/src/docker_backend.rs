@@ -44,6 +44,8 @@ pub enum BackendError {
         addr: SocketAddr,
         log: String,
     },
+    #[error(transparent)]
+    TrustStore(#[from] crate::trust_store::TrustStoreError),
     #[error("cannot prepare the log directory {path}")]
     LogDir {
         path: std::path::PathBuf,
@@ -141,6 +143,12 @@ pub async fn create_bundle(
         supervisor_token_file: Some(
             Path::new(LOG_DIR_IN_BUNDLE).join(crate::supervisor::TOKEN_FILE),
         ),
+        // The host's trust store, for the real hosts of intercepted connections.
+        trust_store: match credentials.is_empty() {
+            true => None,
+            false => crate::trust_store::stage(log_dir)?
+                .then(|| Path::new(LOG_DIR_IN_BUNDLE).join(crate::trust_store::TRUST_STORE_FILE)),
+        },
     };
     let sidecar_json = serde_json::to_string(&sidecar).expect("sidecar config serialises");
     let mut exposed = HashMap::new();

@@ -28,5 +28,6 @@ pub mod state;
 pub mod supervisor;
 pub mod terminal;
 pub mod transfer;
+pub mod trust_store;
 pub mod upper;
 pub mod workspace;

@@ -49,6 +49,11 @@ pub enum SidecarError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot use the host's trust store")]
+    TrustStore {
+        #[source]
+        source: crate::trust_store::TrustStoreError,
+    },
     #[error("credentials were given without a path for the bottle CA's certificate: the agent could not trust the proxy; `bot-bottle start` sets both")]
     CredentialsWithoutCa,
     #[error("cannot write the bottle CA's certificate to {path}")]
@@ -83,6 +88,11 @@ pub struct SidecarConfig {
     /// Where the bottle CA's certificate is written for the agent (inside the bundle).
     #[serde(default)]
     pub ca_cert: Option<PathBuf>,
+    /// The host's trust store, copied by `start` (inside the bundle): the real hosts of
+    /// intercepted connections are verified against it and the compiled-in public roots;
+    /// none: the public roots only.
+    #[serde(default)]
+    pub trust_store: Option<PathBuf>,
     /// The supervisor's token (inside the bundle); none: the supervisor port says it is off.
     #[serde(default)]
     pub supervisor_token_file: Option<PathBuf>,
@@ -210,7 +220,21 @@ fn interception(config: &SidecarConfig, ca_cert: &Path) -> Result<Interception, 
             .map_err(|source| SidecarError::Intercept { source })?;
         credentials.insert(c.host.clone(), injection);
     }
-    Ok(Interception::new(ca, credentials))
+    let Some(path) = &config.trust_store else {
+        return Ok(Interception::new(ca, credentials));
+    };
+    let trusted =
+        crate::trust_store::load(path).map_err(|source| SidecarError::TrustStore { source })?;
+    let extra = trusted.certs.len();
+    let (interception, unusable) = Interception::with_extra_roots(ca, credentials, trusted.certs);
+    // A certificate that does not parse (or is no usable root) is skipped, not fatal.
+    let skipped = trusted.skipped + unusable;
+    eprintln!(
+        "bot-bottle sidecar for {}: intercepted hosts verified against the public roots and {} certificates of the host's trust store ({skipped} skipped: not parsable)",
+        config.bottle_id,
+        extra - unusable
+    );
+    Ok(interception)
 }
 
 /// The Docker host as the bundle sees it: the gateways of its routes (one per network it is
@@ -354,6 +378,61 @@ mod tests {
             warnings[0].starts_with("api.example: credential header"),
             "{warnings:?}"
         );
+    }
+
+    fn intercepting_config(trust_store: Option<PathBuf>) -> SidecarConfig {
+        SidecarConfig {
+            bottle_id: "b1".into(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+            deny_message: String::new(),
+            allow_private: Vec::new(),
+            event_log: None,
+            credentials: vec![SidecarCredential {
+                host: "api.test".into(),
+                header: "Authorization".into(),
+                value: "Bearer s3cret".into(),
+                paths: Vec::new(),
+            }],
+            ca_cert: None,
+            trust_store,
+            supervisor_token_file: None,
+        }
+    }
+
+    #[test]
+    fn a_configuration_from_before_the_trust_store_still_parses() {
+        let json = r#"{"bottle_id":"b1","allow":[],"deny":[],"deny_message":"","event_log":null}"#;
+
+        let config: SidecarConfig = serde_json::from_str(json).unwrap();
+
+        assert_eq!(config.trust_store, None);
+    }
+
+    #[test]
+    fn a_named_trust_store_without_certificates_stops_the_bundle_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("trust-store.pem");
+        std::fs::write(&store, "").unwrap();
+        let config = intercepting_config(Some(store.clone()));
+
+        let err = interception(&config, &dir.path().join(CA_CERT)).unwrap_err();
+
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(chain.contains(&store.display().to_string()), "{chain}");
+    }
+
+    #[test]
+    fn a_named_trust_store_with_a_certificate_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("trust-store.pem");
+        let other = BottleCa::generate("other").unwrap();
+        std::fs::write(&store, other.cert_pem()).unwrap();
+        let config = intercepting_config(Some(store));
+
+        let interception = interception(&config, &dir.path().join(CA_CERT)).unwrap();
+
+        assert!(interception.for_host("api.test").is_some());
     }
 
     #[test]

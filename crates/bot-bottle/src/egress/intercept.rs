@@ -5,7 +5,7 @@
 //! the TLS handshake itself, with a certificate for that host signed by the bottle's own CA —
 //! made when the bundle starts, its key never leaving the proxy, its certificate trusted only
 //! by this bottle's agent. The proxy opens its own TLS connection to the real host, verified
-//! against the public roots, and sends each request up with the credential's header set by
+//! against the public roots and the host's trust store (`crate::trust_store`), and sends each request up with the credential's header set by
 //! the proxy: whatever the agent put in that header is dropped. The secret never reaches the
 //! agent. Connections stay open for the next request (HTTP/1.1 keep-alive), so each request
 //! and response is read by its framing (`Content-Length`, chunked, or until close) and every
@@ -345,6 +345,18 @@ impl Interception {
         Interception::with_roots(ca, credentials, roots)
     }
 
+    /// The real hosts verified against the public roots and `extra` (the host's trust store,
+    /// e.g. a TLS-inspecting proxy's CA). Returns how many of `extra` are not usable as roots.
+    pub fn with_extra_roots(
+        ca: BottleCa,
+        credentials: HashMap<String, Injection>,
+        extra: Vec<CertificateDer<'static>>,
+    ) -> (Self, usize) {
+        let mut roots = RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let (_, unusable) = roots.add_parsable_certificates(extra);
+        (Interception::with_roots(ca, credentials, roots), unusable)
+    }
+
     /// The real hosts verified against `roots` (tests and benchmarks: a local PKI).
     pub fn with_roots(
         ca: BottleCa,
@@ -407,7 +419,21 @@ impl Interception {
                 host: host.to_owned(),
             })
         })?;
-        let real = self.upstream.connect(name, upstream).await?;
+        let real = match self.upstream.connect(name, upstream).await {
+            Ok(real) => real,
+            Err(e) => {
+                // The agent's request waits on a connection that cannot be made (typically a
+                // certificate no trusted root signed): it gets a 502 saying why, not a reset.
+                let why = format!("cannot open a verified TLS connection to {host}: {e}");
+                refusals.record("CONNECT", "upstream_tls", &why).await;
+                let mut agent = agent;
+                let reply =
+                    http::response(502, "Bad Gateway", &format!("bot-bottle egress: {why}\n"));
+                agent.write_all(&reply).await?;
+                agent.flush().await?;
+                return agent.shutdown().await;
+            }
+        };
         let mut agent = BufReader::new(agent);
         let mut real = BufReader::new(real);
         loop {
@@ -1202,9 +1228,11 @@ mod tests {
 
         let response = agent_request(proxy, "api.test", port, bottle_ca, REQUEST).await;
 
+        let response = response.unwrap();
+        assert!(response.starts_with("HTTP/1.1 502"), "{response}");
         assert!(
-            response.as_ref().map_or(true, |r| !r.contains("200 OK")),
-            "{response:?}"
+            response.contains("cannot open a verified TLS connection to api.test"),
+            "{response}"
         );
         assert_eq!(seen.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
