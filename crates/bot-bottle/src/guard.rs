@@ -1,6 +1,10 @@
 //! The guard stack: every step that acquires something pushes its undo; teardown runs the undos
 //! in reverse order, keeps going past failures and reports all of them.
 //!
+//! Undos pushed with [`GuardStack::push_beside`] run at the same time as the one pushed just
+//! before them (two containers, two networks): teardown waits for the whole group before the
+//! group before it, so the order between groups holds.
+//!
 //! Normal teardown is the explicit, consuming [`GuardStack::unwind`]. `Drop` is the fallback
 //! for panics and early returns: it runs the remaining undos on a private runtime in a helper
 //! thread, so it works from inside or outside tokio. Undo actions must therefore be
@@ -27,7 +31,8 @@ pub struct GuardError {
 #[derive(Default)]
 pub struct GuardStack {
     bottle_id: String,
-    undos: Vec<(String, Undo)>,
+    /// (step, undo, runs beside the one before it).
+    undos: Vec<(String, Undo, bool)>,
 }
 
 impl GuardStack {
@@ -45,9 +50,30 @@ impl GuardStack {
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<BoxError>,
     {
+        self.push_undo(step.into(), undo, false);
+    }
+
+    /// Register an undo that may run at the same time as the one registered just before it
+    /// (neither needs the other gone first).
+    pub fn push_beside<F, Fut, E>(&mut self, step: impl Into<String>, undo: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let beside = !self.undos.is_empty();
+        self.push_undo(step.into(), undo, beside);
+    }
+
+    fn push_undo<F, Fut, E>(&mut self, step: String, undo: F, beside: bool)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
         let undo: Undo =
             Box::new(move || Box::pin(async move { undo().await.map_err(Into::into) }));
-        self.undos.push((step.into(), undo));
+        self.undos.push((step, undo, beside));
     }
 
     /// Register a synchronous undo.
@@ -69,7 +95,7 @@ impl GuardStack {
 
     /// Names of the registered steps, oldest first.
     pub fn steps(&self) -> Vec<String> {
-        self.undos.iter().map(|(s, _)| s.clone()).collect()
+        self.undos.iter().map(|(s, _, _)| s.clone()).collect()
     }
 
     /// Run every undo, newest first. Returns every failure; never stops early.
@@ -79,14 +105,31 @@ impl GuardStack {
     }
 }
 
-async fn run_all(bottle_id: &str, undos: Vec<(String, Undo)>) -> Vec<GuardError> {
-    let mut errors = Vec::new();
-    for (step, undo) in undos.into_iter().rev() {
-        tracing::debug!(bottle_id, step = %step, "teardown");
-        if let Err(source) = undo().await {
-            tracing::warn!(bottle_id, step = %step, error = %source, "teardown step failed");
-            errors.push(GuardError { step, source });
+async fn run_all(bottle_id: &str, undos: Vec<(String, Undo, bool)>) -> Vec<GuardError> {
+    // Groups in push order: an undo pushed beside joins the group of the one before it.
+    let mut groups: Vec<Vec<(String, Undo)>> = Vec::new();
+    for (step, undo, beside) in undos {
+        match groups.last_mut() {
+            Some(group) if beside => group.push((step, undo)),
+            _ => groups.push(vec![(step, undo)]),
         }
+    }
+    let mut errors = Vec::new();
+    for group in groups.into_iter().rev() {
+        let runs = group.into_iter().rev().map(|(step, undo)| async move {
+            tracing::debug!(bottle_id, step = %step, "teardown");
+            let result = undo().await;
+            if let Err(source) = &result {
+                tracing::warn!(bottle_id, step = %step, error = %source, "teardown step failed");
+            }
+            result.err().map(|source| GuardError { step, source })
+        });
+        errors.extend(
+            futures_util::future::join_all(runs)
+                .await
+                .into_iter()
+                .flatten(),
+        );
     }
     errors
 }
@@ -160,6 +203,45 @@ mod tests {
         assert_eq!(*log.lock().unwrap(), vec!["agent", "bundle", "network"]);
         let failed: Vec<&str> = errors.iter().map(|e| e.step.as_str()).collect();
         assert_eq!(failed, vec!["agent", "bundle"]);
+    }
+
+    #[tokio::test]
+    async fn undos_pushed_beside_run_together_and_groups_keep_their_order() {
+        use std::time::{Duration, Instant};
+        let log = recorder();
+        let mut stack = GuardStack::new("b");
+        let step = |log: &Arc<Mutex<Vec<String>>>, name: &'static str| {
+            let log = log.clone();
+            move || async move {
+                log.lock().unwrap().push(format!("{name} begins"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                log.lock().unwrap().push(format!("{name} ends"));
+                Ok::<(), BoxError>(())
+            }
+        };
+        stack.push("network a", step(&log, "network a"));
+        stack.push_beside("network b", step(&log, "network b"));
+        stack.push("bundle", step(&log, "bundle"));
+        stack.push_beside("agent", step(&log, "agent"));
+
+        let began = Instant::now();
+        let errors = stack.unwind().await;
+        let took = began.elapsed();
+
+        assert!(errors.is_empty());
+        let log = log.lock().unwrap().clone();
+        // Both containers go before either network is touched; within a group, together.
+        let at = |what: &str| log.iter().position(|l| l == what).unwrap();
+        assert!(
+            at("agent ends").max(at("bundle ends"))
+                < at("network a begins").min(at("network b begins")),
+            "{log:?}"
+        );
+        assert!(
+            at("bundle begins") < at("agent ends") && at("agent begins") < at("bundle ends"),
+            "{log:?}"
+        );
+        assert!(took < Duration::from_millis(700), "serial: {took:?}");
     }
 
     #[tokio::test(flavor = "multi_thread")]

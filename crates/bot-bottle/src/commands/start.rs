@@ -258,13 +258,23 @@ async fn session(
     }
     pause_point("allocated").await;
 
-    // Docker objects: the bundle's egress network first.
-    create_networks(&docker, &plan, stack).await?;
+    // Docker objects: the networks, while the images are checked (built when missing).
+    let (networks, images) = tokio::join!(
+        create_networks(&docker, &plan, stack),
+        build_images(ctx, &docker, &plan)
+    );
+    networks?;
     pause_point("network").await;
+    let images = images?;
+    pause_point("images").await;
 
+    let inputs = Inputs {
+        images,
+        credentials: &credentials,
+    };
     match kernel {
-        Some(kernel) => run_microvm(ctx, &docker, &plan, args, &credentials, &kernel, stack).await,
-        None => run_docker(ctx, &docker, &plan, args, &credentials, stack).await,
+        Some(kernel) => run_microvm(ctx, &docker, &plan, args, &kernel, &inputs, stack).await,
+        None => run_docker(ctx, &docker, &plan, args, &inputs, stack).await,
     }
 }
 
@@ -273,22 +283,44 @@ async fn create_networks(
     plan: &BottlePlan,
     stack: &mut GuardStack,
 ) -> anyhow::Result<()> {
-    docker::create_network(docker, &plan.network.egress, None, &plan.labels).await?;
-    push_remove_network(stack, &plan.network.egress);
-    if let Some(internal) = &plan.network.internal {
-        docker::create_network(docker, &internal.name, Some(&internal.subnet), &plan.labels)
-            .await?;
-        push_remove_network(stack, &internal.name);
+    // Both at once; each one created gets its undo, and both undos run together.
+    let internal = async {
+        match &plan.network.internal {
+            Some(net) => docker::create_network(docker, &net.name, Some(&net.subnet), &plan.labels)
+                .await
+                .map(|()| Some(net.name.as_str())),
+            None => Ok(None),
+        }
+    };
+    let (egress, internal) = tokio::join!(
+        docker::create_network(docker, &plan.network.egress, None, &plan.labels),
+        internal
+    );
+    let mut beside = false;
+    if egress.is_ok() {
+        push_remove_network(stack, &plan.network.egress, false);
+        beside = true;
     }
+    if let Ok(Some(name)) = internal {
+        push_remove_network(stack, name, beside);
+    }
+    egress?;
+    internal?;
     Ok(())
 }
 
-fn push_remove_network(stack: &mut GuardStack, name: &str) {
+fn push_remove_network(stack: &mut GuardStack, name: &str, beside: bool) {
     let name = name.to_owned();
-    stack.push(format!("remove network {name}"), move || async move {
+    let step = format!("remove network {name}");
+    let undo = move || async move {
         let docker = docker::connect().await?;
         docker::remove_network(&docker, &name).await
-    });
+    };
+    if beside {
+        stack.push_beside(step, undo);
+    } else {
+        stack.push(step, undo);
+    }
 }
 
 async fn run_docker(
@@ -296,23 +328,29 @@ async fn run_docker(
     docker: &bollard::Docker,
     plan: &BottlePlan,
     args: &StartArgs,
-    credentials: &[bot_bottle::sidecar::SidecarCredential],
+    inputs: &Inputs<'_>,
     stack: &mut GuardStack,
 ) -> anyhow::Result<i32> {
     use bot_bottle::docker_backend;
-    let images = build_images(ctx, docker, plan).await?;
-    pause_point("images").await;
-    let bottle_dir = start_bundle(ctx, docker, plan, &images.sidecar, credentials, stack).await?;
-
-    // The agent: on the internal network only.
+    let (images, credentials) = (&inputs.images, inputs.credentials);
+    // The agent (on the internal network only) is created while the bundle starts: its
+    // addresses are planned, it needs nothing of the running bundle until it starts.
     let command = if args.command.is_empty() {
         plan.agent.command.clone()
     } else {
         args.command.clone()
     };
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
-    push_remove_container(stack, &plan.agent.name);
-    docker_backend::create_agent(docker, plan, &images.agent, &command, tty).await?;
+    let bottle_dir = ctx.dirs.bottle_dir(&plan.id);
+    docker_backend::prepare_log_dir(&bottle_dir)?;
+    push_remove_container(stack, &plan.bundle.container, false);
+    push_remove_container(stack, &plan.agent.name, true);
+    let (bundle, agent) = tokio::join!(
+        start_bundle(docker, plan, &images.sidecar, &bottle_dir, credentials),
+        docker_backend::create_agent(docker, plan, &images.agent, &command, tty)
+    );
+    bundle?;
+    agent?;
     if !plan.egress.credential_hosts.is_empty() {
         docker_backend::install_ca(docker, plan, &bottle_dir).await?;
     }
@@ -339,6 +377,13 @@ struct Images {
     agent: String,
 }
 
+/// What both backends' runs start from: the images, and the credentials read on the host for
+/// the bundle's proxy only.
+struct Inputs<'a> {
+    images: Images,
+    credentials: &'a [bot_bottle::sidecar::SidecarCredential],
+}
+
 /// The sidecar (this binary) and the agent image, each built once per content hash.
 async fn build_images(
     ctx: &Context,
@@ -346,14 +391,20 @@ async fn build_images(
     plan: &BottlePlan,
 ) -> anyhow::Result<Images> {
     use bot_bottle::images;
-    let sidecar = images::ensure_sidecar_image(docker, &plan.labels).await?;
     let spec = images::load_dockerfile(&plan.agent.dockerfile, &ctx.dirs.bottles_dir())?;
     let image_labels = std::collections::BTreeMap::from([(
         bot_bottle::plan::LABEL_MANAGED.to_owned(),
         "true".to_owned(),
     )]);
-    let agent = images::ensure_image(docker, &plan.agent.image_repo, &spec, &image_labels).await?;
-    Ok(Images { sidecar, agent })
+    // Both at once: usually two cache checks, a build of either when its content changed.
+    let (sidecar, agent) = tokio::join!(
+        images::ensure_sidecar_image(docker, &plan.labels),
+        images::ensure_image(docker, &plan.agent.image_repo, &spec, &image_labels)
+    );
+    Ok(Images {
+        sidecar: sidecar?,
+        agent: agent?,
+    })
 }
 
 /// The guest kernel: the configured or cached one, else built now from the kernel source
@@ -380,24 +431,20 @@ async fn ensure_kernel(ctx: &Context) -> anyhow::Result<std::path::PathBuf> {
     .context("building the guest kernel for the microvm backend (or choose --backend docker)")
 }
 
-/// The bundle: egress proxy (+ placeholders), ports published on the alias only. Returns the
-/// bottle's directory (logs, sockets).
+/// The bundle: egress proxy, git gate and supervisor ports published on the alias only, in
+/// `bottle_dir` (logs, sockets), which the caller prepared. The caller pushed its undo.
 async fn start_bundle(
-    ctx: &Context,
     docker: &bollard::Docker,
     plan: &BottlePlan,
     sidecar_image: &str,
+    bottle_dir: &std::path::Path,
     credentials: &[bot_bottle::sidecar::SidecarCredential],
-    stack: &mut GuardStack,
-) -> anyhow::Result<std::path::PathBuf> {
+) -> anyhow::Result<()> {
     use bot_bottle::docker_backend;
-    let bottle_dir = ctx.dirs.bottle_dir(&plan.id);
-    docker_backend::prepare_log_dir(&bottle_dir)?;
-    push_remove_container(stack, &plan.bundle.container);
-    docker_backend::create_bundle(docker, plan, sidecar_image, &bottle_dir, credentials).await?;
+    docker_backend::create_bundle(docker, plan, sidecar_image, bottle_dir, credentials).await?;
     docker_backend::start_bundle(docker, plan).await?;
     pause_point("bundle").await;
-    Ok(bottle_dir)
+    Ok(())
 }
 
 /// Removes the directories of ended runs beyond the newest few of each bottle (their logs);
@@ -442,12 +489,18 @@ fn push_remove_file(stack: &mut GuardStack, what: String, path: std::path::PathB
     });
 }
 
-fn push_remove_container(stack: &mut GuardStack, name: &str) {
+fn push_remove_container(stack: &mut GuardStack, name: &str, beside: bool) {
     let name = name.to_owned();
-    stack.push(format!("remove container {name}"), move || async move {
+    let step = format!("remove container {name}");
+    let undo = move || async move {
         let docker = docker::connect().await?;
         docker::remove_container(&docker, &name).await
-    });
+    };
+    if beside {
+        stack.push_beside(step, undo);
+    } else {
+        stack.push(step, undo);
+    }
 }
 
 async fn run_microvm(
@@ -455,30 +508,36 @@ async fn run_microvm(
     docker: &bollard::Docker,
     plan: &BottlePlan,
     args: &StartArgs,
-    credentials: &[bot_bottle::sidecar::SidecarCredential],
     kernel: &std::path::Path,
+    inputs: &Inputs<'_>,
     stack: &mut GuardStack,
 ) -> anyhow::Result<i32> {
+    let (images, credentials) = (&inputs.images, inputs.credentials);
+    use bot_bottle::docker_backend;
     use bot_bottle::microvm;
     use bot_bottle::microvm_run;
     let init = microvm::find_init()?;
 
-    // Images: the sidecar, the agent, and the agent's root image for the guest.
-    let images = build_images(ctx, docker, plan).await?;
-    let (rootfs, accounts) = microvm_run::prepare_rootfs(
-        docker,
-        &images.agent,
-        &init,
-        &ctx.dirs.cache,
-        &plan.labels,
-        &format!("bot-bottle-{}-export", plan.id),
-    )
-    .await?;
+    // The agent's root image for the guest (cached; an export of the agent image when not),
+    // while the bundle starts on the alias, where the VMM dials it for the guest.
+    let bottle_dir = ctx.dirs.bottle_dir(&plan.id);
+    docker_backend::prepare_log_dir(&bottle_dir)?;
+    push_remove_container(stack, &plan.bundle.container, false);
+    let export = format!("bot-bottle-{}-export", plan.id);
+    let (rootfs, bundle) = tokio::join!(
+        microvm_run::prepare_rootfs(
+            docker,
+            &images.agent,
+            &init,
+            &ctx.dirs.cache,
+            &plan.labels,
+            &export,
+        ),
+        start_bundle(docker, plan, &images.sidecar, &bottle_dir, credentials)
+    );
+    let (rootfs, accounts) = rootfs?;
+    bundle?;
     let (ids, home) = microvm::resolve_user(&plan.agent.user, &accounts.passwd, &accounts.group)?;
-    pause_point("images").await;
-
-    // The bundle, published on the alias: the VMM dials it for the guest.
-    let bottle_dir = start_bundle(ctx, docker, plan, &images.sidecar, credentials, stack).await?;
 
     // Workspaces: each host directory snapshotted read-only; the guest overlays it.
     let workspaces = snapshot_workspaces(plan, &bottle_dir, stack).await?;
