@@ -935,31 +935,7 @@ mod tests {
         assert!(!format!("{:?}", bearer()).contains("real-secret"));
     }
 
-    /// A CA and a server certificate for `host` signed by it: stands in for the public PKI.
-    fn pki(host: &str) -> (CertificateDer<'static>, Arc<rustls::ServerConfig>) {
-        let mut ca_params = CertificateParams::default();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "test public root");
-        let ca_key = KeyPair::generate().unwrap();
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec![host.to_owned()])
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
-            .unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![leaf.der().clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            )
-            .unwrap();
-        (ca.der().clone(), Arc::new(config))
-    }
+    use crate::egress::test_pki::pki;
 
     /// How many connections and requests a test upstream has seen.
     #[derive(Default)]

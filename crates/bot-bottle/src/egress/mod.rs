@@ -18,6 +18,8 @@ pub mod resolve;
 pub(crate) mod body;
 pub(crate) mod http;
 #[cfg(test)]
+mod test_pki;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_binding;
