@@ -594,6 +594,34 @@ fn a_sigkilled_start_takes_its_vm_and_bundle_with_it(vmm: Vmm) {
     assert_eq!(sockets_left(&s), Vec::<PathBuf>::new());
 }
 
+/// A hangup (a closed terminal, a lost SSH session) ends a microVM `start` with its teardown:
+/// the VMM stopped, the bundle, networks, rows, lease and sockets gone, exit code 129.
+fn a_hangup_tears_a_running_microvm_bottle_down_and_exits_129(vmm: Vmm) {
+    let test = "a_hangup_tears_a_running_microvm_bottle_down";
+    let Some((stand_in, kernel)) = prereqs(test, vmm) else {
+        return;
+    };
+    let s = vmm.sandbox(99);
+    let mut running = Running::spawn(start_cmd(
+        &s,
+        &stand_in,
+        &kernel,
+        &["--tmpfs", "--", "sh", "-c", "sleep 600"],
+    ));
+    running.wait_for("booting", Duration::from_secs(240));
+    s.wait_running(Duration::from_secs(180));
+
+    running.signal(nix::sys::signal::Signal::SIGHUP);
+    let status = running.wait();
+
+    assert_eq!(status.code(), Some(129), "{status:?}");
+    assert_eq!(s.rows(), Vec::<serde_json::Value>::new());
+    assert_eq!(s.docker_leftovers(), Vec::<String>::new());
+    assert_eq!(s.leases(), Vec::<(String, String)>::new());
+    assert_eq!(s.processes(), Vec::<String>::new());
+    assert_eq!(sockets_left(&s), Vec::<PathBuf>::new());
+}
+
 /// Kills land in this window after `start` began: from before its reaper exists, through the
 /// image builds, the bundle and the boot, to a guest running its agent (about 5 s here under
 /// QEMU's software emulation with warm images).
@@ -649,4 +677,5 @@ with_each_vmm!(
     the_guest_trusts_the_bottles_ca_and_never_holds_the_credential,
     the_host_allows_more_while_the_microvm_bottle_runs,
     a_sigkilled_start_takes_its_vm_and_bundle_with_it,
+    a_hangup_tears_a_running_microvm_bottle_down_and_exits_129,
 );

@@ -20,6 +20,9 @@ pub const ALL_CLEAN: &[u8] = b"clean\n";
 /// How long the reaper waits between its passes over the bottle's Docker objects: a create
 /// `start` sent just before it died may land in the engine after the first pass.
 pub const REAP_PASS_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the reaper waits, after the pipe closed, for `start` to be gone from /proc (a
+/// SIGKILLed process's descriptors close before it becomes a zombie).
+pub const START_EXIT_GRACE: Duration = Duration::from_secs(5);
 /// How many passes in a row must find nothing before the reaper is done.
 pub const REAP_EMPTY_PASSES: usize = 3;
 /// The most passes the reaper makes (then `cleanup` finds what is left, with its row).
@@ -183,7 +186,7 @@ pub async fn docker_objects(
 
 /// Remove everything of bottle `bottle_id`: the sockets a killed VMM left in its run directory
 /// (the logs stay, for `logs`), its containers and networks (by label), then its state row with
-/// its machine row and lease. Keeps going past failures and returns them all.
+/// its machine row and lease (with any other lease whose owner is gone). Keeps going past failures and returns them all.
 /// The caller has checked that the bottle's `start` is gone.
 pub async fn remove_bottle(
     docker: &bollard::Docker,
@@ -203,7 +206,11 @@ pub async fn remove_bottle(
     // The row stays while objects remain, so `list` and `cleanup` still find the bottle.
     if errors.is_empty() {
         if let Some(db) = db {
-            if let Err(source) = db.delete_bottle(bottle_id) {
+            // The row, then the leases whose owner is gone (this bottle's among them).
+            if let Err(source) = db
+                .delete_bottle(bottle_id)
+                .and_then(|()| db.prune_dead_leases().map(drop))
+            {
                 errors.push(OrphansError::State {
                     bottle_id: bottle_id.to_owned(),
                     source,
@@ -216,7 +223,7 @@ pub async fn remove_bottle(
 
 /// Remove the Unix sockets directly in `run_dir` (a VMM killed before its clean stop leaves its
 /// control socket and per-port listeners). Nothing else there is touched.
-fn remove_sockets(run_dir: &Path) {
+pub fn remove_sockets(run_dir: &Path) {
     use std::os::unix::fs::FileTypeExt as _;
     for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
         if entry.file_type().is_ok_and(|t| t.is_socket()) {

@@ -167,6 +167,16 @@ impl StateDb {
     }
 
     /// Open an existing database; a missing file is an error (used where failing closed matters).
+    /// The database at `path` when there is one (`None`: no bottle has run in this state
+    /// directory yet).
+    pub fn open_if_exists(path: &Path) -> Result<Option<Self>, StateError> {
+        if path.is_file() {
+            Self::open_existing(path).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     pub fn open_existing(path: &Path) -> Result<Self, StateError> {
         if !path.is_file() {
             return Err(StateError::Missing {

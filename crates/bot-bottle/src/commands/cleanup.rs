@@ -68,20 +68,12 @@ pub async fn remove_orphan(
     let docker = docker::connect()
         .await
         .context("removing an orphaned bottle needs Docker")?;
-    let db_path = ctx.dirs.db_path();
-    let db = if db_path.is_file() {
-        Some(StateDb::open_existing(&db_path).context("opening the state database")?)
-    } else {
-        None
-    };
+    let db = StateDb::open_if_exists(&ctx.dirs.db_path()).context("opening the state database")?;
     let errors =
         bot_bottle::orphans::remove_bottle(&docker, db.as_ref(), &ctx.dirs, &orphan.id).await;
     let failed = !errors.is_empty();
     for err in errors {
         eprintln!("bot-bottle: {:#}", anyhow::Error::new(err));
-    }
-    if let Some(db) = &db {
-        db.prune_dead_leases()?;
     }
     if !failed {
         println!(
@@ -110,42 +102,23 @@ pub async fn run(ctx: &Context, args: CleanupArgs) -> anyhow::Result<i32> {
             ),
         };
     }
-    let db_path = ctx.dirs.db_path();
-    let db = if db_path.is_file() {
-        Some(StateDb::open_existing(&db_path).context("opening the state database")?)
-    } else {
-        None
-    };
+    let db = StateDb::open_if_exists(&ctx.dirs.db_path()).context("opening the state database")?;
     let rows = match &db {
         Some(db) => db.bottles()?,
         None => Vec::new(),
     };
-    let live: BTreeSet<String> = rows
-        .iter()
-        .filter(|r| r.live)
-        .map(|r| r.id.clone())
-        .collect();
-    let mut dead: BTreeSet<String> = rows
-        .iter()
-        .filter(|r| !r.live)
-        .map(|r| r.id.clone())
-        .collect();
-
     let docker = docker::connect()
         .await
         .context("cleanup needs Docker to find leftovers")?;
-    let tag = ctx.dirs.state_tag();
-    let scope = docker::Scope::state(&tag);
-    for c in docker::managed_containers(&docker, scope).await? {
-        if !live.contains(&c.bottle_id) {
-            dead.insert(c.bottle_id);
-        }
-    }
-    for (_, id) in docker::managed_networks(&docker, scope).await? {
-        if !live.contains(&id) {
-            dead.insert(id);
-        }
-    }
+    // What `list` shows as orphaned: rows whose `start` is gone, and objects without a row.
+    let (containers, networks, names) =
+        bot_bottle::orphans::docker_objects(&docker, &ctx.dirs.state_tag()).await?;
+    let dead: BTreeSet<String> =
+        bot_bottle::orphans::classify(rows, &containers, &networks, &names)
+            .into_iter()
+            .filter(|l| !l.live)
+            .map(|l| l.id)
+            .collect();
     let mut failures = 0;
     for id in &dead {
         if args.dry_run {

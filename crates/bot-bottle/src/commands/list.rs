@@ -21,13 +21,9 @@ pub struct ListArgs {
 /// Every bottle of this state directory, orphans included. Without Docker only the rows can
 /// be read: said on stderr, the rows still listed.
 pub async fn listed(ctx: &Context) -> anyhow::Result<Vec<Listed>> {
-    let db_path = ctx.dirs.db_path();
-    let rows = if db_path.is_file() {
-        StateDb::open_existing(&db_path)
-            .context("reading bottles")?
-            .bottles()?
-    } else {
-        Vec::new()
+    let rows = match StateDb::open_if_exists(&ctx.dirs.db_path()).context("reading bottles")? {
+        Some(db) => db.bottles()?,
+        None => Vec::new(),
     };
     let objects = match bot_bottle::docker::connect().await {
         Ok(docker) => orphans::docker_objects(&docker, &ctx.dirs.state_tag())

@@ -50,20 +50,21 @@ pub async fn run(ctx: &Context, args: ReaperArgs) -> anyhow::Result<i32> {
 
 async fn reap(ctx: &Context, id: &str) -> anyhow::Result<i32> {
     let log = ReaperLog::open(&ctx.dirs.bottle_dir(id));
-    let db_path = ctx.dirs.db_path();
-    let db = if db_path.is_file() {
-        Some(StateDb::open_existing(&db_path).context("opening the state database")?)
-    } else {
-        None
-    };
+    let db = StateDb::open_if_exists(&ctx.dirs.db_path()).context("opening the state database")?;
     if let Some(db) = &db {
-        if let Some(row) = db.bottles()?.into_iter().find(|r| r.id == id && r.live) {
-            // Never expected: the pipe closed while its `start` runs. Leave a live bottle alone.
-            log.line(&format!(
-                "start (pid {}) still runs: leaving the bottle alone",
-                row.pid
-            ));
-            return Ok(0);
+        // The kernel closes a dying process's descriptors (our pipe) before /proc shows it
+        // gone: a `start` still listed as running is given a moment to finish exiting.
+        let deadline = tokio::time::Instant::now() + orphans::START_EXIT_GRACE;
+        while let Some(row) = db.bottles()?.into_iter().find(|r| r.id == id && r.live) {
+            if tokio::time::Instant::now() >= deadline {
+                // Never expected: the pipe closed while its `start` runs. Leave it alone.
+                log.line(&format!(
+                    "start (pid {}) still runs: leaving the bottle alone",
+                    row.pid
+                ));
+                return Ok(0);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
     log.line("start ended without tearing down: removing what the bottle left");
@@ -88,9 +89,6 @@ async fn reap(ctx: &Context, id: &str) -> anyhow::Result<i32> {
             empty = 0;
         }
         tokio::time::sleep(orphans::REAP_PASS_INTERVAL).await;
-    }
-    if let Some(db) = &db {
-        db.prune_dead_leases()?;
     }
     if failures == 0 {
         log.line("removed: nothing of the bottle is left");

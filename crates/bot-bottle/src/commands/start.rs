@@ -590,6 +590,15 @@ async fn run_microvm(
     let uds = microvm::control_socket(&bottle_dir);
     let console = microvm::console_log(&bottle_dir);
     let _ = std::fs::remove_file(&uds);
+    // After the VMM is stopped (undone before this): its sockets, whether or not it removed
+    // them itself (a VMM killed, or one that does not, leaves them).
+    {
+        let bottle_dir = bottle_dir.clone();
+        stack.push_sync("remove the VMM's sockets", move || {
+            bot_bottle::orphans::remove_sockets(&bottle_dir);
+            Ok::<(), std::io::Error>(())
+        });
+    }
     let exe = match std::env::var_os(microvm::VMM_ENV) {
         Some(stand_in) => {
             eprintln!(
