@@ -224,7 +224,7 @@ fn cleanup_images_removes_other_builds_sidecar_images_and_keeps_this_ones() {
     // This build's sidecar image exists after a start.
     let out = sb.run(&["start", "test", "--", "true"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let build_id = bot_bottle::images::elf_info(&common::bin())
+    let build_id = bot_bottle::image::build::elf_info(&common::bin())
         .unwrap()
         .build_id
         .unwrap();
@@ -361,7 +361,7 @@ fn the_agents_dns_forwards_to_a_black_hole_and_its_pids_are_limited() {
         // And the default pids limit of the manifest.
         format!(
             "[\"{}\"] 4096",
-            bot_bottle::docker_backend::AGENT_DNS_BLACK_HOLE
+            bot_bottle::backend::docker::AGENT_DNS_BLACK_HOLE
         ),
         "{}",
         String::from_utf8_lossy(&out.stderr)

@@ -64,12 +64,14 @@ fn prereqs(test: &str, vmm: Vmm) -> Option<(PathBuf, PathBuf)> {
         return None;
     }
     let stand_in = vmm.stand_in();
-    let kernel = bot_bottle::paths::Dirs::from_env().ok().and_then(|dirs| {
-        bot_bottle::kernel::cached_kernel_in(
-            &bot_bottle::kernel::kernel_cache_dir(&dirs),
-            bot_bottle::kernel::FRAGMENT,
-        )
-    });
+    let kernel = bot_bottle::host::paths::Dirs::from_env()
+        .ok()
+        .and_then(|dirs| {
+            bot_bottle::image::kernel::cached_kernel_in(
+                &bot_bottle::image::kernel::kernel_cache_dir(&dirs),
+                bot_bottle::image::kernel::FRAGMENT,
+            )
+        });
     let harness = match vmm {
         Vmm::OursInL1 => nested_kvm::Assets::locate().err().map(|e| e.to_string()),
         Vmm::QemuDirect => None,
@@ -99,7 +101,7 @@ fn prereqs(test: &str, vmm: Vmm) -> Option<(PathBuf, PathBuf)> {
 /// checkout (the sandbox's private cache has none).
 fn start_cmd(s: &Sandbox, stand_in: &Path, kernel: &Path, args: &[&str]) -> Command {
     let mut c = s.cmd();
-    c.env(bot_bottle::microvm::VMM_ENV, stand_in)
+    c.env(bot_bottle::backend::microvm::launch::VMM_ENV, stand_in)
         .env("BOT_BOTTLE_KERNEL", kernel)
         .arg("start")
         .arg("test")
@@ -294,7 +296,7 @@ fn the_agents_changes_survive_until_resume_and_start_will_not_discard_them(vmm: 
     let s = vmm.sandbox(67);
     let run = |args: &[&str]| {
         let mut c = s.cmd();
-        c.env(bot_bottle::microvm::VMM_ENV, &stand_in)
+        c.env(bot_bottle::backend::microvm::launch::VMM_ENV, &stand_in)
             .env("BOT_BOTTLE_KERNEL", &kernel)
             .args(args);
         c.output().unwrap()
@@ -401,7 +403,7 @@ fn the_guest_trusts_the_bottles_ca_and_never_holds_the_credential(vmm: Vmm) {
         "extends = \"test\"\n[credentials.\"api.example.test\"]\nenv = \"BB_TEST_TOKEN\"\nscheme = \"Bearer\"\n",
     );
     let mut cmd = s.cmd();
-    cmd.env(bot_bottle::microvm::VMM_ENV, &stand_in)
+    cmd.env(bot_bottle::backend::microvm::launch::VMM_ENV, &stand_in)
         .env("BOT_BOTTLE_KERNEL", &kernel)
         .env("BB_TEST_TOKEN", "secret-value-456")
         .args(["start", "creds", "--backend", "microvm", "--tmpfs", "--"])
@@ -473,7 +475,10 @@ fn the_guest_trusts_the_bottles_ca_and_never_holds_the_credential(vmm: Vmm) {
         status.code().is_some(),
         "start ended by a signal: {status:?}"
     );
-    let launch = std::fs::read_to_string(bot_bottle::microvm::launch_file(&bottle_dir)).unwrap();
+    let launch = std::fs::read_to_string(bot_bottle::backend::microvm::launch::launch_file(
+        &bottle_dir,
+    ))
+    .unwrap();
     assert!(!launch.contains("secret-value-456"));
     assert!(
         !bottle_dir.join("config.img").exists(),
@@ -503,7 +508,7 @@ fn the_host_allows_more_while_the_microvm_bottle_runs(vmm: Vmm) {
            sleep 0.5; i=$((i+1)); done; echo AFTER: still denied; exit 1"
     );
     let mut cmd = s.cmd();
-    cmd.env(bot_bottle::microvm::VMM_ENV, &stand_in)
+    cmd.env(bot_bottle::backend::microvm::launch::VMM_ENV, &stand_in)
         .env("BOT_BOTTLE_KERNEL", &kernel)
         .args([
             "start",

@@ -1,4 +1,4 @@
-//! The squashfs writer checked by the real reader: images written by `bot_bottle::squashfs`
+//! The squashfs writer checked by the real reader: images written by `bot_bottle::image::squashfs`
 //! are loop-mounted by this host's Linux kernel and every property is read back through the
 //! mount (stat, readdir, read, getxattr). A second reader, `unsquashfs` from squashfs-tools,
 //! must list the same tree. The last test goes through Docker: an image with hard links and a
@@ -14,7 +14,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bot_bottle::squashfs::{Builder, Content, Meta, BLOCK_SIZE};
+use bot_bottle::image::squashfs::{Builder, Content, Meta, BLOCK_SIZE};
 
 use common::in_ci;
 
@@ -88,7 +88,7 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 struct Sample {
     work: tempfile::TempDir,
     image: PathBuf,
-    stats: bot_bottle::squashfs::WriteStats,
+    stats: bot_bottle::image::squashfs::WriteStats,
     big: Vec<u8>,
 }
 
@@ -558,9 +558,9 @@ async fn docker_image_hard_links_and_file_capabilities_reach_the_root_image() {
     let init = work.path().join("init");
     fs::write(&init, b"\x7fELF stand-in for bottle-init").unwrap();
     let cache = work.path().join("cache");
-    let docker = bot_bottle::docker::connect().await.unwrap();
+    let docker = bot_bottle::host::docker::connect().await.unwrap();
     let scratch = format!("bot-bottle-test-export-{}", std::process::id());
-    let prepared = bot_bottle::microvm_run::prepare_rootfs(
+    let prepared = bot_bottle::backend::microvm::run::prepare_rootfs(
         &docker,
         &tag,
         &init,
@@ -780,7 +780,7 @@ fn random_host_trees_read_back_identically_through_the_kernel() {
         random_tree(&host, seed);
         let image = work.path().join("ws.sqfs");
 
-        bot_bottle::workspace::snapshot(&host, &image, &mut |_, _| {}).unwrap();
+        bot_bottle::image::workspace::snapshot(&host, &image, &mut |_, _| {}).unwrap();
 
         let Some(m) = mount(&image, "random_host_trees_read_back_identically") else {
             return;
@@ -839,7 +839,7 @@ fn root_images_keep_file_capabilities_and_user_xattrs_and_nothing_else() {
     fs::write(&init, b"init").unwrap();
     let image = work.path().join("root.sqfs");
 
-    let stats = bot_bottle::rootfs::tar_to_squashfs(
+    let stats = bot_bottle::image::rootfs::tar_to_squashfs(
         tar.as_slice(),
         &init,
         &work.path().join("spool"),

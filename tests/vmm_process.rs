@@ -259,8 +259,11 @@ fn microvm_start_without_a_kernel_builds_one_and_names_a_missing_source() {
     let out = sb
         .cmd()
         .env_remove("BOT_BOTTLE_KERNEL")
-        .env(bot_bottle::preflight::SKIP_LINUX_CHECK_ENV, "1")
-        .env(bot_bottle::kernel::SOURCE_ENV, "/nonexistent/linux-source")
+        .env(bot_bottle::host::preflight::SKIP_LINUX_CHECK_ENV, "1")
+        .env(
+            bot_bottle::image::kernel::SOURCE_ENV,
+            "/nonexistent/linux-source",
+        )
         .args(["start", "test", "--backend", "microvm", "--", "true"])
         .output()
         .unwrap();
@@ -324,7 +327,7 @@ fn start_on_probe(sb: &common::Sandbox, args: &[&str]) -> std::process::Output {
     sb.cmd()
         .env("BOT_BOTTLE_KERNEL", &probe)
         // The probe guest runs where Linux cannot (this machine's nested KVM).
-        .env(bot_bottle::preflight::SKIP_LINUX_CHECK_ENV, "1")
+        .env(bot_bottle::host::preflight::SKIP_LINUX_CHECK_ENV, "1")
         .args(args)
         .args(["--backend", "microvm", "--", "true"])
         .output()

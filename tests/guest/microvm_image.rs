@@ -19,10 +19,11 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use bot_bottle::manifest::{Backend, ManifestSource};
+use bot_bottle::backend::microvm::layer::WritableLayer;
+use bot_bottle::backend::microvm::{launch as microvm, run as microvm_run};
+use bot_bottle::config::manifest::{Backend, ManifestSource};
+use bot_bottle::image::{build as images, kernel, workspace};
 use bot_bottle::plan::{self, HostFacts, HostMount};
-use bot_bottle::upper::WritableLayer;
-use bot_bottle::{images, kernel, microvm, microvm_run, workspace};
 use bottle_proto::config::ControlChannel;
 use bottle_proto::ExecRequest;
 use qemu_vm::{Machine, Qemu, PORT_NAME};
@@ -35,7 +36,7 @@ fn prereqs() -> Result<(PathBuf, PathBuf), String> {
     let kernel = match std::env::var_os("BOT_BOTTLE_KERNEL") {
         Some(k) => PathBuf::from(k),
         None => {
-            let dirs = bot_bottle::paths::Dirs::from_env().map_err(|e| e.to_string())?;
+            let dirs = bot_bottle::host::paths::Dirs::from_env().map_err(|e| e.to_string())?;
             kernel::cached_kernel_in(&kernel::kernel_cache_dir(&dirs), kernel::FRAGMENT)
                 .ok_or("no guest kernel: run `bot-bottle kernel build`")?
         }
@@ -102,7 +103,7 @@ async fn prepare(test: &str) -> Option<Prepared> {
         state_tag: "e2e".into(),
     };
     let plan = plan::plan(&manifest, &facts).unwrap();
-    let docker = bot_bottle::docker::connect().await.unwrap();
+    let docker = bot_bottle::host::docker::connect().await.unwrap();
     let spec = images::load_dockerfile(&plan.agent.dockerfile, work.path()).unwrap();
     let labels = BTreeMap::from([("bot-bottle.managed".to_owned(), "true".to_owned())]);
     let image = images::ensure_image(&docker, &plan.agent.image_repo, &spec, &labels)
@@ -224,7 +225,7 @@ async fn agent_image_becomes_a_bootable_root_with_its_user_env_and_workspace_ove
     assert_eq!(code, Some(0), "{out}\nconsole:\n{console}");
     let expected = format!(
         "1000\n1000\nhttp://127.0.0.90:3128\n/workspace\npub fn answer() -> u32 {{ 42 }}\nchanged\n1000 644\n0 1777\ntest\n2\nsame-inode\n/{} ",
-        bot_bottle::rootfs::INIT_PATH
+        bot_bottle::image::rootfs::INIT_PATH
     );
     assert_eq!(out, expected, "console:\n{console}");
     assert_eq!(
@@ -239,7 +240,7 @@ async fn writable_layer_disk_keeps_the_agents_changes_for_resume() {
         return;
     };
     let disk = p.work.path().join("disks/test/upper.ext4");
-    bot_bottle::upper::create(&disk, 1).unwrap();
+    bot_bottle::backend::microvm::layer::create(&disk, 1).unwrap();
     let layer = WritableLayer::Disk(disk);
 
     let (first, out1, console1) = boot_and_run(
@@ -273,7 +274,7 @@ fn bridge_vsock_port(uds: &std::path::Path, port: u16, target: std::net::SocketA
 
 #[tokio::test(flavor = "multi_thread")]
 async fn start_s_guest_answers_over_vsock_and_its_egress_meets_the_bottles_proxy() {
-    use bot_bottle::egress::{EgressPolicy, EgressProxy, ProxyConfig, Resolver};
+    use bot_bottle::bundle::egress::{EgressPolicy, EgressProxy, ProxyConfig, Resolver};
     let test = "start_s_guest_answers_over_vsock";
     let Some(p) = prepare(test).await else {
         return;
@@ -379,13 +380,15 @@ async fn start_s_guest_answers_over_vsock_and_its_egress_meets_the_bottles_proxy
             let mut c = bottle_proto::Client::new(stream, TOKEN);
             c.copy_in(
                 "/workspace",
-                bot_bottle::transfer::pack(&local).unwrap().as_slice(),
+                bot_bottle::backend::transfer::pack(&local)
+                    .unwrap()
+                    .as_slice(),
             )
             .unwrap();
             let mut tar = Vec::new();
             c.copy_out("/workspace/to-guest/notes.txt", &mut tar)
                 .unwrap();
-            bot_bottle::transfer::unpack_safely(tar.as_slice(), &back).unwrap();
+            bot_bottle::backend::transfer::unpack_safely(tar.as_slice(), &back).unwrap();
             let _ = c.shutdown();
         }
     })

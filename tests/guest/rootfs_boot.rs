@@ -1,4 +1,4 @@
-//! A root image made by `bot_bottle::rootfs` from a tar stream boots under QEMU the way the
+//! A root image made by `bot_bottle::image::rootfs` from a tar stream boots under QEMU the way the
 //! VMM boots a bottle: no initramfs, the kernel mounts the squashfs as `/` and runs
 //! `/.bottle/init` (bottle-init), which puts the writable overlay on top.
 //!
@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bot_bottle::{kernel, rootfs};
+use bot_bottle::image::{kernel, rootfs};
 #[path = "qemu_vm.rs"]
 mod qemu_vm;
 use bottle_proto::config::{AgentUser, BlockFs, ControlChannel, GuestConfig, Upper};
@@ -28,7 +28,7 @@ fn find_kernel() -> Result<PathBuf, String> {
     if let Some(k) = std::env::var_os("BOT_BOTTLE_KERNEL") {
         return Ok(PathBuf::from(k));
     }
-    let dirs = bot_bottle::paths::Dirs::from_env().map_err(|e| e.to_string())?;
+    let dirs = bot_bottle::host::paths::Dirs::from_env().map_err(|e| e.to_string())?;
     let cache = kernel::kernel_cache_dir(&dirs);
     kernel::cached_kernel_in(&cache, kernel::FRAGMENT).ok_or_else(|| {
         format!(

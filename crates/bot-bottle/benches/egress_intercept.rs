@@ -10,8 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bot_bottle::egress::intercept::{BottleCa, Injection, Interception};
-use bot_bottle::egress::{EgressPolicy, EgressProxy, ProxyConfig, Resolver};
+use bot_bottle::bundle::egress::intercept::{BottleCa, Injection, Interception};
+use bot_bottle::bundle::egress::{EgressPolicy, EgressProxy, ProxyConfig, Resolver};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

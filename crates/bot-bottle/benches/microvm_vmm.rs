@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use bot_bottle::microvm::{ControlEndpoint, Launch, BASE_CMDLINE};
+use bot_bottle::backend::microvm::launch::{ControlEndpoint, Launch, BASE_CMDLINE};
 use bot_bottle::plan::AllowEntry;
 use bot_bottle::state::StateDb;
 use bottle_proto::client::connect_vsock;
@@ -510,10 +510,10 @@ fn prereqs() -> Result<Prereqs, String> {
             profile.display()
         )
     })?;
-    let dirs = bot_bottle::paths::Dirs::from_env().map_err(|e| e.to_string())?;
-    let kernel = bot_bottle::kernel::cached_kernel_in(
-        &bot_bottle::kernel::kernel_cache_dir(&dirs),
-        bot_bottle::kernel::FRAGMENT,
+    let dirs = bot_bottle::host::paths::Dirs::from_env().map_err(|e| e.to_string())?;
+    let kernel = bot_bottle::image::kernel::cached_kernel_in(
+        &bot_bottle::image::kernel::kernel_cache_dir(&dirs),
+        bot_bottle::image::kernel::FRAGMENT,
     )
     .ok_or("no guest kernel for this kernel/bottle.config: run `bot-bottle kernel build`")?;
     if nested_kvm::which("vhost-device-vsock").is_none() {
@@ -556,7 +556,7 @@ fn bench() -> Result<(), String> {
         .map_err(|e| format!("creating a temporary directory: {e}"))?;
     let image = shared.path().join("root.sqfs");
     let t = Instant::now();
-    bot_bottle::rootfs::tar_to_squashfs(
+    bot_bottle::image::rootfs::tar_to_squashfs(
         image_tar(&p.busybox)?.as_slice(),
         &p.init,
         &shared.path().join("spool"),

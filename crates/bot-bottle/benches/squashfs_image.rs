@@ -46,7 +46,7 @@ fn main() {
     let base_out = work.path().join("base.sqfs");
 
     let (ours, ours_size) = best(|| {
-        bot_bottle::workspace::snapshot(tree, &ours_out, &mut |_, _| {}).unwrap();
+        bot_bottle::image::workspace::snapshot(tree, &ours_out, &mut |_, _| {}).unwrap();
         std::fs::metadata(&ours_out).unwrap().len()
     });
     let (same, same_size) = best(|| {

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use bot_bottle::microvm::Launch;
+use bot_bottle::backend::microvm::launch::Launch;
 use bottle_vmm::config::SerialOutput;
 use nix::sys::signal::{SigSet, Signal};
 
@@ -79,7 +79,8 @@ fn host(args: &[String]) -> Result<u8, String> {
     )
     .map_err(|e| format!("parsing {config}: {e}"))?;
     // Refuse what our VMM would refuse before booting anything; it checks again in L1.
-    let rules = bot_bottle::microvm::verified_rules(&launch).map_err(|e| e.to_string())?;
+    let rules =
+        bot_bottle::backend::microvm::launch::verified_rules(&launch).map_err(|e| e.to_string())?;
     let assets = nested_kvm::Assets::locate().map_err(|e| e.to_string())?;
     let vmm_bin = our_vmm_binary()?;
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -98,7 +99,7 @@ fn host(args: &[String]) -> Result<u8, String> {
     stop_signals.add(Signal::SIGINT);
     stop_signals.thread_block().map_err(|e| e.to_string())?;
     // `start` gone (SIGKILL included): SIGTERM, the same clean stop as our VMM's (PRD 0007).
-    bot_bottle::orphans::die_with_parent(Signal::SIGTERM).map_err(|e| e.to_string())?;
+    bot_bottle::session::orphans::die_with_parent(Signal::SIGTERM).map_err(|e| e.to_string())?;
 
     // The job: the launch file as L1 sees it, the DB row's copy, the script.
     let job = tempfile::Builder::new()

@@ -19,7 +19,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bot_bottle::microvm::Launch;
+use bot_bottle::backend::microvm::launch::Launch;
 use bottle_vmm::config::SerialOutput;
 
 // The QEMU command line the guest tests use.
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
 
 fn run() -> Result<u8, String> {
     // Ends with `start` as our VMM does (PRD 0007); QEMU and the vsock device die with it.
-    bot_bottle::orphans::die_with_parent(nix::sys::signal::Signal::SIGKILL)
+    bot_bottle::session::orphans::die_with_parent(nix::sys::signal::Signal::SIGKILL)
         .map_err(|e| e.to_string())?;
     let args: Vec<String> = std::env::args().collect();
     let config = match args.iter().position(|a| a == "--config") {
@@ -54,7 +54,8 @@ fn run() -> Result<u8, String> {
     )
     .map_err(|e| format!("parsing {config}: {e}"))?;
     // What our VMM enforces, read and checked the same way: only the verified DB row.
-    let rules = bot_bottle::microvm::verified_rules(&launch).map_err(|e| e.to_string())?;
+    let rules =
+        bot_bottle::backend::microvm::launch::verified_rules(&launch).map_err(|e| e.to_string())?;
     let vsock = launch
         .vmm
         .vsock

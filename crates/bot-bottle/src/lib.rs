@@ -1,33 +1,19 @@
 //! bot-bottle: run AI coding agents inside a sandbox they cannot talk their way out of.
 //!
 //! The orchestrator crate. Async (tokio), no `unsafe`: everything that touches `/dev/kvm`
-//! lives in `bottle-vmm`.
+//! lives in `bottle-vmm`. The folders follow a bottle's life, in the order a reader opens them:
+//! [`config`] (the manifest) → [`plan`] (every name and address, pure) → [`state`] (the alias
+//! and the rows that record what is allocated) → [`session`] (the start sequence and its guard
+//! stack) → [`bundle`] (the sidecar container: egress proxy, supervisor) and [`backend`] (the
+//! agent: container or microVM; attach, exec, copy) built from [`image`] → teardown (the guard
+//! stack, [`session::orphans`] for a run that was killed). [`host`] is the machine around them.
 #![forbid(unsafe_code)]
 
-pub mod alias;
-pub mod docker;
-pub mod docker_backend;
-pub mod egress;
-pub mod guard;
-pub mod images;
-pub mod kernel;
-pub mod logging;
-pub mod manifest;
-pub mod microvm;
-pub mod microvm_run;
-pub mod mounts;
-pub mod orphans;
-pub mod paths;
+pub mod backend;
+pub mod bundle;
+pub mod config;
+pub mod host;
+pub mod image;
 pub mod plan;
-pub mod preflight;
-pub mod retention;
-pub mod rootfs;
-pub mod sidecar;
-pub mod squashfs;
+pub mod session;
 pub mod state;
-pub mod supervisor;
-pub mod terminal;
-pub mod transfer;
-pub mod trust_store;
-pub mod upper;
-pub mod workspace;

@@ -14,12 +14,12 @@ const EXIT_FAILURE: u8 = 1;
 
 fn is_bad_input(err: &anyhow::Error) -> bool {
     err.chain().any(|cause| {
-        cause.is::<bot_bottle::manifest::ManifestError>()
-            || cause.is::<bot_bottle::mounts::MountError>()
+        cause.is::<bot_bottle::config::manifest::ManifestError>()
+            || cause.is::<bot_bottle::config::mounts::MountError>()
             || cause.is::<bot_bottle::plan::PlanError>()
             || matches!(
-                cause.downcast_ref::<bot_bottle::alias::AliasError>(),
-                Some(bot_bottle::alias::AliasError::BadPool { .. })
+                cause.downcast_ref::<bot_bottle::state::alias::AliasError>(),
+                Some(bot_bottle::state::alias::AliasError::BadPool { .. })
             )
     })
 }
@@ -37,7 +37,7 @@ fn report(err: &anyhow::Error) {
 
 fn main() -> ExitCode {
     let cli = commands::Cli::parse();
-    bot_bottle::logging::init(cli.verbose);
+    bot_bottle::host::logging::init(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

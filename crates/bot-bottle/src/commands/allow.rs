@@ -26,17 +26,17 @@ pub async fn run(ctx: &Context, args: AllowArgs) -> anyhow::Result<i32> {
         .as_deref()
         .and_then(|a| a.parse().ok())
         .with_context(|| format!("bottle {} has no loopback alias", row.id))?;
-    let token = bot_bottle::supervisor::read_token(&ctx.dirs.bottle_dir(&row.id))?;
+    let token = bot_bottle::bundle::supervisor::read_token(&ctx.dirs.bottle_dir(&row.id))?;
     let addr = std::net::SocketAddr::from((alias, bot_bottle::plan::SUPERVISOR_PORT));
     if args.list {
-        let rules = bot_bottle::supervisor::request_rules(addr, &token)
+        let rules = bot_bottle::bundle::supervisor::request_rules(addr, &token)
             .await
             .with_context(|| format!("reading the rules of {}", row.id))?;
         println!("{rules}");
         return Ok(0);
     }
     for rule in &args.rules {
-        bot_bottle::supervisor::request_allow(addr, &token, rule)
+        bot_bottle::bundle::supervisor::request_allow(addr, &token, rule)
             .await
             .with_context(|| format!("allowing {rule} in {}", row.id))?;
         println!("{}: now allows {rule} (until it stops)", row.id);

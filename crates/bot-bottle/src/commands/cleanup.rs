@@ -5,8 +5,8 @@
 use std::collections::BTreeSet;
 
 use anyhow::{bail, Context as _};
-use bot_bottle::docker;
-use bot_bottle::retention;
+use bot_bottle::host::docker;
+use bot_bottle::state::retention;
 use bot_bottle::state::StateDb;
 
 use super::Context;
@@ -32,7 +32,7 @@ pub struct CleanupArgs {
 pub async fn find_orphan(
     ctx: &Context,
     target: &str,
-) -> anyhow::Result<Option<bot_bottle::orphans::Listed>> {
+) -> anyhow::Result<Option<bot_bottle::session::orphans::Listed>> {
     let listed = super::list::listed(ctx).await?;
     let named: Vec<_> = listed
         .into_iter()
@@ -63,14 +63,15 @@ pub async fn find_orphan(
 /// Remove an orphaned bottle's containers, networks and state row (what its reaper does).
 pub async fn remove_orphan(
     ctx: &Context,
-    orphan: &bot_bottle::orphans::Listed,
+    orphan: &bot_bottle::session::orphans::Listed,
 ) -> anyhow::Result<i32> {
     let docker = docker::connect()
         .await
         .context("removing an orphaned bottle needs Docker")?;
     let db = StateDb::open_if_exists(&ctx.dirs.db_path()).context("opening the state database")?;
     let errors =
-        bot_bottle::orphans::remove_bottle(&docker, db.as_ref(), &ctx.dirs, &orphan.id).await;
+        bot_bottle::session::orphans::remove_bottle(&docker, db.as_ref(), &ctx.dirs, &orphan.id)
+            .await;
     let failed = !errors.is_empty();
     for err in errors {
         eprintln!("bot-bottle: {:#}", anyhow::Error::new(err));
@@ -112,9 +113,9 @@ pub async fn run(ctx: &Context, args: CleanupArgs) -> anyhow::Result<i32> {
         .context("cleanup needs Docker to find leftovers")?;
     // What `list` shows as orphaned: rows whose `start` is gone, and objects without a row.
     let (containers, networks, names) =
-        bot_bottle::orphans::docker_objects(&docker, &ctx.dirs.state_tag()).await?;
+        bot_bottle::session::orphans::docker_objects(&docker, &ctx.dirs.state_tag()).await?;
     let dead: BTreeSet<String> =
-        bot_bottle::orphans::classify(rows, &containers, &networks, &names)
+        bot_bottle::session::orphans::classify(rows, &containers, &networks, &names)
             .into_iter()
             .filter(|l| !l.live)
             .map(|l| l.id)
@@ -126,7 +127,8 @@ pub async fn run(ctx: &Context, args: CleanupArgs) -> anyhow::Result<i32> {
             continue;
         }
         // The same removal as the reaper's: the row stays while objects remain.
-        let errors = bot_bottle::orphans::remove_bottle(&docker, db.as_ref(), &ctx.dirs, id).await;
+        let errors =
+            bot_bottle::session::orphans::remove_bottle(&docker, db.as_ref(), &ctx.dirs, id).await;
         if errors.is_empty() {
             println!("removed {id}");
         }
@@ -167,7 +169,7 @@ pub async fn run(ctx: &Context, args: CleanupArgs) -> anyhow::Result<i32> {
         println!("{verb} the logs of {id}");
     }
     if args.images && !args.dry_run {
-        for tag in bot_bottle::images::prune_sidecar_images(&docker).await? {
+        for tag in bot_bottle::image::build::prune_sidecar_images(&docker).await? {
             println!("removed image {tag}");
         }
     }

@@ -1,10 +1,10 @@
 //! `bot-bottle cp BOTTLE:/path LOCAL_DIR` and `bot-bottle cp LOCAL BOTTLE:/dir`.
 
 use anyhow::{bail, Context as _};
-use bot_bottle::manifest::Backend;
+use bot_bottle::backend::transfer::{self, Direction};
+use bot_bottle::config::manifest::Backend;
 use bot_bottle::plan::BottlePlan;
 use bot_bottle::state::StateDb;
-use bot_bottle::transfer::{self, Direction};
 use futures_util::StreamExt;
 
 use super::Context;
@@ -44,7 +44,7 @@ const CHUNKS_IN_FLIGHT: usize = 16;
 const PACK_CHUNK_BYTES: usize = 64 * 1024;
 
 async fn docker_cp(plan: &BottlePlan, direction: Direction) -> anyhow::Result<i32> {
-    let docker = bot_bottle::docker::connect().await?;
+    let docker = bot_bottle::host::docker::connect().await?;
     let name = &plan.agent.name;
     match direction {
         Direction::Out { guest, local, .. } => {

@@ -1,6 +1,6 @@
 //! `bot-bottle doctor`: every preflight check, each with its fix.
 
-use bot_bottle::preflight::{self, Check, Status};
+use bot_bottle::host::preflight::{self, Check, Status};
 
 use super::Context;
 

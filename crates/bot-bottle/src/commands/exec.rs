@@ -2,7 +2,7 @@
 //! passes through.
 
 use anyhow::{bail, Context as _};
-use bot_bottle::microvm::Launch;
+use bot_bottle::backend::microvm::launch::Launch;
 use bot_bottle::plan::BottlePlan;
 use bot_bottle::state::StateDb;
 
@@ -33,18 +33,25 @@ pub async fn run(ctx: &Context, args: ExecArgs) -> anyhow::Result<i32> {
         );
     }
     match plan.backend {
-        bot_bottle::manifest::Backend::Docker => {
-            let docker = bot_bottle::docker::connect().await?;
+        bot_bottle::config::manifest::Backend::Docker => {
+            let docker = bot_bottle::host::docker::connect().await?;
             Ok(
-                bot_bottle::docker_backend::exec_in_agent(&docker, &plan.agent.name, &args.command)
-                    .await?,
+                bot_bottle::backend::docker::exec_in_agent(
+                    &docker,
+                    &plan.agent.name,
+                    &args.command,
+                )
+                .await?,
             )
         }
-        bot_bottle::manifest::Backend::Microvm => {
+        bot_bottle::config::manifest::Backend::Microvm => {
             let client = control_client(ctx, &row.id).await?;
-            let (code, _) =
-                bot_bottle::microvm_run::exec(client, args.command, plan.agent.workdir.clone())
-                    .await?;
+            let (code, _) = bot_bottle::backend::microvm::run::exec(
+                client,
+                args.command,
+                plan.agent.workdir.clone(),
+            )
+            .await?;
             Ok(code)
         }
     }

@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use bot_bottle::kernel::{self, KernelBuildOptions, KernelProgress};
+use bot_bottle::image::kernel::{self, KernelBuildOptions, KernelProgress};
 
 use super::Context;
 

@@ -3,7 +3,7 @@
 //! a running agent is never left unlisted (PRD 0007).
 
 use anyhow::Context as _;
-use bot_bottle::orphans::{self, Listed};
+use bot_bottle::session::orphans::{self, Listed};
 use bot_bottle::state::StateDb;
 
 use super::Context;
@@ -25,7 +25,7 @@ pub async fn listed(ctx: &Context) -> anyhow::Result<Vec<Listed>> {
         Some(db) => db.bottles()?,
         None => Vec::new(),
     };
-    let objects = match bot_bottle::docker::connect().await {
+    let objects = match bot_bottle::host::docker::connect().await {
         Ok(docker) => orphans::docker_objects(&docker, &ctx.dirs.state_tag())
             .await
             .map_err(anyhow::Error::from),

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use bot_bottle::egress::EgressEvent;
-use bot_bottle::sidecar::EGRESS_LOG;
+use bot_bottle::bundle::egress::EgressEvent;
+use bot_bottle::bundle::runtime::EGRESS_LOG;
 use bot_bottle::state::StateDb;
 
 use super::Context;
@@ -37,8 +37,8 @@ pub async fn run(ctx: &Context, args: LogsArgs) -> anyhow::Result<i32> {
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let matches =
-                name == args.target || bot_bottle::retention::bottle_of(&name) == args.target;
+            let matches = name == args.target
+                || bot_bottle::state::retention::bottle_of(&name) == args.target;
             if matches {
                 let t = e
                     .metadata()
@@ -69,8 +69,8 @@ pub async fn run(ctx: &Context, args: LogsArgs) -> anyhow::Result<i32> {
     // A rotated log's parts in order (see `EventLog`): the run's first part, the previous
     // one, then the current one.
     for part in [
-        bot_bottle::egress::events::first_part(&path),
-        bot_bottle::egress::events::previous_part(&path),
+        bot_bottle::bundle::egress::events::first_part(&path),
+        bot_bottle::bundle::egress::events::previous_part(&path),
     ] {
         let mut older = Printer {
             json: args.json,

@@ -17,8 +17,8 @@ pub mod vmm;
 
 use clap::{Parser, Subcommand};
 
-use bot_bottle::manifest::ManifestSource;
-use bot_bottle::paths::Dirs;
+use bot_bottle::config::manifest::ManifestSource;
+use bot_bottle::host::paths::Dirs;
 
 /// Run AI coding agents (Claude Code, Codex) inside a sandbox they cannot talk their way out of.
 #[derive(Debug, Parser)]
@@ -111,8 +111,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 
 /// A bottle resolved from the command line: manifest, backend, checked mounts.
 pub struct Resolved {
-    pub manifest: bot_bottle::manifest::Manifest,
-    pub backend: bot_bottle::manifest::Backend,
+    pub manifest: bot_bottle::config::manifest::Manifest,
+    pub backend: bot_bottle::config::manifest::Backend,
     pub mounts: Vec<bot_bottle::plan::HostMount>,
 }
 
@@ -121,26 +121,34 @@ pub struct Resolved {
 pub fn resolve(
     ctx: &Context,
     bottle: &str,
-    backend: Option<bot_bottle::manifest::Backend>,
+    backend: Option<bot_bottle::config::manifest::Backend>,
     mount_args: &[String],
 ) -> anyhow::Result<Resolved> {
     use anyhow::Context as _;
     let manifest = ctx.manifests.load(bottle)?;
     let backend = match backend {
         Some(chosen) => Some(chosen),
-        None => bot_bottle::manifest::backend_from_env()?,
+        None => bot_bottle::config::manifest::backend_from_env()?,
     };
     let backend = backend
         .or(manifest.backend)
-        .unwrap_or(bot_bottle::manifest::Backend::Microvm);
+        .unwrap_or(bot_bottle::config::manifest::Backend::Microvm);
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let mut mounts = Vec::new();
     for m in &manifest.mounts {
-        mounts.push(bot_bottle::mounts::check_host(m, &ctx.dirs.home, &cwd)?);
+        mounts.push(bot_bottle::config::mounts::check_host(
+            m,
+            &ctx.dirs.home,
+            &cwd,
+        )?);
     }
     for arg in mount_args {
-        let m = bot_bottle::mounts::parse_arg(arg)?;
-        mounts.push(bot_bottle::mounts::check_host(&m, &ctx.dirs.home, &cwd)?);
+        let m = bot_bottle::config::mounts::parse_arg(arg)?;
+        mounts.push(bot_bottle::config::mounts::check_host(
+            &m,
+            &ctx.dirs.home,
+            &cwd,
+        )?);
     }
     Ok(Resolved {
         manifest,

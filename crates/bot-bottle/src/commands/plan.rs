@@ -1,6 +1,6 @@
 //! `bot-bottle plan`: the resolved plan of a bottle, touching nothing.
 
-use bot_bottle::manifest::Backend;
+use bot_bottle::config::manifest::Backend;
 use bot_bottle::plan::{self, derive_cid, HostFacts};
 
 use super::Context;
@@ -24,19 +24,19 @@ pub async fn run(ctx: &Context, args: PlanArgs) -> anyhow::Result<i32> {
     let resolved = super::resolve(ctx, &args.bottle, args.backend, &args.mounts)?;
     // The address `start` would take now, read without locking or writing anything. Docker
     // is consulted when reachable; a plan is still printed when it is not.
-    let pool = bot_bottle::alias::pool_from_env()?;
-    let (published, runsc) = match bot_bottle::docker::connect().await {
+    let pool = bot_bottle::state::alias::pool_from_env()?;
+    let (published, runsc) = match bot_bottle::host::docker::connect().await {
         Ok(d) => (
-            bot_bottle::docker::published_aliases(&d)
+            bot_bottle::host::docker::published_aliases(&d)
                 .await
                 .unwrap_or_default(),
-            bot_bottle::docker::runsc_registered(&d)
+            bot_bottle::host::docker::runsc_registered(&d)
                 .await
                 .unwrap_or(false),
         ),
         Err(_) => (Vec::new(), false),
     };
-    let alias = bot_bottle::alias::peek(&ctx.dirs.db_path(), &pool, &published)?;
+    let alias = bot_bottle::state::alias::peek(&ctx.dirs.db_path(), &pool, &published)?;
     let id = format!("{}-xxxxxx", resolved.manifest.name);
     let facts = HostFacts {
         guest_cid: derive_cid(&id, 0),

@@ -9,7 +9,7 @@
 use std::io::Write as _;
 
 use anyhow::Context as _;
-use bot_bottle::orphans::{self, Wake};
+use bot_bottle::session::orphans::{self, Wake};
 use bot_bottle::state::StateDb;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::Instrument as _;
@@ -68,7 +68,7 @@ async fn reap(ctx: &Context, id: &str) -> anyhow::Result<i32> {
         }
     }
     log.line("start ended without tearing down: removing what the bottle left");
-    let docker = bot_bottle::docker::connect()
+    let docker = bot_bottle::host::docker::connect()
         .await
         .context("the reaper needs Docker")?;
     let mut empty = 0;

@@ -1,6 +1,6 @@
 //! `bot-bottle sidecar` (hidden): PID 1 of the sidecar bundle container.
 
-use bot_bottle::sidecar::{self, SidecarConfig};
+use bot_bottle::bundle::runtime::{self as sidecar, SidecarConfig};
 
 pub async fn run() -> anyhow::Result<i32> {
     let config = SidecarConfig::from_env()?;

@@ -1,12 +1,13 @@
 //! `bot-bottle start`: preflight, plan, allocate, build, run, attach; tear down on the way out.
 
 use anyhow::{bail, Context as _};
-use bot_bottle::guard::GuardStack;
-use bot_bottle::logging::say;
-use bot_bottle::manifest::Backend;
+use bot_bottle::config::manifest::Backend;
+use bot_bottle::host::logging::say;
+use bot_bottle::host::{docker, preflight};
 use bot_bottle::plan::{self, BottlePlan, HostFacts};
+use bot_bottle::session::guard::GuardStack;
+use bot_bottle::state::alias;
 use bot_bottle::state::{Owner, StateDb};
-use bot_bottle::{alias, docker, preflight};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::Instrument as _;
 
@@ -103,7 +104,7 @@ pub async fn run(ctx: &Context, args: StartArgs) -> anyhow::Result<i32> {
     // bottle left if it dies without its teardown (SIGKILL).
     ctx.dirs.ensure_state()?;
     let exe = std::env::current_exe().context("locating the bot-bottle executable")?;
-    let reaper = bot_bottle::orphans::Reaper::spawn(&exe, &id)?;
+    let reaper = bot_bottle::session::orphans::Reaper::spawn(&exe, &id)?;
     tracing::debug!(parent: &span, reaper = reaper.pid(), "reaper started");
     let mut stack = GuardStack::new(id.clone());
     let outcome = tokio::select! {
@@ -246,7 +247,7 @@ async fn session(
     db.set_plan(id, &serde_json::to_string(&plan)?)?;
     // Credentials: read on the host now, handed to the bundle's proxy only.
     let (credentials, warnings) =
-        bot_bottle::sidecar::resolve_credentials(&resolved.manifest.credentials, |var| {
+        bot_bottle::bundle::runtime::resolve_credentials(&resolved.manifest.credentials, |var| {
             std::env::var(var).ok()
         });
     for w in warnings {
@@ -331,7 +332,7 @@ async fn run_docker(
     inputs: &Inputs<'_>,
     stack: &mut GuardStack,
 ) -> anyhow::Result<i32> {
-    use bot_bottle::docker_backend;
+    use bot_bottle::backend::docker as docker_backend;
     let (images, credentials) = (&inputs.images, inputs.credentials);
     // The agent (on the internal network only) is created while the bundle starts: its
     // addresses are planned, it needs nothing of the running bundle until it starts.
@@ -381,7 +382,7 @@ struct Images {
 /// the bundle's proxy only.
 struct Inputs<'a> {
     images: Images,
-    credentials: &'a [bot_bottle::sidecar::SidecarCredential],
+    credentials: &'a [bot_bottle::bundle::runtime::SidecarCredential],
 }
 
 /// The sidecar (this binary) and the agent image, each built once per content hash.
@@ -390,7 +391,7 @@ async fn build_images(
     docker: &bollard::Docker,
     plan: &BottlePlan,
 ) -> anyhow::Result<Images> {
-    use bot_bottle::images;
+    use bot_bottle::image::build as images;
     let spec = images::load_dockerfile(&plan.agent.dockerfile, &ctx.dirs.bottles_dir())?;
     let image_labels = std::collections::BTreeMap::from([(
         bot_bottle::plan::LABEL_MANAGED.to_owned(),
@@ -410,8 +411,8 @@ async fn build_images(
 /// The guest kernel: the configured or cached one, else built now from the kernel source
 /// (what `bot-bottle kernel build` does, with its progress), once per bot-bottle version.
 async fn ensure_kernel(ctx: &Context) -> anyhow::Result<std::path::PathBuf> {
-    use bot_bottle::kernel::{self, KernelBuildOptions};
-    use bot_bottle::microvm::{self, MicrovmError};
+    use bot_bottle::backend::microvm::launch::{self as microvm, MicrovmError};
+    use bot_bottle::image::kernel::{self, KernelBuildOptions};
     match microvm::find_kernel(&ctx.dirs) {
         Ok(kernel) => return Ok(kernel),
         Err(MicrovmError::NoKernel) => {}
@@ -438,9 +439,9 @@ async fn start_bundle(
     plan: &BottlePlan,
     sidecar_image: &str,
     bottle_dir: &std::path::Path,
-    credentials: &[bot_bottle::sidecar::SidecarCredential],
+    credentials: &[bot_bottle::bundle::runtime::SidecarCredential],
 ) -> anyhow::Result<()> {
-    use bot_bottle::docker_backend;
+    use bot_bottle::backend::docker as docker_backend;
     docker_backend::create_bundle(docker, plan, sidecar_image, bottle_dir, credentials).await?;
     docker_backend::start_bundle(docker, plan).await?;
     pause_point("bundle").await;
@@ -450,7 +451,7 @@ async fn start_bundle(
 /// Removes the directories of ended runs beyond the newest few of each bottle (their logs);
 /// a failure is only a warning: it must not stop the session.
 async fn prune_old_runs(ctx: &Context, db: &StateDb) {
-    use bot_bottle::retention;
+    use bot_bottle::state::retention;
     // Listed before the rows are read (see `retention`).
     let root = ctx.dirs.runs_dir();
     let runs = match retention::list_runs(&root) {
@@ -513,9 +514,9 @@ async fn run_microvm(
     stack: &mut GuardStack,
 ) -> anyhow::Result<i32> {
     let (images, credentials) = (&inputs.images, inputs.credentials);
-    use bot_bottle::docker_backend;
-    use bot_bottle::microvm;
-    use bot_bottle::microvm_run;
+    use bot_bottle::backend::docker as docker_backend;
+    use bot_bottle::backend::microvm::launch as microvm;
+    use bot_bottle::backend::microvm::run as microvm_run;
     let init = microvm::find_init()?;
 
     // The agent's root image for the guest (cached; an export of the agent image when not),
@@ -544,16 +545,16 @@ async fn run_microvm(
 
     // The writable layer: the bottle's kept disk (locked while in use), or tmpfs.
     let request = match (args.resume, args.fresh, args.tmpfs) {
-        (true, _, _) => bot_bottle::upper::LayerRequest::Resume,
-        (_, true, _) => bot_bottle::upper::LayerRequest::Fresh,
-        (_, _, true) => bot_bottle::upper::LayerRequest::Tmpfs,
-        _ => bot_bottle::upper::LayerRequest::Start,
+        (true, _, _) => bot_bottle::backend::microvm::layer::LayerRequest::Resume,
+        (_, true, _) => bot_bottle::backend::microvm::layer::LayerRequest::Fresh,
+        (_, _, true) => bot_bottle::backend::microvm::layer::LayerRequest::Tmpfs,
+        _ => bot_bottle::backend::microvm::layer::LayerRequest::Start,
     };
-    let held = bot_bottle::upper::acquire(
-        &bot_bottle::upper::disk_path(&ctx.dirs, &plan.bottle),
+    let held = bot_bottle::backend::microvm::layer::acquire(
+        &bot_bottle::backend::microvm::layer::disk_path(&ctx.dirs, &plan.bottle),
         &plan.bottle,
         request,
-        bot_bottle::upper::DEFAULT_SIZE_GIB,
+        bot_bottle::backend::microvm::layer::DEFAULT_SIZE_GIB,
     )?;
     let layer = held.layer.clone();
     stack.push_sync("unlock the writable layer", move || {
@@ -566,7 +567,7 @@ async fn run_microvm(
     let mut guest = microvm::guest_config(plan, &token, ids, &home, &layer);
     if !plan.egress.credential_hosts.is_empty() {
         // The bundle made the bottle's CA: the guest trusts its certificate.
-        guest.ca_cert = Some(bot_bottle::docker_backend::bottle_ca(&bottle_dir).await?);
+        guest.ca_cert = Some(bot_bottle::backend::docker::bottle_ca(&bottle_dir).await?);
     }
     let launch = microvm::launch(
         plan,
@@ -595,7 +596,7 @@ async fn run_microvm(
     {
         let bottle_dir = bottle_dir.clone();
         stack.push_sync("remove the VMM's sockets", move || {
-            bot_bottle::orphans::remove_sockets(&bottle_dir);
+            bot_bottle::session::orphans::remove_sockets(&bottle_dir);
             Ok::<(), std::io::Error>(())
         });
     }
@@ -617,7 +618,7 @@ async fn run_microvm(
             .arg(&launch_path)
             // The VMM ends with this process, however it ends (PR_SET_PDEATHSIG).
             .env(
-                bot_bottle::orphans::PARENT_PID_ENV,
+                bot_bottle::session::orphans::PARENT_PID_ENV,
                 std::process::id().to_string(),
             )
             .stdin(std::process::Stdio::null()),
@@ -684,8 +685,8 @@ async fn snapshot_workspaces(
         let (host, out) = (mount.host.clone(), image.clone());
         let stats = tokio::task::spawn_blocking(move || {
             let mut progress =
-                bot_bottle::squashfs::progress_on_stderr("snapshotting the workspace");
-            bot_bottle::workspace::snapshot(&host, &out, &mut progress)
+                bot_bottle::image::squashfs::progress_on_stderr("snapshotting the workspace");
+            bot_bottle::image::workspace::snapshot(&host, &out, &mut progress)
         })
         .await
         .context("the snapshot thread panicked")??;

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use bot_bottle::microvm::Launch;
+use bot_bottle::backend::microvm::launch::Launch;
 
 #[derive(Debug, clap::Args)]
 pub struct VmmArgs {
@@ -29,7 +29,7 @@ pub async fn run(args: VmmArgs) -> anyhow::Result<i32> {
 
 /// SIGTERM is our VMM's clean stop: the kernel sends it when `start` ends (PRD 0007).
 fn die_with_parent() -> anyhow::Result<()> {
-    Ok(bot_bottle::orphans::die_with_parent(
+    Ok(bot_bottle::session::orphans::die_with_parent(
         nix::sys::signal::Signal::SIGTERM,
     )?)
 }
@@ -52,7 +52,7 @@ async fn boot(args: VmmArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("reading the VMM launch file {}", args.config.display()))?;
     let mut launch: Launch = serde_json::from_str(&text)
         .with_context(|| format!("parsing the VMM launch file {}", args.config.display()))?;
-    let rules = bot_bottle::microvm::verified_rules(&launch)?;
+    let rules = bot_bottle::backend::microvm::launch::verified_rules(&launch)?;
     tracing::info!(machine = %launch.machine, rules = rules.len(), "booting");
     // `verified_rules` refuses a launch without vsock: there is always one here.
     if let Some(vsock) = launch.vmm.vsock.as_mut() {

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
-use crate::egress::intercept::{BottleCa, Injection, Interception};
-use crate::egress::{EgressPolicy, ProxyConfig};
+use crate::bundle::egress::intercept::{BottleCa, Injection, Interception};
+use crate::bundle::egress::{EgressPolicy, ProxyConfig};
 use crate::plan::{GIT_GATE_PORT, PROXY_PORT, SUPERVISOR_PORT};
 
 /// Environment variable carrying the sidecar's JSON configuration.
@@ -31,17 +31,17 @@ pub enum SidecarError {
     #[error("invalid egress policy")]
     Policy {
         #[source]
-        source: crate::egress::EgressError,
+        source: crate::bundle::egress::EgressError,
     },
     #[error("egress proxy failed")]
     Proxy {
         #[source]
-        source: crate::egress::EgressError,
+        source: crate::bundle::egress::EgressError,
     },
     #[error("cannot set up credential injection")]
     Intercept {
         #[source]
-        source: crate::egress::intercept::InterceptError,
+        source: crate::bundle::egress::intercept::InterceptError,
     },
     #[error("cannot read the supervisor token {path}")]
     Token {
@@ -52,7 +52,7 @@ pub enum SidecarError {
     #[error("cannot use the host's trust store")]
     TrustStore {
         #[source]
-        source: crate::trust_store::TrustStoreError,
+        source: crate::host::trust_store::TrustStoreError,
     },
     #[error("credentials were given without a path for the bottle CA's certificate: the agent could not trust the proxy; `bot-bottle start` sets both")]
     CredentialsWithoutCa,
@@ -163,7 +163,7 @@ async fn bind(port: u16, service: &'static str) -> Result<TcpListener, SidecarEr
 /// `file` from disk). A credential whose value is missing is left out with a warning that
 /// says how to provide it: the agent then signs in itself.
 pub fn resolve_credentials(
-    credentials: &std::collections::BTreeMap<String, crate::manifest::Credential>,
+    credentials: &std::collections::BTreeMap<String, crate::config::manifest::Credential>,
     env_var: impl Fn(&str) -> Option<String>,
 ) -> (Vec<SidecarCredential>, Vec<String>) {
     let mut resolved = Vec::new();
@@ -223,8 +223,8 @@ fn interception(config: &SidecarConfig, ca_cert: &Path) -> Result<Interception, 
     let Some(path) = &config.trust_store else {
         return Ok(Interception::new(ca, credentials));
     };
-    let trusted =
-        crate::trust_store::load(path).map_err(|source| SidecarError::TrustStore { source })?;
+    let trusted = crate::host::trust_store::load(path)
+        .map_err(|source| SidecarError::TrustStore { source })?;
     let extra = trusted.certs.len();
     let (interception, unusable) = Interception::with_extra_roots(ca, credentials, trusted.certs);
     // A certificate that does not parse (or is no usable root) is skipped, not fatal.
@@ -241,7 +241,7 @@ fn interception(config: &SidecarConfig, ca_cert: &Path) -> Result<Interception, 
 /// on). Refused by the proxy's address floor unless `allow_private` names the host.
 fn docker_host_addresses() -> Vec<std::net::IpAddr> {
     match std::fs::read_to_string("/proc/net/route") {
-        Ok(table) => crate::egress::resolve::route_gateways(&table),
+        Ok(table) => crate::bundle::egress::resolve::route_gateways(&table),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read /proc/net/route: the Docker host's gateway addresses are refused only by range");
             Vec::new()
@@ -267,7 +267,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         None if !config.credentials.is_empty() => return Err(SidecarError::CredentialsWithoutCa),
         None => {}
     }
-    let proxy = crate::egress::EgressProxy::bind(proxy)
+    let proxy = crate::bundle::egress::EgressProxy::bind(proxy)
         .await
         .map_err(|source| SidecarError::Proxy { source })?;
     let git = bind(GIT_GATE_PORT, "git gate").await?;
@@ -281,7 +281,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
                     path: path.clone(),
                     source,
                 })?;
-            let supervisor = crate::supervisor::Supervisor {
+            let supervisor = crate::bundle::supervisor::Supervisor {
                 bottle_id: config.bottle_id.clone(),
                 token,
                 policy: proxy.live_policy(),
@@ -315,7 +315,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::Credential;
+    use crate::config::manifest::Credential;
     use std::collections::BTreeMap;
 
     fn credential(env: Option<&str>, file: Option<PathBuf>, scheme: Option<&str>) -> Credential {

@@ -15,10 +15,10 @@ use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
-use crate::paths::Dirs;
+use crate::host::paths::Dirs;
 
 /// The fragment merged on top of `make tinyconfig`.
-pub const FRAGMENT: &str = include_str!("../../../kernel/bottle.config");
+pub const FRAGMENT: &str = include_str!("../../../../kernel/bottle.config");
 
 /// Where Debian's `linux-source-6.1` package puts its tarball.
 pub const DEFAULT_SOURCE: &str = "/usr/src/linux-source-6.1.tar.xz";

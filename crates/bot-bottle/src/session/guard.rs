@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::logging::say;
+use crate::host::logging::say;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 type UndoFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;

@@ -5,7 +5,7 @@
 //! the TLS handshake itself, with a certificate for that host signed by the bottle's own CA —
 //! made when the bundle starts, its key never leaving the proxy, its certificate trusted only
 //! by this bottle's agent. The proxy opens its own TLS connection to the real host, verified
-//! against the public roots and the host's trust store (`crate::trust_store`), and sends each request up with the credential's header set by
+//! against the public roots and the host's trust store (`crate::host::trust_store`), and sends each request up with the credential's header set by
 //! the proxy: whatever the agent put in that header is dropped. The secret never reaches the
 //! agent. Connections stay open for the next request (HTTP/1.1 keep-alive), so each request
 //! and response is read by its framing (`Content-Length`, chunked, or until close) and every
@@ -935,7 +935,7 @@ mod tests {
         assert!(!format!("{:?}", bearer()).contains("real-secret"));
     }
 
-    use crate::egress::test_pki::pki;
+    use crate::bundle::egress::test_pki::pki;
 
     /// How many connections and requests a test upstream has seen.
     #[derive(Default)]
@@ -1049,7 +1049,7 @@ mod tests {
         injection: Injection,
         log: Option<std::path::PathBuf>,
     ) -> (std::net::SocketAddr, CertificateDer<'static>) {
-        use crate::egress::{EgressPolicy, EgressProxy, ProxyConfig, Resolver};
+        use crate::bundle::egress::{EgressPolicy, EgressProxy, ProxyConfig, Resolver};
         let ca = BottleCa::generate("test-intercept").unwrap();
         let ca_der = ca.cert_der().clone();
         let mut roots = RootCertStore::empty();
@@ -1433,11 +1433,11 @@ mod tests {
         // Only the allowed request reached the host.
         assert_eq!(seen.requests.load(Ordering::SeqCst), 1);
         // Each refusal is in the bottle's egress log.
-        let events: Vec<crate::egress::EgressEvent> = std::fs::read_to_string(&log)
+        let events: Vec<crate::bundle::egress::EgressEvent> = std::fs::read_to_string(&log)
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
-            .filter(|e: &crate::egress::EgressEvent| e.reason == "path_not_allowed")
+            .filter(|e: &crate::bundle::egress::EgressEvent| e.reason == "path_not_allowed")
             .collect();
         assert_eq!(events.len(), 2, "{events:?}");
         assert_eq!(events[0].method, "POST");

@@ -12,21 +12,21 @@ use bollard::Docker;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
-use crate::docker::DockerError;
+use crate::host::docker::DockerError;
 
 /// Dockerfiles shipped inside the binary.
 pub const BUNDLED_DOCKERFILES: &[(&str, &str)] = &[
     (
         "Dockerfile.claude",
-        include_str!("../../../dockerfiles/Dockerfile.claude"),
+        include_str!("../../../../dockerfiles/Dockerfile.claude"),
     ),
     (
         "Dockerfile.codex",
-        include_str!("../../../dockerfiles/Dockerfile.codex"),
+        include_str!("../../../../dockerfiles/Dockerfile.codex"),
     ),
     (
         "Dockerfile.test",
-        include_str!("../../../dockerfiles/Dockerfile.test"),
+        include_str!("../../../../dockerfiles/Dockerfile.test"),
     ),
 ];
 

@@ -12,7 +12,7 @@ use bottle_proto::config::CONTROL_VSOCK_PORT;
 use bottle_proto::message::{ExecRequest, ExitStatus};
 use futures_util::StreamExt;
 
-use crate::docker::{remove_container, DockerError};
+use crate::host::docker::{remove_container, DockerError};
 
 /// How long the guest has from VMM start to its control agent answering `health`.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -43,7 +43,7 @@ pub enum MicrovmRunError {
     #[error("building the root image failed")]
     Rootfs {
         #[source]
-        source: crate::rootfs::RootfsError,
+        source: crate::image::rootfs::RootfsError,
     },
     #[error("the VM ended ({status}) before its control agent answered; the end of its console:\n{console}")]
     EndedBeforeReady { status: String, console: String },
@@ -206,7 +206,7 @@ pub async fn prepare_rootfs(
             passwd: read_file(docker, scratch_name, "/etc/passwd").await?,
             group: read_file(docker, scratch_name, "/etc/group").await?,
         };
-        let target = crate::rootfs::rootfs_path(cache, &image_id, init)
+        let target = crate::image::rootfs::rootfs_path(cache, &image_id, init)
             .map_err(|source| MicrovmRunError::Rootfs { source })?;
         if target.is_file() {
             return Ok((target, accounts));
@@ -221,10 +221,10 @@ pub async fn prepare_rootfs(
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(16);
         let (path, init) = (target.clone(), init.to_path_buf());
         let building = tokio::task::spawn_blocking(move || {
-            crate::rootfs::cached_rootfs_at(&path, &init, || Ok(ChannelReader::new(rx)))
+            crate::image::rootfs::cached_rootfs_at(&path, &init, || Ok(ChannelReader::new(rx)))
         });
         let mut export = docker.export_container(scratch_name);
-        let mut progress = crate::squashfs::progress_on_stderr("exporting the image");
+        let mut progress = crate::image::squashfs::progress_on_stderr("exporting the image");
         let mut exported = 0u64;
         let mut export_error = None;
         while let Some(chunk) = export.next().await {
@@ -390,7 +390,7 @@ impl VmmChild {
     }
 
     /// Register the undo that stops this child (through this owner, never by pid).
-    pub fn stop_on_unwind(&self, stack: &mut crate::guard::GuardStack) {
+    pub fn stop_on_unwind(&self, stack: &mut crate::session::guard::GuardStack) {
         let vmm = self.clone();
         stack.push("stop the VMM", move || async move {
             match vmm.stop().await? {
@@ -511,7 +511,7 @@ pub async fn attach_pty(
     use bottle_proto::message::{PtyRequest, WindowSize};
     use std::io::Read as _;
     let control = |source| MicrovmRunError::Control { source };
-    let (rows, cols) = crate::terminal::terminal_size().unwrap_or((24, 80));
+    let (rows, cols) = crate::host::terminal::terminal_size().unwrap_or((24, 80));
     let req = PtyRequest {
         argv,
         env: Default::default(),
@@ -529,7 +529,7 @@ pub async fn attach_pty(
         })?
         .map_err(control)?;
     let input = session.input();
-    let _raw = crate::terminal::RawMode::enter().ok();
+    let _raw = crate::host::terminal::RawMode::enter().ok();
     // Keyboard -> guest. A thread: stdin reads block and cannot be cancelled.
     let keys = input.clone();
     std::thread::spawn(move || {
@@ -549,7 +549,7 @@ pub async fn attach_pty(
             return;
         };
         while winch.recv().await.is_some() {
-            if let Some((rows, cols)) = crate::terminal::terminal_size() {
+            if let Some((rows, cols)) = crate::host::terminal::terminal_size() {
                 let _ = input.resize(WindowSize { rows, cols });
             }
         }
@@ -588,7 +588,7 @@ mod tests {
     async fn the_unwind_never_signals_a_vmm_child_that_was_already_reaped() {
         let vmm = spawn_sh("exit 3");
         let reaped = vmm.wait_timeout(Duration::from_secs(10)).await;
-        let mut stack = crate::guard::GuardStack::new("b");
+        let mut stack = crate::session::guard::GuardStack::new("b");
         vmm.stop_on_unwind(&mut stack);
 
         let errors = stack.unwind().await;
@@ -607,7 +607,7 @@ mod tests {
     async fn the_unwind_kills_and_reaps_a_vmm_child_that_still_runs() {
         let vmm = spawn_sh("exec sleep 60");
         let running = vmm.pid();
-        let mut stack = crate::guard::GuardStack::new("b");
+        let mut stack = crate::session::guard::GuardStack::new("b");
         vmm.stop_on_unwind(&mut stack);
 
         let errors = stack.unwind().await;

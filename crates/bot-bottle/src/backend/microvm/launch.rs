@@ -15,8 +15,8 @@ use bottle_proto::message::UserIds;
 use bottle_vmm::{DiskConfig, SerialOutput, VmmConfig, VsockConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::microvm::layer::WritableLayer;
 use crate::plan::BottlePlan;
-use crate::upper::WritableLayer;
 
 /// Our part of the kernel command line before `bottle.config=`: the kernel mounts the root
 /// image (`/dev/vda`, read-only squashfs) and runs bottle-init from it. The VMM itself adds the
@@ -348,7 +348,7 @@ pub fn guest_config(
         upper: match layer {
             WritableLayer::Tmpfs => Upper::Tmpfs,
             WritableLayer::Disk(_) => Upper::Device(BlockFs {
-                device: crate::workspace::guest_device(plan.mounts.len()),
+                device: crate::image::workspace::guest_device(plan.mounts.len()),
                 fstype: "ext4".into(),
             }),
         },
@@ -359,7 +359,7 @@ pub fn guest_config(
             .enumerate()
             .map(|(i, m)| WorkspaceMount {
                 lower: BlockFs {
-                    device: crate::workspace::guest_device(i),
+                    device: crate::image::workspace::guest_device(i),
                     fstype: "squashfs".into(),
                 },
                 guest_path: m.guest.display().to_string(),
@@ -423,7 +423,7 @@ pub fn launch(
                 .to_disk_bytes()
                 .map_err(|source| MicrovmError::Cmdline { source })?;
             bytes.resize(bytes.len().div_ceil(4096).max(1) * 4096, 0);
-            let device = crate::workspace::guest_device(disks.len() - 1);
+            let device = crate::image::workspace::guest_device(disks.len() - 1);
             disks.push(DiskConfig {
                 path: bottle_dir.join(CONFIG_DISK),
                 read_only: true,
@@ -468,13 +468,13 @@ pub fn launch(
 }
 
 /// The guest kernel: `$BOT_BOTTLE_KERNEL`, else the cached build for this fragment.
-pub fn find_kernel(dirs: &crate::paths::Dirs) -> Result<PathBuf, MicrovmError> {
+pub fn find_kernel(dirs: &crate::host::paths::Dirs) -> Result<PathBuf, MicrovmError> {
     if let Some(p) = std::env::var_os(KERNEL_ENV).filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    crate::kernel::cached_kernel_in(
-        &crate::kernel::kernel_cache_dir(dirs),
-        crate::kernel::FRAGMENT,
+    crate::image::kernel::cached_kernel_in(
+        &crate::image::kernel::kernel_cache_dir(dirs),
+        crate::image::kernel::FRAGMENT,
     )
     .ok_or(MicrovmError::NoKernel)
 }
@@ -496,7 +496,7 @@ pub fn find_init() -> Result<PathBuf, MicrovmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Backend, ManifestSource};
+    use crate::config::manifest::{Backend, ManifestSource};
     use crate::plan::{derive_cid, plan, HostFacts};
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nnode:x:1000:1000::/home/node:/bin/bash\n";
@@ -637,7 +637,7 @@ mod tests {
         assert!(vsock.allowlist.is_empty());
         assert_eq!(vsock.guest_cid, p.guest_cid);
         assert!(l.vmm.cmdline.starts_with(BASE_CMDLINE));
-        assert!(BASE_CMDLINE.ends_with(&format!("init=/{}", crate::rootfs::INIT_PATH)));
+        assert!(BASE_CMDLINE.ends_with(&format!("init=/{}", crate::image::rootfs::INIT_PATH)));
         assert!(l.vmm.cmdline.contains("bottle.config="));
         assert!(l.vmm.disks[0].read_only);
         assert_eq!(l.vmm.disks.len(), 1, "tmpfs layer: no writable disk");

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::Duration;
 
-use crate::docker::{self, DockerError};
-use crate::paths::Dirs;
+use crate::host::docker::{self, DockerError};
+use crate::host::paths::Dirs;
 use crate::state::{BottleRow, StateDb, StateError};
 
 /// What `start` writes to its reaper after a teardown that left nothing behind: the reaper

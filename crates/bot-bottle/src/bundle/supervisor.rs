@@ -16,8 +16,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::egress::events::{EgressEvent, EventLog};
-use crate::egress::{body, http, LivePolicy};
+use crate::bundle::egress::events::{EgressEvent, EventLog};
+use crate::bundle::egress::{body, http, LivePolicy};
 
 /// The token's file in the bottle's directory.
 pub const TOKEN_FILE: &str = "supervisor.token";
@@ -264,7 +264,7 @@ async fn exchange(addr: SocketAddr, request: &str) -> Result<String, SupervisorE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::egress::{Decision, EgressPolicy};
+    use crate::bundle::egress::{Decision, EgressPolicy};
 
     const TOKEN: &str = "0123456789abcdef";
 

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::squashfs::{Builder, Content, Meta, SquashfsError, WriteStats};
+use crate::image::squashfs::{Builder, Content, Meta, SquashfsError, WriteStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {

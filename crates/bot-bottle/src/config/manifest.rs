@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 
 /// Bottles shipped inside the binary: (name, TOML source).
 pub const BUNDLED: &[(&str, &str)] = &[
-    ("claude", include_str!("../../../bottles/claude.toml")),
-    ("codex", include_str!("../../../bottles/codex.toml")),
-    ("test", include_str!("../../../bottles/test.toml")),
+    ("claude", include_str!("../../../../bottles/claude.toml")),
+    ("codex", include_str!("../../../../bottles/codex.toml")),
+    ("test", include_str!("../../../../bottles/test.toml")),
 ];
 
 /// Longest `extends` chain we follow before calling it a mistake.
@@ -434,7 +434,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
                 "`[credentials.\"{host}\"]` needs exactly one of `env` or `file`"
             )));
         }
-        if let Err(why) = crate::egress::CredentialPaths::new(&cred.paths) {
+        if let Err(why) = crate::bundle::egress::CredentialPaths::new(&cred.paths) {
             return Err(invalid(format!(
                 "`[credentials.\"{host}\"] paths`: {why} (e.g. `paths = [\"/owner/repo\"]`)"
             )));
@@ -474,7 +474,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
 /// A `hosts` entry that leads below the proxy's address floor is not an error here: the
 /// proxy refuses it with a 403 that names `allow_private`.
 fn check_egress(allow: &[String], deny: &[String], allow_private: &[String]) -> Result<(), String> {
-    crate::egress::EgressPolicy::new(allow, deny, "")
+    crate::bundle::egress::EgressPolicy::new(allow, deny, "")
         .and_then(|p| p.with_private_exceptions(allow_private))
         .map(|_| ())
         .map_err(|e| format!("`[egress]`: {e}"))

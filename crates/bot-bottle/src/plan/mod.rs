@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{Backend, Manifest};
+use crate::config::manifest::{Backend, Manifest};
 
 /// Egress proxy port inside the bundle, published on the bottle's alias.
 pub const PROXY_PORT: u16 = 3128;
@@ -62,7 +62,7 @@ pub struct HostFacts {
     pub guest_cid: u32,
     /// The backend chosen (CLI flag, else manifest, else host default).
     pub backend: Backend,
-    /// Host mounts, already checked to exist (see [`crate::mounts`]).
+    /// Host mounts, already checked to exist (see [`crate::config::mounts`]).
     pub mounts: Vec<HostMount>,
     /// Whether Docker has gVisor's `runsc` runtime registered (docker backend only).
     pub runsc: bool,
@@ -354,7 +354,7 @@ pub fn plan(manifest: &Manifest, host: &HostFacts) -> Result<BottlePlan, PlanErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::ManifestSource;
+    use crate::config::manifest::ManifestSource;
 
     fn manifest(name: &str) -> Manifest {
         ManifestSource::new(PathBuf::from("/nonexistent"))

@@ -17,12 +17,12 @@ use bollard::Docker;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::docker::DockerError;
-use crate::plan::BottlePlan;
-use crate::sidecar::{
+use crate::bundle::runtime::{
     SidecarConfig, SidecarCredential, CA_CERT, CONFIG_ENV, EGRESS_LOG, LOG_DIR_IN_BUNDLE,
 };
-use crate::terminal::{terminal_size, RawMode};
+use crate::host::docker::DockerError;
+use crate::host::terminal::{terminal_size, RawMode};
+use crate::plan::BottlePlan;
 use bottle_proto::config::CA_CERT_PATH;
 
 /// How long the bundle has to accept connections on its published proxy port.
@@ -45,7 +45,7 @@ pub enum BackendError {
         log: String,
     },
     #[error(transparent)]
-    TrustStore(#[from] crate::trust_store::TrustStoreError),
+    TrustStore(#[from] crate::host::trust_store::TrustStoreError),
     #[error("cannot prepare the log directory {path}")]
     LogDir {
         path: std::path::PathBuf,
@@ -130,7 +130,7 @@ pub async fn create_bundle(
     // beside the logs for the agent to trust.
     let intercepting = !plan.egress.credential_hosts.is_empty();
     // The supervisor's token: for the host's `bot-bottle allow` and the bundle, never the agent.
-    write_token(&log_dir.join(crate::supervisor::TOKEN_FILE))?;
+    write_token(&log_dir.join(crate::bundle::supervisor::TOKEN_FILE))?;
     let sidecar = SidecarConfig {
         bottle_id: plan.id.clone(),
         allow: plan.egress.allow.clone(),
@@ -141,13 +141,14 @@ pub async fn create_bundle(
         credentials: credentials.to_vec(),
         ca_cert: intercepting.then(|| Path::new(LOG_DIR_IN_BUNDLE).join(CA_CERT)),
         supervisor_token_file: Some(
-            Path::new(LOG_DIR_IN_BUNDLE).join(crate::supervisor::TOKEN_FILE),
+            Path::new(LOG_DIR_IN_BUNDLE).join(crate::bundle::supervisor::TOKEN_FILE),
         ),
         // The host's trust store, for the real hosts of intercepted connections.
         trust_store: match credentials.is_empty() {
             true => None,
-            false => crate::trust_store::stage(log_dir)?
-                .then(|| Path::new(LOG_DIR_IN_BUNDLE).join(crate::trust_store::TRUST_STORE_FILE)),
+            false => crate::host::trust_store::stage(log_dir)?.then(|| {
+                Path::new(LOG_DIR_IN_BUNDLE).join(crate::host::trust_store::TRUST_STORE_FILE)
+            }),
         },
     };
     let sidecar_json = serde_json::to_string(&sidecar).expect("sidecar config serialises");
@@ -503,7 +504,7 @@ pub async fn run_agent(
 fn write_token(path: &Path) -> Result<(), BackendError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
-    let token = crate::supervisor::new_token().map_err(|e| BackendError::LogDir {
+    let token = crate::bundle::supervisor::new_token().map_err(|e| BackendError::LogDir {
         path: path.to_path_buf(),
         source: std::io::Error::other(e),
     })?;

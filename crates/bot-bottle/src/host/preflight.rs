@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::paths::Dirs;
+use crate::host::paths::Dirs;
 
 /// Overrides the KVM device path (tests point it at missing or forbidden paths).
 pub const KVM_PATH_ENV: &str = "BOT_BOTTLE_KVM_PATH";
@@ -109,7 +109,7 @@ pub fn check_linux_guest() -> Option<Check> {
 /// `start`'s refusal when this KVM cannot run the microVM's Linux guest, with the fix; runs
 /// in a few milliseconds. Skipped for a stand-in VMM, which does not run on this KVM.
 pub fn require_linux_guest() -> Result<(), String> {
-    if std::env::var_os(crate::microvm::VMM_ENV).is_some()
+    if std::env::var_os(crate::backend::microvm::launch::VMM_ENV).is_some()
         || std::env::var_os(SKIP_LINUX_CHECK_ENV).is_some_and(|v| v == "1")
     {
         return Ok(());
@@ -121,14 +121,14 @@ pub fn require_linux_guest() -> Result<(), String> {
 
 /// The Docker check as a doctor line, plus whether runsc is registered.
 pub async fn check_docker() -> (Check, Option<Check>) {
-    match crate::docker::connect().await {
+    match crate::host::docker::connect().await {
         Ok(docker) => {
-            let version = crate::docker::version(&docker)
+            let version = crate::host::docker::version(&docker)
                 .await
                 .unwrap_or_else(|_| "unknown".into());
             let endpoint = std::env::var("DOCKER_HOST")
                 .unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
-            let runsc = match crate::docker::runsc_registered(&docker).await {
+            let runsc = match crate::host::docker::runsc_registered(&docker).await {
                 Ok(true) => Check::ok(
                     "gvisor",
                     "runsc is registered: docker-backend agents run under gVisor",
@@ -207,7 +207,7 @@ pub fn check_bottles_dir(dirs: &Dirs) -> Check {
 
 /// The alias pool setting.
 pub fn check_alias_pool() -> Check {
-    match crate::alias::pool_from_env() {
+    match crate::state::alias::pool_from_env() {
         Ok(pool) => Check::ok(
             "alias-pool",
             format!("127.0.0.{}..=127.0.0.{}", pool.start(), pool.end()),
@@ -222,17 +222,17 @@ pub fn check_alias_pool() -> Check {
 
 /// The guest kernel for the microVM backend.
 pub fn check_kernel(dirs: &Dirs) -> Check {
-    let cache = crate::kernel::kernel_cache_dir(dirs);
-    match crate::kernel::cached_kernel_in(&cache, crate::kernel::FRAGMENT) {
+    let cache = crate::image::kernel::kernel_cache_dir(dirs);
+    match crate::image::kernel::cached_kernel_in(&cache, crate::image::kernel::FRAGMENT) {
         Some(path) => Check::ok("kernel", format!("guest kernel {}", path.display())),
         None => {
-            let source = std::path::Path::new(crate::kernel::DEFAULT_SOURCE);
+            let source = std::path::Path::new(crate::image::kernel::DEFAULT_SOURCE);
             let fix = if source.exists() {
                 "run `bot-bottle kernel build` (about 4 minutes on 2 cores)".to_owned()
             } else {
                 format!(
                     "install the kernel source (Debian/Ubuntu: `apt-get install {}`) and run `bot-bottle kernel build`, or pass --source DIR",
-                    crate::kernel::SOURCE_PACKAGE
+                    crate::image::kernel::SOURCE_PACKAGE
                 )
             };
             Check::warn(

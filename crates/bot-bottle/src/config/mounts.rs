@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::manifest::{expand_home, Mount};
+use crate::config::manifest::{expand_home, Mount};
 use crate::plan::HostMount;
 
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use fs2::FileExt;
 
-use crate::paths::Dirs;
+use crate::host::paths::Dirs;
 
 /// Size of a new writable layer (sparse: it takes only what the agent writes).
 pub const DEFAULT_SIZE_GIB: u64 = 16;

@@ -1,7 +1,7 @@
 //! Root filesystem images made from the agent Docker image.
 //!
 //! The image's flattened file system (a `docker export` tar stream) becomes a read-only squashfs
-//! (zstd, which the guest kernel reads) written by [`crate::squashfs`], with `bottle-init` added
+//! (zstd, which the guest kernel reads) written by [`crate::image::squashfs`], with `bottle-init` added
 //! at [`INIT_PATH`]. Owners, modes (setuid included), mtimes, symlinks, hard links (one inode,
 //! several names), devices, FIFOs and the extended attributes that mean something in the guest
 //! (`security.capability` and `user.*`, from `SCHILY.xattr.*` PAX records as Docker writes
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::squashfs::{self, Builder, Content, Meta, SquashfsError, WriteStats};
+use crate::image::squashfs::{self, Builder, Content, Meta, SquashfsError, WriteStats};
 
 /// Where bottle-init lives in the image; boot with `init=/.bottle/init`. bottle-init mounts its
 /// staging tmpfs over `/.bottle` once running.
