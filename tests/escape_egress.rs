@@ -155,8 +155,8 @@ fn the_bundle_container_has_memory_without_swap_and_pids_limits() {
         stdout(&out).trim(),
         format!(
             "{m} {m} {p}",
-            m = bot_bottle::backend::docker::BUNDLE_MEMORY_BYTES,
-            p = bot_bottle::backend::docker::BUNDLE_PIDS_LIMIT
+            m = bot_bottle::bundle::container::BUNDLE_MEMORY_BYTES,
+            p = bot_bottle::bundle::container::BUNDLE_PIDS_LIMIT
         ),
         "{}",
         stderr(&out)

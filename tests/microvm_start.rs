@@ -475,10 +475,9 @@ fn the_guest_trusts_the_bottles_ca_and_never_holds_the_credential(vmm: Vmm) {
         status.code().is_some(),
         "start ended by a signal: {status:?}"
     );
-    let launch = std::fs::read_to_string(bot_bottle::backend::microvm::launch::launch_file(
-        &bottle_dir,
-    ))
-    .unwrap();
+    let launch =
+        std::fs::read_to_string(bot_bottle::host::run_dir::RunDir::new(&bottle_dir).launch_file())
+            .unwrap();
     assert!(!launch.contains("secret-value-456"));
     assert!(
         !bottle_dir.join("config.img").exists(),

@@ -560,7 +560,7 @@ async fn docker_image_hard_links_and_file_capabilities_reach_the_root_image() {
     let cache = work.path().join("cache");
     let docker = bot_bottle::host::docker::connect().await.unwrap();
     let scratch = format!("bot-bottle-test-export-{}", std::process::id());
-    let prepared = bot_bottle::backend::microvm::run::prepare_rootfs(
+    let prepared = bot_bottle::image::export::prepare_rootfs(
         &docker,
         &tag,
         &init,

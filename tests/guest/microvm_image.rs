@@ -1,6 +1,6 @@
 //! The microVM backend's host side, end to end under QEMU: the test agent image is built by
 //! Docker from `dockerfiles/Dockerfile.test`, exported and turned into the root image by
-//! `microvm_run::prepare_rootfs`, a host directory is snapshotted by `workspace::snapshot`,
+//! `image::export::prepare_rootfs`, a host directory is snapshotted by `workspace::snapshot`,
 //! and the kernel command line and disks come from `microvm::launch` — exactly what `start`
 //! hands our VMM. QEMU stands in for the VMM (this machine's nested KVM cannot boot Linux).
 //! Most tests use a virtio serial port for the control channel; the vsock test keeps the
@@ -20,8 +20,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bot_bottle::backend::microvm::layer::WritableLayer;
-use bot_bottle::backend::microvm::{launch as microvm, run as microvm_run};
+use bot_bottle::backend::microvm::{control as microvm_run, launch as microvm};
 use bot_bottle::config::manifest::{Backend, ManifestSource};
+use bot_bottle::image::export::prepare_rootfs;
 use bot_bottle::image::{build as images, kernel, workspace};
 use bot_bottle::plan::{self, HostFacts, HostMount};
 use bottle_proto::config::ControlChannel;
@@ -109,7 +110,7 @@ async fn prepare(test: &str) -> Option<Prepared> {
     let image = images::ensure_image(&docker, &plan.agent.image_repo, &spec, &labels)
         .await
         .unwrap();
-    let (rootfs, accounts) = microvm_run::prepare_rootfs(
+    let (rootfs, accounts) = prepare_rootfs(
         &docker,
         &image,
         &init,
@@ -151,7 +152,7 @@ fn launch(
             workspaces: std::slice::from_ref(&p.workspace),
             layer,
         },
-        p.work.path(),
+        &bot_bottle::host::run_dir::RunDir::new(p.work.path()),
         &p.work.path().join("state.db"),
     )
     .unwrap();

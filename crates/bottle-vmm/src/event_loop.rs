@@ -9,8 +9,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::lock;
-use crate::vcpu::ExitSignal;
 use crate::virtio::mmio::MmioTransport;
+use crate::vstate::vcpu::ExitSignal;
 use crate::GuestExit;
 
 /// Events handled per `epoll_wait`.

@@ -7,26 +7,31 @@
 //!
 //! The VMM is meant to run in a child process (`bot-bottle __vmm --config FILE`): [`run`] blocks
 //! until the guest ends and [`GuestExit::exit_code`] is that process's exit status.
+//!
+//! Layout:
+//! - [`vstate`]: the machine state: the VM, guest memory, vCPU registers and vCPU threads.
+//! - [`arch::x86_64`]: the guest physical layout and the boot structures written into memory.
+//! - [`devices`]: port-I/O devices (serial, i8042, exit ports) and the MMIO bus.
+//! - [`virtio`]: the virtio-mmio transport and the block and vsock devices.
+//! - [`event_loop`]: the device thread serving every virtio device.
+//! - [`checks`]: host preflight checks (KVM usable, a Linux guest runnable).
+//! - [`config`]: the machine description the parent process writes.
+//! - `probe` (feature `testing`): builds the probe guest for tests.
 
-pub mod boot;
+pub mod arch;
+pub mod checks;
 pub mod config;
-pub mod cpu;
 pub mod devices;
 pub mod event_loop;
-pub mod kvm_check;
-pub mod layout;
-pub mod linux_check;
-pub mod memory;
-pub mod mptable;
+#[cfg(any(test, feature = "testing"))]
 pub mod probe;
-pub mod vcpu;
 pub mod virtio;
-pub mod vm;
+pub mod vstate;
 
 pub use config::{AllowRule, ConfigError, DiskConfig, SerialOutput, VmmConfig, VsockConfig};
 pub use virtio::block::BlockStats;
 pub use virtio::vsock::{DeniedEgress, DenyReason, VsockStats, EGRESS_VSOCK_PORT, HOST_CID};
-pub use vm::{install_stop_signals, KvmError, StopHandle, Vmm, VmmError};
+pub use vstate::vm::{install_stop_signals, KvmError, StopHandle, Vmm, VmmError};
 
 /// How the guest ended.
 #[derive(Clone, Debug, PartialEq, Eq)]

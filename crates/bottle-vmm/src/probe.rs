@@ -1,7 +1,8 @@
 //! Test support: building the probe guest, a tiny `no_std` guest whose source lives in
 //! `tests/probe/guest.rs`. It checks the boot parameters it was handed and drives our
 //! virtio-mmio devices through real KVM exits (the recipe is in shared/docs/FINDINGS.md).
-//! Used by this crate's tests and benchmarks and by bot-bottle's process tests.
+//! Used by this crate's tests and benchmarks and by bot-bottle's process tests: compiled only
+//! with the `testing` feature (and for this crate's unit tests), never into a shipped VMM.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

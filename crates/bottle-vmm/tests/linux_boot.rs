@@ -63,9 +63,9 @@ fn test_linux_kernel_boots_to_its_banner_and_ends_in_a_root_fs_panic() {
     // A KVM that cannot run Linux (this project's nested kvm_pvm) hands the test to the
     // nested-KVM harness: the same test binary, inside an emulated machine whose KVM can.
     // Any other failure of the check is a failure here.
-    match bottle_vmm::linux_check::check_linux_guest(std::path::Path::new("/dev/kvm")) {
+    match bottle_vmm::checks::linux::check_linux_guest(std::path::Path::new("/dev/kvm")) {
         Ok(_) => {}
-        Err(why @ bottle_vmm::linux_check::LinuxCheckError::Unsupported { .. })
+        Err(why @ bottle_vmm::checks::linux::LinuxCheckError::Unsupported { .. })
             if !nested_kvm::in_l1() =>
         {
             eprintln!("{why}: running {TEST_NAME} under KVM in the nested-KVM harness");

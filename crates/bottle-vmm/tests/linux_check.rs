@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use bottle_vmm::linux_check::{self, Instruction, LinuxCheckError};
+use bottle_vmm::checks::linux::{self, Instruction, LinuxCheckError};
 use common::kvm_usable;
 
 const KVM: &str = "/dev/kvm";
@@ -23,7 +23,7 @@ fn plain_code_runs_to_its_halt() {
         code: &[0x48, 0x89, 0x1f],
         needs_leaf1_ecx: 0,
     };
-    let report = linux_check::run(Path::new(KVM), &[store]).unwrap();
+    let report = linux::run(Path::new(KVM), &[store]).unwrap();
     assert_eq!(report.ran, vec!["mov [rdi], rbx"]);
 }
 
@@ -43,7 +43,7 @@ fn a_faulting_instruction_is_named_with_what_happened() {
         code: &[0x0f, 0x0b],
         needs_leaf1_ecx: 0,
     };
-    let err = linux_check::run(Path::new(KVM), &[nop, ud2]).unwrap_err();
+    let err = linux::run(Path::new(KVM), &[nop, ud2]).unwrap_err();
     match &err {
         LinuxCheckError::Unsupported { instruction, .. } => assert_eq!(*instruction, "ud2"),
         other => panic!("expected the fault on ud2, got {other}"),
@@ -57,7 +57,7 @@ fn the_verdict_on_linux_matches_this_kvm() {
     if !kvm_usable("the_verdict_on_linux_matches_this_kvm") {
         return;
     }
-    let verdict = linux_check::check_linux_guest(Path::new(KVM));
+    let verdict = linux::check_linux_guest(Path::new(KVM));
     if Path::new("/sys/module/kvm_pvm").exists() {
         // FINDINGS.md: this nested KVM's emulator stops on SLUB's lock cmpxchg16b.
         let err = verdict.unwrap_err();

@@ -238,7 +238,7 @@ fn test_probe_guest_cpuid_offers_no_vmx_or_svm_and_carries_the_brand_string() {
     let Some((exit, log)) = boot_probe("cpuid", 1) else {
         return;
     };
-    let brand = bottle_vmm::cpu::guest_brand_string();
+    let brand = bottle_vmm::vstate::cpu::guest_brand_string();
     let brand = String::from_utf8_lossy(&brand);
     let expected = format!(
         "CPUID brand {}\n",

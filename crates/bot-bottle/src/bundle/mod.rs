@@ -3,6 +3,7 @@
 //! through which the host changes the policy, and (to come) the git gate. `runtime` is its PID 1
 //! (`bot-bottle sidecar`).
 
+pub mod container;
 pub mod egress;
 pub mod runtime;
 pub mod supervisor;

@@ -14,10 +14,6 @@ use crate::plan::{GIT_GATE_PORT, PROXY_PORT, SUPERVISOR_PORT};
 
 /// Environment variable carrying the sidecar's JSON configuration.
 pub const CONFIG_ENV: &str = "BOT_BOTTLE_SIDECAR";
-/// Directory inside the bundle where the host's per-bottle log directory is mounted.
-pub const LOG_DIR_IN_BUNDLE: &str = "/var/log/bot-bottle";
-/// File name of the egress decision log (JSON lines).
-pub const EGRESS_LOG: &str = "egress.jsonl";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
@@ -119,9 +115,6 @@ impl std::fmt::Debug for SidecarCredential {
             .finish_non_exhaustive()
     }
 }
-
-/// The certificate of the bottle's CA, beside the egress log: the agent trusts it.
-pub const CA_CERT: &str = "ca.pem";
 
 impl SidecarConfig {
     pub fn from_env() -> Result<Self, SidecarError> {
@@ -416,7 +409,11 @@ mod tests {
         std::fs::write(&store, "").unwrap();
         let config = intercepting_config(Some(store.clone()));
 
-        let err = interception(&config, &dir.path().join(CA_CERT)).unwrap_err();
+        let err = interception(
+            &config,
+            &crate::host::run_dir::RunDir::new(dir.path()).ca_cert(),
+        )
+        .unwrap_err();
 
         let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
         assert!(chain.contains(&store.display().to_string()), "{chain}");
@@ -430,7 +427,11 @@ mod tests {
         std::fs::write(&store, other.cert_pem()).unwrap();
         let config = intercepting_config(Some(store));
 
-        let interception = interception(&config, &dir.path().join(CA_CERT)).unwrap();
+        let interception = interception(
+            &config,
+            &crate::host::run_dir::RunDir::new(dir.path()).ca_cert(),
+        )
+        .unwrap();
 
         assert!(interception.for_host("api.test").is_some());
     }

@@ -10,7 +10,7 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
@@ -20,7 +20,6 @@ use crate::bundle::egress::events::{EgressEvent, EventLog};
 use crate::bundle::egress::{body, http, LivePolicy};
 
 /// The token's file in the bottle's directory.
-pub const TOKEN_FILE: &str = "supervisor.token";
 /// Longest request head and body the supervisor reads.
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: u64 = 4096;
@@ -67,9 +66,9 @@ pub fn new_token() -> Result<String, SupervisorError> {
     Ok(hex::encode(bytes))
 }
 
-/// The token of the bottle whose directory is `bottle_dir`.
-pub fn read_token(bottle_dir: &Path) -> Result<String, SupervisorError> {
-    let path = bottle_dir.join(TOKEN_FILE);
+/// The token of the bottle whose directory is `run`.
+pub fn read_token(run: &crate::host::run_dir::RunDir) -> Result<String, SupervisorError> {
+    let path = run.supervisor_token();
     std::fs::read_to_string(&path)
         .map(|t| t.trim().to_owned())
         .map_err(|source| SupervisorError::Token { path, source })
@@ -265,6 +264,7 @@ async fn exchange(addr: SocketAddr, request: &str) -> Result<String, SupervisorE
 mod tests {
     use super::*;
     use crate::bundle::egress::{Decision, EgressPolicy};
+    use std::path::Path;
 
     const TOKEN: &str = "0123456789abcdef";
 

@@ -20,13 +20,13 @@ pub struct AllowArgs {
 
 pub async fn run(ctx: &Context, args: AllowArgs) -> anyhow::Result<i32> {
     let db = StateDb::open_existing(&ctx.dirs.db_path()).context("no bottles are running")?;
-    let row = super::stop::find_live(&db, &args.target)?;
+    let row = bot_bottle::backend::handle::find_live(&db, &args.target)?;
     let alias: std::net::Ipv4Addr = row
         .alias
         .as_deref()
         .and_then(|a| a.parse().ok())
         .with_context(|| format!("bottle {} has no loopback alias", row.id))?;
-    let token = bot_bottle::bundle::supervisor::read_token(&ctx.dirs.bottle_dir(&row.id))?;
+    let token = bot_bottle::bundle::supervisor::read_token(&ctx.dirs.run_dir(&row.id))?;
     let addr = std::net::SocketAddr::from((alias, bot_bottle::plan::SUPERVISOR_PORT));
     if args.list {
         let rules = bot_bottle::bundle::supervisor::request_rules(addr, &token)

@@ -1,10 +1,10 @@
 //! `bot-bottle kernel build [--source DIR]`: build the guest kernel from a Linux source tree.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use bot_bottle::image::kernel::{self, KernelBuildOptions, KernelProgress};
+use bot_bottle::image::kernel::{self, KernelBuildOptions};
 
 use super::Context;
 
@@ -61,44 +61,12 @@ pub async fn run(ctx: &Context, args: KernelArgs) -> anyhow::Result<i32> {
             }
             let tty = std::io::stderr().is_terminal();
             let vmlinux = tokio::task::spawn_blocking(move || {
-                kernel::build_kernel(&opts, &mut |p| show(p, tty))
+                kernel::build_kernel(&opts, &mut |p| kernel::show_on_stderr(p, tty))
             })
             .await
             .context("the kernel build thread panicked")??;
             println!("{}", vmlinux.display());
             Ok(0)
-        }
-    }
-}
-
-/// Progress: one updating line on a terminal, a line per phase (and every 500 objects) otherwise.
-pub(super) fn show(p: KernelProgress, tty: bool) {
-    let mut err = std::io::stderr();
-    match p {
-        KernelProgress::Cached { vmlinux } => {
-            let _ = writeln!(err, "bot-bottle: kernel up to date: {}", vmlinux.display());
-        }
-        KernelProgress::Extracting { tarball } => {
-            let _ = writeln!(err, "bot-bottle: unpacking {}", tarball.display());
-        }
-        KernelProgress::Configuring => {
-            let _ = writeln!(
-                err,
-                "bot-bottle: configuring (tinyconfig + kernel/bottle.config)"
-            );
-        }
-        KernelProgress::Compiling { done, line } => {
-            if tty {
-                let _ = write!(err, "\r\x1b[2K  [{done:>5}] {}", line.trim());
-            } else if done % 500 == 0 {
-                let _ = writeln!(err, "  {done} objects built");
-            }
-        }
-        KernelProgress::Built { vmlinux } => {
-            if tty {
-                let _ = writeln!(err);
-            }
-            let _ = writeln!(err, "bot-bottle: kernel built: {}", vmlinux.display());
         }
     }
 }

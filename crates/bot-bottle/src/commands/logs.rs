@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use bot_bottle::bundle::egress::EgressEvent;
-use bot_bottle::bundle::runtime::EGRESS_LOG;
 use bot_bottle::state::StateDb;
 
 use super::Context;
@@ -65,7 +64,7 @@ pub async fn run(ctx: &Context, args: LogsArgs) -> anyhow::Result<i32> {
             dir.display()
         );
     };
-    let path = dir.join(&id).join(EGRESS_LOG);
+    let path = ctx.dirs.run_dir(&id).egress_log();
     // A rotated log's parts in order (see `EventLog`): the run's first part, the previous
     // one, then the current one.
     for part in [

@@ -49,7 +49,7 @@ pub async fn run(ctx: &Context, args: ReaperArgs) -> anyhow::Result<i32> {
 }
 
 async fn reap(ctx: &Context, id: &str) -> anyhow::Result<i32> {
-    let log = ReaperLog::open(&ctx.dirs.bottle_dir(id));
+    let log = ReaperLog::open(&ctx.dirs.run_dir(id));
     let db = StateDb::open_if_exists(&ctx.dirs.db_path()).context("opening the state database")?;
     if let Some(db) = &db {
         // The kernel closes a dying process's descriptors (our pipe) before /proc shows it
@@ -112,12 +112,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 struct ReaperLog(Option<std::fs::File>);
 
 impl ReaperLog {
-    fn open(dir: &std::path::Path) -> Self {
-        let file = std::fs::create_dir_all(dir).and_then(|()| {
+    fn open(run: &bot_bottle::host::run_dir::RunDir) -> Self {
+        let file = run.prepare().and_then(|()| {
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(dir.join("reaper.log"))
+                .open(run.reaper_log())
         });
         Self(file.ok())
     }

@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use bot_bottle::state::{BottleRow, StateDb};
+use bot_bottle::backend::handle::find_live;
+use bot_bottle::state::StateDb;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -18,27 +19,6 @@ pub struct StopArgs {
     target: String,
 }
 
-/// The one live bottle `target` names (an id, or a name only one live bottle has).
-pub fn find_live(db: &StateDb, target: &str) -> anyhow::Result<BottleRow> {
-    let rows: Vec<BottleRow> = db
-        .bottles()?
-        .into_iter()
-        .filter(|r| r.live && (r.id == target || r.bottle == target))
-        .collect();
-    match rows.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => bail!("no running bottle `{target}`: see `bot-bottle list`"),
-        many => bail!(
-            "`{target}` matches {} bottles ({}): give the id",
-            many.len(),
-            many.iter()
-                .map(|r| r.id.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
-}
-
 pub async fn run(ctx: &Context, args: StopArgs) -> anyhow::Result<i32> {
     let db = StateDb::open_existing(&ctx.dirs.db_path()).context("no bottles to stop")?;
     let row = match find_live(&db, &args.target) {
@@ -46,7 +26,7 @@ pub async fn run(ctx: &Context, args: StopArgs) -> anyhow::Result<i32> {
         // Its `start` is gone: nothing can tear it down but us (what `cleanup <bottle>` does).
         Err(err) => match super::cleanup::find_orphan(ctx, &args.target).await? {
             Some(orphan) => return super::cleanup::remove_orphan(ctx, &orphan).await,
-            None => return Err(err),
+            None => return Err(err.into()),
         },
     };
     let pid = Pid::from_raw(i32::try_from(row.pid).context("bad pid in state row")?);

@@ -49,6 +49,12 @@ pub enum ManifestError {
     BadName { name: String },
     #[error("bottle `{bottle}`: {message}")]
     Invalid { bottle: String, message: String },
+    /// The egress error is the message (it names the rule and why), not a cause to repeat.
+    #[error("bottle `{bottle}`: `[egress]`: {error}")]
+    Egress {
+        bottle: String,
+        error: crate::bundle::egress::EgressError,
+    },
 }
 
 /// Chooses the backend when `--backend` does not (before the manifest's `backend`).
@@ -427,7 +433,10 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
             "`[resources] pids = {pids}` is out of range: use 16..=1000000"
         )));
     }
-    check_egress(&allow, &deny, &allow_private).map_err(invalid)?;
+    check_egress(&allow, &deny, &allow_private).map_err(|error| ManifestError::Egress {
+        bottle: name.to_owned(),
+        error,
+    })?;
     for (host, cred) in &credentials {
         if cred.env.is_some() == cred.file.is_some() {
             return Err(invalid(format!(
@@ -473,11 +482,14 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
 /// The egress rules and `allow_private` entries parse (the bundle would refuse them later).
 /// A `hosts` entry that leads below the proxy's address floor is not an error here: the
 /// proxy refuses it with a 403 that names `allow_private`.
-fn check_egress(allow: &[String], deny: &[String], allow_private: &[String]) -> Result<(), String> {
+fn check_egress(
+    allow: &[String],
+    deny: &[String],
+    allow_private: &[String],
+) -> Result<(), crate::bundle::egress::EgressError> {
     crate::bundle::egress::EgressPolicy::new(allow, deny, "")
         .and_then(|p| p.with_private_exceptions(allow_private))
         .map(|_| ())
-        .map_err(|e| format!("`[egress]`: {e}"))
 }
 
 /// Expand a leading `~/` against `home`.

@@ -1,5 +1,5 @@
-//! Docker through bollard: the objects a bottle owns (networks, containers, images), found and
-//! removed by their labels.
+//! The host's Docker engine through bollard: the objects a bottle owns (networks, containers,
+//! images), made, found and removed by their labels.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -356,4 +356,71 @@ pub async fn create_network(
             source,
         })?;
     Ok(())
+}
+
+/// A plan's labels as bollard takes them.
+pub fn labels(labels: &std::collections::BTreeMap<String, String>) -> HashMap<String, String> {
+    labels.clone().into_iter().collect()
+}
+
+/// A network endpoint with a fixed (planned) address.
+pub fn static_ip_endpoint(ip: std::net::Ipv4Addr) -> bollard::models::EndpointSettings {
+    bollard::models::EndpointSettings {
+        ipam_config: Some(bollard::models::EndpointIpamConfig {
+            ipv4_address: Some(ip.to_string()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Create container `name` (not started).
+pub async fn create_container(
+    docker: &Docker,
+    name: &str,
+    config: bollard::container::Config<String>,
+) -> Result<(), DockerError> {
+    docker
+        .create_container(
+            Some(bollard::container::CreateContainerOptions {
+                name: name.to_owned(),
+                platform: None,
+            }),
+            config,
+        )
+        .await
+        .map_err(|source| DockerError::CreateContainer {
+            name: name.to_owned(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// Start container `name`.
+pub async fn start_container(docker: &Docker, name: &str) -> Result<(), DockerError> {
+    docker
+        .start_container::<String>(name, None)
+        .await
+        .map_err(|source| DockerError::StartContainer {
+            name: name.to_owned(),
+            source,
+        })
+}
+
+/// The last lines a container printed (for error messages).
+pub async fn container_log(docker: &Docker, name: &str) -> String {
+    let mut out = String::new();
+    let mut logs = docker.logs::<String>(
+        name,
+        Some(bollard::container::LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: "20".into(),
+            ..Default::default()
+        }),
+    );
+    while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut logs).await {
+        out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+    }
+    out
 }

@@ -6,5 +6,6 @@ pub mod docker;
 pub mod logging;
 pub mod paths;
 pub mod preflight;
+pub mod run_dir;
 pub mod terminal;
 pub mod trust_store;

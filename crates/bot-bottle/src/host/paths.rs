@@ -102,14 +102,14 @@ impl Dirs {
         self.state.join("alias-pool.lock")
     }
 
-    /// Where the runs' directories are (see [`Dirs::bottle_dir`]).
+    /// Where the runs' directories are (see [`Dirs::run_dir`]).
     pub fn runs_dir(&self) -> PathBuf {
         self.state.join("bottles")
     }
 
-    /// Per-bottle runtime directory (logs, sockets, VMM config).
-    pub fn bottle_dir(&self, id: &str) -> PathBuf {
-        self.runs_dir().join(id)
+    /// Bottle run `id`'s directory (logs, sockets, VMM config).
+    pub fn run_dir(&self, id: &str) -> crate::host::run_dir::RunDir {
+        crate::host::run_dir::RunDir::new(self.runs_dir().join(id))
     }
 
     /// Create the state directory (mode 0700: it holds sockets and logs of the agent).

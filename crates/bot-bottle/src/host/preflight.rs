@@ -59,13 +59,13 @@ pub fn kvm_path() -> PathBuf {
     std::env::var_os(KVM_PATH_ENV)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(bottle_vmm::kvm_check::DEFAULT_KVM_PATH))
+        .unwrap_or_else(|| PathBuf::from(bottle_vmm::checks::kvm::DEFAULT_KVM_PATH))
 }
 
 /// The KVM check as a doctor line.
 pub fn check_kvm() -> Check {
     let path = kvm_path();
-    match bottle_vmm::kvm_check::check_kvm(&path) {
+    match bottle_vmm::checks::kvm::check_kvm(&path) {
         Ok(report) => Check::ok(
             "kvm",
             format!(
@@ -92,8 +92,8 @@ pub const SKIP_LINUX_CHECK_ENV: &str = "BOT_BOTTLE_SKIP_LINUX_CHECK";
 /// itself is unusable: the kvm line already says why).
 pub fn check_linux_guest() -> Option<Check> {
     let path = kvm_path();
-    bottle_vmm::kvm_check::check_kvm(&path).ok()?;
-    Some(match bottle_vmm::linux_check::check_linux_guest(&path) {
+    bottle_vmm::checks::kvm::check_kvm(&path).ok()?;
+    Some(match bottle_vmm::checks::linux::check_linux_guest(&path) {
         Ok(report) if report.ran.is_empty() => Check::ok(
             "linux-guest",
             "a test VM ran and halted (this CPU announces none of the checked instructions)",
@@ -106,17 +106,27 @@ pub fn check_linux_guest() -> Option<Check> {
     })
 }
 
+/// Why `start` refuses to run the microVM here.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    /// The check's error is the message, followed by its fix; not a cause to repeat.
+    #[error("{check}.\n  fix: {}", .check.fix())]
+    LinuxGuest {
+        check: bottle_vmm::checks::linux::LinuxCheckError,
+    },
+}
+
 /// `start`'s refusal when this KVM cannot run the microVM's Linux guest, with the fix; runs
 /// in a few milliseconds. Skipped for a stand-in VMM, which does not run on this KVM.
-pub fn require_linux_guest() -> Result<(), String> {
+pub fn require_linux_guest() -> Result<(), PreflightError> {
     if std::env::var_os(crate::backend::microvm::launch::VMM_ENV).is_some()
         || std::env::var_os(SKIP_LINUX_CHECK_ENV).is_some_and(|v| v == "1")
     {
         return Ok(());
     }
-    bottle_vmm::linux_check::check_linux_guest(&kvm_path())
+    bottle_vmm::checks::linux::check_linux_guest(&kvm_path())
         .map(|_| ())
-        .map_err(|err| format!("{err}.\n  fix: {}", err.fix()))
+        .map_err(|check| PreflightError::LinuxGuest { check })
 }
 
 /// The Docker check as a doctor line, plus whether runsc is registered.

@@ -5,8 +5,9 @@
 //!
 //! `start` reads the store on the host (`$SSL_CERT_FILE`, else the first of
 //! [`SYSTEM_TRUST_STORES`] that exists), at most [`MAX_TRUST_STORE_BYTES`], and copies it into
-//! the bottle's run directory as [`TRUST_STORE_FILE`], which the bundle sees beside its logs.
+//! the bottle's run directory ([`RunDir::trust_store`]), which the bundle sees beside its logs.
 
+use crate::host::run_dir::RunDir;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -26,7 +27,6 @@ pub const SYSTEM_TRUST_STORES: &[&str] = &[
 /// bundle far larger is not a list of CAs (and the bundle's memory is capped).
 pub const MAX_TRUST_STORE_BYTES: u64 = 4 * 1024 * 1024;
 /// File name of the copied trust store in the bottle's run directory.
-pub const TRUST_STORE_FILE: &str = "trust-store.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrustStoreError {
@@ -116,9 +116,9 @@ pub fn load(path: &Path) -> Result<TrustedCerts, TrustStoreError> {
 }
 
 /// Copy the host's trust store (found by [`host_trust_store`] from this process's
-/// environment) into `run_dir` as [`TRUST_STORE_FILE`]; checked here, so that the user hears
+/// environment) into the run directory; checked here, so that the user hears
 /// about a bad store from `start`, not from the bundle. Returns whether a store was copied.
-pub fn stage(run_dir: &Path) -> Result<bool, TrustStoreError> {
+pub fn stage(run: &RunDir) -> Result<bool, TrustStoreError> {
     let Some(source) = host_trust_store(
         std::env::var_os(TRUST_STORE_ENV),
         SYSTEM_TRUST_STORES,
@@ -128,7 +128,7 @@ pub fn stage(run_dir: &Path) -> Result<bool, TrustStoreError> {
     };
     let pem = read_bounded(&source)?;
     parse(&pem, &source)?;
-    let target = run_dir.join(TRUST_STORE_FILE);
+    let target = run.trust_store();
     std::fs::write(&target, &pem).map_err(|source| TrustStoreError::Write {
         path: target,
         source,

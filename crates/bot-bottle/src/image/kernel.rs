@@ -120,6 +120,39 @@ pub enum KernelProgress {
     Built { vmlinux: PathBuf },
 }
 
+/// Progress: one updating line on a terminal, a line per phase (and every 500 objects) otherwise.
+pub fn show_on_stderr(p: KernelProgress, tty: bool) {
+    use std::io::Write as _;
+    let mut err = std::io::stderr();
+    match p {
+        KernelProgress::Cached { vmlinux } => {
+            let _ = writeln!(err, "bot-bottle: kernel up to date: {}", vmlinux.display());
+        }
+        KernelProgress::Extracting { tarball } => {
+            let _ = writeln!(err, "bot-bottle: unpacking {}", tarball.display());
+        }
+        KernelProgress::Configuring => {
+            let _ = writeln!(
+                err,
+                "bot-bottle: configuring (tinyconfig + kernel/bottle.config)"
+            );
+        }
+        KernelProgress::Compiling { done, line } => {
+            if tty {
+                let _ = write!(err, "\r\x1b[2K  [{done:>5}] {}", line.trim());
+            } else if done % 500 == 0 {
+                let _ = writeln!(err, "  {done} objects built");
+            }
+        }
+        KernelProgress::Built { vmlinux } => {
+            if tty {
+                let _ = writeln!(err);
+            }
+            let _ = writeln!(err, "bot-bottle: kernel built: {}", vmlinux.display());
+        }
+    }
+}
+
 /// `<cache>/kernel`.
 pub fn kernel_cache_dir(dirs: &Dirs) -> PathBuf {
     dirs.cache.join("kernel")

@@ -3,6 +3,7 @@
 //! workspace snapshots, and the guest kernel.
 
 pub mod build;
+pub mod export;
 pub mod kernel;
 pub mod rootfs;
 pub mod squashfs;

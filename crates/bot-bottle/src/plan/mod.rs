@@ -177,6 +177,12 @@ const RESERVED_GUEST_PATHS: &[&str] = &[
 ];
 const DEFAULT_GUEST_MOUNT: &str = "/workspace";
 
+/// The microVM's machine name (its state row, and the plan's agent name): known before the
+/// plan, since the machine row (with the guest's CID) is made first.
+pub fn machine_name(bottle_id: &str) -> String {
+    format!("bot-bottle-{bottle_id}-vm")
+}
+
 /// Derive the guest CID for a bottle id; `attempt` re-derives after a collision.
 /// Never returns a reserved CID.
 pub fn derive_cid(bottle_id: &str, attempt: u32) -> u32 {
@@ -307,7 +313,7 @@ pub fn plan(manifest: &Manifest, host: &HostFacts) -> Result<BottlePlan, PlanErr
     let mounts = resolve_mount_guests(&host.mounts)?;
     let agent_name = match host.backend {
         Backend::Docker => format!("bot-bottle-{id}-agent"),
-        Backend::Microvm => format!("bot-bottle-{id}-vm"),
+        Backend::Microvm => machine_name(&id),
     };
     Ok(BottlePlan {
         id: id.clone(),

@@ -3,3 +3,4 @@
 
 pub mod guard;
 pub mod orphans;
+pub mod start;

@@ -194,7 +194,7 @@ pub async fn remove_bottle(
     dirs: &Dirs,
     bottle_id: &str,
 ) -> Vec<OrphansError> {
-    remove_sockets(&dirs.bottle_dir(bottle_id));
+    dirs.run_dir(bottle_id).remove_sockets();
     let mut errors: Vec<OrphansError> = docker::remove_bottle_objects(docker, bottle_id)
         .await
         .into_iter()
@@ -219,19 +219,6 @@ pub async fn remove_bottle(
         }
     }
     errors
-}
-
-/// Remove the Unix sockets directly in `run_dir` (a VMM killed before its clean stop leaves its
-/// control socket and per-port listeners). Nothing else there is touched.
-pub fn remove_sockets(run_dir: &Path) {
-    use std::os::unix::fs::FileTypeExt as _;
-    for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_socket()) {
-            if let Err(e) = std::fs::remove_file(entry.path()) {
-                tracing::debug!(path = %entry.path().display(), error = %e, "cannot remove a socket");
-            }
-        }
-    }
 }
 
 /// Whether bottle `bottle_id` still has a container or network.

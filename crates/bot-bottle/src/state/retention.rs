@@ -13,9 +13,6 @@ use std::time::SystemTime;
 /// Ended runs kept per bottle name.
 pub const KEEP_RUNS_PER_BOTTLE: usize = 10;
 
-/// What a kept ended run keeps: its egress log (both parts) and its console.
-pub const RUN_LOGS: &[&str] = &["egress.jsonl", "egress.jsonl.1", "serial.log"];
-
 #[derive(Debug, thiserror::Error)]
 pub enum RetentionError {
     #[error("cannot list the run directories in {path}")]
@@ -34,7 +31,7 @@ pub enum RetentionError {
 
 /// One run's directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunDir {
+pub struct RunEntry {
     pub id: String,
     pub modified: SystemTime,
 }
@@ -46,8 +43,8 @@ pub fn bottle_of(id: &str) -> &str {
 
 /// Which run directories to remove: of the runs without a state row (`known` holds the ids
 /// that have one), all but the newest `keep` of each bottle. Pure: decides, touches nothing.
-pub fn plan_pruning(runs: &[RunDir], known: &BTreeSet<String>, keep: usize) -> Vec<String> {
-    let mut by_bottle: BTreeMap<&str, Vec<&RunDir>> = BTreeMap::new();
+pub fn plan_pruning(runs: &[RunEntry], known: &BTreeSet<String>, keep: usize) -> Vec<String> {
+    let mut by_bottle: BTreeMap<&str, Vec<&RunEntry>> = BTreeMap::new();
     for run in runs.iter().filter(|r| !known.contains(&r.id)) {
         by_bottle.entry(bottle_of(&run.id)).or_default().push(run);
     }
@@ -62,7 +59,7 @@ pub fn plan_pruning(runs: &[RunDir], known: &BTreeSet<String>, keep: usize) -> V
 }
 
 /// The run directories under `root` (missing `root`: none).
-pub fn list_runs(root: &Path) -> Result<Vec<RunDir>, RetentionError> {
+pub fn list_runs(root: &Path) -> Result<Vec<RunEntry>, RetentionError> {
     let entries = match std::fs::read_dir(root) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -86,7 +83,7 @@ pub fn list_runs(root: &Path) -> Result<Vec<RunDir>, RetentionError> {
         let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
             continue;
         };
-        runs.push(RunDir {
+        runs.push(RunEntry {
             id,
             modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
         });
@@ -95,11 +92,11 @@ pub fn list_runs(root: &Path) -> Result<Vec<RunDir>, RetentionError> {
 }
 
 /// Removes what [`plan_pruning`] picks among `runs` (listed by [`list_runs`] before `known`
-/// was read) under `root`, and trims the ended runs it keeps to their [`RUN_LOGS`]; returns
+/// was read) under `root`, and trims the ended runs it keeps to their logs (`RunDir::KEPT_LOGS`); returns
 /// the removed ids.
 pub fn prune(
     root: &Path,
-    runs: &[RunDir],
+    runs: &[RunEntry],
     known: &BTreeSet<String>,
     keep: usize,
 ) -> Result<Vec<String>, RetentionError> {
@@ -142,7 +139,7 @@ fn trim(dir: &Path, modified: SystemTime) -> Result<(), RetentionError> {
         if entry
             .file_name()
             .to_str()
-            .is_some_and(|n| RUN_LOGS.contains(&n))
+            .is_some_and(|n| crate::host::run_dir::RunDir::KEPT_LOGS.contains(&n))
         {
             continue;
         }
@@ -160,8 +157,8 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn run(id: &str, age_s: u64) -> RunDir {
-        RunDir {
+    fn run(id: &str, age_s: u64) -> RunEntry {
+        RunEntry {
             id: id.into(),
             modified: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 - age_s),
         }

@@ -1,9 +1,12 @@
-//! Virtio devices behind our virtio-mmio (version 2) transport.
+//! Virtio devices behind our virtio-mmio (version 2) transport: the transport ([`mmio`]), the
+//! devices ([`block`], [`vsock`]), and what they share here: the [`VirtioDevice`] model and a
+//! device's [`Interrupt`] line.
 
 pub mod block;
 pub mod mmio;
-/// A simulated driver over plain memory, for tests and benchmarks (not for production use).
-#[doc(hidden)]
+/// A simulated driver over plain memory, for tests and benchmarks (not for production use):
+/// compiled for this crate's unit tests and with the `testing` feature.
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod vsock;
 

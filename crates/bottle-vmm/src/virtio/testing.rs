@@ -1,6 +1,6 @@
 //! A minimal split-virtqueue driver over plain guest memory, for device and transport tests
-//! and benchmarks that run without KVM. It panics on misuse: it is test code, compiled into the
-//! library only so that `benches/` can use it.
+//! and benchmarks that run without KVM. It panics on misuse: it is test code, compiled only for
+//! this crate's unit tests and with the `testing` feature (which its benches enable).
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

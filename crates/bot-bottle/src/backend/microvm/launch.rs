@@ -1,7 +1,7 @@
-//! The microVM backend's host side: what the guest is told (bottle-init's `GuestConfig`), what
-//! the VMM child is given (its launch file), and where the pieces come from. Pure builders
-//! here, and the launch file's own read and write; the effects (image export, child process,
-//! control connection) are in `start` and `microvm_run`.
+//! What the guest is told (bottle-init's `GuestConfig`), what the VMM child is given (its
+//! launch file), and where the pieces come from (kernel, init). Pure builders, the launch
+//! file's own read and write, and what the VMM child does with it first: take its allowlist
+//! from the machine row that `start` verified ([`verified_rules`]), never from the file.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
@@ -16,6 +16,7 @@ use bottle_vmm::{DiskConfig, SerialOutput, VmmConfig, VsockConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::microvm::layer::WritableLayer;
+use crate::host::run_dir::RunDir;
 use crate::plan::BottlePlan;
 
 /// Our part of the kernel command line before `bottle.config=`: the kernel mounts the root
@@ -161,7 +162,7 @@ pub struct Launch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<ControlEndpoint>,
     /// The guest configuration as a disk (the last one in `vmm.disks`) when it does not fit
-    /// on the kernel command line: the caller writes these bytes to [`CONFIG_DISK`].
+    /// on the kernel command line: the caller writes these bytes to [`RunDir::config_disk`].
     #[serde(skip)]
     pub config_disk: Option<Vec<u8>>,
 }
@@ -170,36 +171,12 @@ pub struct Launch {
 /// Unix socket, then requests carrying the per-boot token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlEndpoint {
-    /// The VMM's vsock Unix socket ([`control_socket`] of the bottle directory).
+    /// The VMM's vsock Unix socket ([`RunDir::control_socket`]).
     pub socket: PathBuf,
     /// The control agent's vsock port.
     pub port: u32,
     /// The per-boot token the control agent requires (also in the guest configuration).
     pub token: String,
-}
-
-/// The config disk's file in the bottle directory.
-pub const CONFIG_DISK: &str = "config.img";
-/// The launch file's name in the bottle directory.
-const LAUNCH_FILE: &str = "launch.json";
-/// The VMM's vsock Unix socket's name in the bottle directory.
-const CONTROL_SOCKET: &str = "vsock.sock";
-/// The guest's serial console log's name in the bottle directory.
-const CONSOLE_LOG: &str = "serial.log";
-
-/// The launch file of the bottle whose directory is `bottle_dir`.
-pub fn launch_file(bottle_dir: &Path) -> PathBuf {
-    bottle_dir.join(LAUNCH_FILE)
-}
-
-/// The VMM's vsock Unix socket (the guest's control agent and egress) in `bottle_dir`.
-pub fn control_socket(bottle_dir: &Path) -> PathBuf {
-    bottle_dir.join(CONTROL_SOCKET)
-}
-
-/// The guest's serial console log in `bottle_dir`.
-pub fn console_log(bottle_dir: &Path) -> PathBuf {
-    bottle_dir.join(CONSOLE_LOG)
 }
 
 impl Launch {
@@ -224,10 +201,9 @@ impl Launch {
         })
     }
 
-    /// The control endpoint of the bottle whose directory is `bottle_dir`, from its launch
-    /// file.
-    pub fn read_control(bottle_dir: &Path) -> Result<ControlEndpoint, MicrovmError> {
-        let path = launch_file(bottle_dir);
+    /// The control endpoint of the bottle whose directory is `run`, from its launch file.
+    pub fn read_control(run: &RunDir) -> Result<ControlEndpoint, MicrovmError> {
+        let path = run.launch_file();
         Launch::read(&path)?
             .control
             .ok_or(MicrovmError::NoControl { path })
@@ -393,7 +369,7 @@ pub fn launch(
     guest: &GuestConfig,
     kernel: &Path,
     disks: Disks<'_>,
-    bottle_dir: &Path,
+    run: &RunDir,
     state_db: &Path,
 ) -> Result<Launch, MicrovmError> {
     let Disks {
@@ -425,7 +401,7 @@ pub fn launch(
             bytes.resize(bytes.len().div_ceil(4096).max(1) * 4096, 0);
             let device = crate::image::workspace::guest_device(disks.len() - 1);
             disks.push(DiskConfig {
-                path: bottle_dir.join(CONFIG_DISK),
+                path: run.config_disk(),
                 read_only: true,
             });
             (
@@ -435,7 +411,7 @@ pub fn launch(
         }
         Err(source) => return Err(MicrovmError::Cmdline { source }),
     };
-    let socket = control_socket(bottle_dir);
+    let socket = run.control_socket();
     let control = match guest.control {
         ControlChannel::Vsock { port } => Some(ControlEndpoint {
             socket: socket.clone(),
@@ -452,12 +428,12 @@ pub fn launch(
             cmdline: format!("{BASE_CMDLINE} {arg}"),
             vcpus: plan.agent.vcpus,
             mem_mib: plan.agent.memory_mib,
-            serial: SerialOutput::File(console_log(bottle_dir)),
+            serial: SerialOutput::File(run.console_log()),
             vsock: Some(VsockConfig {
                 guest_cid: plan.guest_cid,
                 uds_path: socket,
                 allowlist: Vec::new(),
-                event_log: Some(bottle_dir.join("vsock-egress.jsonl")),
+                event_log: Some(run.vsock_egress_log()),
             }),
             initrd: None,
             disks,
@@ -704,17 +680,17 @@ mod tests {
             &g,
             Path::new("/k"),
             disks,
-            dir.path(),
+            &RunDir::new(dir.path()),
             Path::new("/s.db"),
         )
         .unwrap();
-        let path = launch_file(dir.path());
+        let path = RunDir::new(dir.path()).launch_file();
         // A stale, readable file in the way is made private too.
         std::fs::write(&path, "stale").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
 
         l.write(&path).unwrap();
-        let control = Launch::read_control(dir.path()).unwrap();
+        let control = Launch::read_control(&RunDir::new(dir.path())).unwrap();
         let back = Launch::read(&path).unwrap();
 
         assert!(
@@ -752,9 +728,9 @@ mod tests {
         );
         let mut l = launch_at(&p, &g, &[], &WritableLayer::Tmpfs);
         l.control = None;
-        l.write(&launch_file(dir.path())).unwrap();
+        l.write(&RunDir::new(dir.path()).launch_file()).unwrap();
 
-        let err = Launch::read_control(dir.path()).unwrap_err();
+        let err = Launch::read_control(&RunDir::new(dir.path())).unwrap_err();
 
         assert!(matches!(err, MicrovmError::NoControl { .. }), "{err}");
         assert!(err.to_string().contains("start it again"), "{err}");
@@ -777,7 +753,7 @@ mod tests {
             g,
             Path::new("/k"),
             disks,
-            Path::new("/b"),
+            &RunDir::new("/b"),
             Path::new("/s.db"),
         )
         .unwrap()

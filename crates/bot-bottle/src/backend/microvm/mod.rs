@@ -1,7 +1,9 @@
 //! The microVM backend's host side: the launch file and the guest's configuration (`launch`),
-//! the VMM child and the control connection to the guest (`run`), and the writable layer kept
-//! between runs (`layer`).
+//! the VMM child process (`vmm`), the control connection to the guest (`control`), and the
+//! writable layer kept between runs (`layer`).
 
+pub mod control;
 pub mod launch;
 pub mod layer;
-pub mod run;
+pub mod session;
+pub mod vmm;

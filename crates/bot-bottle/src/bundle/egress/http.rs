@@ -25,12 +25,26 @@ impl RequestHead {
 }
 
 /// Why a request head was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum HeadError {
     /// Not valid HTTP/1.x.
-    Malformed(String),
+    #[error("malformed request head: {0}")]
+    Malformed(MalformedHead),
     /// More than [`MAX_HEADERS`] header lines.
+    #[error("too many header lines")]
     TooManyHeaders,
+}
+
+/// How a request head is not valid HTTP/1.x.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum MalformedHead {
+    /// httparse's reason (e.g. `invalid token`).
+    #[error("{0}")]
+    Syntax(httparse::Error),
+    #[error("bare LF line ending in the request head (end lines with CRLF)")]
+    BareLf,
+    #[error("incomplete request line")]
+    IncompleteLine,
 }
 
 /// Parses a head from the start of `buf`. `Ok(None)`: incomplete, read more.
@@ -42,14 +56,12 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, Hea
         Ok(httparse::Status::Partial) => return Ok(None),
         Ok(httparse::Status::Complete(len)) => len,
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
-        Err(e) => return Err(HeadError::Malformed(e.to_string())),
+        Err(e) => return Err(HeadError::Malformed(MalformedHead::Syntax(e))),
     };
     if has_bare_lf(&buf[..len]) {
-        return Err(HeadError::Malformed(
-            "bare LF line ending in the request head (end lines with CRLF)".into(),
-        ));
+        return Err(HeadError::Malformed(MalformedHead::BareLf));
     }
-    let missing = || HeadError::Malformed("incomplete request line".into());
+    let missing = || HeadError::Malformed(MalformedHead::IncompleteLine);
     let head = RequestHead {
         method: req.method.ok_or_else(missing)?.to_owned(),
         target: req.path.ok_or_else(missing)?.to_owned(),
@@ -77,25 +89,48 @@ pub(crate) fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// Why an authority (`host[:port]`) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum AuthorityError {
+    #[error("empty host")]
+    EmptyHost,
+    #[error("unexpected {found:?} in authority {authority:?}")]
+    UnexpectedChar { found: char, authority: String },
+    #[error("unclosed `[` in {authority:?}")]
+    UnclosedBracket { authority: String },
+    #[error("expected `:port` after `]` in {authority:?}")]
+    NoPortAfterBracket { authority: String },
+    #[error("malformed host in {authority:?}")]
+    MalformedHost { authority: String },
+    #[error("bad port {port:?}")]
+    BadPort { port: String },
+    #[error("missing port in {authority:?}")]
+    MissingPort { authority: String },
+}
+
 /// Splits `host[:port]` / `[v6][:port]`. The port is required when `default_port` is `None`.
 /// Rejects user info (`user@host`), paths, empty hosts and port 0.
 pub(crate) fn parse_authority(
     authority: &str,
     default_port: Option<u16>,
-) -> Result<(String, u16), String> {
+) -> Result<(String, u16), AuthorityError> {
+    let named = || authority.to_owned();
     if authority.is_empty() {
-        return Err("empty host".into());
+        return Err(AuthorityError::EmptyHost);
     }
-    if let Some(bad) = authority
+    if let Some(found) = authority
         .chars()
         .find(|c| matches!(c, '@' | '/' | '?' | '#' | '\\') || c.is_whitespace() || c.is_control())
     {
-        return Err(format!("unexpected {bad:?} in authority {authority:?}"));
+        return Err(AuthorityError::UnexpectedChar {
+            found,
+            authority: named(),
+        });
     }
     let (host, port) = if authority.starts_with('[') {
         let end = authority
             .find(']')
-            .ok_or_else(|| format!("unclosed `[` in {authority:?}"))?;
+            .ok_or_else(|| AuthorityError::UnclosedBracket { authority: named() })?;
         let (host, rest) = authority.split_at(end + 1);
         match rest {
             "" => (host, None),
@@ -103,7 +138,7 @@ pub(crate) fn parse_authority(
                 host,
                 Some(
                     rest.strip_prefix(':')
-                        .ok_or_else(|| format!("expected `:port` after `]` in {authority:?}"))?,
+                        .ok_or_else(|| AuthorityError::NoPortAfterBracket { authority: named() })?,
                 ),
             ),
         }
@@ -114,15 +149,15 @@ pub(crate) fn parse_authority(
         }
     };
     if host.is_empty() || host.contains(':') && !host.starts_with('[') {
-        return Err(format!("malformed host in {authority:?}"));
+        return Err(AuthorityError::MalformedHost { authority: named() });
     }
     let port = match (port, default_port) {
         (Some(p), _) => match p.parse::<u16>() {
             Ok(port) if port != 0 => port,
-            _ => return Err(format!("bad port {p:?}")),
+            _ => return Err(AuthorityError::BadPort { port: p.to_owned() }),
         },
         (None, Some(default)) => default,
-        (None, None) => return Err(format!("missing port in {authority:?}")),
+        (None, None) => return Err(AuthorityError::MissingPort { authority: named() }),
     };
     Ok((host.to_owned(), port))
 }
@@ -138,16 +173,33 @@ pub(crate) struct AbsoluteTarget {
     pub path: String,
 }
 
-pub(crate) fn parse_absolute_http(target: &str) -> Result<AbsoluteTarget, String> {
-    let scheme_end = target.find("://").ok_or_else(|| {
-        format!("request target {target:?} is neither `/path` nor `http://host/path`")
-    })?;
+/// Why a plain proxy request's target was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TargetError {
+    #[error("request target {target:?} is neither `/path` nor `http://host/path`")]
+    NotPathOrUrl { target: String },
+    #[error("`https://` targets need a CONNECT tunnel, not a plain proxy request")]
+    Https,
+    #[error("unsupported scheme {scheme:?}")]
+    Scheme { scheme: String },
+    #[error(transparent)]
+    Authority(#[from] AuthorityError),
+}
+
+pub(crate) fn parse_absolute_http(target: &str) -> Result<AbsoluteTarget, TargetError> {
+    let scheme_end = target
+        .find("://")
+        .ok_or_else(|| TargetError::NotPathOrUrl {
+            target: target.to_owned(),
+        })?;
     let scheme = &target[..scheme_end];
     if scheme.eq_ignore_ascii_case("https") {
-        return Err("`https://` targets need a CONNECT tunnel, not a plain proxy request".into());
+        return Err(TargetError::Https);
     }
     if !scheme.eq_ignore_ascii_case("http") {
-        return Err(format!("unsupported scheme {scheme:?}"));
+        return Err(TargetError::Scheme {
+            scheme: scheme.to_owned(),
+        });
     }
     let rest = &target[scheme_end + 3..];
     let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -194,13 +246,6 @@ pub(crate) enum FramingError {
     CodingInHttp10,
     #[error("unsupported transfer coding {0:?}")]
     UnsupportedCoding(String),
-}
-
-/// For callers whose errors are still text.
-impl From<FramingError> for String {
-    fn from(e: FramingError) -> Self {
-        e.to_string()
-    }
 }
 
 /// Reads a request's `Content-Length` / `Transfer-Encoding`. Refused: both together,
@@ -385,17 +430,30 @@ pub(crate) struct ResponseHead {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+/// Why an upstream's response head, or its body framing, was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ResponseError {
+    #[error("incomplete response head")]
+    Incomplete,
+    #[error("malformed response head: {0}")]
+    Malformed(httparse::Error),
+    #[error("response without a status line")]
+    NoStatusLine,
+    #[error(transparent)]
+    Framing(#[from] FramingError),
+}
+
 /// Parses a complete response head.
-pub(crate) fn parse_response_head(buf: &[u8]) -> Result<ResponseHead, String> {
+pub(crate) fn parse_response_head(buf: &[u8]) -> Result<ResponseHead, ResponseError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(buf) {
         Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err("incomplete response head".into()),
-        Err(e) => return Err(format!("malformed response head: {e}")),
+        Ok(httparse::Status::Partial) => return Err(ResponseError::Incomplete),
+        Err(e) => return Err(ResponseError::Malformed(e)),
     }
     let (Some(status), Some(version)) = (resp.code, resp.version) else {
-        return Err("response without a status line".into());
+        return Err(ResponseError::NoStatusLine);
     };
     Ok(ResponseHead {
         status,
@@ -421,7 +479,7 @@ pub(crate) enum ResponseFraming {
 pub(crate) fn response_framing(
     head: &ResponseHead,
     method: &str,
-) -> Result<ResponseFraming, String> {
+) -> Result<ResponseFraming, ResponseError> {
     if method.eq_ignore_ascii_case("HEAD")
         || (100..200).contains(&head.status)
         || head.status == 204
@@ -435,9 +493,7 @@ pub(crate) fn response_framing(
     if !delimited {
         return Ok(ResponseFraming::UntilClose);
     }
-    response_body_framing(&head.headers)
-        .map(ResponseFraming::Body)
-        .map_err(|e| e.to_string())
+    Ok(ResponseFraming::Body(response_body_framing(&head.headers)?))
 }
 
 /// A complete response from the proxy itself (`Connection: close`, plain-text body).
@@ -549,6 +605,7 @@ mod tests {
     fn absolute_target_rejects_https_userinfo_and_other_schemes() {
         assert!(parse_absolute_http("https://a.test/")
             .unwrap_err()
+            .to_string()
             .contains("CONNECT"));
         assert!(parse_absolute_http("http://a.test@evil.test/").is_err());
         assert!(parse_absolute_http("ftp://a.test/").is_err());

@@ -89,6 +89,29 @@ pub enum BindingError {
     Path(#[from] PathError),
 }
 
+/// Why a request head inside an intercepted tunnel cannot go up (answered with a 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RequestHeadError {
+    #[error("incomplete request head")]
+    Incomplete,
+    /// Malformed, or too many header lines.
+    #[error(transparent)]
+    Head(#[from] http::HeadError),
+    /// A framing a request smuggler would use.
+    #[error(transparent)]
+    Framing(#[from] http::FramingError),
+}
+
+/// Why the real host's answer is not relayed (answered with a 502).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum UpstreamResponseError {
+    /// A `101` the agent's request could not have asked for (its `Upgrade` is never sent up).
+    #[error("an unrequested protocol switch")]
+    ProtocolSwitch,
+    #[error(transparent)]
+    Response(#[from] http::ResponseError),
+}
+
 impl BindingError {
     fn status(&self) -> u16 {
         match self {
@@ -518,8 +541,8 @@ impl Interception {
             };
             let framing = match http::response_framing(&response, &request.method) {
                 // The agent's Upgrade is never sent up: a protocol switch is not expected.
-                Ok(_) if response.status == 101 => Err("an unrequested protocol switch".into()),
-                other => other,
+                Ok(_) if response.status == 101 => Err(UpstreamResponseError::ProtocolSwitch),
+                other => other.map_err(UpstreamResponseError::from),
             };
             let framing = match framing {
                 Ok(framing) => framing,
@@ -785,14 +808,12 @@ impl Rewritten {
 /// value for it dropped), hop-by-hop headers and `Expect` removed, `Connection: close` only
 /// when the agent's request ends its connection. Framings a request smuggler would use are
 /// refused.
-pub fn rewrite_head(head: &[u8], injection: &Injection) -> Result<Rewritten, String> {
-    let parsed = match http::parse_head(head) {
-        Ok(Some((parsed, _))) => parsed,
-        Ok(None) => return Err("incomplete request head".into()),
-        Err(http::HeadError::TooManyHeaders) => return Err("too many header lines".into()),
-        Err(http::HeadError::Malformed(why)) => {
-            return Err(format!("malformed request head: {why}"))
-        }
+pub(crate) fn rewrite_head(
+    head: &[u8],
+    injection: &Injection,
+) -> Result<Rewritten, RequestHeadError> {
+    let Some((parsed, _)) = http::parse_head(head)? else {
+        return Err(RequestHeadError::Incomplete);
     };
     let framing = http::body_framing(&parsed)?;
     let closes = http::closes_connection(parsed.version, &parsed.headers);

@@ -33,7 +33,7 @@ use std::path::PathBuf;
 pub use events::EgressEvent;
 pub use policy::{
     normalize_host, CredentialPaths, Decision, DenyReason, EgressPolicy, FloorRefusal, LivePolicy,
-    PathError,
+    PathError, RuleError,
 };
 pub use proxy::{serve, EgressProxy, ProxyConfig, ProxyLimits};
 pub use resolve::{FloorRange, Resolver};
@@ -42,7 +42,7 @@ pub use resolve::{FloorRange, Resolver};
 #[derive(Debug, thiserror::Error)]
 pub enum EgressError {
     #[error("invalid egress rule {rule:?}: {reason}")]
-    InvalidRule { rule: String, reason: String },
+    InvalidRule { rule: String, reason: RuleError },
     #[error("cannot listen for egress on {addr} (is another process using the port?)")]
     Bind {
         addr: SocketAddr,

@@ -252,10 +252,7 @@ impl EgressPolicy {
         for entry in entries {
             let rule = parse_rule(entry)?;
             if rule.port != PortSpec::Unwritten {
-                return Err(invalid(
-                    entry,
-                    "an `allow_private` entry names a host or address, without a port (the allow rule sets the port)",
-                ));
+                return Err(invalid(entry, RuleError::PrivateWithPort));
             }
             self.private_ok.push(rule);
         }
@@ -324,13 +321,12 @@ impl EgressPolicy {
                 PortSpec::Unwritten | PortSpec::Any => DEFAULT_ALLOW_PORT,
             };
             if let Some(deny) = self.deny.iter().find(|d| d.matches(&target, port, true)) {
-                return Err(EgressError::InvalidRule {
-                    rule: rule.to_owned(),
-                    reason: format!(
-                        "the manifest's deny rule {:?} covers it, and deny rules win",
-                        deny.text
-                    ),
-                });
+                return Err(invalid(
+                    rule,
+                    RuleError::DenyCovers {
+                        deny: deny.text.clone(),
+                    },
+                ));
             }
         }
         if !self.allow.iter().any(|r| r.text == parsed.text) {
@@ -414,51 +410,62 @@ fn is_doh_endpoint(name: &str) -> bool {
     })
 }
 
-fn invalid(rule: &str, reason: impl Into<String>) -> EgressError {
+/// Why an egress rule (or `allow_private` entry) was refused; [`EgressError::InvalidRule`]
+/// names the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("the rule is empty")]
+    Empty,
+    #[error("an opening `[` needs a closing `]`")]
+    UnclosedBracket,
+    #[error("expected `:port` after `]`")]
+    NoPortAfterBracket,
+    #[error("`{port}` is not a port (expected 1-65535, or `*` for every port)")]
+    BadPort { port: String },
+    #[error("only an IPv6 address may stand inside `[...]`")]
+    NotIpv6InBrackets,
+    #[error("the part after `*.` is not a valid host name (expected e.g. `*.example.com`)")]
+    BadSuffix,
+    #[error("a wildcard is only allowed as a leading `*.` (e.g. `*.example.com`)")]
+    MisplacedWildcard,
+    #[error("looks like an IP address but is not a valid one (write e.g. `1.2.3.4` or `[::1]`)")]
+    BadIp,
+    #[error("not a valid host name (letters, digits, `-` and `_`, dot-separated labels)")]
+    BadHostName,
+    #[error("an `allow_private` entry names a host or address, without a port (the allow rule sets the port)")]
+    PrivateWithPort,
+    #[error("the manifest's deny rule {deny:?} covers it, and deny rules win")]
+    DenyCovers { deny: String },
+}
+
+fn invalid(rule: &str, reason: RuleError) -> EgressError {
     EgressError::InvalidRule {
         rule: rule.to_owned(),
-        reason: reason.into(),
+        reason,
     }
 }
 
 fn parse_rule(text: &str) -> Result<Rule, EgressError> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
-        return Err(invalid(text, "the rule is empty"));
+        return Err(invalid(text, RuleError::Empty));
     }
     let (host_part, port) = split_host_port(trimmed).map_err(|why| invalid(text, why))?;
     let host = if let Some(ip) = parse_ip_literal(host_part) {
         HostPattern::Ip(ip)
     } else if trimmed.starts_with('[') {
-        return Err(invalid(
-            text,
-            "only an IPv6 address may stand inside `[...]`",
-        ));
+        return Err(invalid(text, RuleError::NotIpv6InBrackets));
     } else if let Some(suffix) = host_part.strip_prefix("*.") {
-        let suffix = normalize_name(suffix).ok_or_else(|| {
-            invalid(
-                text,
-                "the part after `*.` is not a valid host name (expected e.g. `*.example.com`)",
-            )
-        })?;
+        let suffix = normalize_name(suffix).ok_or_else(|| invalid(text, RuleError::BadSuffix))?;
         HostPattern::Suffix(suffix)
     } else if host_part.contains('*') {
-        return Err(invalid(
-            text,
-            "a wildcard is only allowed as a leading `*.` (e.g. `*.example.com`)",
-        ));
+        return Err(invalid(text, RuleError::MisplacedWildcard));
     } else if looks_numeric(host_part) {
-        return Err(invalid(
-            text,
-            "looks like an IP address but is not a valid one (write e.g. `1.2.3.4` or `[::1]`)",
-        ));
+        return Err(invalid(text, RuleError::BadIp));
     } else {
-        HostPattern::Exact(normalize_name(host_part).ok_or_else(|| {
-            invalid(
-                text,
-                "not a valid host name (letters, digits, `-` and `_`, dot-separated labels)",
-            )
-        })?)
+        HostPattern::Exact(
+            normalize_name(host_part).ok_or_else(|| invalid(text, RuleError::BadHostName))?,
+        )
     };
     Ok(Rule {
         text: trimmed.to_owned(),
@@ -468,17 +475,15 @@ fn parse_rule(text: &str) -> Result<Rule, EgressError> {
 }
 
 /// Splits `host[:port]` (or `[v6][:port]`, or a bare IPv6 literal without port).
-fn split_host_port(text: &str) -> Result<(&str, PortSpec), String> {
+fn split_host_port(text: &str) -> Result<(&str, PortSpec), RuleError> {
     if let Some(rest) = text.strip_prefix('[') {
-        let (inside, after) = rest
-            .split_once(']')
-            .ok_or("an opening `[` needs a closing `]`")?;
+        let (inside, after) = rest.split_once(']').ok_or(RuleError::UnclosedBracket)?;
         let port = match after {
             "" => PortSpec::Unwritten,
             _ => parse_port(
                 after
                     .strip_prefix(':')
-                    .ok_or("expected `:port` after `]`")?,
+                    .ok_or(RuleError::NoPortAfterBracket)?,
             )?,
         };
         return Ok((inside, port));
@@ -493,14 +498,14 @@ fn split_host_port(text: &str) -> Result<(&str, PortSpec), String> {
     }
 }
 
-fn parse_port(text: &str) -> Result<PortSpec, String> {
+fn parse_port(text: &str) -> Result<PortSpec, RuleError> {
     if text == "*" {
         return Ok(PortSpec::Any);
     }
     match text.parse::<u16>() {
-        Ok(0) | Err(_) => Err(format!(
-            "`{text}` is not a port (expected 1-65535, or `*` for every port)"
-        )),
+        Ok(0) | Err(_) => Err(RuleError::BadPort {
+            port: text.to_owned(),
+        }),
         Ok(port) => Ok(PortSpec::One(port)),
     }
 }

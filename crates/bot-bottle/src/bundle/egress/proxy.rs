@@ -351,7 +351,9 @@ async fn read_head(
                 Ok(Some(_)) | Err(HeadError::TooManyHeaders) => return Err(too_large(limits)),
                 Ok(None) if buf.len() > limits.max_head_bytes => return Err(too_large(limits)),
                 Ok(None) => {}
-                Err(HeadError::Malformed(why)) => return Err(Refusal::bad_request(&why)),
+                Err(HeadError::Malformed(why)) => {
+                    return Err(Refusal::bad_request(&why.to_string()))
+                }
             }
         }
     };
@@ -688,7 +690,7 @@ impl Conn<'_> {
         } else {
             match http::parse_absolute_http(&head.target) {
                 Ok(target) => target,
-                Err(why) => return Err(self.bad_request(method, &why).await),
+                Err(why) => return Err(self.bad_request(method, &why.to_string()).await),
             }
         };
         let framing = match http::body_framing(head) {

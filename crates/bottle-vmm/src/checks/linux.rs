@@ -18,10 +18,10 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuExit};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::boot::{self, EntryPoint};
-use crate::cpu;
-use crate::layout::HIMEM_START;
-use crate::memory;
+use crate::arch::x86_64::boot::{self, EntryPoint};
+use crate::arch::x86_64::layout::HIMEM_START;
+use crate::vstate::cpu;
+use crate::vstate::memory;
 
 /// Memory of the test VM: page tables and GDT below 1 MiB, code and data above.
 const MEM_MIB: u32 = 2;

@@ -3,8 +3,8 @@
 use kvm_bindings::{kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 
-use crate::boot::EntryPoint;
-use crate::layout::*;
+use crate::arch::x86_64::boot::EntryPoint;
+use crate::arch::x86_64::layout::*;
 
 // CPUID bits.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
@@ -531,7 +531,7 @@ mod tests {
     #[test]
     fn test_cpuid_keeps_what_linux_boots_on_tsc_deadline_x2apic_cx16_xsave() {
         // TSC_DEADLINE (24): our in-kernel LAPIC emulates it; X2APIC (21); CX16 (13) and
-        // XSAVE (26): what linux_check runs; SSE3 (0), SSSE3 (9): user space.
+        // XSAVE (26): what checks::linux runs; SSE3 (0), SSSE3 (9): user space.
         let wanted: u32 = (1 << 24) | (1 << 21) | (1 << 13) | (1 << 26) | 1 | (1 << 9);
         let mut cpuid = all_ones_cpuid();
         normalize_cpuid_with_brand(&mut cpuid, 0, 1, &brand("x"));

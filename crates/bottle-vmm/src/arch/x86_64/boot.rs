@@ -14,7 +14,7 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 
-use crate::layout::*;
+use crate::arch::x86_64::layout::*;
 
 /// e820 entry types (ACPI spec).
 const E820_RAM: u32 = 1;
@@ -222,7 +222,7 @@ pub fn write_boot_structures(
 /// The identity page tables and the boot GDT (and empty IDT) for `entry`.
 pub fn write_long_mode_tables(mem: &GuestMemoryMmap, entry: EntryPoint) -> Result<(), BootError> {
     write_page_tables(mem)?;
-    write_gdt(mem, &crate::cpu::gdt_table(entry))
+    write_gdt(mem, &crate::vstate::cpu::gdt_table(entry))
 }
 
 fn write_zero_page(
@@ -330,7 +330,7 @@ fn write_gdt(mem: &GuestMemoryMmap, table: &[u64]) -> Result<(), BootError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::create_guest_memory;
+    use crate::vstate::memory::create_guest_memory;
 
     #[test]
     fn test_e820_announces_all_ram_above_1mib_and_reserves_the_ebda() {

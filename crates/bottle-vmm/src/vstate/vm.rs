@@ -1,5 +1,8 @@
 //! Building a machine from a [`VmmConfig`] in the order rust-vmm's reference VMM uses: KVM,
 //! memory, VM (TSS, irqchip, PIT), kernel and boot structures, devices, vCPUs; then running it.
+//! Guest memory is created before the VM and the VM is always dropped first (on an early
+//! return from [`Vmm::build`] and through [`Vmm`]'s field order), so KVM never holds a slot on
+//! memory that is already unmapped.
 
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -10,21 +13,21 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::{self, BootError};
+use crate::arch::x86_64::boot::{self, BootError};
+use crate::arch::x86_64::layout::*;
+use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::config::{ConfigError, VmmConfig};
-use crate::cpu::{self, CpuError};
 use crate::devices::legacy::PortIo;
 use crate::devices::serial::{ConsoleWriter, EventFdTrigger, SerialError};
 use crate::devices::MmioBus;
 use crate::event_loop::{EventLoop, EventLoopError};
-use crate::layout::*;
-use crate::memory::{self, MemoryError};
-use crate::mptable::{self, MptableError};
-use crate::vcpu::{ExitSignal, VcpuError, VcpuHandles, VcpuShared};
 use crate::virtio::block::{Block, BlockError, BlockStats};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::vsock::{Vsock, VsockError, VsockStats};
 use crate::virtio::VirtioDevice;
+use crate::vstate::cpu::{self, CpuError};
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{ExitSignal, VcpuError, VcpuHandles, VcpuShared};
 use crate::GuestExit;
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +86,11 @@ fn setup(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
 }
 
 /// A machine, built and not yet started.
+///
+/// Field order is drop order: the VM and its vCPU fds (which keep the kernel's VM alive) go
+/// before `mem`, the guest RAM they map, so KVM never holds a slot on unmapped memory. Keep
+/// `vm` and `vcpus` above `mem`. (The devices hold clones of `mem`, which keep the mappings
+/// alive too; `run` drops `vm` explicitly once the vCPUs are joined.)
 pub struct Vmm {
     vm: VmFd,
     vcpus: Vec<VcpuFd>,
@@ -141,6 +149,9 @@ impl Vmm {
     pub fn build(config: &VmmConfig) -> Result<Self, VmmError> {
         config.validate()?;
         let kvm = Kvm::new().map_err(KvmError::OpenKvm)?;
+        // Memory before the VM that maps it: locals drop in reverse order, so an early return
+        // below closes the VM (and the slots registered in it) before unmapping its memory.
+        let mem = memory::create_guest_memory(config.mem_mib)?;
         let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
         vm.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(setup("the TSS (KVM_SET_TSS_ADDR)"))?;
@@ -155,9 +166,9 @@ impl Vmm {
         vm.create_pit2(pit)
             .map_err(setup("the in-kernel PIT (KVM_CREATE_PIT2)"))?;
 
-        let mem = memory::create_guest_memory(config.mem_mib)?;
-        // SAFETY: `mem` moves into the returned `Vmm`, which keeps it alive for as long as the
-        // VM fd (and so KVM's use of the mappings) exists.
+        // SAFETY: `mem` outlives `vm` here (created before it, so dropped after it on an early
+        // return) and then moves into the returned `Vmm`, whose field order drops `vm` (and
+        // the vCPUs) before `mem`: the mappings live as long as KVM may use them.
         unsafe { memory::register_regions(&vm, &mem) }.map_err(KvmError::MemoryRegion)?;
 
         let panicked = Arc::new(AtomicBool::new(false));

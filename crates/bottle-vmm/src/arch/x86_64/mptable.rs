@@ -3,7 +3,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{APIC_START, EBDA_START, IOAPIC_START, LAST_IRQ, LOW_RAM_END};
+use crate::arch::x86_64::layout::{APIC_START, EBDA_START, IOAPIC_START, LAST_IRQ, LOW_RAM_END};
 
 const MPC_SPEC_REVISION_1_4: u8 = 4;
 const APIC_VERSION: u8 = 0x14;

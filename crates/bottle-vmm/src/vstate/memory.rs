@@ -4,7 +4,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
+use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
 const BYTES_PER_MIB: u64 = 1 << 20;
 
