@@ -243,12 +243,27 @@ async fn create_networks(
     Ok(())
 }
 
-fn push_remove_network(stack: &mut GuardStack, name: &str, beside: bool) {
+/// A Docker object a run made.
+#[derive(Clone, Copy)]
+enum Object {
+    Network,
+    Container,
+}
+
+/// Undo: remove `object` `name` (gone already is fine); `beside` the undo pushed before it
+/// (both run at once).
+fn push_remove(stack: &mut GuardStack, object: Object, name: &str, beside: bool) {
     let name = name.to_owned();
-    let step = format!("remove network {name}");
+    let step = match object {
+        Object::Network => format!("remove network {name}"),
+        Object::Container => format!("remove container {name}"),
+    };
     let undo = move || async move {
         let docker = docker::connect().await?;
-        docker::remove_network(&docker, &name).await
+        match object {
+            Object::Network => docker::remove_network(&docker, &name).await,
+            Object::Container => docker::remove_container(&docker, &name).await,
+        }
     };
     if beside {
         stack.push_beside(step, undo);
@@ -257,19 +272,13 @@ fn push_remove_network(stack: &mut GuardStack, name: &str, beside: bool) {
     }
 }
 
+fn push_remove_network(stack: &mut GuardStack, name: &str, beside: bool) {
+    push_remove(stack, Object::Network, name, beside);
+}
+
 /// Undo: remove container `name` (gone already is fine); `beside` the undo pushed before.
 pub fn push_remove_container(stack: &mut GuardStack, name: &str, beside: bool) {
-    let name = name.to_owned();
-    let step = format!("remove container {name}");
-    let undo = move || async move {
-        let docker = docker::connect().await?;
-        docker::remove_container(&docker, &name).await
-    };
-    if beside {
-        stack.push_beside(step, undo);
-    } else {
-        stack.push(step, undo);
-    }
+    push_remove(stack, Object::Container, name, beside);
 }
 
 /// Undo: remove a file this run made (gone already is fine).

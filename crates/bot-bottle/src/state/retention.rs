@@ -256,4 +256,41 @@ mod tests {
         assert!(list_runs(&missing).unwrap().is_empty());
         assert!(prune(&missing, &[], &known, 2).unwrap().is_empty());
     }
+
+    #[test]
+    fn a_kept_run_keeps_every_segment_of_its_egress_log_and_the_vmm_denials() {
+        let root = tempfile::tempdir().unwrap();
+        let run = crate::host::run_dir::RunDir::new(root.path().join("t-1"));
+        run.prepare().unwrap();
+        // A rotated log: the run's first segment (kept for the whole run), the previous one,
+        // the current one; the VMM's denied vsock egress; the console.
+        for log in [run.egress_log(), run.vsock_egress_log(), run.console_log()] {
+            std::fs::write(&log, "x").unwrap();
+        }
+        for suffix in [".0", ".1"] {
+            let mut name = run.egress_log().into_os_string();
+            name.push(suffix);
+            std::fs::write(name, "x").unwrap();
+        }
+        std::fs::write(run.workspace_snapshot(0), "big").unwrap();
+        let runs = list_runs(root.path()).unwrap();
+        assert!(prune(root.path(), &runs, &BTreeSet::new(), 1)
+            .unwrap()
+            .is_empty());
+        let mut left: Vec<_> = std::fs::read_dir(run.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "egress.jsonl",
+                "egress.jsonl.0",
+                "egress.jsonl.1",
+                "serial.log",
+                "vsock-egress.jsonl"
+            ]
+        );
+    }
 }
