@@ -660,6 +660,72 @@ fn chaos_sigkill_of_a_microvm_start_leaves_an_orphan_or_nothing_and_cleanup_leav
     }
 }
 
+/// The git gate from inside the guest: a stock git (the `common::git_image` bottle) commits
+/// in the workspace, which is the agent's in the guest whatever its owner on the host, and
+/// pushes to its `bottle` remote over the guest's only way out; `pull` brings the branch home.
+fn the_agent_in_the_guest_pushes_to_the_gate_and_pull_brings_it_home(vmm: Vmm) {
+    let test = "the_agent_in_the_guest_pushes_to_the_gate";
+    let Some((stand_in, kernel)) = prereqs(test, vmm) else {
+        return;
+    };
+    let s = vmm.sandbox(100);
+    common::git_image::write_git_bottle(&s.dir.path().join("config"), "gitvm").unwrap();
+    let repo = s.dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(["-c", "user.email=t@e", "-c", "user.name=t"])
+            .args(args)
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            common::stderr(&out)
+        );
+        common::stdout(&out).trim().to_owned()
+    };
+    git(&["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("README"), "host\n").unwrap();
+    git(&["add", "README"]);
+    git(&["commit", "-qm", "host"]);
+    let script = "stat -c 'owner %u:%g' /workspace/README; cd /workspace && \
+        echo guest >> README && git -c user.email=a@b -c user.name=agent commit -qam guest && \
+        git push bottle HEAD:bot/vm 2>&1";
+    let mut cmd = s.cmd();
+    cmd.env(bot_bottle::backend::microvm::launch::VMM_ENV, &stand_in)
+        .env("BOT_BOTTLE_KERNEL", &kernel)
+        .args([
+            "start",
+            "gitvm",
+            "--backend",
+            "microvm",
+            "--tmpfs",
+            "--mount",
+        ])
+        .arg(&repo)
+        .args(["--", "sh", "-c", script]);
+    let out = cmd.output().unwrap();
+    let (stdout, stderr) = (common::stdout(&out), common::stderr(&out));
+    let why = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(out.status.success(), "{why}");
+    assert!(stdout.contains("owner 1000:1000"), "{why}");
+    assert!(stdout.contains("HEAD -> bot/vm"), "{why}");
+    let pulled = s.run(&["pull", "gitvm"]);
+    assert!(pulled.status.success(), "{}", common::stderr(&pulled));
+    assert_eq!(
+        git(&["show", "refs/remotes/bottle/bot/vm:README"]),
+        "host\nguest"
+    );
+    assert_eq!(
+        std::fs::read_to_string(repo.join("README")).unwrap(),
+        "host\n"
+    );
+}
+
 /// Every test above, once with each VMM: `qemu_direct::*` and `our_vmm_in_l1::*`.
 macro_rules! with_each_vmm {
     ($($name:ident),* $(,)?) => {
@@ -682,4 +748,5 @@ with_each_vmm!(
     the_host_allows_more_while_the_microvm_bottle_runs,
     a_sigkilled_start_takes_its_vm_and_bundle_with_it,
     a_hangup_tears_a_running_microvm_bottle_down_and_exits_129,
+    the_agent_in_the_guest_pushes_to_the_gate_and_pull_brings_it_home,
 );

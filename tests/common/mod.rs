@@ -2,6 +2,8 @@
 //! Docker engine, with state, config and cache in a private temporary directory.
 #![allow(dead_code)]
 
+pub mod git_image;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -31,7 +31,10 @@ pub enum HandleError {
         source: serde_json::Error,
     },
     #[error("bottle {id} is {status}, not running yet: try again in a moment")]
-    NotRunning { id: String, status: String },
+    NotRunning {
+        id: String,
+        status: crate::state::Status,
+    },
     #[error(transparent)]
     Docker(#[from] DockerError),
     #[error(transparent)]
@@ -109,7 +112,7 @@ impl BottleHandle {
                 id: row.id.clone(),
                 source,
             })?;
-        if row.status != "running" {
+        if row.status != crate::state::Status::Running {
             return Err(HandleError::NotRunning {
                 id: row.id,
                 status: row.status,

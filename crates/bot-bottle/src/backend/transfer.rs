@@ -1,9 +1,13 @@
 //! `bot-bottle cp`: tar streams in and out of a bottle. What comes out of a bottle was made by
 //! the agent's side and is untrusted: it is unpacked only inside the destination directory
 //! (no absolute paths, no `..`, no writing through links), without owners or setuid bits.
+//! Workspaces on the Docker backend go in the same way ([`pack_tree`]): packed as they are
+//! streamed, owned by the agent's user.
 
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
+
+use crate::image::workspace::{walk_tree, Node, ReadError, TreeEntry, TreeStats, WalkError};
 
 /// The most `cp` accepts from a bottle, in bytes of tar stream, unless `MAX_COPY_ENV` says
 /// otherwise: the archive is streamed to the destination (never held in memory), and this
@@ -49,6 +53,14 @@ pub enum TransferError {
     TooLarge { limit: u64 },
     #[error("{MAX_COPY_ENV}={value} is not a number of bytes")]
     BadLimit { value: String },
+    #[error("{path} is not a directory: a workspace must be one")]
+    NotADirectory { path: PathBuf },
+    #[error("the copy of {path} into the bottle stopped")]
+    Stream {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A writer that refuses (with [`TransferError::TooLarge`]) whatever would go past `limit`
@@ -177,6 +189,187 @@ pub fn pack_into(local: &Path, out: impl Write) -> Result<(), TransferError> {
         builder.append_path_with_name(local, &name).map_err(err)?;
     }
     builder.into_inner().map_err(err)?.flush().map_err(err)
+}
+
+/// Who owns every entry of a tree packed by [`pack_tree`], whatever owns it on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Write a tar of the host directory `host` into `out`, to be unpacked at a container's `/`:
+/// entries are named below `prefix` (the guest path without its leading `/`; the first entry
+/// is `prefix` itself) and every one is owned by `owner`. What goes in follows the workspace
+/// rules ([`walk_tree`]): modes and mtimes kept, symlinks kept as links (never followed),
+/// further names of a hard-linked file as links to its first, FIFOs; sockets and device nodes
+/// left out; no extended attributes. A file whose size changes while it is read is cut or
+/// zero-padded to the size its header gave (the archive stays well formed).
+/// `progress(done)` gets the content bytes written so far.
+pub fn pack_tree(
+    host: &Path,
+    prefix: &Path,
+    owner: Owner,
+    out: impl Write,
+    progress: &mut dyn FnMut(u64),
+) -> Result<TreeStats, TransferError> {
+    use std::os::unix::fs::MetadataExt;
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TransferError::Pack { path, source }
+    };
+    let write_err = |source| TransferError::Stream {
+        path: host.to_path_buf(),
+        source,
+    };
+    let header = |meta: &std::fs::Metadata, kind: tar::EntryType| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(meta.mode() & 0o7777);
+        h.set_uid(owner.uid.into());
+        h.set_gid(owner.gid.into());
+        h.set_mtime(meta.mtime().max(0) as u64);
+        h.set_size(0);
+        h
+    };
+    let root = std::fs::metadata(host).map_err(read_err(host))?;
+    if !root.is_dir() {
+        return Err(TransferError::NotADirectory {
+            path: host.to_path_buf(),
+        });
+    }
+    let mut builder = tar::Builder::new(out);
+    builder
+        .append_data(
+            &mut header(&root, tar::EntryType::Directory),
+            prefix,
+            std::io::empty(),
+        )
+        .map_err(write_err)?;
+    let mut done = 0u64;
+    let stats = walk_tree(host, &mut |e: TreeEntry<'_>| {
+        let name = prefix.join(e.name);
+        let appended = match e.node {
+            Node::Dir => builder.append_data(
+                &mut header(e.meta, tar::EntryType::Directory),
+                &name,
+                std::io::empty(),
+            ),
+            Node::Fifo => builder.append_data(
+                &mut header(e.meta, tar::EntryType::Fifo),
+                &name,
+                std::io::empty(),
+            ),
+            Node::Symlink(target) => {
+                builder.append_link(&mut header(e.meta, tar::EntryType::Symlink), &name, target)
+            }
+            Node::HardLink(first) => builder.append_link(
+                &mut header(e.meta, tar::EntryType::Link),
+                &name,
+                prefix.join(first),
+            ),
+            Node::File => {
+                let file = std::fs::File::open(e.path).map_err(read_err(e.path))?;
+                let len = e.meta.len();
+                let mut h = header(e.meta, tar::EntryType::Regular);
+                h.set_size(len);
+                let mut content = Content {
+                    inner: file.take(len).chain(std::io::repeat(0)).take(len),
+                    done: &mut done,
+                    progress: &mut *progress,
+                    failed: None,
+                };
+                let appended = builder.append_data(&mut h, &name, &mut content);
+                if let Some(source) = content.failed.take() {
+                    return Err(read_err(e.path)(source));
+                }
+                appended
+            }
+        };
+        appended.map_err(write_err)
+    })
+    .map_err(|e| match e {
+        WalkError::Read(ReadError { path, source }) => TransferError::Pack { path, source },
+        WalkError::Visit(e) => e,
+    })?;
+    builder
+        .into_inner()
+        .and_then(|mut out| out.flush())
+        .map_err(write_err)?;
+    Ok(stats)
+}
+
+/// A file's content on its way into the archive: counts what is read for the progress, and
+/// keeps a read error apart from the archive's write errors.
+struct Content<'a, R> {
+    inner: R,
+    done: &'a mut u64,
+    progress: &'a mut dyn FnMut(u64),
+    failed: Option<std::io::Error>,
+}
+
+impl<R: Read> Read for Content<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                *self.done += n as u64;
+                (self.progress)(*self.done);
+                Ok(n)
+            }
+            Err(e) => {
+                let kind = e.kind();
+                self.failed = Some(e);
+                Err(std::io::Error::new(kind, "reading the file failed"))
+            }
+        }
+    }
+}
+
+/// A blocking writer that hands what it is given to async code (a Docker upload) in chunks of
+/// about `chunk` bytes: the counterpart of [`ChunkReader`]. Use it on a blocking thread only;
+/// `flush` sends what is buffered. Once the receiver is gone, writes fail (`BrokenPipe`).
+pub struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    buf: bytes::BytesMut,
+    chunk: usize,
+}
+
+impl ChunkWriter {
+    pub fn new(tx: tokio::sync::mpsc::Sender<bytes::Bytes>, chunk: usize) -> Self {
+        Self {
+            tx,
+            buf: bytes::BytesMut::with_capacity(chunk),
+            chunk,
+        }
+    }
+
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.buf.split().freeze();
+        self.buf.reserve(self.chunk);
+        self.tx.blocking_send(chunk).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the receiving side of the copy stopped",
+            )
+        })
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= self.chunk {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
 }
 
 /// Which way a copy goes.
@@ -408,6 +601,82 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o4000, 0, "setuid kept: {mode:o}");
+    }
+
+    #[test]
+    fn pack_tree_names_entries_below_the_prefix_owned_by_the_agent_and_keeps_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("proj");
+        std::fs::create_dir_all(host.join("src")).unwrap();
+        std::fs::write(host.join("src/run.sh"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            host.join("src/run.sh"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::hard_link(host.join("src/run.sh"), host.join("again.sh")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", host.join("escape")).unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(host.join("s.sock")).unwrap();
+        let owner = Owner {
+            uid: 1234,
+            gid: 5678,
+        };
+        let mut tar = Vec::new();
+        let mut seen_bytes = 0;
+        let stats = pack_tree(
+            &host,
+            Path::new("home/agent/proj"),
+            owner,
+            &mut tar,
+            &mut |done| seen_bytes = done,
+        )
+        .unwrap();
+
+        assert_eq!((stats.files, stats.hardlinks, stats.symlinks), (1, 1, 1));
+        assert_eq!(stats.skipped, 1, "the socket is left out");
+        assert_eq!(seen_bytes, 10);
+        let mut archive = tar::Archive::new(tar.as_slice());
+        let mut entries = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let h = entry.header();
+            assert_eq!((h.uid().unwrap(), h.gid().unwrap()), (1234, 5678));
+            let link = entry
+                .link_name()
+                .unwrap()
+                .map(|l| l.display().to_string())
+                .unwrap_or_default();
+            let what = format!(
+                "{} {:?} {:o} {link}",
+                entry.path().unwrap().display(),
+                h.entry_type(),
+                h.mode().unwrap() & 0o7777
+            );
+            let mut data = String::new();
+            entry.read_to_string(&mut data).unwrap();
+            entries.push(format!("{what} {data:?}"));
+        }
+        let mode = |p: &str| {
+            std::fs::symlink_metadata(host.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(
+            entries,
+            [
+                format!("home/agent/proj Directory {:o}  \"\"", mode("")),
+                "home/agent/proj/again.sh Regular 755  \"#!/bin/sh\\n\"".to_owned(),
+                format!(
+                    "home/agent/proj/escape Symlink {:o} /etc/passwd \"\"",
+                    mode("escape")
+                ),
+                format!("home/agent/proj/src Directory {:o}  \"\"", mode("src")),
+                "home/agent/proj/src/run.sh Link 755 home/agent/proj/again.sh \"\"".to_owned(),
+            ]
+        );
     }
 
     #[test]

@@ -5,5 +5,6 @@
 
 pub mod container;
 pub mod egress;
+pub mod gate;
 pub mod runtime;
 pub mod supervisor;

@@ -1,5 +1,6 @@
 //! The sidecar bundle's runtime (`bot-bottle sidecar`, PID 1 of the bundle container): the
-//! egress proxy, and placeholders for the git gate and supervisor that say they are off.
+//! egress proxy, the git gate's relay, and the supervisor (a placeholder that says it is off
+//! when the bottle has no supervisor token).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -264,7 +265,10 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         .await
         .map_err(|source| SidecarError::Proxy { source })?;
     let git = bind(GIT_GATE_PORT, "git gate").await?;
-    tokio::spawn(placeholder(git, "git gate"));
+    tokio::spawn(crate::bundle::gate::relay::serve(
+        git,
+        crate::host::run_dir::RunDir::in_bundle().gate_socket(),
+    ));
     let supervisor_port = bind(SUPERVISOR_PORT, "supervisor").await?;
     match &config.supervisor_token_file {
         Some(path) => {

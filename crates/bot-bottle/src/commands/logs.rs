@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use bot_bottle::bundle::egress::EgressEvent;
+use bot_bottle::bundle::gate::policy::GateEvent;
 use bot_bottle::state::StateDb;
 
 use super::Context;
@@ -17,9 +18,12 @@ const FOLLOW_POLL: Duration = Duration::from_millis(250);
 pub struct LogsArgs {
     /// Bottle id, or bottle name (the most recent run of that name).
     target: String,
-    /// Show the egress proxy's decisions (the only log for now).
+    /// Show the egress proxy's decisions (the default).
     #[arg(long, default_value_t = true)]
     egress: bool,
+    /// Show the git gate's pushes instead: accepted, refused (with the reason), landed.
+    #[arg(long)]
+    git: bool,
     /// Print the events as they are stored: one JSON object per line.
     #[arg(long)]
     json: bool,
@@ -32,23 +36,7 @@ pub async fn run(ctx: &Context, args: LogsArgs) -> anyhow::Result<i32> {
     // Logs outlive the bottle (they are kept for inspection after it stops): a direct id
     // works without a state row; a name picks the newest directory of that bottle.
     let dir = ctx.dirs.runs_dir();
-    let mut candidates: Vec<(std::time::SystemTime, String)> = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(&dir) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let matches = name == args.target
-                || bot_bottle::state::retention::bottle_of(&name) == args.target;
-            if matches {
-                let t = e
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .unwrap_or(std::time::UNIX_EPOCH);
-                candidates.push((t, name));
-            }
-        }
-    }
-    candidates.sort();
-    let Some((_, id)) = candidates.pop() else {
+    let Some(id) = bot_bottle::state::retention::newest_run(&dir, &args.target) else {
         let known = StateDb::open(&ctx.dirs.db_path())
             .and_then(|db| db.bottles())
             .map(|rows| {
@@ -64,13 +52,21 @@ pub async fn run(ctx: &Context, args: LogsArgs) -> anyhow::Result<i32> {
             dir.display()
         );
     };
-    let path = ctx.dirs.run_dir(&id).egress_log();
+    let run = ctx.dirs.run_dir(&id);
+    let path = match args.git {
+        true => run.gate_log(),
+        false => run.egress_log(),
+    };
     // A rotated log's parts in order (see `EventLog`): the run's first part, the previous
-    // one, then the current one.
-    for part in [
-        bot_bottle::bundle::egress::events::first_part(&path),
-        bot_bottle::bundle::egress::events::previous_part(&path),
-    ] {
+    // one, then the current one. (The gate's log does not rotate: one line per ref pushed.)
+    let parts = match args.git {
+        true => vec![],
+        false => vec![
+            bot_bottle::bundle::egress::events::first_part(&path),
+            bot_bottle::bundle::egress::events::previous_part(&path),
+        ],
+    };
+    for part in parts {
         let mut older = Printer {
             json: args.json,
             pending: Vec::new(),
@@ -152,6 +148,10 @@ fn render(line: &[u8], json: bool) -> String {
     let text = String::from_utf8_lossy(line);
     let shown = match (json, serde_json::from_str::<EgressEvent>(&text)) {
         (false, Ok(event)) => event.human(),
+        (false, Err(_)) => match serde_json::from_str::<GateEvent>(&text) {
+            Ok(event) => gate_human(&event),
+            Err(_) => text.into_owned(),
+        },
         _ => text.into_owned(),
     };
     escape_for_terminal(&shown)
@@ -192,6 +192,19 @@ fn escape_for_terminal(text: &str) -> String {
         }
     }
     out
+}
+
+/// A gate event for a person: `<time> git <event> <ref> <old>..<new>` or the refusal's reason.
+fn gate_human(e: &GateEvent) -> String {
+    let short = |oid: &Option<String>| oid.as_deref().map(|o| o[..o.len().min(10)].to_owned());
+    let mut line = format!("{} git {:<8} {}", e.time, e.event, e.refname);
+    if let (Some(old), Some(new)) = (short(&e.old), short(&e.new)) {
+        line.push_str(&format!(" {old}..{new}"));
+    }
+    if let Some(detail) = &e.detail {
+        line.push_str(&format!(": {detail}"));
+    }
+    line
 }
 
 #[cfg(test)]

@@ -3,12 +3,16 @@
 mod allow;
 pub mod cleanup;
 mod cp;
+mod diff;
 mod doctor;
 mod exec;
+mod gate;
+mod git_hook;
 mod kernel;
 pub mod list;
 mod logs;
 mod plan;
+mod pull;
 mod reaper;
 mod sidecar;
 mod start;
@@ -57,6 +61,10 @@ pub enum Command {
     Kernel(kernel::KernelArgs),
     /// Show a bottle's logs (egress decisions).
     Logs(logs::LogsArgs),
+    /// Show what the agent changed in a running bottle's workspaces (against the host).
+    Diff(diff::DiffArgs),
+    /// Fetch what the agent pushed to the bottle's git gate into refs/remotes/bottle/*.
+    Pull(pull::PullArgs),
     /// Run the sidecar bundle (inside its container; started by `start`).
     #[command(hide = true)]
     Sidecar,
@@ -66,6 +74,12 @@ pub enum Command {
     /// Watch a `start` and remove what its bottle left when it dies (spawned by `start`).
     #[command(hide = true, name = "__reaper")]
     Reaper(reaper::ReaperArgs),
+    /// The git gate's hooks (run by git on the host for a push to a bottle's gate).
+    #[command(hide = true, name = "__git-hook")]
+    GitHook(git_hook::GitHookArgs),
+    /// The git gate's server for one bottle run (spawned by `start`).
+    #[command(hide = true, name = "__gate")]
+    Gate(gate::GateArgs),
 }
 
 /// What every command needs: where things live, where manifests come from.
@@ -106,6 +120,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Logs(args) => logs::run(&ctx()?, args).await,
         Command::Kernel(args) => kernel::run(&ctx()?, args).await,
         Command::Reaper(args) => reaper::run(&ctx()?, args).await,
+        Command::Pull(args) => pull::run(&ctx()?, args).await,
+        Command::Diff(args) => diff::run(&ctx()?, args).await,
+        Command::GitHook(args) => git_hook::run(args).await,
+        Command::Gate(args) => gate::run(args).await,
     }
 }
 

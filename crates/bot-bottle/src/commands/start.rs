@@ -20,7 +20,8 @@ pub struct StartArgs {
     /// Isolation backend (default: $BOT_BOTTLE_BACKEND, else the manifest's, else microvm).
     #[arg(long, value_enum)]
     backend: Option<Backend>,
-    /// Host directory shown read-only with a writable overlay, HOST[:GUEST] (repeatable).
+    /// Host directory the agent gets a writable copy of, owned by its user (the host files
+    /// are never modified), HOST[:GUEST] (repeatable).
     #[arg(long = "mount", value_name = "HOST[:GUEST]")]
     mounts: Vec<String>,
     /// microVM: keep the writable layer in guest memory (gone at power-off) instead of the

@@ -152,7 +152,30 @@ pub struct RawResources {
 #[serde(deny_unknown_fields)]
 pub struct RawGit {
     pub enabled: Option<bool>,
+    /// Ref patterns the agent may push (`refs/heads/bot/*`); a trailing `*` matches the rest.
+    pub push: Option<Vec<String>>,
+    /// Allow non-fast-forward pushes (force-push).
+    pub force: Option<bool>,
+    /// Allow ref deletions.
+    pub delete: Option<bool>,
+    /// Largest pack one push may send, in MiB.
+    pub max_pack_mib: Option<u32>,
 }
+
+/// The git gate's policy (`[git]`): what the agent may push to the bottle's gate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Git {
+    pub enabled: bool,
+    pub push: Vec<String>,
+    pub force: bool,
+    pub delete: bool,
+    pub max_pack_mib: u32,
+}
+
+/// What the agent may push when the manifest says nothing: branches under `bot/`.
+pub const DEFAULT_PUSH_REFS: &str = "refs/heads/bot/*";
+/// Largest pack of one push when the manifest says nothing.
+pub const DEFAULT_MAX_PACK_MIB: u32 = 100;
 
 /// A secret the egress proxy adds to requests for one host. The value never enters the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,7 +198,7 @@ fn default_credential_header() -> String {
     "Authorization".to_owned()
 }
 
-/// A host directory shown to the agent read-only with a writable overlay.
+/// A host directory the agent gets a writable copy of (the host files are never modified).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mount {
@@ -194,7 +217,7 @@ pub struct Manifest {
     pub credentials: BTreeMap<String, Credential>,
     pub mounts: Vec<Mount>,
     pub resources: Resources,
-    pub git_enabled: bool,
+    pub git: Git,
     /// Where each layer came from, child first (for error messages and `plan`).
     pub sources: Vec<String>,
 }
@@ -370,6 +393,10 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
     let mut memory_mib = None;
     let mut pids = None;
     let mut git_enabled = None;
+    let mut git_push = None;
+    let mut git_force = None;
+    let mut git_delete = None;
+    let mut git_max_pack = None;
     let mut env = BTreeMap::new();
     let mut allow = Vec::new();
     let mut deny = Vec::new();
@@ -390,6 +417,10 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
         memory_mib = raw.resources.memory_mib.or(memory_mib);
         pids = raw.resources.pids.or(pids);
         git_enabled = raw.git.enabled.or(git_enabled);
+        git_push = raw.git.push.or(git_push);
+        git_force = raw.git.force.or(git_force);
+        git_delete = raw.git.delete.or(git_delete);
+        git_max_pack = raw.git.max_pack_mib.or(git_max_pack);
         env.extend(raw.agent.env);
         push_unique(&mut allow, &raw.egress.allow);
         push_unique(&mut deny, &raw.egress.deny);
@@ -437,6 +468,18 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
         bottle: name.to_owned(),
         error,
     })?;
+    for pattern in git_push.iter().flatten() {
+        if let Err(why) = crate::bundle::gate::policy::check_pattern(pattern) {
+            return Err(invalid(format!(
+                "`[git] push` pattern `{pattern}` {why}: write it as refs/heads/NAME or refs/heads/PREFIX/*"
+            )));
+        }
+    }
+    if git_max_pack == Some(0) {
+        return Err(invalid(
+            "`[git] max_pack_mib = 0` would refuse every push: use 1 or more".to_owned(),
+        ));
+    }
     for (host, cred) in &credentials {
         if cred.env.is_some() == cred.file.is_some() {
             return Err(invalid(format!(
@@ -474,7 +517,13 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
             memory_mib,
             pids,
         },
-        git_enabled: git_enabled.unwrap_or(false),
+        git: Git {
+            enabled: git_enabled.unwrap_or(true),
+            push: git_push.unwrap_or_else(|| vec![DEFAULT_PUSH_REFS.to_owned()]),
+            force: git_force.unwrap_or(false),
+            delete: git_delete.unwrap_or(false),
+            max_pack_mib: git_max_pack.unwrap_or(DEFAULT_MAX_PACK_MIB),
+        },
         sources,
     })
 }

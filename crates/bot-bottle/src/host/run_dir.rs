@@ -29,6 +29,12 @@ const CONTROL_SOCKET: &str = "vsock.sock";
 const CONFIG_DISK: &str = "config.img";
 /// The reaper's own log.
 const REAPER_LOG: &str = "reaper.log";
+/// The git gate's directory: its bare repository, hooks, policy and an empty home for git.
+const GATE_DIR: &str = "gate";
+/// The git gate's events (pushes accepted and refused), JSON lines.
+const GATE_LOG: &str = "gate.jsonl";
+/// The Unix socket the bundle relays the gate port to (served by `start` on the host).
+const GATE_SOCKET: &str = "git.sock";
 
 /// One run's directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +54,10 @@ impl RunDir {
         EGRESS_LOG_PREVIOUS,
         VSOCK_EGRESS_LOG,
         CONSOLE_LOG,
+        GATE_LOG,
+        // The gate repository: `bot-bottle pull` takes the agent's pushes from it after the
+        // bottle stopped.
+        GATE_DIR,
     ];
 
     pub fn new(path: impl Into<PathBuf>) -> Self {
@@ -113,6 +123,42 @@ impl RunDir {
         self.path.join(REAPER_LOG)
     }
 
+    pub fn gate_dir(&self) -> PathBuf {
+        self.path.join(GATE_DIR)
+    }
+
+    /// The gate's bare repository.
+    pub fn gate_repo(&self) -> PathBuf {
+        self.gate_dir().join(crate::bundle::gate::REPO_NAME)
+    }
+
+    /// The gate's policy for its hooks (no secret values in it: fingerprints only).
+    pub fn gate_policy(&self) -> PathBuf {
+        self.gate_dir().join("policy.json")
+    }
+
+    /// What `pull` needs after the bottle stopped: the host repository, the push patterns.
+    pub fn gate_info(&self) -> PathBuf {
+        self.gate_dir().join("gate.json")
+    }
+
+    pub fn gate_hooks(&self) -> PathBuf {
+        self.gate_dir().join("hooks")
+    }
+
+    /// An empty HOME for the gate's git processes (no user configuration applies).
+    pub fn gate_home(&self) -> PathBuf {
+        self.gate_dir().join("home")
+    }
+
+    pub fn gate_log(&self) -> PathBuf {
+        self.path.join(GATE_LOG)
+    }
+
+    pub fn gate_socket(&self) -> PathBuf {
+        self.path.join(GATE_SOCKET)
+    }
+
     /// Remove the Unix sockets directly in the directory (a VMM killed before its clean stop
     /// leaves its control socket and per-port listeners). Nothing else is touched.
     pub fn remove_sockets(&self) {
@@ -151,6 +197,9 @@ mod tests {
             run.workspace_snapshot(0),
             run.workspace_snapshot(1),
             run.reaper_log(),
+            run.gate_dir(),
+            run.gate_log(),
+            run.gate_socket(),
         ];
         let n = paths.len();
         paths.sort();

@@ -2,6 +2,9 @@
 //! read-only squashfs image that the guest mounts as the lower layer of an overlay. The agent
 //! writes into the overlay; the host files are only ever read.
 //!
+//! The Docker backend copies the same trees into the agent's container instead
+//! (`backend::transfer::pack_tree`): both follow the rules of [`walk_tree`] here.
+//!
 //! The snapshot walks the host tree itself (no tar, no spooled copy): owners, modes, mtimes,
 //! symlinks (kept as links, never followed) and hard links (one inode, as pnpm's
 //! `node_modules` and `git clone --local` make them) are kept. Sockets and device nodes are
@@ -47,26 +50,63 @@ pub struct SnapshotStats {
     pub image: WriteStats,
 }
 
-/// Snapshot `host` (recursively) into the squashfs image `out`; `progress(done, total)` gets
-/// content bytes as they are compressed.
+/// Snapshot `host` (recursively) into the squashfs image `out`, owners kept; `progress(done,
+/// total)` gets content bytes as they are compressed.
 pub fn snapshot(
     host: &Path,
     out: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<SnapshotStats, WorkspaceError> {
-    let mut walk = Walk {
-        host,
-        tree: Builder::new(),
-        stats: SnapshotStats::default(),
-        inodes: HashMap::new(),
+    snapshot_owned(host, out, None, progress)
+}
+
+/// [`snapshot`], with every entry owned by `owner` (uid, gid) when given: the agent's user, so
+/// that the workspace is the agent's in the guest whatever its owner on the host.
+pub fn snapshot_owned(
+    host: &Path,
+    out: &Path,
+    owner: Option<(u32, u32)>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<SnapshotStats, WorkspaceError> {
+    let meta_of = |m: &std::fs::Metadata| {
+        let mut meta = meta_of(m);
+        if let Some((uid, gid)) = owner {
+            (meta.uid, meta.gid) = (uid, gid);
+        }
+        meta
     };
-    let root = walk.meta(host)?;
-    walk.tree.set_root(meta_of(&root));
-    walk.dir(host, Path::new(""))?;
-    let Walk {
-        tree, mut stats, ..
-    } = walk;
-    stats.image = tree.write(out, progress).map_err(|source| match source {
+    let read_err = |e: ReadError| WorkspaceError::Read {
+        host: host.to_path_buf(),
+        path: e.path,
+        source: e.source,
+    };
+    let image_err = |source| WorkspaceError::Image {
+        host: host.to_path_buf(),
+        source,
+    };
+    let mut tree = Builder::new();
+    let root = std::fs::symlink_metadata(host).map_err(|source| {
+        read_err(ReadError {
+            path: host.to_path_buf(),
+            source,
+        })
+    })?;
+    tree.set_root(meta_of(&root));
+    let counts = walk_tree(host, &mut |e: TreeEntry<'_>| {
+        let content = match e.node {
+            Node::Dir => Content::Dir,
+            Node::File => Content::File(e.path.to_path_buf()),
+            Node::HardLink(first) => return tree.link(e.name, first),
+            Node::Symlink(target) => Content::Symlink(target.into_os_string().into_encoded_bytes()),
+            Node::Fifo => Content::Fifo,
+        };
+        tree.insert(e.name, meta_of(e.meta), content)
+    })
+    .map_err(|e| match e {
+        WalkError::Read(e) => read_err(e),
+        WalkError::Visit(e) => image_err(e),
+    })?;
+    let image = tree.write(out, progress).map_err(|source| match source {
         SquashfsError::Read {
             source_file,
             source,
@@ -76,12 +116,27 @@ pub fn snapshot(
             path: source_file,
             source,
         },
-        source => WorkspaceError::Image {
-            host: host.to_path_buf(),
-            source,
-        },
+        source => image_err(source),
     })?;
-    Ok(stats)
+    let TreeStats {
+        files,
+        dirs,
+        symlinks,
+        hardlinks,
+        fifos,
+        skipped,
+        bytes,
+    } = counts;
+    Ok(SnapshotStats {
+        files,
+        dirs,
+        symlinks,
+        hardlinks,
+        fifos,
+        skipped,
+        bytes,
+        image,
+    })
 }
 
 fn meta_of(m: &std::fs::Metadata) -> Meta {
@@ -94,56 +149,131 @@ fn meta_of(m: &std::fs::Metadata) -> Meta {
     }
 }
 
-struct Walk<'a> {
-    host: &'a Path,
-    tree: Builder,
-    stats: SnapshotStats,
-    /// (device, inode) of multiply-linked files → their first name in the image.
+/// What an entry of a workspace tree becomes in a copy of it (the rules every backend's copy
+/// follows: see the module doc).
+#[derive(Debug)]
+pub enum Node<'a> {
+    Dir,
+    /// A regular file (or the first name of a hard-linked one): its content is read from
+    /// [`TreeEntry::path`].
+    File,
+    /// Another name of a hard-linked file whose first name (relative to the tree) was visited
+    /// before.
+    HardLink(&'a Path),
+    /// A symbolic link, kept as a link (never followed), with its target as written.
+    Symlink(PathBuf),
+    Fifo,
+}
+
+/// One entry of a workspace tree, as [`walk_tree`] visits it.
+pub struct TreeEntry<'a> {
+    /// The name relative to the tree's root.
+    pub name: &'a Path,
+    /// The path on the host.
+    pub path: &'a Path,
+    /// Its own metadata (a link's, not its target's).
+    pub meta: &'a std::fs::Metadata,
+    pub node: Node<'a>,
+}
+
+/// What a walk of a workspace tree visited.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TreeStats {
+    pub files: usize,
+    pub dirs: usize,
+    pub symlinks: usize,
+    /// Names beyond the first of a hard-linked file.
+    pub hardlinks: usize,
+    pub fifos: usize,
+    /// Sockets and device nodes left out.
+    pub skipped: usize,
+    /// Content bytes of the files (hard-linked ones counted once).
+    pub bytes: u64,
+}
+
+/// A host path of the tree that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {path}")]
+pub struct ReadError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Why [`walk_tree`] stopped: the host tree, or the visitor.
+#[derive(Debug)]
+pub enum WalkError<E> {
+    Read(ReadError),
+    Visit(E),
+}
+
+/// Visit every entry below the host directory `host` (not the root itself), depth first in
+/// name order, a directory before what it holds: directories, files, symlinks (kept, never
+/// followed), further names of hard-linked files (as [`Node::HardLink`] to the first) and
+/// FIFOs; sockets and device nodes are left out (counted as skipped).
+pub fn walk_tree<E>(
+    host: &Path,
+    visit: &mut dyn FnMut(TreeEntry<'_>) -> Result<(), E>,
+) -> Result<TreeStats, WalkError<E>> {
+    let mut walk = Walk {
+        visit,
+        stats: TreeStats::default(),
+        inodes: HashMap::new(),
+    };
+    walk.dir(host, Path::new(""))?;
+    Ok(walk.stats)
+}
+
+fn read_err<E>(path: &Path) -> impl FnOnce(std::io::Error) -> WalkError<E> {
+    let path = path.to_path_buf();
+    move |source| WalkError::Read(ReadError { path, source })
+}
+
+struct Walk<'v, E> {
+    visit: &'v mut dyn FnMut(TreeEntry<'_>) -> Result<(), E>,
+    stats: TreeStats,
+    /// (device, inode) of multiply-linked files → their first name in the tree.
     inodes: HashMap<(u64, u64), PathBuf>,
 }
 
-impl Walk<'_> {
-    fn read_err(&self, path: &Path) -> impl FnOnce(std::io::Error) -> WorkspaceError {
-        let (host, path) = (self.host.to_path_buf(), path.to_path_buf());
-        move |source| WorkspaceError::Read { host, path, source }
+impl<E> Walk<'_, E> {
+    fn emit(
+        &mut self,
+        name: &Path,
+        path: &Path,
+        meta: &std::fs::Metadata,
+        node: Node<'_>,
+    ) -> Result<(), WalkError<E>> {
+        (self.visit)(TreeEntry {
+            name,
+            path,
+            meta,
+            node,
+        })
+        .map_err(WalkError::Visit)
     }
 
-    fn meta(&self, path: &Path) -> Result<std::fs::Metadata, WorkspaceError> {
-        std::fs::symlink_metadata(path).map_err(self.read_err(path))
-    }
-
-    fn image_err(&self) -> impl FnOnce(SquashfsError) -> WorkspaceError {
-        let host = self.host.to_path_buf();
-        move |source| WorkspaceError::Image { host, source }
-    }
-
-    fn insert(&mut self, name: &Path, meta: Meta, content: Content) -> Result<(), WorkspaceError> {
-        let err = self.image_err();
-        self.tree.insert(name, meta, content).map_err(err)
-    }
-
-    /// Adds the entries of the host directory `dir`, named `name` in the image.
-    fn dir(&mut self, dir: &Path, name: &Path) -> Result<(), WorkspaceError> {
+    /// Visits the entries of the host directory `dir`, named `name` in the tree.
+    fn dir(&mut self, dir: &Path, name: &Path) -> Result<(), WalkError<E>> {
         use std::os::unix::fs::FileTypeExt;
         let mut entries: Vec<_> = std::fs::read_dir(dir)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(self.read_err(dir))?;
+            .map_err(read_err(dir))?;
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let path = entry.path();
             let child = name.join(entry.file_name());
-            let m = self.meta(&path)?;
+            let m = std::fs::symlink_metadata(&path).map_err(read_err(&path))?;
             let kind = m.file_type();
-            let meta = meta_of(&m);
             if kind.is_dir() {
                 self.stats.dirs += 1;
-                self.insert(&child, meta, Content::Dir)?;
+                self.emit(&child, &path, &m, Node::Dir)?;
                 self.dir(&path, &child)?;
             } else if kind.is_file() {
                 if m.nlink() > 1 {
                     if let Some(first) = self.inodes.get(&(m.dev(), m.ino())) {
-                        let err = self.image_err();
-                        self.tree.link(&child, first).map_err(err)?;
+                        let first = first.clone();
+                        self.emit(&child, &path, &m, Node::HardLink(&first))?;
                         self.stats.hardlinks += 1;
                         continue;
                     }
@@ -151,20 +281,16 @@ impl Walk<'_> {
                 }
                 self.stats.files += 1;
                 self.stats.bytes += m.len();
-                self.insert(&child, meta, Content::File(path))?;
+                self.emit(&child, &path, &m, Node::File)?;
             } else if kind.is_symlink() {
-                let target = std::fs::read_link(&path).map_err(self.read_err(&path))?;
+                let target = std::fs::read_link(&path).map_err(read_err(&path))?;
                 self.stats.symlinks += 1;
-                self.insert(
-                    &child,
-                    meta,
-                    Content::Symlink(target.into_os_string().into_encoded_bytes()),
-                )?;
+                self.emit(&child, &path, &m, Node::Symlink(target))?;
             } else if kind.is_fifo() {
                 self.stats.fifos += 1;
-                self.insert(&child, meta, Content::Fifo)?;
+                self.emit(&child, &path, &m, Node::Fifo)?;
             } else {
-                tracing::debug!(path = %path.display(), "socket or device left out of the workspace snapshot");
+                tracing::debug!(path = %path.display(), "socket or device left out of the workspace copy");
                 self.stats.skipped += 1;
             }
         }

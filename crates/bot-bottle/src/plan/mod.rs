@@ -12,7 +12,7 @@ use crate::config::manifest::{Backend, Manifest};
 
 /// Egress proxy port inside the bundle, published on the bottle's alias.
 pub const PROXY_PORT: u16 = 3128;
-/// Git gate port (placeholder service until the gate lands).
+/// Git gate port: git's smart HTTP protocol, relayed by the bundle to the host (`bundle::gate`).
 pub const GIT_GATE_PORT: u16 = 9418;
 /// Supervisor port (placeholder service until the supervisor lands).
 pub const SUPERVISOR_PORT: u16 = 7070;
@@ -293,6 +293,21 @@ pub fn plan(manifest: &Manifest, host: &HostFacts) -> Result<BottlePlan, PlanErr
         format!("http://{bundle_addr}:{SUPERVISOR_PORT}"),
     );
     env.insert("BOT_BOTTLE_ID".to_owned(), id.clone());
+    if manifest.git.enabled {
+        // The gate as the agent's `bottle` remote, and every directory trusted by git whatever
+        // its owner (a workspace snapshot keeps the host's owners): command-line scope, which
+        // the agent's own configuration cannot lower.
+        let gate = format!(
+            "http://{bundle_addr}:{GIT_GATE_PORT}/{}",
+            crate::bundle::gate::REPO_NAME
+        );
+        // GIT_CONFIG_PARAMETERS is what `git -c` sets: one variable (the guest's command line
+        // has little room), command-line scope.
+        env.insert(
+            "GIT_CONFIG_PARAMETERS".to_owned(),
+            format!("'remote.bottle.url'='{gate}' 'safe.directory'='*'"),
+        );
+    }
     // Credential hosts are intercepted by the proxy: Node-based agents trust the bottle's CA,
     // installed at this path before the agent starts.
     if !manifest.credentials.is_empty() {
@@ -391,6 +406,40 @@ mod tests {
         assert_eq!(p.bundle.container, "bot-bottle-claude-0a1b2c-bundle");
         assert_eq!(p.agent.name, "bot-bottle-claude-0a1b2c-agent");
         assert_eq!(p.agent.image_repo, "bot-bottle-agent-claude");
+    }
+
+    #[test]
+    fn plan_gives_the_agent_the_gate_as_its_bottle_remote_where_it_reaches_the_bundle() {
+        let docker = plan(&manifest("claude"), &facts(Backend::Docker)).unwrap();
+        let key = |p: &BottlePlan, k: &str| {
+            let params = &p.agent.env["GIT_CONFIG_PARAMETERS"];
+            let prefix = format!("'{k}'='");
+            params.split(" '").find_map(|kv| {
+                let kv = if kv.starts_with('\'') {
+                    kv.to_owned()
+                } else {
+                    format!("'{kv}")
+                };
+                kv.strip_prefix(&prefix)
+                    .map(|v| v.trim_end_matches('\'').to_owned())
+            })
+        };
+        assert_eq!(
+            key(&docker, "remote.bottle.url").as_deref(),
+            Some("http://198.18.17.2:9418/workspace.git")
+        );
+        let vm = plan(&manifest("claude"), &facts(Backend::Microvm)).unwrap();
+        assert_eq!(
+            key(&vm, "remote.bottle.url").as_deref(),
+            Some("http://127.0.0.17:9418/workspace.git")
+        );
+        assert_eq!(key(&vm, "safe.directory").as_deref(), Some("*"));
+        // The gate is reached directly, never through the egress proxy.
+        assert!(docker.agent.env["NO_PROXY"].contains("198.18.17.2"));
+        let mut off = manifest("claude");
+        off.git.enabled = false;
+        let p = plan(&off, &facts(Backend::Docker)).unwrap();
+        assert!(!p.agent.env.contains_key("GIT_CONFIG_PARAMETERS"));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::host::docker::{self, DockerError};
 use crate::host::paths::Dirs;
-use crate::state::{BottleRow, StateDb, StateError};
+use crate::state::{BottleRow, StateDb, StateError, Status};
 
 /// What `start` writes to its reaper after a teardown that left nothing behind: the reaper
 /// then exits without touching anything.
@@ -84,7 +84,7 @@ pub struct Listed {
     pub backend: String,
     pub alias: Option<String>,
     /// `starting`/`running` while its `start` lives; `orphaned` once it is gone.
-    pub status: String,
+    pub status: Status,
     pub pid: u32,
     pub created_at: i64,
     pub live: bool,
@@ -94,8 +94,6 @@ pub struct Listed {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
 }
-
-pub const STATUS_ORPHANED: &str = "orphaned";
 
 fn hint(id: &str) -> String {
     format!("its `start` is gone: run `bot-bottle cleanup {id}` (or `bot-bottle cleanup`)")
@@ -114,11 +112,7 @@ pub fn classify(
     let mut listed: Vec<Listed> = rows
         .into_iter()
         .map(|r| {
-            let status = if r.live {
-                r.status
-            } else {
-                STATUS_ORPHANED.to_owned()
-            };
+            let status = if r.live { r.status } else { Status::Orphaned };
             Listed {
                 hint: (!r.live).then(|| hint(&r.id)),
                 containers: containers.get(&r.id).cloned().unwrap_or_default(),
@@ -145,7 +139,7 @@ pub fn classify(
             bottle: names.get(id).cloned().unwrap_or_else(|| "?".to_owned()),
             backend: "?".to_owned(),
             alias: None,
-            status: STATUS_ORPHANED.to_owned(),
+            status: Status::Orphaned,
             pid: 0,
             created_at: 0,
             live: false,
@@ -318,7 +312,7 @@ mod tests {
             bottle: "test".into(),
             backend: "docker".into(),
             alias: Some("127.0.0.16".into()),
-            status: "running".into(),
+            status: Status::Running,
             pid: 1,
             pid_start: 1,
             created_at: 0,
@@ -337,14 +331,14 @@ mod tests {
             &BTreeMap::new(),
         );
 
-        assert_eq!(listed[0].status, "orphaned");
+        assert_eq!(listed[0].status, Status::Orphaned);
         assert!(listed[0]
             .hint
             .as_deref()
             .unwrap()
             .contains("bot-bottle cleanup b-1"));
         assert_eq!(listed[0].containers, vec!["bot-bottle-b-1-agent"]);
-        assert_eq!(listed[1].status, "running");
+        assert_eq!(listed[1].status, Status::Running);
         assert_eq!(listed[1].hint, None);
     }
 

@@ -39,6 +39,16 @@ pub enum SessionError {
     PlanJson(#[source] serde_json::Error),
     #[error("the alias allocation thread panicked")]
     AllocationThread,
+    #[error(transparent)]
+    GateRepo(#[from] crate::bundle::gate::repo::RepoError),
+    #[error(transparent)]
+    GateServer(#[from] crate::bundle::gate::server::ServerError),
+    #[error("locating the bot-bottle executable (for the git gate's hooks)")]
+    Exe(#[source] std::io::Error),
+    #[error("the git gate's preparation thread panicked")]
+    GateThread,
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::container::BundleError),
 }
 
 /// What `start` was asked for, resolved from the command line and the manifest.
@@ -77,7 +87,7 @@ impl Session<'_> {
     /// The agent is up: `list` shows it running and `exec`/`cp` may reach it.
     pub fn mark_running(&self) {
         let result = StateDb::open(&self.dirs.db_path())
-            .and_then(|db| db.set_status(&self.plan.id, "running"));
+            .and_then(|db| db.set_status(&self.plan.id, crate::state::Status::Running));
         if let Err(e) = result {
             tracing::warn!(error = %e, "cannot record the bottle as running");
         }
@@ -156,6 +166,14 @@ pub async fn run(req: StartRequest<'_>, stack: &mut GuardStack) -> Result<i32, S
     runner
         .verify(&db, &plan)
         .map_err(SessionError::VerifyAllowlist)?;
+    // The git gate, served here on the host before the bundle that relays to it starts.
+    if req.manifest.git.enabled {
+        let server = start_gate(req.dirs, &plan, &req.manifest.git, &credentials).await?;
+        stack.push_sync("stop the git gate", move || {
+            drop(server);
+            Ok::<(), std::io::Error>(())
+        });
+    }
     pause_point("allocated").await;
 
     // Docker objects: the networks, while the images are checked (built when missing).
@@ -202,6 +220,50 @@ pub async fn start_bundle(
     crate::bundle::container::start_bundle(docker, plan).await?;
     pause_point("bundle").await;
     Ok(())
+}
+
+/// The git gate of this run: its repository (the first mounted git checkout's branches
+/// offered), its policy with the credentials' fingerprints, and its server on the run
+/// directory's socket.
+async fn start_gate(
+    dirs: &Dirs,
+    plan: &BottlePlan,
+    git: &crate::config::manifest::Git,
+    credentials: &[SidecarCredential],
+) -> Result<crate::bundle::gate::server::GateProcess, SessionError> {
+    use crate::bundle::gate::{policy::GatePolicy, repo, server};
+    let run = dirs.run_dir(&plan.id);
+    crate::bundle::container::prepare_run_dir(&run)?;
+    let mut fingerprints = Vec::new();
+    for c in credentials {
+        fingerprints.push(bottle_scan::Fingerprint::of(&c.host, &c.value));
+        // `Bearer <token>`: the token alone too.
+        if let Some((_, token)) = c.value.rsplit_once(' ') {
+            fingerprints.push(bottle_scan::Fingerprint::of(&c.host, token));
+        }
+    }
+    let policy = GatePolicy {
+        bottle_id: plan.id.clone(),
+        push: git.push.clone(),
+        force: git.force,
+        delete: git.delete,
+        fingerprints,
+        log: run.gate_log(),
+    };
+    let host = plan
+        .mounts
+        .iter()
+        .map(|m| m.host.clone())
+        .find(|h| repo::host_repository(h).is_some());
+    let (git, prepared_run) = (git.clone(), run.clone());
+    let info = tokio::task::spawn_blocking(move || {
+        repo::prepare(&prepared_run, host.as_deref(), &git, &policy)
+    })
+    .await
+    .map_err(|_| SessionError::GateThread)??;
+    tracing::info!(host_repo = ?info.host_repo, "git gate ready");
+    let exe = std::env::current_exe().map_err(SessionError::Exe)?;
+    Ok(server::spawn_process(&run, &exe).await?)
 }
 
 /// Pause here when [`PAUSE_ENV`] names `step` (the kill tests' hook).

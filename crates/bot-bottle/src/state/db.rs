@@ -129,6 +129,44 @@ fn process_start(pid: u32) -> Option<u64> {
     rest.split(' ').nth(19)?.parse().ok()
 }
 
+/// Where a bottle is in its life, as `list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Its `start` is allocating, building, booting.
+    Starting,
+    /// The agent is up: `exec`, `cp` and `diff` may reach it.
+    Running,
+    /// Its `start` is gone and something of it remains (never stored: derived by `list`).
+    Orphaned,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Starting => "starting",
+            Status::Running => "running",
+            Status::Orphaned => "orphaned",
+        }
+    }
+
+    /// A stored status; an unknown one (a newer bot-bottle's) reads as starting: not
+    /// reachable yet, still listed.
+    fn from_stored(text: &str) -> Status {
+        match text {
+            "running" => Status::Running,
+            "orphaned" => Status::Orphaned,
+            _ => Status::Starting,
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A bottle row.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BottleRow {
@@ -136,7 +174,7 @@ pub struct BottleRow {
     pub bottle: String,
     pub backend: String,
     pub alias: Option<String>,
-    pub status: String,
+    pub status: Status,
     pub pid: u32,
     #[serde(skip)]
     pub pid_start: u64,
@@ -296,11 +334,11 @@ impl StateDb {
             .map_err(query("read bottle plan"))
     }
 
-    pub fn set_status(&self, id: &str, status: &str) -> Result<(), StateError> {
+    pub fn set_status(&self, id: &str, status: Status) -> Result<(), StateError> {
         self.conn
             .execute(
                 "UPDATE bottles SET status = ?2 WHERE id = ?1",
-                params![id, status],
+                params![id, status.as_str()],
             )
             .map_err(query("update bottle status"))?;
         Ok(())
@@ -343,7 +381,7 @@ impl StateDb {
                     bottle: r.get(1)?,
                     backend: r.get(2)?,
                     alias: r.get(3)?,
-                    status: r.get(4)?,
+                    status: Status::from_stored(&r.get::<_, String>(4)?),
                     pid,
                     pid_start: pid_start as u64,
                     created_at: r.get(7)?,

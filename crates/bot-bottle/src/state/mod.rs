@@ -6,4 +6,4 @@ pub mod alias;
 mod db;
 pub mod retention;
 
-pub use db::{BottleRow, Owner, StateDb, StateError};
+pub use db::{BottleRow, Owner, StateDb, StateError, Status};

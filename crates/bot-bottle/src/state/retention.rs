@@ -129,6 +129,24 @@ fn remove(path: &Path) -> Result<(), RetentionError> {
     }
 }
 
+/// The run directory `target` names under `root`: the run of that id, or the newest run of
+/// the bottle of that name (runs outlive their bottle: `logs` and `pull` read them after).
+pub fn newest_run(root: &Path, target: &str) -> Option<String> {
+    let mut candidates: Vec<(SystemTime, String)> = Vec::new();
+    for e in std::fs::read_dir(root).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == target || bottle_of(&name) == target {
+            let t = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            candidates.push((t, name));
+        }
+    }
+    candidates.sort();
+    candidates.pop().map(|(_, id)| id)
+}
+
 /// Leaves only the logs in an ended run's directory, keeping its age (the pruning order).
 fn trim(dir: &Path, modified: SystemTime) -> Result<(), RetentionError> {
     let Ok(entries) = std::fs::read_dir(dir) else {

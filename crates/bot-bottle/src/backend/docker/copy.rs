@@ -113,3 +113,52 @@ pub async fn copy_in(
         source,
     })
 }
+
+/// The text of the small file `path` in container `name` (created or running), read through
+/// the archive API; a file that is not there reads as empty (a scratch image has no
+/// `/etc/passwd`).
+pub async fn read_text(docker: &Docker, name: &str, path: &str) -> Result<String, BackendError> {
+    /// More than any account database: what is read is held whole.
+    const MAX_BYTES: u64 = 16 << 20;
+    let mut stream = docker.download_from_container(
+        name,
+        Some(bollard::container::DownloadFromContainerOptions {
+            path: path.to_owned(),
+        }),
+    );
+    let mut tar = Vec::new();
+    let mut bound = transfer::Bounded::new(std::io::sink(), MAX_BYTES);
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => {
+                bound.admit(chunk.len())?;
+                tar.extend_from_slice(&chunk);
+            }
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Ok(String::new()),
+            Err(source) => {
+                return Err(BackendError::CopyOut {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+    let unreadable = |source| {
+        BackendError::Transfer(transfer::TransferError::Unpack {
+            path: path.into(),
+            source,
+        })
+    };
+    let mut archive = tar::Archive::new(tar.as_slice());
+    let mut text = String::new();
+    if let Some(entry) = archive.entries().map_err(unreadable)?.next() {
+        use std::io::Read as _;
+        entry
+            .map_err(unreadable)?
+            .read_to_string(&mut text)
+            .map_err(unreadable)?;
+    }
+    Ok(text)
+}

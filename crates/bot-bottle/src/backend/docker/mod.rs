@@ -8,7 +8,7 @@ use bollard::container::{
     AttachContainerOptions, AttachContainerResults, Config, LogOutput, NetworkingConfig,
     ResizeContainerTtyOptions, WaitContainerOptions,
 };
-use bollard::models::{HostConfig, Mount, MountTypeEnum};
+use bollard::models::HostConfig;
 use bollard::Docker;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,6 +21,7 @@ use bottle_proto::config::CA_CERT_PATH;
 
 pub mod copy;
 pub mod session;
+pub mod workspace;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -48,6 +49,15 @@ pub enum BackendError {
         #[source]
         source: bollard::errors::Error,
     },
+    #[error(transparent)]
+    AgentUser(crate::backend::microvm::launch::MicrovmError),
+    #[error("copying the workspace {host} into the bottle at {guest} failed")]
+    Workspace {
+        host: std::path::PathBuf,
+        guest: std::path::PathBuf,
+        #[source]
+        source: bollard::errors::Error,
+    },
     #[error("{0} panicked")]
     Thread(&'static str),
     #[error("terminal I/O failed")]
@@ -64,7 +74,8 @@ pub enum BackendError {
 /// would carry data out in query names to any resolver the host can reach.
 pub const AGENT_DNS_BLACK_HOLE: &str = "192.0.2.1";
 
-/// Create the agent container on the internal network.
+/// Create the agent container on the internal network. Its workspaces are not mounts: they
+/// are copied in before it starts ([`workspace::copy_workspaces`]).
 pub async fn create_agent(
     docker: &Docker,
     plan: &BottlePlan,
@@ -83,18 +94,6 @@ pub async fn create_agent(
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    // The Mounts API, not `binds`: a host path may contain ':'.
-    let mounts: Vec<Mount> = plan
-        .mounts
-        .iter()
-        .map(|m| Mount {
-            source: Some(m.host.display().to_string()),
-            target: Some(m.guest.display().to_string()),
-            typ: Some(MountTypeEnum::BIND),
-            read_only: Some(true),
-            ..Default::default()
-        })
-        .collect();
     let config = Config {
         image: Some(image.to_owned()),
         cmd: Some(command.to_vec()),
@@ -111,7 +110,6 @@ pub async fn create_agent(
         host_config: Some(HostConfig {
             network_mode: Some(internal.name.clone()),
             runtime: plan.agent.runtime.clone(),
-            mounts: Some(mounts),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges".into()]),
             memory: Some(i64::from(plan.agent.memory_mib) * 1024 * 1024),

@@ -1,6 +1,7 @@
 //! A Docker-backend session: the bundle started while the agent container is created (its
-//! addresses are planned; it needs nothing of the running bundle until it starts), the bottle
-//! CA given to the agent, then the agent attached until it exits.
+//! addresses are planned; it needs nothing of the running bundle until it starts) and the
+//! workspaces copied into it meanwhile, the bottle CA given to the agent, then the agent
+//! attached until it exits.
 
 use crate::bundle::container::{self as bundle, BundleError};
 use crate::host::docker::DockerError;
@@ -63,10 +64,11 @@ impl DockerRunner {
         bundle::prepare_run_dir(&run)?;
         push_remove_container(stack, &plan.bundle.container, false);
         push_remove_container(stack, &plan.agent.name, true);
-        let (started, created) = tokio::join!(
-            start_bundle(session, &run),
-            super::create_agent(docker, plan, &session.images.agent, &session.command, tty)
-        );
+        // The workspaces are copied into the created agent while the bundle starts.
+        let (started, created) = tokio::join!(start_bundle(session, &run), async {
+            super::create_agent(docker, plan, &session.images.agent, &session.command, tty).await?;
+            super::workspace::copy_workspaces(docker, plan).await
+        });
         started?;
         created?;
         if !plan.egress.credential_hosts.is_empty() {

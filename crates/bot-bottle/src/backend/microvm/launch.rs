@@ -550,6 +550,9 @@ mod tests {
     #[test]
     fn workspaces_become_read_only_disks_after_the_root_and_overlay_mounts_in_the_guest() {
         let mut p = test_plan();
+        // The disk order without a config disk: the git gate's variable would push this
+        // configuration (two workspaces) onto one (that case has its own test below).
+        p.agent.env.remove("GIT_CONFIG_PARAMETERS");
         p.mounts = vec![
             crate::plan::MountPlan {
                 host: "/src/a".into(),

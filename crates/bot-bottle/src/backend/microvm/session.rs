@@ -101,7 +101,7 @@ impl MicrovmRunner {
             launch::resolve_user(&plan.agent.user, &accounts.passwd, &accounts.group)?;
 
         // Workspaces: each host directory snapshotted read-only; the guest overlays it.
-        let workspaces = snapshot_workspaces(plan, &run, stack).await?;
+        let workspaces = snapshot_workspaces(plan, &run, (ids.uid, ids.gid), stack).await?;
 
         // The writable layer: the bottle's kept disk (locked while in use), or tmpfs.
         let held = layer::acquire(
@@ -241,10 +241,11 @@ async fn ensure_kernel(dirs: &Dirs) -> Result<PathBuf, MicrovmSessionError> {
     .map_err(MicrovmSessionError::Kernel)
 }
 
-/// Snapshot every mount into the run directory (removed at teardown).
+/// Snapshot every mount into the run directory (removed at teardown), owned by the agent.
 async fn snapshot_workspaces(
     plan: &BottlePlan,
     run: &RunDir,
+    owner: (u32, u32),
     stack: &mut GuardStack,
 ) -> Result<Vec<PathBuf>, MicrovmSessionError> {
     let mut images = Vec::new();
@@ -264,7 +265,7 @@ async fn snapshot_workspaces(
         let stats = tokio::task::spawn_blocking(move || {
             let mut progress =
                 crate::image::squashfs::progress_on_stderr("snapshotting the workspace");
-            crate::image::workspace::snapshot(&host, &out, &mut progress)
+            crate::image::workspace::snapshot_owned(&host, &out, Some(owner), &mut progress)
         })
         .await
         .map_err(|_| MicrovmSessionError::Thread("the snapshot thread"))??;

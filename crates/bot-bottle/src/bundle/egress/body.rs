@@ -149,6 +149,36 @@ where
     }
 }
 
+/// Copies a message body's content (de-chunked, trailers dropped) delimited by `framing`,
+/// checked as strictly as [`forward`] checks it: what a CGI program reads on its stdin.
+pub(crate) async fn decode<R, W>(
+    body: &mut R,
+    out: &mut W,
+    framing: BodyFraming,
+) -> Result<(), BodyError>
+where
+    R: AsyncBufRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    match framing {
+        BodyFraming::None => Ok(()),
+        BodyFraming::Length(len) => copy_exactly(body, out, len).await,
+        BodyFraming::Chunked => loop {
+            let size = chunk_size(&read_line(body).await?)?;
+            if size == 0 {
+                read_trailers(body).await?;
+                return Ok(());
+            }
+            copy_exactly(body, out, size).await?;
+            let mut end = [0u8; 2];
+            read_exactly(body, &mut end).await?;
+            if &end != b"\r\n" {
+                return Err(BodyError::Chunked("chunk data not followed by CRLF"));
+            }
+        },
+    }
+}
+
 /// Fills `buf` from `body`; an early end is [`BodyError::CutShort`].
 async fn read_exactly<R: AsyncBufRead + Unpin>(
     body: &mut R,
