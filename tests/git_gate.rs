@@ -141,10 +141,20 @@ fn the_gate_takes_allowed_pushes_and_refuses_other_refs_force_deletes_and_secret
     let host_head = git_ok(&repo, &["rev-parse", "HEAD"]);
     // The bottle's credential: the scan knows it by fingerprint only.
     let token = format!("tok-{}", "5f3a9c".repeat(6));
+    // The real remote the gate forwards accepted pushes to (a repository path here).
+    let upstream = sb.dir.path().join("upstream.git");
+    git_ok(
+        sb.dir.path(),
+        &["init", "-q", "--bare", upstream.to_str().unwrap()],
+    );
     sb.add_bottle(
         "gate",
-        "extends = \"test\"\n[egress]\nallow = [\"api.test:*\"]\n\
-         [credentials.\"api.test\"]\nenv = \"GATE_TEST_TOKEN\"\n",
+        &format!(
+            "extends = \"test\"\n[egress]\nallow = [\"api.test:*\"]\n\
+             [credentials.\"api.test\"]\nenv = \"GATE_TEST_TOKEN\"\n\
+             [git]\nupstream = \"{}\"\n",
+            upstream.display()
+        ),
     );
     let running = start_idle(&sb, "gate", &repo, &[("GATE_TEST_TOKEN", &token)]);
     let id = sb.wait_running(Duration::from_secs(120));
@@ -163,6 +173,22 @@ fn the_gate_takes_allowed_pushes_and_refuses_other_refs_force_deletes_and_secret
     let ok = push(&work, "HEAD:refs/heads/bot/x");
     assert!(ok.status.success(), "allowed push refused: {}", stderr(&ok));
     assert!(remote_refs(&gate).contains(&format!("{first}\trefs/heads/bot/x")));
+    // Forwarded upstream once accepted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while git(
+        &upstream,
+        &["rev-parse", "-q", "--verify", "refs/heads/bot/x"],
+    )
+    .stdout
+    .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bot/x never reached the upstream"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(git_ok(&upstream, &["rev-parse", "refs/heads/bot/x"]), first);
 
     // Outside `[git] push`: refused, with the reason in git's own `remote:` line.
     let err = refused(&push(&work, "HEAD:refs/heads/master"));
@@ -221,6 +247,9 @@ fn the_gate_takes_allowed_pushes_and_refuses_other_refs_force_deletes_and_secret
         git_ok(&work, &["reset", "-q", "--hard", &first]);
     }
     assert!(!remote_refs(&gate).contains("refs/heads/bot/secret"));
+    // Nothing refused went upstream.
+    let upstream_refs = git_ok(&upstream, &["for-each-ref", "--format=%(refname)"]);
+    assert_eq!(upstream_refs, "refs/heads/bot/x", "{upstream_refs}");
 
     // The log has each decision; the value is in none of them.
     let log =

@@ -18,7 +18,13 @@ pub async fn run(args: GateArgs) -> anyhow::Result<i32> {
     bot_bottle::session::orphans::die_with_parent(nix::sys::signal::Signal::SIGTERM)?;
     let exe = std::env::current_exe().context("locating the bot-bottle executable")?;
     let run = RunDir::new(args.run_dir);
-    let _server = bot_bottle::bundle::gate::server::serve(&run, &exe)?;
+    // The configuration comes on stdin from `start` (it may hold the upstream's credential).
+    let mut json = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut json)
+        .context("reading the gate configuration from start")?;
+    let config: bot_bottle::bundle::gate::server::GateConfig =
+        serde_json::from_slice(&json).context("the gate configuration from start is not valid")?;
+    let _server = bot_bottle::bundle::gate::server::serve(&run, &exe, config)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     term.recv().await;

@@ -160,6 +160,9 @@ pub struct RawGit {
     pub delete: Option<bool>,
     /// Largest pack one push may send, in MiB.
     pub max_pack_mib: Option<u32>,
+    /// Where accepted pushes are forwarded (`https://...`, or a repository path), with the
+    /// credential of its host from `[credentials]` added on the host side.
+    pub upstream: Option<String>,
 }
 
 /// The git gate's policy (`[git]`): what the agent may push to the bottle's gate.
@@ -170,6 +173,7 @@ pub struct Git {
     pub force: bool,
     pub delete: bool,
     pub max_pack_mib: u32,
+    pub upstream: Option<String>,
 }
 
 /// What the agent may push when the manifest says nothing: branches under `bot/`.
@@ -397,6 +401,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
     let mut git_force = None;
     let mut git_delete = None;
     let mut git_max_pack = None;
+    let mut git_upstream = None;
     let mut env = BTreeMap::new();
     let mut allow = Vec::new();
     let mut deny = Vec::new();
@@ -421,6 +426,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
         git_force = raw.git.force.or(git_force);
         git_delete = raw.git.delete.or(git_delete);
         git_max_pack = raw.git.max_pack_mib.or(git_max_pack);
+        git_upstream = raw.git.upstream.or(git_upstream);
         env.extend(raw.agent.env);
         push_unique(&mut allow, &raw.egress.allow);
         push_unique(&mut deny, &raw.egress.deny);
@@ -475,6 +481,13 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
             )));
         }
     }
+    if let Some(url) = &git_upstream {
+        if let Err(why) = crate::bundle::gate::upstream::check_url(url) {
+            return Err(invalid(format!(
+                "`[git] upstream = \"{url}\"` {why}: write https://HOST/PATH (its credential comes from [credentials.\"HOST\"]) or an absolute path"
+            )));
+        }
+    }
     if git_max_pack == Some(0) {
         return Err(invalid(
             "`[git] max_pack_mib = 0` would refuse every push: use 1 or more".to_owned(),
@@ -523,6 +536,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
             force: git_force.unwrap_or(false),
             delete: git_delete.unwrap_or(false),
             max_pack_mib: git_max_pack.unwrap_or(DEFAULT_MAX_PACK_MIB),
+            upstream: git_upstream,
         },
         sources,
     })

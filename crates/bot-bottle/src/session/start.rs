@@ -255,15 +255,33 @@ async fn start_gate(
         .iter()
         .map(|m| m.host.clone())
         .find(|h| repo::host_repository(h).is_some());
-    let (git, prepared_run) = (git.clone(), run.clone());
+    let (settings, prepared_run) = (git.clone(), run.clone());
     let info = tokio::task::spawn_blocking(move || {
-        repo::prepare(&prepared_run, host.as_deref(), &git, &policy)
+        repo::prepare(&prepared_run, host.as_deref(), &settings, &policy)
     })
     .await
     .map_err(|_| SessionError::GateThread)??;
     tracing::info!(host_repo = ?info.host_repo, "git gate ready");
+    // Forwarding upstream, with the credential of the upstream's host: here on the host,
+    // handed to the gate's server on its stdin.
+    let upstream = git.upstream.as_ref().map(|url| {
+        let host = crate::bundle::gate::upstream::host_of(url);
+        let header = credentials
+            .iter()
+            .find(|c| Some(c.host.to_ascii_lowercase()) == host)
+            .map(|c| (c.header.clone(), c.value.clone()));
+        crate::bundle::gate::upstream::Upstream {
+            url: url.clone(),
+            header,
+            force: git.force,
+        }
+    });
+    let config = server::GateConfig {
+        bottle_id: plan.id.clone(),
+        upstream,
+    };
     let exe = std::env::current_exe().map_err(SessionError::Exe)?;
-    Ok(server::spawn_process(&run, &exe).await?)
+    Ok(server::spawn_process(&run, &exe, &config).await?)
 }
 
 /// Pause here when [`PAUSE_ENV`] names `step` (the kill tests' hook).

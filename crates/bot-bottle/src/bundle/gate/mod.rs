@@ -16,6 +16,7 @@ pub mod policy;
 pub mod relay;
 pub mod repo;
 pub mod server;
+pub mod upstream;
 
 /// The gate repository's name in its URL: `http://<bundle>:9418/workspace.git`.
 pub const REPO_NAME: &str = "workspace.git";

@@ -398,14 +398,19 @@ pub struct GateEvent {
 }
 
 fn log(policy: &GatePolicy, events: &[GateEvent]) -> Result<(), PolicyError> {
+    append_events(&policy.log, events)
+}
+
+/// Append `events` to the gate log at `path`, one JSON line each.
+pub fn append_events(path: &Path, events: &[GateEvent]) -> Result<(), PolicyError> {
     let err = |source| PolicyError::Log {
-        path: policy.log.clone(),
+        path: path.to_path_buf(),
         source,
     };
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&policy.log)
+        .open(path)
         .map_err(err)?;
     let mut text = String::new();
     for e in events {

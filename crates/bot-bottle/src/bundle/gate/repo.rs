@@ -240,6 +240,7 @@ mod tests {
             force: false,
             delete: false,
             max_pack_mib: 7,
+            upstream: None,
         };
         let s = settings(&git, Path::new("/h"));
         let get = |k: &str| s.iter().find(|(key, _)| *key == k).map(|(_, v)| v.as_str());

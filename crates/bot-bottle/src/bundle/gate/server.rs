@@ -77,7 +77,11 @@ const GATE_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1
 
 /// Start `exe __gate --run-dir <run>` and wait until it listens; its output goes to the run
 /// directory's `gate-server.log`.
-pub async fn spawn_process(run: &RunDir, exe: &Path) -> Result<GateProcess, ServerError> {
+pub async fn spawn_process(
+    run: &RunDir,
+    exe: &Path,
+    config: &GateConfig,
+) -> Result<GateProcess, ServerError> {
     let socket = run.gate_socket();
     let _ = std::fs::remove_file(&socket);
     let log = std::fs::File::create(run.gate_dir().join("server.log"))
@@ -90,7 +94,7 @@ pub async fn spawn_process(run: &RunDir, exe: &Path) -> Result<GateProcess, Serv
             crate::session::orphans::PARENT_PID_ENV,
             std::process::id().to_string(),
         )
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(
             log.try_clone()
                 .map_err(|source| ServerError::Spawn { source })?,
@@ -102,6 +106,14 @@ pub async fn spawn_process(run: &RunDir, exe: &Path) -> Result<GateProcess, Serv
         child,
         socket: socket.clone(),
     };
+    // The configuration on its stdin, then EOF.
+    if let Some(mut stdin) = process.child.stdin.take() {
+        use std::io::Write as _;
+        let json = serde_json::to_vec(config).unwrap_or_default();
+        stdin
+            .write_all(&json)
+            .map_err(|source| ServerError::Spawn { source })?;
+    }
     let deadline = std::time::Instant::now() + GATE_READY_TIMEOUT;
     loop {
         if UnixStream::connect(&socket).await.is_ok() {
@@ -122,15 +134,26 @@ pub async fn spawn_process(run: &RunDir, exe: &Path) -> Result<GateProcess, Serv
     }
 }
 
+/// What the gate's server process is told on its stdin by `start` (the upstream's header is
+/// a secret: it never goes on a command line or into the environment).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct GateConfig {
+    pub bottle_id: String,
+    pub upstream: Option<super::upstream::Upstream>,
+}
+
 /// What each request's `git http-backend` is run with.
 struct Backend {
     run: RunDir,
     exe: PathBuf,
     slots: Arc<tokio::sync::Semaphore>,
+    config: GateConfig,
+    /// How far the gate log has been read for pushes to forward (forwarding one at a time).
+    forwarded: Arc<tokio::sync::Mutex<u64>>,
 }
 
 /// Serve run `run`'s gate on its socket; `exe` is this bot-bottle (for the hooks).
-pub fn serve(run: &RunDir, exe: &Path) -> Result<GateServer, ServerError> {
+pub fn serve(run: &RunDir, exe: &Path, config: GateConfig) -> Result<GateServer, ServerError> {
     let socket = run.gate_socket();
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).map_err(|source| ServerError::Bind {
@@ -141,6 +164,8 @@ pub fn serve(run: &RunDir, exe: &Path) -> Result<GateServer, ServerError> {
         run: run.clone(),
         exe: exe.to_path_buf(),
         slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        config,
+        forwarded: Arc::new(tokio::sync::Mutex::new(0)),
     });
     let task = tokio::spawn(async move {
         loop {
@@ -321,7 +346,50 @@ impl Backend {
         if let Err(e) = fed {
             tracing::debug!(error = %e, "the gate request body was not read whole");
         }
+        if endpoint.path_info.ends_with("/git-receive-pack") {
+            self.forward_pushed().await;
+        }
         answered
+    }
+
+    /// Forward to the upstream the refs the gate's log says were pushed since last time.
+    async fn forward_pushed(&self) {
+        let Some(upstream) = self.config.upstream.clone() else {
+            return;
+        };
+        let mut offset = self.forwarded.lock().await;
+        let (run, bottle, start) = (self.run.clone(), self.config.bottle_id.clone(), *offset);
+        let done = tokio::task::spawn_blocking(move || {
+            let log = run.gate_log();
+            let Ok(text) = std::fs::read(&log) else {
+                return start;
+            };
+            let end = text.len() as u64;
+            let fresh = String::from_utf8_lossy(&text[start.min(end) as usize..]).into_owned();
+            let updates: Vec<super::policy::Update> = fresh
+                .lines()
+                .filter_map(|l| serde_json::from_str::<super::policy::GateEvent>(l).ok())
+                .filter(|e| e.event == "pushed")
+                .filter_map(|e| {
+                    Some(super::policy::Update {
+                        old: e.old?,
+                        new: e.new?,
+                        refname: e.refname,
+                    })
+                })
+                .collect();
+            let events = super::upstream::forward(&run, &bottle, &upstream, &updates);
+            if let Err(e) = super::policy::append_events(&log, &events) {
+                tracing::warn!(error = %e, "cannot log the forwarded pushes");
+            }
+            // The lines appended after `end` (ours among them) are read next time; only
+            // `pushed` ones are forwarded.
+            end
+        })
+        .await;
+        if let Ok(next) = done {
+            *offset = next;
+        }
     }
 }
 
