@@ -308,10 +308,11 @@ fn agent_runs_as_the_manifest_user_with_proxy_env() {
     assert_eq!(lines[0], "1000");
     assert_eq!(lines[1], "http://198.18.76.2:3128");
     assert!(lines[2].contains("198.18.76.2"));
-    // The git gate is a placeholder that says so; the supervisor wants the bottle's token,
-    // which the agent does not have.
+    // The git gate serves git's smart protocol on its repository and nothing else; the
+    // supervisor wants the bottle's token, which the agent does not have.
     assert!(
-        text.contains("the git gate is not enabled for this bottle"),
+        text.contains("HTTP/1.1 404 Not Found")
+            && text.contains("only git's smart HTTP protocol on /workspace.git is served here"),
         "{text}"
     );
     assert!(text.contains("HTTP/1.1 401 Unauthorized"), "{text}");

@@ -173,6 +173,10 @@ fn the_gate_takes_allowed_pushes_and_refuses_other_refs_force_deletes_and_secret
     let ok = push(&work, "HEAD:refs/heads/bot/x");
     assert!(ok.status.success(), "allowed push refused: {}", stderr(&ok));
     assert!(remote_refs(&gate).contains(&format!("{first}\trefs/heads/bot/x")));
+    // `list` counts what landed in the gate.
+    let rows = sb.rows();
+    let row = rows.iter().find(|r| r["id"] == id.as_str()).unwrap();
+    assert_eq!(row["pushes"], 1, "{row}");
     // Forwarded upstream once accepted.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while git(

@@ -225,3 +225,62 @@ fn docker_workspace_at_a_path_whose_parents_are_missing_is_made() {
     );
     assert!(!host.join("g").exists());
 }
+
+/// The agent's work in its workspace outlives the container: `resume` continues from the copy
+/// the last run kept (the host files still untouched), and with nothing kept it says how to
+/// start first.
+#[test]
+fn docker_resume_continues_the_workspace_the_last_run_left() {
+    if !docker_available("docker_resume_continues_the_workspace") {
+        return;
+    }
+    let sb = Sandbox::new("248-248");
+    let host = sb.dir.path().join("project");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(host.join("notes.txt"), "host\n").unwrap();
+
+    let resume = |script: &str| {
+        sb.run(&[
+            "resume",
+            "test",
+            "--backend",
+            "docker",
+            "--mount",
+            host.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+    };
+    let out = resume("true");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no kept workspace of bottle `test` to resume"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = start_with_mount(
+        &sb,
+        "test",
+        &host,
+        "echo agent >> /workspace/notes.txt && echo new > /workspace/made.txt",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out =
+        resume("cat /workspace/notes.txt /workspace/made.txt; echo more >> /workspace/notes.txt");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "host\nagent\nnew\n");
+    // Each resume continues the newest kept copy.
+    let out = resume("cat /workspace/notes.txt");
+    assert_eq!(stdout(&out), "host\nagent\nmore\n", "{}", stderr(&out));
+    // A plain `start` begins again from the host, which never changed.
+    let out = start_with_mount(&sb, "test", &host, "cat /workspace/notes.txt");
+    assert_eq!(stdout(&out), "host\n", "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(host.join("notes.txt")).unwrap(),
+        "host\n"
+    );
+    assert!(!host.join("made.txt").exists());
+}

@@ -44,7 +44,7 @@ impl Runner {
         layer: LayerRequest,
     ) -> Result<Self, RunnerError> {
         Ok(match backend {
-            Backend::Docker if layer != LayerRequest::Start => {
+            Backend::Docker if !matches!(layer, LayerRequest::Start | LayerRequest::Resume) => {
                 return Err(DockerRunError::LayerFlags.into())
             }
             Backend::Docker => Runner::Docker(DockerRunner::prepare(docker).await?),

@@ -46,8 +46,17 @@ pub async fn listed(ctx: &Context) -> anyhow::Result<Vec<Listed>> {
 pub async fn run(ctx: &Context, args: ListArgs) -> anyhow::Result<i32> {
     let _ = args.all;
     let rows = listed(ctx).await?;
+    // Refs the agent pushed to each bottle's git gate (its `logs --git` says which).
+    let pushes =
+        |id: &str| bot_bottle::bundle::gate::policy::pushed_count(&ctx.dirs.run_dir(id).gate_log());
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        let mut values = serde_json::to_value(&rows)?;
+        if let Some(array) = values.as_array_mut() {
+            for (value, row) in array.iter_mut().zip(&rows) {
+                value["pushes"] = pushes(&row.id).into();
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&values)?);
         return Ok(0);
     }
     if rows.is_empty() {
@@ -59,8 +68,8 @@ pub async fn run(ctx: &Context, args: ListArgs) -> anyhow::Result<i32> {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     println!(
-        "{:<24} {:<10} {:<8} {:<10} {:<12} AGE",
-        "ID", "BOTTLE", "BACKEND", "STATUS", "ALIAS"
+        "{:<24} {:<10} {:<8} {:<10} {:<12} {:<7} AGE",
+        "ID", "BOTTLE", "BACKEND", "STATUS", "ALIAS", "PUSHES"
     );
     for r in &rows {
         let age = if r.created_at > 0 {
@@ -69,12 +78,13 @@ pub async fn run(ctx: &Context, args: ListArgs) -> anyhow::Result<i32> {
             "-".to_owned()
         };
         println!(
-            "{:<24} {:<10} {:<8} {:<10} {:<12} {age}",
+            "{:<24} {:<10} {:<8} {:<10} {:<12} {:<7} {age}",
             r.id,
             r.bottle,
             r.backend,
-            r.status,
+            r.status.as_str(),
             r.alias.as_deref().unwrap_or("-"),
+            pushes(&r.id),
         );
     }
     let orphaned: Vec<&Listed> = rows.iter().filter(|r| !r.live).collect();

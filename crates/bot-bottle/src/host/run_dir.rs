@@ -29,6 +29,8 @@ const CONTROL_SOCKET: &str = "vsock.sock";
 const CONFIG_DISK: &str = "config.img";
 /// The reaper's own log.
 const REAPER_LOG: &str = "reaper.log";
+/// The Docker backend's kept workspace copies: `kept-workspace-<index>`.
+const KEPT_WORKSPACE: &str = "kept-workspace-";
 /// The git gate's directory: its bare repository, hooks, policy and an empty home for git.
 const GATE_DIR: &str = "gate";
 /// The git gate's events (pushes accepted and refused), JSON lines.
@@ -121,6 +123,20 @@ impl RunDir {
 
     pub fn reaper_log(&self) -> PathBuf {
         self.path.join(REAPER_LOG)
+    }
+
+    /// The Docker backend's copy of the `index`th workspace as the agent left it (what
+    /// `resume` continues from): kept with the run's logs.
+    pub fn kept_workspace(&self, index: usize) -> PathBuf {
+        self.path.join(format!("{KEPT_WORKSPACE}{index}"))
+    }
+
+    /// Whether the entry `name` of a run directory is kept when the run is pruned to its logs.
+    pub fn is_kept(name: &str) -> bool {
+        Self::KEPT_LOGS.contains(&name)
+            || name
+                .strip_prefix(KEPT_WORKSPACE)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     }
 
     pub fn gate_dir(&self) -> PathBuf {

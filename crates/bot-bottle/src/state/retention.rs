@@ -129,6 +129,27 @@ fn remove(path: &Path) -> Result<(), RetentionError> {
     }
 }
 
+/// The runs of bottle `bottle` under `root`, newest first.
+pub fn runs_of(root: &Path, bottle: &str) -> Vec<String> {
+    let mut runs: Vec<(SystemTime, String)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (bottle_of(&name) == bottle).then(|| {
+                let t = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                (t, name)
+            })
+        })
+        .collect();
+    runs.sort();
+    runs.into_iter().rev().map(|(_, id)| id).collect()
+}
+
 /// The run directory `target` names under `root`: the run of that id, or the newest run of
 /// the bottle of that name (runs outlive their bottle: `logs` and `pull` read them after).
 pub fn newest_run(root: &Path, target: &str) -> Option<String> {
@@ -157,7 +178,7 @@ fn trim(dir: &Path, modified: SystemTime) -> Result<(), RetentionError> {
         if entry
             .file_name()
             .to_str()
-            .is_some_and(|n| crate::host::run_dir::RunDir::KEPT_LOGS.contains(&n))
+            .is_some_and(crate::host::run_dir::RunDir::is_kept)
         {
             continue;
         }

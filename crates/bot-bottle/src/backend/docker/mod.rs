@@ -60,6 +60,11 @@ pub enum BackendError {
     },
     #[error("{0} panicked")]
     Thread(&'static str),
+    #[error(
+        "no kept workspace of bottle `{bottle}` to resume (the Docker backend keeps each run's \
+         workspace as the agent left it): `bot-bottle start {bottle}` first"
+    )]
+    NothingToResume { bottle: String },
     #[error("terminal I/O failed")]
     Terminal {
         #[source]

@@ -24,8 +24,8 @@ pub enum DockerRunError {
     #[error("{RUNTIME_ENV}={value} is not one of runc, runsc, auto")]
     BadRuntime { value: String },
     #[error(
-        "resume, --fresh and --tmpfs are about the microVM's writable layer: the docker \
-         backend's container layer is always new"
+        "--fresh and --tmpfs are about the microVM's writable layer: the docker backend's \
+         container layer is always new (`resume` continues its kept workspace)"
     )]
     LayerFlags,
 }
@@ -64,10 +64,13 @@ impl DockerRunner {
         bundle::prepare_run_dir(&run)?;
         push_remove_container(stack, &plan.bundle.container, false);
         push_remove_container(stack, &plan.agent.name, true);
-        // The workspaces are copied into the created agent while the bundle starts.
+        // The workspaces are copied into the created agent while the bundle starts: from the
+        // host, or for `resume` from what the last run kept.
+        let resume = session.layer == crate::backend::microvm::layer::LayerRequest::Resume;
+        let sources = super::workspace::workspace_sources(session.dirs, plan, resume)?;
         let (started, created) = tokio::join!(start_bundle(session, &run), async {
             super::create_agent(docker, plan, &session.images.agent, &session.command, tty).await?;
-            super::workspace::copy_workspaces(docker, plan).await
+            super::workspace::copy_workspaces(docker, plan, &sources).await
         });
         started?;
         created?;
@@ -78,6 +81,13 @@ impl DockerRunner {
         let code =
             super::run_agent(docker, &plan.agent.name, tty, || session.mark_running()).await?;
         tracing::info!(code, "agent exited");
+        if !plan.mounts.is_empty() {
+            if let Err(e) = super::workspace::keep_workspaces(docker, plan, &run).await {
+                crate::host::logging::say(format_args!(
+                    "warning: the workspace was not kept for `resume`: {e}"
+                ));
+            }
+        }
         Ok(code)
     }
 }

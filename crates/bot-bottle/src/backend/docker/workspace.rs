@@ -25,13 +25,67 @@ const CHUNK_BYTES: usize = 256 * 1024;
 const PROGRESS_FROM_BYTES: u64 = 64 << 20;
 
 /// Copy every mount of `plan` into the created agent container.
-pub async fn copy_workspaces(docker: &Docker, plan: &BottlePlan) -> Result<(), BackendError> {
+pub async fn copy_workspaces(
+    docker: &Docker,
+    plan: &BottlePlan,
+    sources: &[std::path::PathBuf],
+) -> Result<(), BackendError> {
     if plan.mounts.is_empty() {
         return Ok(());
     }
     let owner = agent_owner(docker, &plan.agent.name, &plan.agent.user).await?;
-    for mount in &plan.mounts {
-        copy_tree(docker, &plan.agent.name, &mount.host, &mount.guest, owner).await?;
+    for (mount, source) in plan.mounts.iter().zip(sources) {
+        copy_tree(docker, &plan.agent.name, source, &mount.guest, owner).await?;
+    }
+    Ok(())
+}
+
+/// Where each workspace's copy comes from: the host directories, or for `resume` the copies
+/// the newest earlier run of this bottle kept (see [`keep_workspaces`]).
+pub fn workspace_sources(
+    dirs: &crate::host::paths::Dirs,
+    plan: &BottlePlan,
+    resume: bool,
+) -> Result<Vec<std::path::PathBuf>, BackendError> {
+    if !resume {
+        return Ok(plan.mounts.iter().map(|m| m.host.clone()).collect());
+    }
+    let kept = |id: &str| -> Option<Vec<std::path::PathBuf>> {
+        let run = dirs.run_dir(id);
+        plan.mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let name = m.guest.file_name()?;
+                let copy = run.kept_workspace(i).join(name);
+                copy.is_dir().then_some(copy)
+            })
+            .collect()
+    };
+    crate::state::retention::runs_of(&dirs.runs_dir(), &plan.bottle)
+        .iter()
+        .filter(|id| **id != plan.id)
+        .find_map(|id| kept(id))
+        .ok_or_else(|| BackendError::NothingToResume {
+            bottle: plan.bottle.clone(),
+        })
+}
+
+/// After the agent exits: each workspace as it left it, copied out into the run directory
+/// (bounded as `cp` is), for `resume`. The host files stay untouched; a failure is reported,
+/// the session's result is not changed by it.
+pub async fn keep_workspaces(
+    docker: &Docker,
+    plan: &BottlePlan,
+    run: &crate::host::run_dir::RunDir,
+) -> Result<(), BackendError> {
+    let limit = crate::backend::transfer::max_copy_bytes()?;
+    for (i, mount) in plan.mounts.iter().enumerate() {
+        let dst = run.kept_workspace(i);
+        let _ = std::fs::remove_dir_all(&dst);
+        let guest = mount.guest.display().to_string();
+        let n = super::copy::copy_out(docker, &plan.agent.name, &guest, &dst, limit).await?;
+        tracing::info!(entries = n, guest = %guest, "workspace kept for resume");
     }
     Ok(())
 }

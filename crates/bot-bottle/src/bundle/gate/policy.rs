@@ -492,6 +492,18 @@ pub fn pre_receive(
     Ok(if refusals.is_empty() { 0 } else { 1 })
 }
 
+/// How many ref updates landed in the gate whose log is `log` (what `list` shows).
+pub fn pushed_count(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<GateEvent>(l).ok())
+                .filter(|e| e.event == "pushed")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// `bot-bottle __git-hook post-receive`: the refs that were updated, logged.
 pub fn post_receive(policy: &GatePolicy, stdin: &str) -> Result<i32, PolicyError> {
     let events: Vec<GateEvent> = parse_updates(stdin)?
