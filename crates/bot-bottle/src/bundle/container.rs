@@ -80,6 +80,7 @@ pub async fn create_bundle(
         deny: plan.egress.deny.clone(),
         deny_message: plan.egress.deny_message.clone(),
         allow_private: plan.egress.allow_private.clone(),
+        request_rules: plan.egress.request_rules.clone(),
         event_log: Some(inside.egress_log()),
         credentials: credentials.to_vec(),
         ca_cert: intercepting.then(|| inside.ca_cert()),

@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 use crate::bundle::egress::intercept::{BottleCa, Injection, Interception};
-use crate::bundle::egress::{EgressPolicy, ProxyConfig};
+use crate::bundle::egress::{EgressPolicy, ProxyConfig, RequestRuleSpec};
 use crate::plan::{GIT_GATE_PORT, PROXY_PORT, SUPERVISOR_PORT};
 
 /// Environment variable carrying the sidecar's JSON configuration.
@@ -77,6 +77,9 @@ pub struct SidecarConfig {
     /// Exceptions to the proxy's address floor (`[egress] allow_private`).
     #[serde(default)]
     pub allow_private: Vec<String>,
+    /// `[egress] allow` tables limiting the methods and paths of requests to their hosts.
+    #[serde(default)]
+    pub request_rules: Vec<RequestRuleSpec>,
     /// Where the decision log goes (inside the bundle).
     pub event_log: Option<PathBuf>,
     /// Secrets the proxy adds to requests (by TLS interception); empty: no interception.
@@ -247,6 +250,7 @@ fn docker_host_addresses() -> Vec<std::net::IpAddr> {
 pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     let policy = EgressPolicy::new(&config.allow, &config.deny, &config.deny_message)
         .and_then(|p| p.with_private_exceptions(&config.allow_private))
+        .and_then(|p| p.with_request_rules(&config.request_rules))
         .map_err(|source| SidecarError::Policy { source })?
         .with_host_addresses(docker_host_addresses());
     let mut proxy = ProxyConfig::new(
@@ -384,6 +388,7 @@ mod tests {
             deny: Vec::new(),
             deny_message: String::new(),
             allow_private: Vec::new(),
+            request_rules: Vec::new(),
             event_log: None,
             credentials: vec![SidecarCredential {
                 host: "api.test".into(),
@@ -404,6 +409,7 @@ mod tests {
         let config: SidecarConfig = serde_json::from_str(json).unwrap();
 
         assert_eq!(config.trust_store, None);
+        assert!(config.request_rules.is_empty());
     }
 
     #[test]

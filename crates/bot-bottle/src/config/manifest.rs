@@ -128,7 +128,7 @@ pub struct RawAgent {
 #[serde(deny_unknown_fields)]
 pub struct RawEgress {
     #[serde(default)]
-    pub allow: Vec<String>,
+    pub allow: Vec<EgressAllow>,
     #[serde(default)]
     pub deny: Vec<String>,
     pub deny_message: Option<String>,
@@ -138,6 +138,43 @@ pub struct RawEgress {
     /// benchmark, documentation, unique-local or Docker-host address.
     #[serde(default)]
     pub allow_private: Vec<String>,
+}
+
+/// One `[egress] allow` entry: a rule string (`"api.example.com"`, `"*.example.org:*"`), or a
+/// table `{ host, methods?, paths? }` that also limits the requests to its host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EgressAllow {
+    Rule(String),
+    Table(crate::bundle::egress::RequestRuleSpec),
+}
+
+impl<'de> Deserialize<'de> for EgressAllow {
+    // By hand rather than `untagged`, so that a bad table names its key (`methds`, line 4).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = EgressAllow;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a rule such as \"api.example.com\", or a table { host = \"api.example.com\", methods = [\"GET\"], paths = [\"/a/**\"] }",
+                )
+            }
+
+            fn visit_str<E: serde::de::Error>(self, rule: &str) -> Result<EgressAllow, E> {
+                Ok(EgressAllow::Rule(rule.to_owned()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<EgressAllow, A::Error> {
+                Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(EgressAllow::Table)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -237,7 +274,10 @@ pub struct Agent {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Egress {
+    /// The allow rules as strings; a table's `host` among them.
     pub allow: Vec<String>,
+    /// The `allow` tables with `methods` or `paths`, checked on each request to their host.
+    pub request_rules: Vec<crate::bundle::egress::RequestRuleSpec>,
     pub deny: Vec<String>,
     pub deny_message: String,
     pub hosts: BTreeMap<String, String>,
@@ -404,6 +444,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
     let mut git_upstream = None;
     let mut env = BTreeMap::new();
     let mut allow = Vec::new();
+    let mut request_rules = Vec::new();
     let mut deny = Vec::new();
     let mut hosts = BTreeMap::new();
     let mut allow_private = Vec::new();
@@ -428,7 +469,19 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
         git_max_pack = raw.git.max_pack_mib.or(git_max_pack);
         git_upstream = raw.git.upstream.or(git_upstream);
         env.extend(raw.agent.env);
-        push_unique(&mut allow, &raw.egress.allow);
+        for entry in raw.egress.allow {
+            let spec = match entry {
+                EgressAllow::Rule(rule) => {
+                    push_unique(&mut allow, &[rule]);
+                    continue;
+                }
+                EgressAllow::Table(spec) => spec,
+            };
+            push_unique(&mut allow, std::slice::from_ref(&spec.host));
+            if spec.restricts() && !request_rules.contains(&spec) {
+                request_rules.push(spec);
+            }
+        }
         push_unique(&mut deny, &raw.egress.deny);
         hosts.extend(raw.egress.hosts);
         push_unique(&mut allow_private, &raw.egress.allow_private);
@@ -470,7 +523,15 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
             "`[resources] pids = {pids}` is out of range: use 16..=1000000"
         )));
     }
-    check_egress(&allow, &deny, &allow_private).map_err(|error| ManifestError::Egress {
+    let credential_hosts: Vec<String> = credentials.keys().cloned().collect();
+    check_egress(
+        &allow,
+        &deny,
+        &allow_private,
+        &request_rules,
+        &credential_hosts,
+    )
+    .map_err(|error| ManifestError::Egress {
         bottle: name.to_owned(),
         error,
     })?;
@@ -518,6 +579,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
         },
         egress: Egress {
             allow,
+            request_rules,
             deny,
             deny_message: deny_message.unwrap_or_else(|| DEFAULT_DENY_MESSAGE.to_owned()),
             hosts,
@@ -542,17 +604,24 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
     })
 }
 
-/// The egress rules and `allow_private` entries parse (the bundle would refuse them later).
-/// A `hosts` entry that leads below the proxy's address floor is not an error here: the
-/// proxy refuses it with a 403 that names `allow_private`.
+/// The egress rules, request rules and `allow_private` entries parse (the bundle would refuse
+/// them later), and the proxy can see the requests each request rule limits: its host has a
+/// credential (it is intercepted), or the rule is for plain HTTP. A `hosts` entry that leads
+/// below the proxy's address floor is not an error here: the proxy refuses it with a 403 that
+/// names `allow_private`.
 fn check_egress(
     allow: &[String],
     deny: &[String],
     allow_private: &[String],
+    request_rules: &[crate::bundle::egress::RequestRuleSpec],
+    credential_hosts: &[String],
 ) -> Result<(), crate::bundle::egress::EgressError> {
     crate::bundle::egress::EgressPolicy::new(allow, deny, "")
         .and_then(|p| p.with_private_exceptions(allow_private))
-        .map(|_| ())
+        .and_then(|p| p.with_request_rules(request_rules))?;
+    request_rules
+        .iter()
+        .try_for_each(|rule| rule.check_visible(credential_hosts))
 }
 
 /// Expand a leading `~/` against `home`.
@@ -702,6 +771,143 @@ mod tests {
         assert_eq!(child.egress.allow_private, vec!["a.test", "*.corp.test"]);
         assert!(err.contains("\"a.test:443\""), "{err}");
         assert!(err.contains("without a port"), "{err}");
+    }
+
+    const GITHUB_CREDENTIAL: &str = "[credentials.\"api.github.com\"]\nenv = \"GH_TOKEN\"\n";
+
+    #[test]
+    fn egress_allow_takes_tables_with_methods_and_paths_next_to_strings() {
+        let text = format!(
+            "[agent]\ndockerfile = \"x\"\n[egress]\nallow = [\n  \"plain.example\",\n  {{ host = \"api.github.com\", methods = [\"GET\"], paths = [\"/repos/me/app/**\"] }},\n  {{ host = \"plain.test:80\", methods = [\"GET\", \"HEAD\"] }},\n  {{ host = \"free.test\" }},\n]\n{GITHUB_CREDENTIAL}"
+        );
+        let (_d, src) = source_with(&[("t", &text)]);
+
+        let m = src.load("t").unwrap();
+
+        assert_eq!(
+            m.egress.allow,
+            vec![
+                "plain.example",
+                "api.github.com",
+                "plain.test:80",
+                "free.test"
+            ]
+        );
+        let rules: Vec<String> = m.egress.request_rules.iter().map(|r| r.text()).collect();
+        assert_eq!(
+            rules,
+            vec![
+                "{ host = \"api.github.com\", methods = [\"GET\"], paths = [\"/repos/me/app/**\"] }",
+                "{ host = \"plain.test:80\", methods = [\"GET\", \"HEAD\"] }",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_method_pattern_or_key_in_an_allow_table_is_named() {
+        let layer = |table: &str| {
+            format!("[agent]\ndockerfile = \"x\"\n[egress]\nallow = [{table}]\n{GITHUB_CREDENTIAL}")
+        };
+        let cases = [
+            (
+                "{ host = \"api.github.com\", methods = [\"get it\"] }",
+                "\"get it\" is not an HTTP method",
+            ),
+            (
+                "{ host = \"api.github.com\", methods = [\"get\"] }",
+                "write \"GET\"",
+            ),
+            (
+                "{ host = \"api.github.com\", methods = [] }",
+                "`methods = []` allows nothing",
+            ),
+            (
+                "{ host = \"api.github.com\", paths = [\"/repos/me/../x\"] }",
+                "\"/repos/me/../x\": it must be in canonical form",
+            ),
+            (
+                "{ host = \"api.github.com\", paths = [\"/repos/me*\"] }",
+                "`*` stands for one whole segment",
+            ),
+            (
+                "{ host = \"api.github.com\", paths = [\"repos\"] }",
+                "must start with `/`",
+            ),
+            (
+                "{ host = \"*.github.com\", methods = [\"GET\"] }",
+                "not a `*.suffix`",
+            ),
+            (
+                "{ host = \"api.github.com\", methds = [\"GET\"] }",
+                "methds",
+            ),
+            ("{ methods = [\"GET\"] }", "host"),
+            ("42", "a rule such as"),
+        ];
+        for (table, expected) in cases {
+            let (_d, src) = source_with(&[("t", &layer(table))]);
+            let err = src.load("t").unwrap_err().to_string();
+            assert!(err.contains(expected), "{table}: {err}");
+        }
+        let (_d, src) = source_with(&[(
+            "t",
+            &layer("{ host = \"api.github.com\", methods = [\"get it\"] }"),
+        )]);
+        let err = src.load("t").unwrap_err().to_string();
+        assert!(
+            err.contains("{ host = \"api.github.com\", methods = [\"get it\"] }"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn methods_or_paths_on_an_https_host_the_proxy_does_not_intercept_are_refused() {
+        let (_d, src) = source_with(&[
+            (
+                "bare",
+                "[agent]\ndockerfile = \"x\"\n[egress]\nallow = [{ host = \"api.github.com\", methods = [\"GET\"] }]\n",
+            ),
+            (
+                "every-port",
+                "[agent]\ndockerfile = \"x\"\n[egress]\nallow = [{ host = \"api.github.com:*\", paths = [\"/a/**\"] }]\n",
+            ),
+            ("base", &format!("[agent]\ndockerfile = \"x\"\n{GITHUB_CREDENTIAL}")),
+            (
+                "child",
+                "extends = \"base\"\n[egress]\nallow = [{ host = \"API.GitHub.com\", methods = [\"GET\"] }]\n",
+            ),
+            (
+                "plain",
+                "[agent]\ndockerfile = \"x\"\n[egress]\nallow = [{ host = \"plain.test:80\", methods = [\"GET\"] }]\n",
+            ),
+            (
+                "unlimited",
+                "[agent]\ndockerfile = \"x\"\n[egress]\nallow = [{ host = \"api.github.com\" }]\n",
+            ),
+        ]);
+
+        let bare = src.load("bare").unwrap_err().to_string();
+        let every_port = src.load("every-port").unwrap_err().to_string();
+
+        assert!(
+            bare.contains("{ host = \"api.github.com\", methods = [\"GET\"] }"),
+            "{bare}"
+        );
+        assert!(
+            bare.contains("add `[credentials.\"api.github.com\"]`"),
+            "{bare}"
+        );
+        assert!(bare.contains("drop `methods` and `paths`"), "{bare}");
+        assert!(every_port.contains("cannot see"), "{every_port}");
+        // A credential (here the parent's) makes the host intercepted; plain HTTP is seen.
+        assert_eq!(src.load("child").unwrap().egress.request_rules.len(), 1);
+        assert_eq!(src.load("plain").unwrap().egress.request_rules.len(), 1);
+        assert!(src
+            .load("unlimited")
+            .unwrap()
+            .egress
+            .request_rules
+            .is_empty());
     }
 
     #[test]

@@ -155,6 +155,9 @@ pub struct EgressPlan {
     /// Exceptions to the proxy's address floor (`[egress] allow_private`).
     #[serde(default)]
     pub allow_private: Vec<String>,
+    /// `[egress] allow` tables with `methods` or `paths` (their hosts are in `allow` too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_rules: Vec<crate::bundle::egress::RequestRuleSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -366,6 +369,7 @@ pub fn plan(manifest: &Manifest, host: &HostFacts) -> Result<BottlePlan, PlanErr
             deny_message: manifest.egress.deny_message.clone(),
             credential_hosts: manifest.credentials.keys().cloned().collect(),
             allow_private: manifest.egress.allow_private.clone(),
+            request_rules: manifest.egress.request_rules.clone(),
         },
         allowlist,
         mounts,
@@ -553,6 +557,31 @@ mod tests {
         let p = plan(&manifest("claude"), &facts(Backend::Docker)).unwrap();
         let back: BottlePlan = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(back, p);
+    }
+
+    #[test]
+    fn request_rules_ride_in_the_egress_plan_and_a_plan_from_before_them_still_parses() {
+        let mut m = manifest("claude");
+        m.egress.request_rules = vec![crate::bundle::egress::RequestRuleSpec {
+            host: "api.anthropic.com".into(),
+            methods: Some(vec!["POST".into()]),
+            paths: Some(vec!["/v1/**".into()]),
+        }];
+        let with = plan(&m, &facts(Backend::Docker)).unwrap();
+        let mut old =
+            serde_json::to_value(plan(&manifest("claude"), &facts(Backend::Docker)).unwrap())
+                .unwrap();
+        old["egress"]
+            .as_object_mut()
+            .unwrap()
+            .remove("request_rules");
+
+        let back: BottlePlan =
+            serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+        let old: BottlePlan = serde_json::from_value(old).unwrap();
+
+        assert_eq!(back.egress.request_rules, m.egress.request_rules);
+        assert!(old.egress.request_rules.is_empty());
     }
 
     #[test]

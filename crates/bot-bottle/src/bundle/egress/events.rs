@@ -10,6 +10,9 @@
 //!   `invalid_host`, `host_header_denied` (plain HTTP whose `Host` header names a denied host),
 //!   `blocked_address` (the name resolved below the address floor), inside an intercepted
 //!   tunnel (`method` is the request's) `path_not_allowed` (outside its credential's `paths`),
+//!   `request_not_allowed` (outside the `[egress] allow` tables for its host, named in `rule`;
+//!   plain HTTP too), `rule_not_enforceable` (a `CONNECT` to a host with such tables that the
+//!   proxy does not intercept),
 //!   `host_mismatch` (a `Host` or absolute-form authority other than the intercepted host),
 //!   `method_not_allowed` (`TRACE`, `CONNECT`), `upgrade_refused` and `credential_echo` (the
 //!   upstream's response carried the injected value), `supervisor_rule` (the host added the allow rule in

@@ -35,6 +35,7 @@ use super::body;
 use super::events::{EgressEvent, EventLog};
 use super::http::{self, BodyFraming, ResponseFraming};
 use super::policy::{normalize_host, CredentialPaths, PathError};
+use super::request_rules::{self, RequestDenied, RequestRules};
 
 /// Longest request head the agent may send through an intercepted connection.
 const MAX_HEAD: usize = 64 * 1024;
@@ -87,6 +88,9 @@ pub enum BindingError {
     Upgrade,
     #[error(transparent)]
     Path(#[from] PathError),
+    /// Outside the `[egress] allow` tables (methods, paths) for this host.
+    #[error(transparent)]
+    Request(#[from] RequestDenied),
 }
 
 /// Why a request head inside an intercepted tunnel cannot go up (answered with a 400).
@@ -129,6 +133,15 @@ impl BindingError {
             BindingError::Method { .. } => "method_not_allowed",
             BindingError::Upgrade => "upgrade_refused",
             BindingError::Path(_) => "path_not_allowed",
+            BindingError::Request(_) => "request_not_allowed",
+        }
+    }
+
+    /// The event's `rule`: the request rules that refused.
+    fn rule(&self) -> Option<String> {
+        match self {
+            BindingError::Request(denied) => Some(denied.rules().to_owned()),
+            _ => None,
         }
     }
 }
@@ -196,21 +209,31 @@ impl Injection {
     }
 }
 
-/// Where a request refused for its path is recorded, and what the agent is told.
+/// Where a request refused inside an intercepted tunnel (its host, path, method, request
+/// rules) is recorded, and what the agent is told.
 pub(crate) struct PathRefusals<'a> {
     pub log: Option<&'a EventLog>,
     /// The tunnel's event (client, host, port); method, verdict and reason are filled in.
     pub template: EgressEvent,
     pub deny_message: String,
+    /// The `[egress] allow` tables for the tunnel's host and port: every request must fit one
+    /// (empty: not checked).
+    pub rules: RequestRules,
 }
 
 impl PathRefusals<'_> {
     /// Records a refusal (`reason` is the event's code).
     async fn record(&self, method: &str, reason: &str, why: &str) {
+        self.record_rule(method, reason, None, why).await;
+    }
+
+    /// Records a refusal by `rule` (the event's `rule`).
+    async fn record_rule(&self, method: &str, reason: &str, rule: Option<String>, why: &str) {
         let mut event = self.template.clone();
         event.method = method.to_owned();
         event.verdict = "deny".into();
         event.reason = reason.to_owned();
+        event.rule = rule;
         event.detail = Some(why.to_owned());
         tracing::info!(host = %event.host, port = event.port, reason = %event.reason, detail = why, "egress decision");
         if let Some(log) = self.log {
@@ -223,7 +246,8 @@ impl PathRefusals<'_> {
     /// Records the refusal and returns the 403 (405 for a method) for the agent.
     async fn refuse(&self, method: &str, refused: &BindingError) -> Vec<u8> {
         let why = refused.to_string();
-        self.record(method, refused.code(), &why).await;
+        self.record_rule(method, refused.code(), refused.rule(), &why)
+            .await;
         let message = self.deny_message.trim_end();
         let separator = if message.is_empty() { "" } else { "\n" };
         let (status, reason) = match refused.status() {
@@ -487,8 +511,16 @@ impl Interception {
                     break;
                 }
             };
+            // Bound to the host, under the credential's paths, within the request rules: the
+            // target goes up in the canonical form it was decided on.
             let bound = bind_request(&request, host, port)
-                .and_then(|target| Ok(injection.paths.allows(&target)?));
+                .and_then(|target| Ok(injection.paths.allows(&target)?))
+                .and_then(|target| {
+                    let method_override = request.method_override.as_deref();
+                    Ok(refusals
+                        .rules
+                        .check(&request.method, &target, method_override)?)
+                });
             match bound {
                 Ok(target) => request.set_target(&target),
                 Err(refused) => {
@@ -785,6 +817,8 @@ pub struct Rewritten {
     pub hosts: Vec<String>,
     /// The agent asks for a protocol switch (`Upgrade`, or `upgrade` in `Connection`).
     pub upgrade: bool,
+    /// A header asking the host to act as another method (`X-HTTP-Method-Override`, …).
+    pub method_override: Option<String>,
 }
 
 impl Rewritten {
@@ -824,6 +858,8 @@ pub(crate) fn rewrite_head(
         .collect();
     let upgrade = named_by_connection.iter().any(|t| t == "upgrade")
         || parsed.header_values("upgrade").next().is_some();
+    let method_override =
+        request_rules::method_override(parsed.headers.iter().map(|(name, _)| name.as_str()));
     let mut expects_continue = false;
     let mut out = format!("{} {} HTTP/1.1\r\n", parsed.method, parsed.target).into_bytes();
     for (name, value) in &parsed.headers {
@@ -857,6 +893,7 @@ pub(crate) fn rewrite_head(
         expects_continue,
         hosts,
         upgrade,
+        method_override,
     })
 }
 

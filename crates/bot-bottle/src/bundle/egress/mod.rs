@@ -1,6 +1,8 @@
 //! Egress proxy: allowlist policy, HTTP CONNECT / forward proxy, decision events.
 //!
 //! - [`policy`]: which `host:port` a bottle may reach (pure, exhaustively unit-tested);
+//! - [`request_rules`]: which methods and paths requests to a host the proxy sees inside may
+//!   use (`[egress] allow` tables);
 //! - [`resolve`]: pure-Rust name resolution (`/etc/hosts`, then the `/etc/resolv.conf`
 //!   nameserver over UDP/TCP), or a fixed map for tests — never glibc NSS;
 //! - [`events`]: one JSON line per decision, appended to the bottle's event log;
@@ -13,6 +15,7 @@ pub mod events;
 pub mod intercept;
 pub mod policy;
 pub mod proxy;
+pub mod request_rules;
 pub mod resolve;
 
 pub(crate) mod body;
@@ -36,6 +39,7 @@ pub use policy::{
     PathError, RuleError,
 };
 pub use proxy::{serve, EgressProxy, ProxyConfig, ProxyLimits};
+pub use request_rules::{RequestDenied, RequestRuleSpec, RequestRules};
 pub use resolve::{FloorRange, Resolver};
 
 /// Everything that can go wrong in the egress module.
@@ -43,6 +47,9 @@ pub use resolve::{FloorRange, Resolver};
 pub enum EgressError {
     #[error("invalid egress rule {rule:?}: {reason}")]
     InvalidRule { rule: String, reason: RuleError },
+    /// An `[egress] allow` table; `rule` is its text (`{ host = "…", methods = […] }`).
+    #[error("invalid egress rule {rule}: {reason}")]
+    InvalidRequestRule { rule: String, reason: RuleError },
     #[error("cannot listen for egress on {addr} (is another process using the port?)")]
     Bind {
         addr: SocketAddr,

@@ -24,6 +24,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use super::request_rules::{RequestRule, RequestRuleSpec, RequestRules};
 use super::resolve::{floor_range, FloorRange};
 use super::EgressError;
 
@@ -78,7 +79,7 @@ const MAX_LABEL_LEN: usize = 63;
 
 /// What a rule matches on the host side.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum HostPattern {
+pub(crate) enum HostPattern {
     /// Exactly this (normalised) host name.
     Exact(String),
     /// Any name strictly below this suffix (stored without the leading `*.`).
@@ -89,7 +90,7 @@ enum HostPattern {
 
 /// The port part of a rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PortSpec {
+pub(crate) enum PortSpec {
     /// No port written: port 443 in an allow rule, every port in a deny rule.
     Unwritten,
     /// `:*`: every port.
@@ -103,15 +104,15 @@ pub const DEFAULT_ALLOW_PORT: u16 = 443;
 
 /// One parsed allow or deny rule. Keeps its original text for events and messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Rule {
+pub(crate) struct Rule {
     text: String,
-    host: HostPattern,
-    port: PortSpec,
+    pub(crate) host: HostPattern,
+    pub(crate) port: PortSpec,
 }
 
 /// A request host after normalisation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Target {
+pub(crate) enum Target {
     Name(String),
     Ip(IpAddr),
     /// A numeric form (`2130706433`, `0x7f.1`) that is no valid name or canonical address.
@@ -206,6 +207,8 @@ pub struct EgressPolicy {
     private_ok: Vec<Rule>,
     /// The Docker host as the bundle sees it (its route gateways): never dialled unless waived.
     host_addresses: Vec<IpAddr>,
+    /// `[egress] allow` tables with `methods` or `paths`: what requests to their host may be.
+    requests: Vec<RequestRule>,
 }
 
 /// Why the proxy refuses to dial an address an allowed request led to.
@@ -242,7 +245,40 @@ impl EgressPolicy {
             deny_message: deny_message.to_owned(),
             private_ok: Vec::new(),
             host_addresses: Vec::new(),
+            requests: Vec::new(),
         })
+    }
+
+    /// The manifest's `[egress] allow` tables (`{ host, methods?, paths? }`): each allows its
+    /// host like the string rule `host` would; one with `methods` or `paths` also limits the
+    /// requests to that host (see [`super::request_rules`]). The first bad one is named.
+    pub fn with_request_rules(mut self, specs: &[RequestRuleSpec]) -> Result<Self, EgressError> {
+        for spec in specs {
+            let rule = RequestRule::parse(spec)?;
+            let host = rule.host_rule();
+            if !self.allow.iter().any(|r| r.text == host.text) {
+                self.allow.push(host.clone());
+            }
+            if rule.restricts() && !self.requests.contains(&rule) {
+                self.requests.push(rule);
+            }
+        }
+        Ok(self)
+    }
+
+    /// The request rules for `host:port` (normalised like [`EgressPolicy::decide`]); empty:
+    /// its requests are not checked. Deny rules are [`EgressPolicy::decide`]'s business.
+    pub fn request_rules(&self, host: &str, port: u16) -> RequestRules {
+        let Some(target) = normalize_target(host) else {
+            return RequestRules::default();
+        };
+        RequestRules::new(
+            self.requests
+                .iter()
+                .filter(|r| r.applies(&target, port))
+                .cloned()
+                .collect(),
+        )
     }
 
     /// The manifest's `[egress] allow_private`: host names, `*.suffix` patterns or addresses
@@ -380,7 +416,7 @@ impl EgressPolicy {
 impl Rule {
     /// `unwritten_means_any`: a rule without a port matches every port (deny rules), else
     /// only [`DEFAULT_ALLOW_PORT`] (allow rules).
-    fn matches(&self, target: &Target, port: u16, unwritten_means_any: bool) -> bool {
+    pub(crate) fn matches(&self, target: &Target, port: u16, unwritten_means_any: bool) -> bool {
         let port_matches = match self.port {
             PortSpec::Any => true,
             PortSpec::One(p) => p == port,
@@ -436,6 +472,20 @@ pub enum RuleError {
     PrivateWithPort,
     #[error("the manifest's deny rule {deny:?} covers it, and deny rules win")]
     DenyCovers { deny: String },
+    #[error("a rule with `methods` or `paths` names one host, not a `*.suffix` pattern (write one table per host)")]
+    RequestRuleSuffix,
+    #[error("the proxy cannot see the requests to {host} on {port} (HTTPS goes through a TLS tunnel that it opens only for a host with a credential): add `[credentials.\"{host}\"]` so that it intercepts them, or drop `methods` and `paths` (for plain HTTP, name its port: `{host}:80`)")]
+    RequestRuleNotVisible { host: String, port: String },
+    #[error("`{field} = []` allows nothing: list some, or leave `{field}` out to allow every one")]
+    EmptyRuleList { field: &'static str },
+    #[error("{method:?} is not an HTTP method (an upper-case token such as \"GET\" or \"POST\")")]
+    BadMethod { method: String },
+    #[error("{method:?}: methods are case-sensitive, write {upper:?}")]
+    LowerCaseMethod { method: String, upper: String },
+    #[error("{method} never goes through the proxy inside a tunnel: leave it out")]
+    NeverMethod { method: String },
+    #[error("path pattern {pattern:?}: {why}")]
+    BadPathPattern { pattern: String, why: String },
 }
 
 fn invalid(rule: &str, reason: RuleError) -> EgressError {
@@ -445,7 +495,7 @@ fn invalid(rule: &str, reason: RuleError) -> EgressError {
     }
 }
 
-fn parse_rule(text: &str) -> Result<Rule, EgressError> {
+pub(crate) fn parse_rule(text: &str) -> Result<Rule, EgressError> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
         return Err(invalid(text, RuleError::Empty));
@@ -559,7 +609,7 @@ fn normalize_name(text: &str) -> Option<String> {
     valid.then_some(name)
 }
 
-fn normalize_target(host: &str) -> Option<Target> {
+pub(crate) fn normalize_target(host: &str) -> Option<Target> {
     if let Some(ip) = parse_ip_literal(host) {
         return Some(Target::Ip(ip));
     }
@@ -626,6 +676,10 @@ impl LivePolicy {
 
     pub fn rules(&self) -> (Vec<String>, Vec<String>) {
         self.read().rules()
+    }
+
+    pub fn request_rules(&self, host: &str, port: u16) -> RequestRules {
+        self.read().request_rules(host, port)
     }
 
     pub fn allow_more(&self, rule: &str) -> Result<(), EgressError> {
@@ -748,6 +802,27 @@ pub fn canonical_path(path: &str) -> Result<String, PathError> {
     Ok(canonical)
 }
 
+/// An origin-form request target as the path's [`canonical_path`] and the query (with its
+/// `?`, unchanged; empty when there is none). A fragment or a target that is no absolute path
+/// is refused.
+pub(crate) fn split_target(target: &str) -> Result<(String, &str), PathError> {
+    let (path, query) = match target.find(['?', '#']) {
+        Some(at) if target.as_bytes()[at] == b'#' => {
+            return Err(PathError::RawByte {
+                path: target.to_owned(),
+            })
+        }
+        Some(at) => target.split_at(at),
+        None => (target, ""),
+    };
+    if !path.starts_with('/') {
+        return Err(PathError::TargetNotAbsolute {
+            target: target.to_owned(),
+        });
+    }
+    Ok((canonical_path(path)?, query))
+}
+
 /// The request paths a host's credential may be used for: prefixes matched on whole path
 /// segments (`/me/app` covers `/me/app` and `/me/app/info/refs`, not `/me/app-other`) of the
 /// request's [`canonical_path`]. Empty: every path. A request path without a canonical form
@@ -788,21 +863,8 @@ impl CredentialPaths {
         if self.0.is_empty() {
             return Ok(target.to_owned());
         }
-        let (path, query) = match target.find(['?', '#']) {
-            Some(at) if target.as_bytes()[at] == b'#' => {
-                return Err(PathError::RawByte {
-                    path: target.to_owned(),
-                })
-            }
-            Some(at) => target.split_at(at),
-            None => (target, ""),
-        };
-        if !path.starts_with('/') {
-            return Err(PathError::TargetNotAbsolute {
-                target: target.to_owned(),
-            });
-        }
-        let canonical = canonical_path(path)?;
+        let (canonical, query) = split_target(target)?;
+        let path = &target[..target.len() - query.len()];
         let under = |prefix: &String| {
             canonical == *prefix
                 || (canonical.starts_with(prefix.as_str())

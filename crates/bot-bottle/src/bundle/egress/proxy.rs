@@ -27,6 +27,7 @@ use super::events::{EgressEvent, EventLog};
 use super::http::{self, HeadError, RequestHead};
 use super::intercept::{Interception, PathRefusals};
 use super::policy::{canonical_host, normalize_host, Decision, EgressPolicy, LivePolicy};
+use super::request_rules;
 use super::resolve::Resolver;
 use super::EgressError;
 
@@ -594,19 +595,35 @@ impl Conn<'_> {
             }
         };
         let decision = self.shared.policy.decide(&host, port);
-        let event = self.decided("CONNECT", &host, port, &decision);
+        let mut event = self.decided("CONNECT", &host, port, &decision);
         if let Decision::Deny { reason } = &decision {
             return Err(self.deny(event, &reason.to_string()).await);
         }
-        let upstream = self.open_upstream(event, &host, port).await?;
-        let mut upstream = Tracked::new(upstream);
-        let activity = upstream.activity();
         // A host with a credential is intercepted; any other is tunnelled untouched.
         let injection = self
             .shared
             .interception
             .as_deref()
             .and_then(|i| Some((i, i.for_host(&host)?)));
+        // Request rules are decided per request: a tunnel the proxy does not open would carry
+        // requests it never sees (its credential missing on the host, or plain HTTP through
+        // CONNECT), so it is refused rather than let through unchecked.
+        let rules = self.shared.policy.request_rules(&host, port);
+        if !rules.is_empty() && injection.is_none() {
+            let why = format!(
+                "its request rules ({rules}) are decided on each request, and the proxy cannot \
+                 see inside a tunnel to a host without a credential: give the host its \
+                 credential (`bot-bottle start` names one that is missing); plain HTTP through \
+                 the proxy is checked"
+            );
+            event.reason = "rule_not_enforceable".into();
+            event.rule = Some(rules.text());
+            event.detail = Some(why.clone());
+            return Err(self.deny(event, &why).await);
+        }
+        let upstream = self.open_upstream(event, &host, port).await?;
+        let mut upstream = Tracked::new(upstream);
+        let activity = upstream.activity();
         let _ = async {
             client
                 .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
@@ -617,6 +634,7 @@ impl Conn<'_> {
                         log: self.shared.events.as_deref(),
                         template: self.event("CONNECT", &host, port),
                         deny_message: self.shared.policy.deny_message(),
+                        rules,
                     };
                     return i
                         .serve(client, leftover, &mut upstream, &host, injection, &refusals)
@@ -709,6 +727,9 @@ impl Conn<'_> {
         if let Decision::Deny { reason } = &decision {
             return Err(self.deny(event, &reason.to_string()).await);
         }
+        // The request rules of the target, and of a Host header naming another host (a host
+        // serving both names reads the header).
+        let mut rule_sets = vec![self.shared.policy.request_rules(&target.host, target.port)];
         if let Some((h_host, h_port, text)) = &host_header {
             if canonical_host(h_host) != canonical_host(&target.host) || *h_port != target.port {
                 let header_decision = self.shared.policy.decide(h_host, *h_port);
@@ -721,13 +742,29 @@ impl Conn<'_> {
                     let why = format!("the Host header names {text}, which is denied: {reason}");
                     return Err(self.deny(event, &why).await);
                 }
+                rule_sets.push(self.shared.policy.request_rules(h_host, *h_port));
+            }
+        }
+        // Within the request rules, decided on the canonical path, which is what goes up.
+        let method_override =
+            request_rules::method_override(head.headers.iter().map(|(name, _)| name.as_str()));
+        let mut path = target.path.clone();
+        for rules in &rule_sets {
+            match rules.check(method, &path, method_override.as_deref()) {
+                Ok(checked) => path = checked,
+                Err(denied) => {
+                    event.reason = "request_not_allowed".into();
+                    event.rule = Some(denied.rules().to_owned());
+                    event.detail = Some(denied.to_string());
+                    return Err(self.deny(event, &denied.to_string()).await);
+                }
             }
         }
 
         let upstream = self.open_upstream(event, &target.host, target.port).await?;
         let mut upstream = Tracked::new(upstream);
         let activity = upstream.activity();
-        let request = http::upstream_head(head, &target.path, &target.authority);
+        let request = http::upstream_head(head, &path, &target.authority);
         // Whether any byte of the upstream's answer has gone to the client (after that, a
         // framing error can no longer be answered with a 400).
         let responded = AtomicBool::new(false);

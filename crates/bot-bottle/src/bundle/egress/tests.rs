@@ -776,3 +776,145 @@ async fn a_flood_of_denied_requests_keeps_the_log_bounded_and_its_newest_events(
         .count();
     assert_eq!(parts, 3);
 }
+
+/// [`config`] where `allowed.test` (any port) takes only `GET` under `/repos/me/app/**`
+/// (an `[egress] allow` table); `*.ok.test` keeps its string rule.
+fn config_with_request_rule() -> (ProxyConfig, RequestRuleSpec) {
+    let rule = RequestRuleSpec {
+        host: "allowed.test:*".to_owned(),
+        methods: Some(strings(&["GET"])),
+        paths: Some(strings(&["/repos/me/app/**"])),
+    };
+    let mut config = config();
+    config.policy = config
+        .policy
+        .with_request_rules(std::slice::from_ref(&rule))
+        .unwrap();
+    (config, rule)
+}
+
+#[tokio::test]
+async fn plain_http_requests_are_held_to_the_request_rules_on_their_canonical_path() {
+    let up = upstream(false).await;
+    let (config, rule) = config_with_request_rule();
+    let proxy = start(config).await;
+    let port = up.addr.port();
+    let absolute = |method: &str, path: &str| {
+        format!("{method} http://allowed.test:{port}{path} HTTP/1.1\r\nHost: allowed.test:{port}\r\nContent-Length: 0\r\n\r\n")
+    };
+    // Positive controls: under the pattern, and a dot segment that stays under it (sent up
+    // resolved).
+    let good = exchange(
+        proxy.addr,
+        absolute("GET", "/repos/me/app/x?q=1").as_bytes(),
+    )
+    .await;
+    let resolved = exchange(
+        proxy.addr,
+        absolute("GET", "/repos/me/app/x/../y").as_bytes(),
+    )
+    .await;
+    let allowed = up.connections.load(Ordering::SeqCst);
+
+    let mut attacks: Vec<String> = [
+        "/repos/me/other",
+        "/repos/me/app/../other",
+        "/repos/me/app/%2e%2e/other",
+        "/repos/me/app//../other",
+        "/repos/me/app/..;/other",
+        "/repos/me/app%2f..%2fother",
+        "/repos/me/apps",
+    ]
+    .iter()
+    .map(|path| absolute("GET", path))
+    .collect();
+    attacks.push(absolute("POST", "/repos/me/app/x"));
+    attacks.push(absolute("get", "/repos/me/app/x"));
+    attacks.push(format!(
+        "GET http://allowed.test:{port}/repos/me/app/x HTTP/1.1\r\nHost: allowed.test:{port}\r\nX-HTTP-Method-Override: DELETE\r\n\r\n"
+    ));
+    // Origin form, decided on the Host header.
+    attacks.push(format!(
+        "GET /repos/me/other HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n"
+    ));
+    // Fronting: the URI names a host without rules, the Host header the one with them.
+    attacks.push(format!(
+        "GET http://x.ok.test:{port}/repos/me/other HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n"
+    ));
+    let mut answers = Vec::new();
+    for attack in &attacks {
+        let response = exchange(proxy.addr, attack.as_bytes()).await;
+        answers.push(status_line(&response).to_owned());
+    }
+    let refused = exchange(proxy.addr, absolute("POST", "/repos/me/app/x").as_bytes()).await;
+    let events = proxy.events();
+
+    assert_eq!(status_line(&good), "HTTP/1.1 200 OK", "{good}");
+    assert_eq!(answers, vec![EXPECTED_403.to_owned(); attacks.len()]);
+    assert!(
+        good.contains("GET /repos/me/app/x?q=1 HTTP/1.1\r\n"),
+        "{good}"
+    );
+    assert!(
+        resolved.contains("GET /repos/me/app/y HTTP/1.1\r\n"),
+        "{resolved}"
+    );
+    // Nothing refused was dialled.
+    assert_eq!(up.connections.load(Ordering::SeqCst), allowed);
+    assert!(refused.contains(DENY_MESSAGE), "{refused}");
+    assert!(refused.contains(&rule.text()), "{refused}");
+    let denial = events
+        .iter()
+        .find(|e| e.reason == "request_not_allowed")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(denial.rule.as_deref(), Some(rule.text().as_str()));
+    assert_eq!(denial.host, "allowed.test");
+}
+
+#[tokio::test]
+async fn a_string_rule_for_another_host_is_untouched_by_request_rules() {
+    let up = upstream(false).await;
+    let (config, _) = config_with_request_rule();
+    let proxy = start(config).await;
+    let port = up.addr.port();
+
+    let post = format!(
+        "POST http://x.ok.test:{port}/anything/../else HTTP/1.1\r\nHost: x.ok.test:{port}\r\nContent-Length: 2\r\n\r\nhi"
+    );
+    let response = exchange(proxy.addr, post.as_bytes()).await;
+
+    assert_eq!(status_line(&response), "HTTP/1.1 200 OK", "{response}");
+    // Sent as given: no rule decided on its path.
+    assert!(
+        response.contains("POST /anything/../else HTTP/1.1\r\n"),
+        "{response}"
+    );
+    assert!(response.ends_with("hi"), "{response}");
+}
+
+#[tokio::test]
+async fn a_tunnel_the_proxy_would_not_see_into_is_refused_where_request_rules_apply() {
+    let up = upstream(true).await;
+    let (config, rule) = config_with_request_rule();
+    let proxy = start(config).await;
+    let port = up.addr.port();
+
+    // `allowed.test` has no credential: a CONNECT would carry requests no rule sees.
+    let refused = exchange(
+        proxy.addr,
+        format!("CONNECT allowed.test:{port} HTTP/1.1\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let dialled = up.connections.load(Ordering::SeqCst);
+    // Positive control: a host with a string rule only is tunnelled as before.
+    drop(tunnel(proxy.addr, &format!("x.ok.test:{port}")).await);
+    let events = proxy.events();
+
+    assert_eq!(status_line(&refused), EXPECTED_403, "{refused}");
+    assert!(refused.contains(&rule.text()), "{refused}");
+    assert_eq!(dialled, 0);
+    assert_eq!(events[0].reason, "rule_not_enforceable");
+    assert_eq!(events[0].verdict, "deny");
+    assert_eq!(events[0].rule.as_deref(), Some(rule.text().as_str()));
+    assert_eq!(events[1].verdict, "allow");
+}

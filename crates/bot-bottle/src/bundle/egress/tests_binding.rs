@@ -122,6 +122,16 @@ impl Proxy {
 
 /// A proxy allowing `api.test:<port>` with the credential [`SECRET`] limited to `paths`.
 async fn proxy(port: u16, root: CertificateDer<'static>, paths: &[&str]) -> Proxy {
+    proxy_with_rules(port, root, paths, &[]).await
+}
+
+/// [`proxy`] with `[egress] allow` tables (`requests`) as well.
+async fn proxy_with_rules(
+    port: u16,
+    root: CertificateDer<'static>,
+    paths: &[&str],
+    requests: &[RequestRuleSpec],
+) -> Proxy {
     let ca = BottleCa::generate("b-binding").unwrap();
     let ca_der = ca.cert_der().clone();
     let mut roots = RootCertStore::empty();
@@ -131,7 +141,10 @@ async fn proxy(port: u16, root: CertificateDer<'static>, paths: &[&str]) -> Prox
         .unwrap()
         .with_paths(&paths)
         .unwrap();
-    let policy = EgressPolicy::new(&[format!("api.test:{port}")], &[], "denied").unwrap();
+    let policy = EgressPolicy::new(&[format!("api.test:{port}")], &[], "denied")
+        .unwrap()
+        .with_request_rules(requests)
+        .unwrap();
     let mut config = ProxyConfig::new("b-binding", "127.0.0.1:0".parse().unwrap(), policy);
     config.resolver = Resolver::fixed([("api.test", LOCALHOST)]);
     config.allow_loopback_upstream = true;
@@ -495,4 +508,173 @@ async fn an_allowed_name_resolving_below_the_address_floor_is_refused_before_any
     assert_eq!(answers, expected);
     assert_eq!(status(&literal), "403", "{literal}");
     assert!(logged(&events, "blocked_address"), "{events:?}");
+}
+
+/// An `[egress] allow` table for `host`.
+fn table(host: &str, methods: Option<&[&str]>, paths: Option<&[&str]>) -> RequestRuleSpec {
+    let owned = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect();
+    RequestRuleSpec {
+        host: host.to_owned(),
+        methods: methods.map(owned),
+        paths: paths.map(owned),
+    }
+}
+
+#[tokio::test]
+async fn a_method_rule_lets_a_get_through_and_refuses_a_post_logged_and_never_sent_up() {
+    let (port, root, heads) = upstream().await;
+    let rule = table(&format!("api.test:{port}"), Some(&["GET"]), None);
+    let proxy = proxy_with_rules(port, root, &[], std::slice::from_ref(&rule)).await;
+
+    // Positive control, then a POST on the same kept connection.
+    let mut tls = agent_tls(&proxy, &format!("api.test:{port}"))
+        .await
+        .unwrap();
+    tls.write_all(b"GET /repos/me/app HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = vec![0u8; "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".len()];
+    tokio::time::timeout(STEP, tls.read_exact(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    tls.write_all(
+        b"POST /repos/me/app/issues HTTP/1.1\r\nHost: api.test\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await
+    .unwrap();
+    let mut refused = Vec::new();
+    let _ = tokio::time::timeout(STEP, tls.read_to_end(&mut refused)).await;
+    let refused = String::from_utf8_lossy(&refused).into_owned();
+    let request = |line: &str, extra: &str| {
+        format!("{line} HTTP/1.1\r\nHost: api.test\r\n{extra}Connection: close\r\n\r\n")
+    };
+    // Methods are case-sensitive: `get` is no `GET` (and a host that upper-cases it would
+    // read whatever it likes); an override header asks for another method than the one seen.
+    let lower = ask(&proxy, port, &request("get /m-lower", "")).await;
+    let overridden = ask(
+        &proxy,
+        port,
+        &request("GET /m-override", "X-HTTP-Method-Override: DELETE\r\n"),
+    )
+    .await;
+    let delete = ask(&proxy, port, &request("DELETE /m-delete", "")).await;
+    let saw = upstream_saw(&heads);
+    let events = proxy.events();
+
+    assert_eq!(status(&String::from_utf8_lossy(&first)), "200");
+    assert!(saw.contains("GET /repos/me/app HTTP/1.1"), "{saw}");
+    assert_eq!(status(&refused), "403", "{refused}");
+    assert!(refused.contains(&rule.text()), "{refused}");
+    assert!(refused.contains("POST /repos/me/app/issues fits no request rule"));
+    for response in [&lower, &overridden, &delete] {
+        assert_eq!(status(response), "403", "{response}");
+    }
+    for marker in ["POST", "hello", "/m-lower", "/m-override", "/m-delete"] {
+        assert!(!saw.contains(marker), "{marker} reached the host:\n{saw}");
+    }
+    let denial = events
+        .iter()
+        .find(|e| e.reason == "request_not_allowed")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(
+        (denial.method.as_str(), denial.verdict.as_str()),
+        ("POST", "deny")
+    );
+    assert_eq!(denial.rule.as_deref(), Some(rule.text().as_str()));
+    assert_eq!(denial.host, "api.test");
+}
+
+#[tokio::test]
+async fn a_path_rule_decides_on_the_canonical_path_and_refuses_what_has_none() {
+    let (port, root, heads) = upstream().await;
+    let host = format!("api.test:{port}");
+    let rules = [
+        table(&host, Some(&["GET"]), None),
+        table(&host, Some(&["POST"]), Some(&["/repos/me/app/**"])),
+    ];
+    let proxy = proxy_with_rules(port, root, &[], &rules).await;
+    let post = |target: &str| {
+        format!("POST {target} HTTP/1.1\r\nHost: api.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    };
+    // Positive controls: GET anywhere (the first rule), POST under the repository, a dot
+    // segment that stays under it (sent up resolved: the host reads what was decided).
+    let get = ask(
+        &proxy,
+        port,
+        "GET /users/me HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let push = ask(&proxy, port, &post("/repos/me/app/git-receive-pack")).await;
+    let resolved = ask(&proxy, port, &post("/repos/me/app/x/../pulls")).await;
+
+    let attacks = [
+        "/repos/me/other",
+        "/repos/me/app/../other",
+        "/repos/me/app/x/../../other",
+        "/repos/me/app/%2e%2e/other",
+        "/repos/me/app/%2E%2e/other",
+        "/repos/me/app/.%2e/other",
+        "/repos/me/app//../other",
+        "/repos/me/app/..;/other",
+        "/repos/me/app;x/../other",
+        "/repos/me/app%2f..%2fother",
+        "/repos/me/app/..%5cother",
+        "/repos/me/app/%252e%252e/other",
+        "/repos/me/app/%c0%ae%c0%ae/other",
+        "/repos/me/apps-other",
+        "/repos/me/app#/../../other",
+        "https://api.test/repos/me/other",
+    ];
+    let mut answers = Vec::new();
+    for attack in attacks {
+        answers.push((
+            attack,
+            status(&ask(&proxy, port, &post(attack)).await).to_owned(),
+        ));
+    }
+    let lower = ask(
+        &proxy,
+        port,
+        "post /repos/me/app/x HTTP/1.1\r\nHost: api.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let saw = upstream_saw(&heads);
+
+    assert_eq!(status(&get), "200", "{get}");
+    assert_eq!(status(&push), "200", "{push}");
+    assert_eq!(status(&resolved), "200", "{resolved}");
+    let expected: Vec<(&str, String)> = attacks.iter().map(|a| (*a, "403".to_owned())).collect();
+    assert_eq!(answers, expected);
+    assert!(
+        saw.contains("POST /repos/me/app/pulls HTTP/1.1\r\n"),
+        "{saw}"
+    );
+    assert_eq!(status(&lower), "403", "{lower}");
+    assert!(!saw.contains("other"), "{saw}");
+    assert!(!saw.contains("post "), "{saw}");
+    assert!(proxy.logged("request_not_allowed"), "{:?}", proxy.events());
+}
+
+#[tokio::test]
+async fn request_rules_and_credential_paths_both_hold() {
+    let (port, root, heads) = upstream().await;
+    let rule = table(&format!("api.test:{port}"), Some(&["GET"]), None);
+    let proxy = proxy_with_rules(port, root, &["/me/app"], &[rule]).await;
+    let request =
+        |line: &str| format!("{line} HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n");
+
+    let good = ask(&proxy, port, &request("GET /me/app/x")).await;
+    let outside_credential = ask(&proxy, port, &request("GET /elsewhere")).await;
+    let outside_rule = ask(&proxy, port, &request("DELETE /me/app/x")).await;
+    let saw = upstream_saw(&heads);
+
+    assert_eq!(status(&good), "200", "{good}");
+    assert_eq!(status(&outside_credential), "403");
+    assert_eq!(status(&outside_rule), "403");
+    assert!(
+        !saw.contains("/elsewhere") && !saw.contains("DELETE"),
+        "{saw}"
+    );
+    assert!(proxy.logged("path_not_allowed") && proxy.logged("request_not_allowed"));
 }
