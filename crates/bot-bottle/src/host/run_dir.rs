@@ -31,6 +31,8 @@ const CONFIG_DISK: &str = "config.img";
 const REAPER_LOG: &str = "reaper.log";
 /// The Docker backend's kept workspace copies: `kept-workspace-<index>`.
 const KEPT_WORKSPACE: &str = "kept-workspace-";
+/// The record of where the kept workspaces came from.
+const KEPT_WORKSPACES_RECORD: &str = "kept-workspaces.json";
 /// The git gate's directory: its bare repository, hooks, policy and an empty home for git.
 const GATE_DIR: &str = "gate";
 /// The git gate's events (pushes accepted and refused), JSON lines.
@@ -131,9 +133,15 @@ impl RunDir {
         self.path.join(format!("{KEPT_WORKSPACE}{index}"))
     }
 
+    /// Which host directory each kept workspace came from (JSON: the plan's mounts).
+    pub fn kept_workspaces_record(&self) -> PathBuf {
+        self.path.join(KEPT_WORKSPACES_RECORD)
+    }
+
     /// Whether the entry `name` of a run directory is kept when the run is pruned to its logs.
     pub fn is_kept(name: &str) -> bool {
         Self::KEPT_LOGS.contains(&name)
+            || name == KEPT_WORKSPACES_RECORD
             || name
                 .strip_prefix(KEPT_WORKSPACE)
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))

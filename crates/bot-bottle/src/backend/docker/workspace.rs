@@ -80,6 +80,10 @@ pub async fn keep_workspaces(
     run: &crate::host::run_dir::RunDir,
 ) -> Result<(), BackendError> {
     let limit = crate::backend::transfer::max_copy_bytes()?;
+    let record = serde_json::to_vec_pretty(&plan.mounts).unwrap_or_default();
+    if let Err(e) = std::fs::write(run.kept_workspaces_record(), record) {
+        tracing::warn!(error = %e, "cannot record where the kept workspaces came from");
+    }
     for (i, mount) in plan.mounts.iter().enumerate() {
         let dst = run.kept_workspace(i);
         let _ = std::fs::remove_dir_all(&dst);

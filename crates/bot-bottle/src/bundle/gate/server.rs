@@ -324,14 +324,18 @@ impl Backend {
                 return respond(write, 503, "git is not installed on the host").await;
             }
         };
-        let (Some(mut stdin), Some(stdout), Some(stderr)) =
+        let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return respond(write, 503, "cannot talk to git").await;
         };
         let feed = async {
-            let fed = body::decode(&mut reader, &mut stdin, framing).await;
-            drop(stdin);
+            // When git stops reading (it refused the push: a pack over the limit), the rest
+            // of the body is read and dropped, so that the client finishes sending and reads
+            // git's answer (it does not read while it sends).
+            let mut sink = Drain::new(stdin);
+            let fed = body::decode(&mut reader, &mut sink, framing).await;
+            drop(sink);
             fed
         };
         let errors = async {
@@ -389,6 +393,82 @@ impl Backend {
         .await;
         if let Ok(next) = done {
             *offset = next;
+        }
+    }
+}
+
+/// Most bytes read and dropped after git stopped reading a request body.
+const MAX_DRAINED: u64 = 256 << 20;
+
+/// A writer into git's stdin that, once git has stopped reading, drops what it is given (up to
+/// [`MAX_DRAINED`] bytes, then it fails).
+struct Drain<W> {
+    inner: Option<W>,
+    drained: u64,
+}
+
+impl<W> Drain<W> {
+    fn new(inner: W) -> Self {
+        Self {
+            inner: Some(inner),
+            drained: 0,
+        }
+    }
+
+    fn drop_bytes(&mut self, n: usize) -> std::task::Poll<std::io::Result<usize>> {
+        self.drained += n as u64;
+        if self.drained > MAX_DRAINED {
+            return std::task::Poll::Ready(Err(std::io::Error::other(
+                "the request body went on long after git stopped reading it",
+            )));
+        }
+        std::task::Poll::Ready(Ok(n))
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Drain<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        match this.inner.as_mut() {
+            Some(inner) => match std::pin::Pin::new(inner).poll_write(cx, buf) {
+                std::task::Poll::Ready(Err(_)) => {
+                    // git is gone (EPIPE): from here on, drop.
+                    this.inner = None;
+                    this.drop_bytes(buf.len())
+                }
+                other => other,
+            },
+            None => this.drop_bytes(buf.len()),
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(inner) => match std::pin::Pin::new(inner).poll_flush(cx) {
+                std::task::Poll::Ready(Err(_)) => {
+                    self.inner = None;
+                    std::task::Poll::Ready(Ok(()))
+                }
+                other => other,
+            },
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(inner) => std::pin::Pin::new(inner).poll_shutdown(cx).map(|_| Ok(())),
+            None => std::task::Poll::Ready(Ok(())),
         }
     }
 }
