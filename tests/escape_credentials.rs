@@ -168,7 +168,16 @@ fn start_creds_bottle(
     sb: &Sandbox,
     trust_store: &Path,
 ) -> (common::Running, std::sync::mpsc::Receiver<String>, Vec<u8>) {
-    sb.add_bottle("creds", CREDS_BOTTLE);
+    start_bottle_with(sb, trust_store, CREDS_BOTTLE)
+}
+
+/// [`start_creds_bottle`] with the manifest `toml` for the `creds` bottle.
+fn start_bottle_with(
+    sb: &Sandbox,
+    trust_store: &Path,
+    toml: &str,
+) -> (common::Running, std::sync::mpsc::Receiver<String>, Vec<u8>) {
+    sb.add_bottle("creds", toml);
     let mut cmd = sb.cmd();
     cmd.env("BB_TEST_TOKEN", SECRET)
         .env("SSL_CERT_FILE", trust_store)
@@ -314,5 +323,62 @@ fn a_trust_store_without_certificates_stops_start_naming_it() {
         sb.docker_leftovers().is_empty(),
         "{:?}",
         sb.docker_leftovers()
+    );
+}
+
+/// A method and path rule (`[egress] allow` table) holds end to end in the real bundle: a GET
+/// under the rule's paths reaches the API with the credential; a POST there, and a GET outside
+/// the rule's paths (inside the credential's), get 403 and never arrive.
+#[test]
+fn a_method_and_path_rule_lets_only_its_requests_reach_the_intercepted_host() {
+    if !docker_available("a_method_and_path_rule_lets_only_its_requests_reach") {
+        return;
+    }
+    let sb = Sandbox::new("233-233");
+    let (test_ca, server) = fake_pki("api.test");
+    let (port, seen) = fake_api(server);
+    let store = sb.dir.path().join("trust-store.pem");
+    std::fs::write(&store, &test_ca).unwrap();
+    let toml = "extends = \"test\"\n\
+[egress]\n\
+allow = [{ host = \"api.test:*\", methods = [\"GET\"], paths = [\"/me/app/read/**\"] }]\n\
+hosts = { \"api.test\" = \"host-gateway\" }\n\
+allow_private = [\"api.test\"]\n\
+[credentials.\"api.test\"]\n\
+env = \"BB_TEST_TOKEN\"\n\
+scheme = \"Bearer\"\n\
+paths = [\"/me/app\"]\n";
+    let (run, _out, bottle_ca) = start_bottle_with(&sb, &store, toml);
+    let proxy = "127.0.0.233:3128";
+    let get = through_proxy(
+        proxy,
+        &bottle_ca,
+        port,
+        &request("GET", "/me/app/read/x", "api.test"),
+    );
+    let post = through_proxy(
+        proxy,
+        &bottle_ca,
+        port,
+        &request("POST", "/me/app/read/x", "api.test"),
+    );
+    let outside = through_proxy(
+        proxy,
+        &bottle_ca,
+        port,
+        &request("GET", "/me/app/write", "api.test"),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let received = seen.lock().unwrap().clone();
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    run.wait();
+
+    assert!(get.starts_with("HTTP/1.1 200"), "{get}");
+    assert!(post.starts_with("HTTP/1.1 403"), "{post}");
+    assert!(outside.starts_with("HTTP/1.1 403"), "{outside}");
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert!(
+        received[0].starts_with("GET /me/app/read/x HTTP/1.1\r\n"),
+        "{received:?}"
     );
 }
