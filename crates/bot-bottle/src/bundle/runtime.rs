@@ -135,11 +135,8 @@ async fn placeholder(listener: TcpListener, service: &'static str) {
         };
         tokio::spawn(async move {
             let body = format!("bot-bottle: the {service} is not enabled for this bottle\n");
-            let reply = format!(
-                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(reply.as_bytes()).await;
+            let reply = crate::bundle::egress::http::response(503, "Service Unavailable", &body);
+            let _ = sock.write_all(&reply).await;
             let _ = sock.shutdown().await;
         });
     }

@@ -397,6 +397,22 @@ pub struct GateEvent {
     pub detail: Option<String>,
 }
 
+impl GateEvent {
+    /// An event about ref update `update`, now.
+    pub fn for_update(bottle: &str, event: &str, update: &Update) -> GateEvent {
+        GateEvent {
+            time: now(),
+            bottle: bottle.to_owned(),
+            event: event.to_owned(),
+            refname: update.refname.clone(),
+            old: Some(update.old.clone()),
+            new: Some(update.new.clone()),
+            reason: None,
+            detail: None,
+        }
+    }
+}
+
 fn log(policy: &GatePolicy, events: &[GateEvent]) -> Result<(), PolicyError> {
     append_events(&policy.log, events)
 }
@@ -452,16 +468,7 @@ pub fn pre_receive(
     let events: Vec<GateEvent> = if refusals.is_empty() {
         updates
             .iter()
-            .map(|u| GateEvent {
-                time: now(),
-                bottle: policy.bottle_id.clone(),
-                event: "accepted".into(),
-                refname: u.refname.clone(),
-                old: Some(u.old.clone()),
-                new: Some(u.new.clone()),
-                reason: None,
-                detail: None,
-            })
+            .map(|u| GateEvent::for_update(&policy.bottle_id, "accepted", u))
             .collect()
     } else {
         refusals
@@ -507,17 +514,8 @@ pub fn pushed_count(log: &Path) -> usize {
 /// `bot-bottle __git-hook post-receive`: the refs that were updated, logged.
 pub fn post_receive(policy: &GatePolicy, stdin: &str) -> Result<i32, PolicyError> {
     let events: Vec<GateEvent> = parse_updates(stdin)?
-        .into_iter()
-        .map(|u| GateEvent {
-            time: now(),
-            bottle: policy.bottle_id.clone(),
-            event: "pushed".into(),
-            refname: u.refname,
-            old: Some(u.old),
-            new: Some(u.new),
-            reason: None,
-            detail: None,
-        })
+        .iter()
+        .map(|u| GateEvent::for_update(&policy.bottle_id, "pushed", u))
         .collect();
     log(policy, &events)?;
     Ok(0)

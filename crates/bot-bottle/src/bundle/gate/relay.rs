@@ -31,11 +31,9 @@ pub async fn serve(listener: TcpListener, socket: PathBuf) {
                 }
                 Err(_) => {
                     let body = "bot-bottle: the git gate is not running for this bottle\n";
-                    let reply = format!(
-                        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = tcp.write_all(reply.as_bytes()).await;
+                    let reply =
+                        crate::bundle::egress::http::response(503, "Service Unavailable", body);
+                    let _ = tcp.write_all(&reply).await;
                     let _ = tcp.shutdown().await;
                 }
             }

@@ -200,16 +200,10 @@ async fn respond<W: tokio::io::AsyncWrite + Unpin>(
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
-        413 => "Content Too Large",
-        503 => "Service Unavailable",
-        _ => "Error",
+        _ => "Service Unavailable",
     };
-    let body = format!("bot-bottle git gate: {text}\n");
-    let reply = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    out.write_all(reply.as_bytes()).await?;
+    let reply = http::response(status, reason, &format!("bot-bottle git gate: {text}\n"));
+    out.write_all(&reply).await?;
     out.shutdown().await
 }
 
@@ -541,5 +535,22 @@ mod tests {
             route("POST", "/workspace.git/git-receive-pack?x=1"),
             Err(405)
         );
+    }
+
+    #[tokio::test]
+    async fn test_a_body_git_stopped_reading_is_drained_then_refused_past_the_bound() {
+        use tokio::io::AsyncWriteExt as _;
+        // git's stdin with git gone: every write fails (EPIPE on the real pipe).
+        let (stdin, reader) = tokio::io::duplex(64);
+        drop(reader);
+        let mut drain = Drain::new(stdin);
+        let chunk = vec![7u8; 1 << 20];
+        // The client's remaining body is taken, so it can finish sending and read the answer.
+        for _ in 0..(MAX_DRAINED >> 20) {
+            drain.write_all(&chunk).await.unwrap();
+        }
+        drain.flush().await.unwrap();
+        // Beyond the bound, the connection is given up.
+        assert!(drain.write_all(&chunk).await.is_err());
     }
 }

@@ -98,20 +98,12 @@ pub fn forward(
         ),
         Err(e) => (false, format!("cannot run git: {e}")),
     };
-    let time = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let event = if ok { "forwarded" } else { "forward-failed" };
     updates
         .iter()
         .map(|u| GateEvent {
-            time,
-            bottle: bottle_id.to_owned(),
-            event: if ok { "forwarded" } else { "forward-failed" }.to_owned(),
-            refname: u.refname.clone(),
-            old: Some(u.old.clone()),
-            new: Some(u.new.clone()),
-            reason: None,
             detail: (!ok).then(|| format!("to {}: {detail}", upstream.url)),
+            ..GateEvent::for_update(bottle_id, event, u)
         })
         .collect()
 }
