@@ -16,7 +16,9 @@
 //! `Host` header or absolute-form target names another host (or port) is refused, and so are
 //! `TRACE`, `CONNECT` and protocol upgrades, which would leave HTTP (and the proxy's view)
 //! behind. The credential never comes back to the agent: a response head carrying it is
-//! refused, and in bodies it is overwritten (same length, so framing holds).
+//! refused, and in bodies it is overwritten (same length, so framing holds). The proxy asks
+//! for `Accept-Encoding: identity` (the agent's own value dropped), and an answer with an
+//! encoded body (gzip, br, ...) it could not search is refused rather than relayed.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -588,6 +590,21 @@ impl Interception {
                     break;
                 }
             };
+            if let Some(encoding) = compressed(&response, framing) {
+                // Asked for identity, sent something the proxy cannot search for the
+                // credential: nothing of it reaches the agent, and the connection ends.
+                let why = format!(
+                    "the upstream sent an encoded body (Content-Encoding: {encoding}) although \
+                     identity was asked; the proxy cannot check it for the injected credential: refused"
+                );
+                refusals
+                    .record(&request.method, "credential_echo", &why)
+                    .await;
+                let reply =
+                    http::response(502, "Bad Gateway", &format!("bot-bottle egress: {why}\n"));
+                agent.write_all(&reply).await?;
+                break;
+            }
             agent.write_all(&raw).await?;
             let mut redacting = Redactor::new(&mut agent, &secrets);
             let until_close = match framing {
@@ -620,6 +637,35 @@ impl Interception {
         agent.flush().await?;
         agent.shutdown().await
     }
+}
+
+/// The response's content coding when it has a body in one other than `identity` (the
+/// proxy asked for `identity`, and can only search a plain body for the credential).
+fn compressed(response: &http::ResponseHead, framing: ResponseFraming) -> Option<String> {
+    if matches!(
+        framing,
+        ResponseFraming::Body(BodyFraming::None | BodyFraming::Length(0))
+    ) {
+        return None;
+    }
+    let codings: Vec<String> = response
+        .headers
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("content-encoding"))
+        .flat_map(|(_, value)| {
+            String::from_utf8_lossy(value)
+                .split(',')
+                .map(|c| c.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .filter(|c| !c.is_empty() && c != "identity")
+        .collect();
+    if codings.is_empty() {
+        return None;
+    }
+    let mut named = codings.join(", ");
+    super::events::cut(&mut named, 64);
+    Some(named)
 }
 
 /// Whether `needle` occurs in `haystack`.
@@ -868,7 +914,10 @@ pub(crate) fn rewrite_head(
             expects_continue |= value.eq_ignore_ascii_case(b"100-continue");
             continue;
         }
+        // The agent's `Accept-Encoding` is replaced by `identity`: the proxy must read the
+        // answer to keep the credential out of it, and cannot read a compressed one.
         let drop = name.eq_ignore_ascii_case(&injection.header)
+            || lower == "accept-encoding"
             || http::HOP_BY_HOP.contains(&lower.as_str())
             || named_by_connection.contains(&lower);
         if drop {
@@ -880,6 +929,7 @@ pub(crate) fn rewrite_head(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(format!("{}: {}\r\n", injection.header, injection.value).as_bytes());
+    out.extend_from_slice(b"Accept-Encoding: identity\r\n");
     if closes {
         out.extend_from_slice(b"Connection: close\r\n");
     }
@@ -953,7 +1003,7 @@ mod tests {
 
         assert_eq!(
             String::from_utf8(out.head).unwrap(),
-            "POST /v1/messages HTTP/1.1\r\nHost: api.test\r\nContent-Length: 2\r\nAuthorization: Bearer real-secret\r\n\r\n"
+            "POST /v1/messages HTTP/1.1\r\nHost: api.test\r\nContent-Length: 2\r\nAuthorization: Bearer real-secret\r\nAccept-Encoding: identity\r\n\r\n"
         );
         assert_eq!(out.framing, BodyFraming::Length(2));
         assert!(!out.closes);
@@ -970,7 +1020,9 @@ mod tests {
             assert!(out.closes);
             assert!(String::from_utf8(out.head)
                 .unwrap()
-                .ends_with("Authorization: Bearer real-secret\r\nConnection: close\r\n\r\n"));
+                .ends_with(
+                    "Authorization: Bearer real-secret\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n"
+                ));
         }
     }
 

@@ -32,7 +32,10 @@ type Heads = Arc<Mutex<Vec<String>>>;
 /// The real `api.test`: records each request head and answers by path. `/echo-body` returns
 /// the request head as its body (as a debugging endpoint would), `/echo-chunked` the same in
 /// two chunks split inside the credential, `/echo-header` the `Authorization` it got in a
-/// response header; anything else `200 ok`.
+/// response header, `/echo-gzip` the head as a body labelled `Content-Encoding: gzip` (its
+/// bytes reversed: a stand-in for compression, which likewise hides the credential's bytes
+/// from a search; the proxy must refuse any encoding it did not ask for, whatever the bytes);
+/// anything else `200 ok`.
 async fn upstream() -> (u16, CertificateDer<'static>, Heads) {
     let (root, config) = pki("api.test");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -72,6 +75,13 @@ async fn upstream() -> (u16, CertificateDer<'static>, Heads) {
                             let _ = tls.flush().await;
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             format!("{b}\r\n0\r\n\r\n")
+                        }
+                        "/echo-gzip" => {
+                            let hidden: String = text.chars().rev().collect();
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: {}\r\n\r\n{hidden}",
+                                hidden.len()
+                            )
                         }
                         "/echo-header" => {
                             format!(
@@ -348,6 +358,29 @@ async fn the_injected_credential_never_comes_back_to_the_agent_in_a_response() {
     for response in [&body, &chunked, &header] {
         assert!(!response.contains("real-secret"), "{response}");
     }
+    assert!(proxy.logged("credential_echo"), "{:?}", proxy.events());
+}
+
+#[tokio::test]
+async fn an_encoded_echo_of_the_credential_is_refused_and_identity_is_asked_for() {
+    let (port, root, heads) = upstream().await;
+    let proxy = proxy(port, root, &[]).await;
+    // The agent asks for gzip, hoping the echo comes back in a form the proxy cannot search.
+    let request = "GET /echo-gzip HTTP/1.1\r\nHost: api.test\r\nAccept-Encoding: gzip, br\r\nConnection: close\r\n\r\n";
+
+    let response = ask(&proxy, port, request).await;
+    let saw = upstream_saw(&heads);
+
+    // The host got the credential and an identity request, never the agent's gzip.
+    assert!(saw.contains(SECRET), "{saw}");
+    assert!(saw.contains("Accept-Encoding: identity\r\n"), "{saw}");
+    assert!(!saw.contains("gzip, br"), "{saw}");
+    // The encoded answer (the credential in it, reversed) never reaches the agent.
+    assert_eq!(status(&response), "502", "{response}");
+    assert!(response.contains("Content-Encoding: gzip"), "{response}");
+    let reversed: String = "real-secret".chars().rev().collect();
+    assert!(!response.contains(&reversed), "{response}");
+    assert!(!response.contains("real-secret"), "{response}");
     assert!(proxy.logged("credential_echo"), "{:?}", proxy.events());
 }
 
