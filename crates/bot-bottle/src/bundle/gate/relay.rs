@@ -41,3 +41,56 @@ pub async fn serve(listener: TcpListener, socket: PathBuf) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpStream, UnixListener};
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_at_once_and_the_rest_relayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("git.sock");
+        // The gate on the host: accepts and holds every connection, sends nothing.
+        let gate = UnixListener::bind(&socket).unwrap();
+        let relayed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = relayed.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((unix, _)) = gate.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(unix);
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, socket));
+
+        // The agent opens many connections and sends nothing.
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS + 10 {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let reads = held.iter_mut().map(|sock| async move {
+            let mut byte = [0u8; 1];
+            matches!(
+                tokio::time::timeout(Duration::from_millis(500), sock.read(&mut byte)).await,
+                Ok(Ok(0) | Err(_))
+            )
+        });
+        let closed = futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .filter(|closed| *closed)
+            .count();
+
+        assert_eq!(closed, 10, "connections beyond {MAX_CONNECTIONS} stay open");
+        let relayed = relayed.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            relayed, MAX_CONNECTIONS,
+            "the gate got {relayed} connections"
+        );
+    }
+}
