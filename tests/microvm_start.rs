@@ -392,6 +392,23 @@ fn the_guest_has_no_way_out_but_its_bundle(vmm: Vmm) {
     assert!(!text.contains("reached the host directly"), "{why}");
 }
 
+/// The Docker backend's address-floor attack (`common::floor`, run in `escape_egress`) from
+/// the guest: the proxy is the same, so must be its refusals. The microVM's bundle is published
+/// on the bottle's loopback alias, so `bundle.test` names that.
+fn names_below_the_address_floor_are_refused_from_the_guest(vmm: Vmm) {
+    let test = "names_below_the_address_floor_are_refused_from_the_guest";
+    let Some((stand_in, kernel)) = prereqs(test, vmm) else {
+        return;
+    };
+    let s = vmm.sandbox(101);
+    let mut start = s.cmd();
+    start
+        .env(bot_bottle::backend::microvm::launch::VMM_ENV, &stand_in)
+        .env("BOT_BOTTLE_KERNEL", &kernel)
+        .args(["start", "floor", "--backend", "microvm"]);
+    common::floor::attack_and_assert(&s, &format!("127.0.0.{}", vmm.octet(101)), start);
+}
+
 fn the_guest_trusts_the_bottles_ca_and_never_holds_the_credential(vmm: Vmm) {
     let test = "the_guest_trusts_the_bottles_ca_and_never_holds_the_credential";
     let Some((stand_in, kernel)) = prereqs(test, vmm) else {
@@ -744,6 +761,7 @@ with_each_vmm!(
     start_on_a_terminal_gives_the_agent_a_tty_of_its_size,
     the_agents_changes_survive_until_resume_and_start_will_not_discard_them,
     the_guest_has_no_way_out_but_its_bundle,
+    names_below_the_address_floor_are_refused_from_the_guest,
     the_guest_trusts_the_bottles_ca_and_never_holds_the_credential,
     the_host_allows_more_while_the_microvm_bottle_runs,
     a_sigkilled_start_takes_its_vm_and_bundle_with_it,
