@@ -15,19 +15,31 @@ mod common;
 
 use common::{docker_available, stderr, stdout, Sandbox};
 
-/// This test's alias pool octet: its bundle is 198.18.200.2 on the bottle's internal network.
-const POOL: &str = "200-200";
-const OWN_BUNDLE: &str = "198.18.200.2";
+/// The attack under `runtime` (`auto`: runsc where registered, as in CI) from the alias pool
+/// `127.0.0.<octet>`: its bundle is 198.18.<octet>.2 on the bottle's internal network.
+fn floor_attack(runtime: &str, octet: u8) {
+    let sb = Sandbox::new(&format!("{octet}-{octet}"));
+    let mut start = sb.cmd();
+    start
+        .env("BOT_BOTTLE_DOCKER_RUNTIME", runtime)
+        .args(["start", "floor", "--backend", "docker"]);
+    common::floor::attack_and_assert(&sb, &format!("198.18.{octet}.2"), start);
+}
 
 #[test]
 fn names_below_the_address_floor_and_ports_a_rule_does_not_name_are_refused() {
     if !docker_available("names_below_the_address_floor_are_refused") {
         return;
     }
-    let sb = Sandbox::new(POOL);
-    let mut start = sb.cmd();
-    start.args(["start", "floor", "--backend", "docker"]);
-    common::floor::attack_and_assert(&sb, OWN_BUNDLE, start);
+    floor_attack("auto", 200);
+}
+
+#[test]
+fn names_below_the_address_floor_are_refused_under_runc_too() {
+    if !docker_available("names_below_the_address_floor_are_refused_under_runc_too") {
+        return;
+    }
+    floor_attack("runc", 202);
 }
 
 /// The bundle holds the allowlist and the credentials: an agent that finds a way to grow its
