@@ -135,6 +135,26 @@ fn start_microvm_without_kvm_access_refuses_with_the_fix() {
 }
 
 #[test]
+fn plan_shows_the_method_and_path_rules() {
+    let sb = Sandbox::new("40-41");
+    sb.add_bottle(
+        "ruled",
+        "extends = \"test\"\n\
+[egress]\n\
+allow = [{ host = \"api.test:*\", methods = [\"GET\"], paths = [\"/me/app/read/**\"] }]\n\
+[credentials.\"api.test\"]\n\
+env = \"BB_TEST_TOKEN\"\n",
+    );
+    let out = sb.run(&["plan", "ruled"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(
+        text.contains("rule  api.test:*  methods GET  paths /me/app/read/**\n"),
+        "{text}"
+    );
+}
+
+#[test]
 fn bad_alias_pool_setting_exits_2() {
     let sb = Sandbox::new("31-16");
     let out = sb.run(&["plan", "test"]);

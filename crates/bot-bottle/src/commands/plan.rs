@@ -87,6 +87,15 @@ fn print_human(p: &plan::BottlePlan) {
         println!("  env       {k}={v}");
     }
     println!("egress      allow {}", p.egress.allow.join(", "));
+    for rule in &p.egress.request_rules {
+        let list = |v: &Option<Vec<String>>| v.as_ref().map_or("*".to_owned(), |v| v.join(","));
+        println!(
+            "            rule  {}  methods {}  paths {}",
+            rule.host,
+            list(&rule.methods),
+            list(&rule.paths)
+        );
+    }
     if !p.egress.deny.is_empty() {
         println!("            deny  {}", p.egress.deny.join(", "));
     }
