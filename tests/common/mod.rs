@@ -462,3 +462,21 @@ pub fn sigkill_chaos(
         );
     }
 }
+
+/// Checks an attack script's verdicts (lines `ATTACK <name>: ESCAPED|BLOCKED`): each positive
+/// control in `controls` got through (so a broken network cannot pass for a defence), each of
+/// `attacks` was blocked.
+pub fn assert_attack_verdicts(text: &str, controls: &[&str], attacks: &[&str]) {
+    for control in controls {
+        assert!(
+            text.contains(&format!("ATTACK {control}: ESCAPED")),
+            "positive control {control} broken:\n{text}"
+        );
+    }
+    for attack in attacks {
+        assert!(
+            text.contains(&format!("ATTACK {attack}: BLOCKED")),
+            "{attack} was not blocked:\n{text}"
+        );
+    }
+}

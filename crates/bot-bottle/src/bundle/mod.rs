@@ -8,3 +8,5 @@ pub mod egress;
 pub mod gate;
 pub mod runtime;
 pub mod supervisor;
+#[cfg(test)]
+pub(crate) mod test_connections;

@@ -287,27 +287,12 @@ mod tests {
 
     #[tokio::test]
     async fn connections_held_open_beyond_the_limit_are_closed_at_once() {
-        use tokio::io::AsyncReadExt as _;
         let dir = tempfile::tempdir().unwrap();
         let (addr, _) = supervisor(&dir.path().join("egress.jsonl")).await;
 
         // The agent opens many connections and sends nothing.
-        let mut held = Vec::new();
-        for _ in 0..MAX_CONNECTIONS + 20 {
-            held.push(TcpStream::connect(addr).await.unwrap());
-        }
-        let reads = held.iter_mut().map(|sock| async move {
-            let mut byte = [0u8; 1];
-            matches!(
-                tokio::time::timeout(Duration::from_millis(500), sock.read(&mut byte)).await,
-                Ok(Ok(0))
-            )
-        });
-        let closed = futures_util::future::join_all(reads)
-            .await
-            .into_iter()
-            .filter(|c| *c)
-            .count();
+        let (held, closed) =
+            crate::bundle::test_connections::hold(addr, MAX_CONNECTIONS + 20).await;
 
         assert_eq!(closed, 20, "connections beyond {MAX_CONNECTIONS} stay open");
         // Once the held ones go, the host's request is served again.

@@ -401,9 +401,15 @@ pub(crate) fn upstream_head(head: &RequestHead, path: &str, authority: &str) -> 
 
 /// The lower-cased tokens of every `Connection` header.
 pub(crate) fn connection_tokens(headers: &[(String, Vec<u8>)]) -> Vec<String> {
+    header_tokens(headers, "connection")
+}
+
+/// The lower-cased, comma-separated tokens of every header named `name` (a list-valued
+/// header such as `Connection` or `Content-Encoding`), empty ones left out.
+pub(crate) fn header_tokens(headers: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
     headers
         .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
         .flat_map(|(_, v)| {
             String::from_utf8_lossy(v)
                 .split(',')

@@ -648,17 +648,9 @@ fn compressed(response: &http::ResponseHead, framing: ResponseFraming) -> Option
     ) {
         return None;
     }
-    let codings: Vec<String> = response
-        .headers
-        .iter()
-        .filter(|(name, _)| name.eq_ignore_ascii_case("content-encoding"))
-        .flat_map(|(_, value)| {
-            String::from_utf8_lossy(value)
-                .split(',')
-                .map(|c| c.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
-        .filter(|c| !c.is_empty() && c != "identity")
+    let codings: Vec<String> = http::header_tokens(&response.headers, "content-encoding")
+        .into_iter()
+        .filter(|c| c != "identity")
         .collect();
     if codings.is_empty() {
         return None;

@@ -45,9 +45,7 @@ pub async fn serve(listener: TcpListener, socket: PathBuf) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-    use tokio::io::AsyncReadExt;
-    use tokio::net::{TcpStream, UnixListener};
+    use tokio::net::UnixListener;
 
     #[tokio::test]
     async fn connections_beyond_the_limit_are_closed_at_once_and_the_rest_relayed() {
@@ -69,22 +67,8 @@ mod tests {
         tokio::spawn(serve(listener, socket));
 
         // The agent opens many connections and sends nothing.
-        let mut held = Vec::new();
-        for _ in 0..MAX_CONNECTIONS + 10 {
-            held.push(TcpStream::connect(addr).await.unwrap());
-        }
-        let reads = held.iter_mut().map(|sock| async move {
-            let mut byte = [0u8; 1];
-            matches!(
-                tokio::time::timeout(Duration::from_millis(500), sock.read(&mut byte)).await,
-                Ok(Ok(0) | Err(_))
-            )
-        });
-        let closed = futures_util::future::join_all(reads)
-            .await
-            .into_iter()
-            .filter(|closed| *closed)
-            .count();
+        let (_held, closed) =
+            crate::bundle::test_connections::hold(addr, MAX_CONNECTIONS + 10).await;
 
         assert_eq!(closed, 10, "connections beyond {MAX_CONNECTIONS} stay open");
         let relayed = relayed.load(std::sync::atomic::Ordering::SeqCst);
