@@ -6,7 +6,7 @@
 //! and the rows that record what is allocated) → [`session`] (the start sequence and its guard
 //! stack) → [`bundle`] (the sidecar container: egress proxy, supervisor) and [`backend`] (the
 //! agent: container or microVM; attach, exec, copy) built from [`image`] → teardown (the guard
-//! stack, [`session::orphans`] for a run that was killed). [`host`] is the machine around them.
+//! stack, [`session::orphans`] for a run that was killed). [`host`] is the machine around them; [`ui`] the approvals screen.
 #![forbid(unsafe_code)]
 
 pub mod backend;
@@ -17,3 +17,4 @@ pub mod image;
 pub mod plan;
 pub mod session;
 pub mod state;
+pub mod ui;

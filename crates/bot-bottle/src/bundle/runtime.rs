@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
+use crate::bundle::egress::approvals::Approvals;
 use crate::bundle::egress::intercept::{BottleCa, Injection, Interception};
 use crate::bundle::egress::{EgressPolicy, ProxyConfig, RequestRuleSpec};
 use crate::plan::{GIT_GATE_PORT, PROXY_PORT, SUPERVISOR_PORT};
@@ -96,6 +97,10 @@ pub struct SidecarConfig {
     /// The supervisor's token (inside the bundle); none: the supervisor port says it is off.
     #[serde(default)]
     pub supervisor_token_file: Option<PathBuf>,
+    /// `[egress] unknown = "ask"`: how long a request to an unlisted host is held for the
+    /// human's answer; none: such requests are refused at once.
+    #[serde(default)]
+    pub approval_hold_secs: Option<u64>,
 }
 
 /// One host's credential as the proxy sets it: `header: value`.
@@ -256,6 +261,9 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         policy,
     );
     proxy.event_log = config.event_log.clone();
+    proxy.approvals = config
+        .approval_hold_secs
+        .map(|secs| Approvals::new(std::time::Duration::from_secs(secs)));
     // Interception needs an agent that trusts the CA: no certificate path, no interception.
     match &config.ca_cert {
         Some(path) => proxy.interception = Some(std::sync::Arc::new(interception(&config, path)?)),
@@ -284,6 +292,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
                 token,
                 policy: proxy.live_policy(),
                 events: proxy.event_log(),
+                approvals: proxy.approvals(),
             };
             tokio::spawn(supervisor.serve(supervisor_port));
         }
@@ -396,6 +405,7 @@ mod tests {
             ca_cert: None,
             trust_store,
             supervisor_token_file: None,
+            approval_hold_secs: None,
         }
     }
 

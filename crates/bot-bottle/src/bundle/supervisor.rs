@@ -6,7 +6,9 @@
 //! the manifest's deny rules still win; every change and every refused attempt is logged.
 //!
 //! The protocol is a sliver of HTTP/1.1, one request per connection:
-//! `POST /allow` (body: one rule) and `GET /rules`, with `Authorization: Bearer <token>`.
+//! `POST /allow` (body: one rule), `GET /rules`, `GET /pending` (the requests waiting for
+//! approval, JSON) and `POST /decide` (body: `{"id": N, "answer": "once" | "session" |
+//! "deny"}`), with `Authorization: Bearer <token>`.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -16,6 +18,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::bundle::egress::approvals::{Answer, ApprovalError, Approvals, Pending};
 use crate::bundle::egress::events::{EgressEvent, EventLog};
 use crate::bundle::egress::{body, http, LivePolicy};
 
@@ -80,6 +83,8 @@ pub struct Supervisor {
     pub token: String,
     pub policy: LivePolicy,
     pub events: Option<std::sync::Arc<EventLog>>,
+    /// The proxy's approval queue (`unknown = "ask"`); `None`: nothing is ever pending.
+    pub approvals: Option<Approvals>,
 }
 
 impl Supervisor {
@@ -139,29 +144,10 @@ impl Supervisor {
         }
         match (head.method.as_str(), head.target.as_str()) {
             ("POST", "/allow") => {
-                let length = match http::body_framing(&head) {
-                    Ok(http::BodyFraming::Length(n)) if n <= MAX_BODY => n,
-                    _ => {
-                        return (
-                            400,
-                            "bot-bottle supervisor: send one rule, with a length\n".into(),
-                        )
-                    }
+                let rule = match read_body(&mut reader, &head, "one rule").await {
+                    Ok(rule) => rule,
+                    Err(refused) => return refused,
                 };
-                let mut text = Vec::new();
-                if (&mut reader)
-                    .take(length)
-                    .read_to_end(&mut text)
-                    .await
-                    .is_err()
-                    || text.len() as u64 != length
-                {
-                    return (
-                        400,
-                        "bot-bottle supervisor: the rule was cut short\n".into(),
-                    );
-                }
-                let rule = String::from_utf8_lossy(&text).trim().to_owned();
                 match self.policy.allow_more(&rule) {
                     Ok(()) => {
                         self.log(peer, "SUPERVISE", "allow", "supervisor_rule", Some(&rule))
@@ -178,10 +164,74 @@ impl Supervisor {
                     serde_json::json!({ "allow": allow, "deny": deny }).to_string(),
                 )
             }
+            ("GET", "/pending") => {
+                let pending = self
+                    .approvals
+                    .as_ref()
+                    .map(Approvals::pending)
+                    .unwrap_or_default();
+                (200, serde_json::json!(pending).to_string())
+            }
+            ("POST", "/decide") => {
+                let text = match read_body(&mut reader, &head, "one decision").await {
+                    Ok(text) => text,
+                    Err(refused) => return refused,
+                };
+                let Ok(decision) = serde_json::from_str::<Decide>(&text) else {
+                    return (
+                        400,
+                        "bot-bottle supervisor: send {\"id\": N, \"answer\": \"once\" | \"session\" | \"deny\"}\n"
+                            .into(),
+                    );
+                };
+                self.decide(peer, decision).await
+            }
             _ => (
                 404,
-                "bot-bottle supervisor: POST /allow or GET /rules\n".into(),
+                "bot-bottle supervisor: POST /allow, GET /rules, GET /pending or POST /decide\n"
+                    .into(),
             ),
+        }
+    }
+
+    /// Answers a pending request; for `session` the rule `host:port` is added first, so the
+    /// requests it releases and every later one pass.
+    async fn decide(&self, peer: SocketAddr, decision: Decide) -> (u16, String) {
+        let Some(approvals) = &self.approvals else {
+            return (
+                404,
+                "bot-bottle supervisor: this bottle does not ask (its manifest has `[egress] \
+                 unknown = \"deny\"`): use `bot-bottle allow`\n"
+                    .into(),
+            );
+        };
+        let Some(pending) = approvals.get(decision.id) else {
+            return (
+                404,
+                format!(
+                    "bot-bottle supervisor: {}\n",
+                    ApprovalError::Unknown { id: decision.id }
+                ),
+            );
+        };
+        let rule = format!("{}:{}", pending.host, pending.port);
+        if decision.answer == Answer::Session {
+            if let Err(e) = self.policy.allow_more(&rule) {
+                return (400, format!("bot-bottle supervisor: {e}\n"));
+            }
+        }
+        match approvals.answer(decision.id, decision.answer) {
+            Ok(answered) => {
+                let (verdict, reason) = match decision.answer {
+                    Answer::Deny => ("deny", "supervisor_denied"),
+                    Answer::Once => ("allow", "supervisor_approved_once"),
+                    Answer::Session => ("allow", "supervisor_approved_session"),
+                };
+                self.log(peer, "SUPERVISE", verdict, reason, Some(&rule))
+                    .await;
+                (200, serde_json::json!(answered).to_string())
+            }
+            Err(e) => (404, format!("bot-bottle supervisor: {e}\n")),
         }
     }
 
@@ -206,6 +256,39 @@ impl Supervisor {
     }
 }
 
+/// `POST /decide`'s body.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Decide {
+    id: u64,
+    answer: Answer,
+}
+
+/// A request's body of at most [`MAX_BODY`] bytes, with its length given; `what` names it in
+/// the refusal.
+async fn read_body(
+    reader: &mut BufReader<&mut TcpStream>,
+    head: &http::RequestHead,
+    what: &str,
+) -> Result<String, (u16, String)> {
+    let length = match http::body_framing(head) {
+        Ok(http::BodyFraming::Length(n)) if n <= MAX_BODY => n,
+        _ => {
+            return Err((
+                400,
+                format!("bot-bottle supervisor: send {what}, with a length\n"),
+            ))
+        }
+    };
+    let mut text = Vec::new();
+    if reader.take(length).read_to_end(&mut text).await.is_err() || text.len() as u64 != length {
+        return Err((
+            400,
+            format!("bot-bottle supervisor: {what} was cut short\n"),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&text).trim().to_owned())
+}
+
 /// Compares without stopping at the first difference (the agent may guess at the token).
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -222,6 +305,40 @@ pub async fn request_allow(
         rule.len()
     );
     exchange(addr, &request).await
+}
+
+/// Host side: the requests waiting for approval at the supervisor at `addr`.
+pub async fn request_pending(
+    addr: SocketAddr,
+    token: &str,
+) -> Result<Vec<Pending>, SupervisorError> {
+    let request = format!(
+        "GET /pending HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    let body = exchange(addr, &request).await?;
+    serde_json::from_str(&body).map_err(|e| SupervisorError::Exchange {
+        addr,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
+}
+
+/// Host side: answers pending request `id`; returns it as it was answered.
+pub async fn request_decide(
+    addr: SocketAddr,
+    token: &str,
+    id: u64,
+    answer: Answer,
+) -> Result<Pending, SupervisorError> {
+    let body = serde_json::json!(Decide { id, answer }).to_string();
+    let request = format!(
+        "POST /decide HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let reply = exchange(addr, &request).await?;
+    serde_json::from_str(&reply).map_err(|e| SupervisorError::Exchange {
+        addr,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
 }
 
 /// Host side: the rules in force at the supervisor at `addr`, as JSON (`allow`, `deny`).
@@ -280,6 +397,7 @@ mod tests {
             token: TOKEN.into(),
             policy: policy.clone(),
             events: Some(std::sync::Arc::new(EventLog::open(log).await.unwrap())),
+            approvals: None,
         };
         tokio::spawn(s.serve(listener));
         (addr, policy)

@@ -1,8 +1,11 @@
 //! One file per subcommand; `anyhow` with context at this edge only.
 
 mod allow;
+mod approvals;
+mod approve;
 pub mod cleanup;
 mod cp;
+mod deny;
 mod diff;
 mod doctor;
 mod exec;
@@ -47,6 +50,12 @@ pub enum Command {
     Resume(start::StartArgs),
     /// Let a running bottle reach more hosts until it stops (egress rules).
     Allow(allow::AllowArgs),
+    /// Requests waiting for approval (`[egress] unknown = "ask"`): answer them in a terminal UI.
+    Approvals(approvals::ApprovalsArgs),
+    /// Let a request waiting for approval through (once, for the session, or saved).
+    Approve(approve::ApproveArgs),
+    /// Refuse a request waiting for approval (and its host:port until the bottle stops).
+    Deny(deny::DenyArgs),
     /// List running bottles.
     List(list::ListArgs),
     /// Stop a running bottle (its `start` tears everything down).
@@ -110,6 +119,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             start::run(&ctx()?, args).await
         }
         Command::Allow(args) => allow::run(&ctx()?, args).await,
+        Command::Approvals(args) => approvals::run(&ctx()?, args).await,
+        Command::Approve(args) => approve::run(&ctx()?, args).await,
+        Command::Deny(args) => deny::run(&ctx()?, args).await,
         Command::List(args) => list::run(&ctx()?, args).await,
         Command::Exec(args) => exec::run(&ctx()?, args).await,
         Command::Cp(args) => cp::run(&ctx()?, args).await,

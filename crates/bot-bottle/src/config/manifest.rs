@@ -138,6 +138,20 @@ pub struct RawEgress {
     /// benchmark, documentation, unique-local or Docker-host address.
     #[serde(default)]
     pub allow_private: Vec<String>,
+    /// What a request to a host no rule lists gets: refused at once, or held for approval.
+    pub unknown: Option<Unknown>,
+    /// With `unknown = "ask"`: seconds a request is held before it is refused as waiting.
+    pub ask_hold_secs: Option<u64>,
+}
+
+/// `[egress] unknown`: a request to a host no rule lists is refused (`deny`, the default, for
+/// CI) or held until a human answers in `bot-bottle approvals` (`ask`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unknown {
+    #[default]
+    Deny,
+    Ask,
 }
 
 /// One `[egress] allow` entry: a rule string (`"api.example.com"`, `"*.example.org:*"`), or a
@@ -283,7 +297,13 @@ pub struct Egress {
     pub hosts: BTreeMap<String, String>,
     /// Exceptions to the proxy's address floor (see `prds/0003-egress-policy.md`).
     pub allow_private: Vec<String>,
+    pub unknown: Unknown,
+    /// How long a request to an unlisted host is held for approval (`unknown = "ask"`).
+    pub ask_hold_secs: u64,
 }
+
+/// `ask_hold_secs` when the manifest gives none.
+pub const DEFAULT_ASK_HOLD_SECS: u64 = 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Resources {
@@ -368,11 +388,29 @@ impl ManifestSource {
 
     /// Load a bottle by name, following `extends`.
     pub fn load(&self, name: &str) -> Result<Manifest, ManifestError> {
+        self.load_with(name, None)
+    }
+
+    /// Load bottle `name` as if the user's file of it read `text` (checks an edit before it
+    /// is written).
+    pub fn load_edited(&self, name: &str, text: &str) -> Result<Manifest, ManifestError> {
+        self.load_with(name, Some(text))
+    }
+
+    fn load_with(&self, name: &str, edited: Option<&str>) -> Result<Manifest, ManifestError> {
         let mut chain: Vec<String> = vec![name.to_owned()];
         let mut layers: Vec<(String, RawManifest)> = Vec::new();
         let mut current = name.to_owned();
         loop {
-            let (origin, raw) = self.read_layer(&current)?;
+            let (origin, raw) = match edited {
+                Some(text) if current == name => {
+                    let origin = self.user_dir.join(format!("{name}.toml"));
+                    let origin = origin.display().to_string();
+                    let raw = parse_raw(&origin, text)?;
+                    (origin, raw)
+                }
+                _ => self.read_layer(&current)?,
+            };
             let parent = raw.extends.clone();
             layers.push((origin, raw));
             let Some(parent) = parent else { break };
@@ -433,6 +471,8 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
     let mut user = None;
     let mut workdir = None;
     let mut deny_message = None;
+    let mut unknown = None;
+    let mut ask_hold_secs = None;
     let mut vcpus = None;
     let mut memory_mib = None;
     let mut pids = None;
@@ -459,6 +499,8 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
         user = raw.agent.user.or(user);
         workdir = raw.agent.workdir.or(workdir);
         deny_message = raw.egress.deny_message.or(deny_message);
+        unknown = raw.egress.unknown.or(unknown);
+        ask_hold_secs = raw.egress.ask_hold_secs.or(ask_hold_secs);
         vcpus = raw.resources.vcpus.or(vcpus);
         memory_mib = raw.resources.memory_mib.or(memory_mib);
         pids = raw.resources.pids.or(pids);
@@ -523,6 +565,12 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
             "`[resources] pids = {pids}` is out of range: use 16..=1000000"
         )));
     }
+    let ask_hold_secs = ask_hold_secs.unwrap_or(DEFAULT_ASK_HOLD_SECS);
+    if !(1..=600).contains(&ask_hold_secs) {
+        return Err(invalid(format!(
+            "`[egress] ask_hold_secs = {ask_hold_secs}` is out of range: use 1..=600"
+        )));
+    }
     let credential_hosts: Vec<String> = credentials.keys().cloned().collect();
     check_egress(
         &allow,
@@ -584,6 +632,8 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
             deny_message: deny_message.unwrap_or_else(|| DEFAULT_DENY_MESSAGE.to_owned()),
             hosts,
             allow_private,
+            unknown: unknown.unwrap_or_default(),
+            ask_hold_secs,
         },
         credentials,
         mounts,

@@ -7,5 +7,6 @@ pub mod logging;
 pub mod paths;
 pub mod preflight;
 pub mod run_dir;
+pub mod supervise;
 pub mod terminal;
 pub mod trust_store;

@@ -158,6 +158,10 @@ pub struct EgressPlan {
     /// `[egress] allow` tables with `methods` or `paths` (their hosts are in `allow` too).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub request_rules: Vec<crate::bundle::egress::RequestRuleSpec>,
+    /// `[egress] unknown = "ask"`: seconds a request to an unlisted host waits for approval;
+    /// none: refused at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_hold_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -370,6 +374,8 @@ pub fn plan(manifest: &Manifest, host: &HostFacts) -> Result<BottlePlan, PlanErr
             credential_hosts: manifest.credentials.keys().cloned().collect(),
             allow_private: manifest.egress.allow_private.clone(),
             request_rules: manifest.egress.request_rules.clone(),
+            approval_hold_secs: (manifest.egress.unknown == crate::config::manifest::Unknown::Ask)
+                .then_some(manifest.egress.ask_hold_secs),
         },
         allowlist,
         mounts,

@@ -5,12 +5,14 @@
 //!   use (`[egress] allow` tables);
 //! - [`resolve`]: pure-Rust name resolution (`/etc/hosts`, then the `/etc/resolv.conf`
 //!   nameserver over UDP/TCP), or a fixed map for tests — never glibc NSS;
+//! - [`approvals`]: requests to unlisted hosts held for a human's answer (`unknown = "ask"`);
 //! - [`events`]: one JSON line per decision, appended to the bottle's event log;
 //! - [`proxy`]: the tokio server (`CONNECT` tunnels and plain-HTTP forwarding);
 //! - [`intercept`]: credential injection by TLS interception, for hosts with a credential.
 //!
 //! The policy and its reasons are documented in `prds/0003-egress-policy.md`.
 
+pub mod approvals;
 pub mod events;
 pub mod intercept;
 pub mod policy;
@@ -24,6 +26,8 @@ pub(crate) mod http;
 mod test_pki;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_approvals;
 #[cfg(test)]
 mod tests_binding;
 #[cfg(test)]

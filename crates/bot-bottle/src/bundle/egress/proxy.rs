@@ -22,11 +22,14 @@ use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tracing::Instrument;
 
+use super::approvals::{Answer, Approvals, Outcome, MAX_PENDING};
 use super::body;
 use super::events::{EgressEvent, EventLog};
 use super::http::{self, HeadError, RequestHead};
 use super::intercept::{Interception, PathRefusals};
-use super::policy::{canonical_host, normalize_host, Decision, EgressPolicy, LivePolicy};
+use super::policy::{
+    canonical_host, normalize_host, Decision, DenyReason, EgressPolicy, LivePolicy,
+};
 use super::request_rules;
 use super::resolve::Resolver;
 use super::EgressError;
@@ -91,6 +94,9 @@ pub struct ProxyConfig {
     pub allow_loopback_upstream: bool,
     /// Credential injection: `CONNECT`s to hosts with a credential are intercepted.
     pub interception: Option<Arc<Interception>>,
+    /// `[egress] unknown = "ask"`: requests no rule lists wait here for the human's answer;
+    /// `None` refuses them at once.
+    pub approvals: Option<Approvals>,
 }
 
 impl ProxyConfig {
@@ -106,6 +112,7 @@ impl ProxyConfig {
             limits: ProxyLimits::default(),
             allow_loopback_upstream: false,
             interception: None,
+            approvals: None,
         }
     }
 }
@@ -127,6 +134,7 @@ struct Shared {
     limits: ProxyLimits,
     allow_loopback_upstream: bool,
     interception: Option<Arc<Interception>>,
+    approvals: Option<Approvals>,
 }
 
 /// Binds `config.listen` and serves until `shutdown` completes.
@@ -166,6 +174,7 @@ impl EgressProxy {
                 limits: config.limits,
                 allow_loopback_upstream: config.allow_loopback_upstream,
                 interception: config.interception,
+                approvals: config.approvals,
             }),
         })
     }
@@ -178,6 +187,11 @@ impl EgressProxy {
     /// The policy this proxy decides with; rules added to it apply to the next request.
     pub fn live_policy(&self) -> LivePolicy {
         self.shared.policy.clone()
+    }
+
+    /// The queue of requests waiting for approval (shared with the supervisor), if it asks.
+    pub fn approvals(&self) -> Option<Approvals> {
+        self.shared.approvals.clone()
     }
 
     /// The address actually bound (useful with port 0).
@@ -468,6 +482,68 @@ impl Conn<'_> {
         }
     }
 
+    /// A request the policy denied: refused, unless no rule lists its host and the bottle asks
+    /// (`unknown = "ask"`): then it waits in the approval queue for the human's answer, and
+    /// `Ok` means it was approved (`event` says how). The wait and its outcome are logged.
+    async fn ask_or_deny(
+        &self,
+        event: &mut EgressEvent,
+        reason: &DenyReason,
+        path: Option<&str>,
+    ) -> Result<(), Refusal> {
+        let approvals = match (&self.shared.approvals, reason) {
+            (Some(approvals), DenyReason::NotAllowed) => approvals,
+            _ => return Err(self.deny(event.clone(), &reason.to_string()).await),
+        };
+        let (host, port) = (event.host.clone(), event.port);
+        let mut asked = event.clone();
+        asked.verdict = "ask".into();
+        asked.reason = "approval_pending".into();
+        if let Err(e) = self.record(&asked).await {
+            tracing::error!(error = %e, "cannot record egress event");
+        }
+        let outcome = approvals.ask(&host, port, &event.method, path).await;
+        let why = match outcome {
+            Outcome::Approved(answer) => {
+                event.verdict = "allow".into();
+                event.reason = match answer {
+                    Answer::Session => "approved_session",
+                    _ => "approved_once",
+                }
+                .into();
+                event.rule = Some(format!("{host}:{port}"));
+                return Ok(());
+            }
+            Outcome::Denied => {
+                event.reason = "approval_denied".into();
+                "the user denied it (`bot-bottle deny`)".to_owned()
+            }
+            Outcome::QueueFull => {
+                event.reason = "approval_queue_full".into();
+                format!("{MAX_PENDING} hosts already wait for approval")
+            }
+            Outcome::TimedOut => {
+                event.reason = "approval_timeout".into();
+                event.verdict = "deny".into();
+                if let Err(e) = self.record(event).await {
+                    tracing::error!(error = %e, "cannot record egress event");
+                }
+                let waiting = "waiting for approval: run `bot-bottle approvals`";
+                return Err(Refusal {
+                    status: 403,
+                    reason: forbidden_reason(waiting).into(),
+                    body: format!(
+                        "bot-bottle egress: {host}:{port} is not on the allowlist and is \
+                         {waiting} on the host (nobody answered within {}s; ask again once it \
+                         is approved)\n",
+                        approvals.hold().as_secs()
+                    ),
+                });
+            }
+        };
+        Err(self.deny(event.clone(), &why).await)
+    }
+
     /// Fills an event from a policy decision.
     fn decided(&self, method: &str, host: &str, port: u16, decision: &Decision) -> EgressEvent {
         let mut event = self.event(method, host, port);
@@ -597,7 +673,7 @@ impl Conn<'_> {
         let decision = self.shared.policy.decide(&host, port);
         let mut event = self.decided("CONNECT", &host, port, &decision);
         if let Decision::Deny { reason } = &decision {
-            return Err(self.deny(event, &reason.to_string()).await);
+            self.ask_or_deny(&mut event, reason, None).await?;
         }
         // A host with a credential is intercepted; any other is tunnelled untouched.
         let injection = self
@@ -725,7 +801,8 @@ impl Conn<'_> {
         let decision = self.shared.policy.decide(&target.host, target.port);
         let mut event = self.decided(method, &target.host, target.port, &decision);
         if let Decision::Deny { reason } = &decision {
-            return Err(self.deny(event, &reason.to_string()).await);
+            self.ask_or_deny(&mut event, reason, Some(&target.path))
+                .await?;
         }
         // The request rules of the target, and of a Host header naming another host (a host
         // serving both names reads the header).
