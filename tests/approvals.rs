@@ -146,42 +146,39 @@ fn tmux(socket: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Waits until `pane`'s screen (or, with `title`, its title) contains `needle`; returns it.
+fn wait_pane(socket: &str, pane: &str, needle: &str, title: bool) -> String {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let text = match title {
+            true => tmux(
+                socket,
+                &["display-message", "-p", "-t", pane, "#{pane_title}"],
+            ),
+            false => tmux(socket, &["capture-pane", "-p", "-t", pane]),
+        };
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pane} never showed {needle:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The session's terminal (its title counts the waiting requests) and the approvals UI, each
+/// in a real terminal: tmux windows `agent` and `ui`.
 #[test]
-fn the_terminal_ui_shows_a_waiting_request_and_approves_it() {
+fn the_terminal_ui_shows_a_waiting_request_and_approves_it_and_the_title_counts_it() {
     if !common::docker_available("approvals") {
         return;
     }
     let sb = Sandbox::new("171-171");
     asking_bottle(&sb);
     let port = common::http_server("ui-approved");
-    let script = format!(
-        "wget -q -O /tmp/o http://later.test:{port}/; r=$?; echo $(cat /tmp/o); echo GOT=$r"
-    );
-    let mut running = sb.start_script("ask", &script);
-    let lines = running.stdout_lines();
-
     let socket = format!("bot-bottle-approvals-{}", std::process::id());
-    let env = format!(
-        "BOT_BOTTLE_STATE_DIR={} BOT_BOTTLE_CONFIG_DIR={} BOT_BOTTLE_CACHE_DIR={} BOT_BOTTLE_ALIAS_POOL=171-171",
-        sb.state().display(),
-        sb.dir.path().join("config").display(),
-        sb.dir.path().join("cache").display(),
-    );
-    let command = format!("env {env} {} approvals", common::bin().display());
-    tmux(
-        &socket,
-        &[
-            "new-session",
-            "-d",
-            "-x",
-            "160",
-            "-y",
-            "30",
-            "-s",
-            "ui",
-            &command,
-        ],
-    );
     struct Kill(String);
     impl Drop for Kill {
         fn drop(&mut self) {
@@ -191,35 +188,64 @@ fn the_terminal_ui_shows_a_waiting_request_and_approves_it() {
         }
     }
     let _kill = Kill(socket.clone());
+    let env = format!(
+        "env BOT_BOTTLE_STATE_DIR={} BOT_BOTTLE_CONFIG_DIR={} BOT_BOTTLE_CACHE_DIR={} BOT_BOTTLE_ALIAS_POOL=171-171 {}",
+        sb.state().display(),
+        sb.dir.path().join("config").display(),
+        sb.dir.path().join("cache").display(),
+        common::bin().display(),
+    );
+    let agent = format!(
+        "{env} start ask -- sh -c 'wget -q -O /tmp/o http://later.test:{port}/; r=$?; echo $(cat /tmp/o); echo GOT=$r; sleep 5'"
+    );
+    let size = ["-x", "160", "-y", "30"];
+    tmux(
+        &socket,
+        &[
+            &["new-session", "-d", "-s", "t", "-n", "agent"][..],
+            &size,
+            &[&agent],
+        ]
+        .concat(),
+    );
+    tmux(
+        &socket,
+        &[
+            "new-window",
+            "-t",
+            "t",
+            "-n",
+            "ui",
+            &format!("{env} approvals"),
+        ],
+    );
 
-    let deadline = Instant::now() + STEP;
-    let screen = loop {
-        let screen = tmux(&socket, &["capture-pane", "-p", "-t", "ui"]);
-        if screen.contains(&format!("later.test:{port}")) {
-            break screen;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the UI never showed the request:\n{screen}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let screen = wait_pane(&socket, "t:ui", &format!("later.test:{port}"), false);
     assert!(screen.contains("1 waiting"), "{screen}");
     assert!(screen.contains("GET /"), "{screen}");
+    // The session's own terminal says a request waits, in its title (not on its screen).
+    wait_pane(&socket, "t:agent", "1 request waiting for approval", true);
+    let agent_screen = tmux(&socket, &["capture-pane", "-p", "-t", "t:agent"]);
+    assert!(!agent_screen.contains("approval"), "{agent_screen}");
 
-    tmux(&socket, &["send-keys", "-t", "ui", "o"]);
-    let got = lines_until(&lines, |l| l.starts_with("GOT="), STEP);
-    assert_eq!(got, ["ui-approved", "GOT=0"], "{got:?}");
-    // The UI says what it did, and the list is empty again.
+    tmux(&socket, &["send-keys", "-t", "t:ui", "o"]);
+    wait_pane(&socket, "t:agent", "GOT=0", false);
+    let agent_screen = tmux(&socket, &["capture-pane", "-p", "-t", "t:agent"]);
+    assert!(agent_screen.contains("ui-approved"), "{agent_screen}");
+    // The UI says what it did, the list is empty again, and so is the title's count.
+    let screen = wait_pane(&socket, "t:ui", "0 waiting", false);
+    assert!(screen.contains("allowed later.test"), "{screen}");
     let deadline = Instant::now() + STEP;
     loop {
-        let screen = tmux(&socket, &["capture-pane", "-p", "-t", "ui"]);
-        if screen.contains("allowed later.test") && screen.contains("0 waiting") {
+        let title = tmux(
+            &socket,
+            &["display-message", "-p", "-t", "t:agent", "#{pane_title}"],
+        );
+        if !title.contains("waiting") {
             break;
         }
-        assert!(Instant::now() < deadline, "{screen}");
+        assert!(Instant::now() < deadline, "the title still counts: {title}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    tmux(&socket, &["send-keys", "-t", "ui", "q"]);
-    assert!(running.wait().success());
+    tmux(&socket, &["send-keys", "-t", "t:ui", "q"]);
 }

@@ -3,6 +3,7 @@
 //! `approve`, `deny`, and the waiting count `start` shows in the terminal's title).
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -110,4 +111,151 @@ pub async fn waiting(bottles: &[Supervised]) -> (Vec<Waiting>, Vec<(String, Supe
         }
     }
     (all, failed)
+}
+
+/// How often `start` asks its bundle how many requests wait.
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
+
+/// While bottle `id` runs (a task `start` aborts when the session ends): the terminal's title
+/// (OSC 2, when stderr is a terminal) says how many requests wait for approval, and each new
+/// request is announced by a desktop notification where `notify-send` exists. Nothing is
+/// written into the agent's screen itself.
+pub async fn announce(dirs: Dirs, id: String, bottle: String, alias: Ipv4Addr) {
+    let mut title = Title {
+        on: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        pushed: false,
+    };
+    let notifier = notifier();
+    let mut known = std::collections::HashSet::new();
+    let mut shown = 0;
+    loop {
+        tokio::time::sleep(ANNOUNCE_EVERY).await;
+        // The token exists once the bundle is created.
+        let Ok(token) = supervisor::read_token(&dirs.run_dir(&id)) else {
+            continue;
+        };
+        let addr = SocketAddr::from((alias, crate::plan::SUPERVISOR_PORT));
+        let Ok(pending) = supervisor::request_pending(addr, &token).await else {
+            continue;
+        };
+        for p in &pending {
+            if known.insert(p.id) {
+                if let Some(notify_send) = &notifier {
+                    notify(notify_send, &bottle, p);
+                }
+            }
+        }
+        if pending.len() != shown {
+            shown = pending.len();
+            title.show(&bottle, shown);
+        }
+    }
+}
+
+/// The terminal's title while requests wait: the user's own title is pushed on the terminal's
+/// title stack (XTWINOPS 22) and popped back (23) once none waits or the session ends.
+struct Title {
+    on: bool,
+    pushed: bool,
+}
+
+impl Title {
+    fn show(&mut self, bottle: &str, waiting: usize) {
+        if !self.on {
+            return;
+        }
+        let (sequence, pushed) = title_sequence(bottle, waiting, self.pushed);
+        self.pushed = pushed;
+        write_terminal(&sequence);
+    }
+}
+
+impl Drop for Title {
+    fn drop(&mut self) {
+        if self.on && self.pushed {
+            write_terminal(&title_sequence("", 0, true).0);
+        }
+    }
+}
+
+fn write_terminal(sequence: &str) {
+    use std::io::Write as _;
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(sequence.as_bytes());
+    let _ = err.flush();
+}
+
+/// The bytes that show `waiting` requests of `bottle` in the title, given whether the user's
+/// title is pushed already; and whether it is pushed after them. None waiting: a plain title
+/// first (for terminals without a title stack), then the pop.
+fn title_sequence(bottle: &str, waiting: usize, pushed: bool) -> (String, bool) {
+    match (waiting, pushed) {
+        (0, false) => (String::new(), false),
+        (0, true) => (format!("\x1b]2;bot-bottle {bottle}\x07\x1b[23;2t"), false),
+        (n, pushed) => {
+            let push = if pushed { "" } else { "\x1b[22;2t" };
+            let s = if n == 1 { "" } else { "s" };
+            (
+                format!(
+                    "{push}\x1b]2;bot-bottle {bottle}: {n} request{s} waiting for approval (bot-bottle approvals)\x07"
+                ),
+                true,
+            )
+        }
+    }
+}
+
+/// `notify-send` on PATH, when there is a desktop session to show it in.
+fn notifier() -> Option<std::path::PathBuf> {
+    let desktop = ["DISPLAY", "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
+    if !desktop {
+        return None;
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("notify-send"))
+        .find(|p| p.is_file())
+}
+
+fn notify(notify_send: &std::path::Path, bottle: &str, p: &Pending) {
+    let summary = format!("bot-bottle {bottle}: a request waits for approval");
+    let body = format!(
+        "{} {}:{} — run `bot-bottle approvals`",
+        p.method, p.host, p.port
+    );
+    // Not waited for; a notifier that fails costs nothing but the notification.
+    let spawned = tokio::process::Command::new(notify_send)
+        .args(["--app-name=bot-bottle", &summary, &body])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    if let Err(e) = spawned {
+        tracing::debug!(error = %e, "notify-send failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::title_sequence;
+
+    #[test]
+    fn the_title_is_pushed_once_updated_and_popped_when_none_waits() {
+        let (first, pushed) = title_sequence("b", 1, false);
+        assert!(pushed);
+        assert!(first.starts_with("\x1b[22;2t\x1b]2;"), "{first:?}");
+        assert!(
+            first.contains("b: 1 request waiting for approval"),
+            "{first:?}"
+        );
+        let (more, pushed) = title_sequence("b", 2, true);
+        assert!(pushed && !more.contains("\x1b[22;2t"), "{more:?}");
+        assert!(more.contains("2 requests waiting"), "{more:?}");
+        let (none, pushed) = title_sequence("b", 0, true);
+        assert!(!pushed);
+        assert!(none.ends_with("\x1b[23;2t"), "{none:?}");
+        assert_eq!(title_sequence("b", 0, false), (String::new(), false));
+    }
 }

@@ -174,6 +174,15 @@ pub async fn run(req: StartRequest<'_>, stack: &mut GuardStack) -> Result<i32, S
             Ok::<(), std::io::Error>(())
         });
     }
+    // `unknown = "ask"`: the terminal's title counts the requests waiting for approval.
+    let _announcer = plan.egress.approval_hold_secs.map(|_| {
+        AbortOnDrop(tokio::spawn(crate::host::supervise::announce(
+            req.dirs.clone(),
+            plan.id.clone(),
+            req.manifest.name.clone(),
+            plan.alias,
+        )))
+    });
     pause_point("allocated").await;
 
     // Docker objects: the networks, while the images are checked (built when missing).
@@ -282,6 +291,15 @@ async fn start_gate(
     };
     let exe = std::env::current_exe().map_err(SessionError::Exe)?;
     Ok(server::spawn_process(&run, &exe, &config).await?)
+}
+
+/// A task that ends with the scope that spawned it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Pause here when [`PAUSE_ENV`] names `step` (the kill tests' hook).
