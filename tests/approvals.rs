@@ -8,46 +8,12 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::{lines_until, Sandbox};
+use common::approvals::asking_bottle;
+use common::Sandbox;
 
 const STEP: Duration = Duration::from_secs(60);
-
-/// A bottle like `test` that asks for unlisted hosts; `later.test` is served on the Docker host
-/// (below the address floor, so named in `allow_private`) but allowed by no rule.
-fn asking_bottle(sb: &Sandbox) {
-    sb.add_bottle(
-        "ask",
-        "# the user's own bottle\nextends = \"test\"\n\n[egress]\nunknown = \"ask\"\n\
-         hosts = { \"later.test\" = \"host-gateway\" }\nallow_private = [\"later.test\"]\n",
-    );
-}
-
-/// `approvals --json` until a request other than `seen` waits; returns (bottle id, request).
-fn next_waiting(sb: &Sandbox, seen: &[u64]) -> (String, serde_json::Value) {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let out = sb.run(&["approvals", "--json"]);
-        assert!(out.status.success(), "{}", common::stderr(&out));
-        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-        if let Some(w) = list
-            .into_iter()
-            .find(|w| !seen.contains(&w["id"].as_u64().unwrap()))
-        {
-            return (w["bottle_id"].as_str().unwrap().to_owned(), w);
-        }
-        assert!(Instant::now() < deadline, "no request ever waited");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 #[test]
 fn a_held_request_is_listed_at_once_and_approving_lets_it_through_once_then_saved() {
@@ -55,85 +21,9 @@ fn a_held_request_is_listed_at_once_and_approving_lets_it_through_once_then_save
         return;
     }
     let sb = Sandbox::new("170-170");
-    asking_bottle(&sb);
-    let port = common::http_server("approved-body");
-    let url = format!("http://later.test:{port}/");
-    let script = format!(
-        "wget -q -O- {url} >/tmp/first 2>&1 & held=$!; sleep 2; \
-         for i in 1 2 3; do (unset http_proxy HTTP_PROXY; wget -q -O- --post-data \"{{\\\"id\\\":$i,\\\"answer\\\":\\\"session\\\"}}\" \
-         \"$BOT_BOTTLE_SUPERVISOR_URL/decide\" 2>&1) | sed 's/^/SELF: /'; done; echo SELF-DONE; \
-         wait $held; echo FIRST=$? $(cat /tmp/first); \
-         wget -q -O /dev/null {url}; echo SECOND=$?; wget -q -O /dev/null {url}; echo THIRD=$?"
-    );
-    let mut running = sb.start_script("ask", &script);
-    let lines = running.stdout_lines();
-
-    // Listed within a second of the agent's request (the bundle's own timestamp).
-    let (bottle, first) = next_waiting(&sb, &[]);
-    let seen_at = now_ms();
-    let first_seen = first["first_seen"].as_str().unwrap();
-    let a_second_ago = bot_bottle::bundle::egress::events::rfc3339_utc_ms(seen_at - 1000);
-    assert!(
-        first_seen >= a_second_ago.as_str(),
-        "first seen {first_seen}, listed only at {}",
-        bot_bottle::bundle::egress::events::rfc3339_utc_ms(seen_at)
-    );
-    assert_eq!(first["host"], "later.test");
-    assert_eq!(first["port"], port);
-    assert_eq!(first["method"], "GET");
-    assert_eq!(first["path"], "/");
-
-    // The agent tried to approve itself: refused, and its request still waits.
-    let agent_tries = lines_until(&lines, |l| l == "SELF-DONE", STEP);
-    let refusals = agent_tries.iter().filter(|l| l.contains("401")).count();
-    assert_eq!(refusals, 3, "{agent_tries:?}");
-    let id = first["id"].as_u64().unwrap();
-    let (_, still) = next_waiting(&sb, &[]);
-    assert_eq!(still["id"], id, "the agent's attempt changed the queue");
-
-    let out = sb.run(&["approve", &bottle, &id.to_string()]);
-    assert!(out.status.success(), "{}", common::stderr(&out));
-    assert!(
-        common::stdout(&out).contains("once"),
-        "{}",
-        common::stdout(&out)
-    );
-    let got = lines_until(&lines, |l| l.starts_with("FIRST="), STEP);
-    assert_eq!(got.last().unwrap(), "FIRST=0 approved-body", "{got:?}");
-
-    // Once: the next request asks again; approved and saved, the third passes unasked.
-    let (_, second) = next_waiting(&sb, &[id]);
-    let second_id = second["id"].as_u64().unwrap().to_string();
-    let out = sb.run(&["approve", &bottle, &second_id, "--save"]);
-    assert!(out.status.success(), "{}", common::stderr(&out));
-    let rest = lines_until(&lines, |l| l.starts_with("THIRD="), STEP);
-    assert!(rest.contains(&"SECOND=0".to_owned()), "{rest:?}");
-    assert_eq!(rest.last().unwrap(), "THIRD=0", "{rest:?}");
-    assert!(running.wait().success());
-
-    // Saved into the user's manifest (its comment kept): the next start allows it.
-    let manifest = std::fs::read_to_string(sb.bottles().join("ask.toml")).unwrap();
-    assert!(
-        manifest.starts_with("# the user's own bottle"),
-        "{manifest}"
-    );
-    let out = sb.run(&["plan", "ask", "--json"]);
-    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let rule = format!("later.test:{port}");
-    assert!(
-        plan["egress"]["allow"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r == rule.as_str()),
-        "{}",
-        plan["egress"]
-    );
-    assert!(
-        sb.docker_leftovers().is_empty(),
-        "{:?}",
-        sb.docker_leftovers()
-    );
+    let mut start = sb.cmd();
+    start.args(["start", "ask", "--backend", "docker"]);
+    common::approvals::held_listed_approved_once_then_saved(&sb, start);
 }
 
 /// Runs `tmux` with `args`; its stdout.

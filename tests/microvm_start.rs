@@ -392,6 +392,22 @@ fn the_guest_has_no_way_out_but_its_bundle(vmm: Vmm) {
     assert!(!text.contains("reached the host directly"), "{why}");
 }
 
+/// The approval flow of the Docker backend's test (`common::approvals`) from the guest: held in
+/// the same bundle, answered from the host the same way, the guest's own attempts refused.
+fn a_request_held_for_approval_is_answered_from_the_host(vmm: Vmm) {
+    let test = "a_request_held_for_approval_is_answered_from_the_host";
+    let Some((stand_in, kernel)) = prereqs(test, vmm) else {
+        return;
+    };
+    let s = vmm.sandbox(102);
+    let mut start = s.cmd();
+    start
+        .env(bot_bottle::backend::microvm::launch::VMM_ENV, &stand_in)
+        .env("BOT_BOTTLE_KERNEL", &kernel)
+        .args(["start", "ask", "--backend", "microvm"]);
+    common::approvals::held_listed_approved_once_then_saved(&s, start);
+}
+
 /// The Docker backend's address-floor attack (`common::floor`, run in `escape_egress`) from
 /// the guest: the proxy is the same, so must be its refusals. The microVM's bundle is published
 /// on the bottle's loopback alias, so `bundle.test` names that.
@@ -762,6 +778,7 @@ with_each_vmm!(
     the_agents_changes_survive_until_resume_and_start_will_not_discard_them,
     the_guest_has_no_way_out_but_its_bundle,
     names_below_the_address_floor_are_refused_from_the_guest,
+    a_request_held_for_approval_is_answered_from_the_host,
     the_guest_trusts_the_bottles_ca_and_never_holds_the_credential,
     the_host_allows_more_while_the_microvm_bottle_runs,
     a_sigkilled_start_takes_its_vm_and_bundle_with_it,

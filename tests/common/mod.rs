@@ -2,6 +2,7 @@
 //! Docker engine, with state, config and cache in a private temporary directory.
 #![allow(dead_code)]
 
+pub mod approvals;
 pub mod floor;
 pub mod git_image;
 
