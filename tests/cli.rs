@@ -18,6 +18,8 @@ fn plan_claude_json_is_complete() {
         "http://127.0.0.40:3128"
     );
     assert_eq!(plan["allowlist"][0]["cidr"], "127.0.0.40/32");
+    // The bundled interactive agent asks about unlisted hosts.
+    assert_eq!(plan["egress"]["approval_hold_secs"], 30);
     assert!(plan["guest_cid"].as_u64().unwrap() > 2);
     for key in [
         "network", "bundle", "agent", "egress", "labels", "mounts", "id",
@@ -151,6 +153,47 @@ env = \"BB_TEST_TOKEN\"\n",
     assert!(
         text.contains("rule  api.test:*  methods GET  paths /me/app/read/**\n"),
         "{text}"
+    );
+}
+
+#[test]
+fn plan_says_what_an_unlisted_host_gets_and_bad_ask_settings_are_named() {
+    let sb = Sandbox::new("40-41");
+    sb.add_bottle(
+        "asks",
+        "extends = \"test\"\n[egress]\nunknown = \"ask\"\nask_hold_secs = 45\n",
+    );
+    sb.add_bottle(
+        "maybe",
+        "extends = \"test\"\n[egress]\nunknown = \"maybe\"\n",
+    );
+    sb.add_bottle(
+        "never",
+        "extends = \"test\"\n[egress]\nunknown = \"ask\"\nask_hold_secs = 0\n",
+    );
+
+    let asks = sb.run(&["plan", "asks"]);
+    let denies = sb.run(&["plan", "test"]);
+    let maybe = sb.run(&["plan", "maybe"]);
+    let never = sb.run(&["plan", "never"]);
+
+    assert!(
+        stdout(&asks).contains("other hosts: held 45 s for approval (`bot-bottle approvals`)"),
+        "{}",
+        stdout(&asks)
+    );
+    assert!(
+        stdout(&denies).contains("other hosts: 403"),
+        "{}",
+        stdout(&denies)
+    );
+    assert_eq!(maybe.status.code(), Some(2));
+    assert!(stderr(&maybe).contains("unknown"), "{}", stderr(&maybe));
+    assert!(stderr(&maybe).contains("maybe"), "{}", stderr(&maybe));
+    assert!(
+        stderr(&never).contains("ask_hold_secs = 0"),
+        "{}",
+        stderr(&never)
     );
 }
 

@@ -99,6 +99,12 @@ fn print_human(p: &plan::BottlePlan) {
     if !p.egress.deny.is_empty() {
         println!("            deny  {}", p.egress.deny.join(", "));
     }
+    match p.egress.approval_hold_secs {
+        Some(secs) => println!(
+            "            other hosts: held {secs} s for approval (`bot-bottle approvals`), then 403"
+        ),
+        None => println!("            other hosts: 403 (`[egress] unknown = \"deny\"`)"),
+    }
     for a in &p.allowlist {
         println!("allowlist   {}:{}", a.cidr, a.port);
     }
