@@ -21,9 +21,47 @@ fn a_held_request_is_listed_at_once_and_approving_lets_it_through_once_then_save
         return;
     }
     let sb = Sandbox::new("170-170");
+    // A stand-in for the desktop's notifier (no desktop session exists here): a `notify-send`
+    // on PATH that records what it was asked to show.
+    let bin = sb.dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let shown = sb.dir.path().join("notified");
+    let notify_send = bin.join("notify-send");
+    std::fs::write(
+        &notify_send,
+        format!(
+            "#!/bin/sh\nprintf '%s|' \"$@\" >> {}\necho >> {}\n",
+            shown.display(),
+            shown.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &notify_send,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let mut start = sb.cmd();
-    start.args(["start", "ask", "--backend", "docker"]);
+    start
+        .env("PATH", path)
+        .env("DISPLAY", ":99")
+        .args(["start", "ask", "--backend", "docker"]);
     common::approvals::held_listed_approved_once_then_saved(&sb, start);
+
+    // The first request (held for seconds) was announced once, naming the host and how to
+    // answer; the second, answered within `start`'s one-second poll, may never have been.
+    let notified = std::fs::read_to_string(&shown).unwrap_or_default();
+    let lines: Vec<&str> = notified.lines().collect();
+    assert!((1..=2).contains(&lines.len()), "{notified}");
+    for line in lines {
+        assert!(line.starts_with("--app-name=bot-bottle|bot-bottle ask: a request waits for approval|GET later.test:"), "{line}");
+        assert!(line.contains("run `bot-bottle approvals`"), "{line}");
+    }
 }
 
 /// Runs `tmux` with `args`; its stdout.
