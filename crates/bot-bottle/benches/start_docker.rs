@@ -1,7 +1,8 @@
 //! `bot-bottle start test --backend docker -- true` against `docker run --rm` of the same agent
 //! image with the same runtime, measured in one run and printed as ratios (issue 14's first
 //! row): the whole process, from spawn to exit, including the bundle, the networks, the alias
-//! lease and the teardown until every object is gone.
+//! lease and the teardown until every object is gone; and the teardown alone (from the agent's
+//! exit to `start`'s, every object removed) against one `docker rm -f` of a running container.
 //!
 //! `cargo bench -p bot-bottle --bench start_docker`. Needs Docker (and gVisor's `runsc`
 //! registered for its row; without it only runc is measured, said so). The images are built
@@ -44,22 +45,39 @@ impl Home {
         c
     }
 
-    fn start(&self, runtime: &str) -> Result<Duration, String> {
+    /// One whole `start` (spawn to exit), and its teardown: from its `agent exited` log line
+    /// (`-v`) to its exit, by which every object it made is gone (the guard stack runs before
+    /// `start` returns; [`leftovers`] checks at the end).
+    fn start(&self, runtime: &str) -> Result<(Duration, Duration), String> {
+        use std::io::BufRead as _;
         let t = Instant::now();
-        let out = self
+        let mut child = self
             .cmd(runtime)
-            .args(["start", "test", "--backend", "docker", "--", "true"])
-            .output()
+            .args(["-v", "start", "test", "--backend", "docker", "--", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(|e| format!("running {BIN}: {e}"))?;
-        let took = t.elapsed();
-        if !out.status.success() {
-            return Err(format!(
-                "start failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            ));
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let mut exited_at = None;
+        let mut log = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if exited_at.is_none() && line.contains("agent exited") {
+                exited_at = Some(Instant::now());
+            }
+            log.push_str(&line);
+            log.push('\n');
         }
-        Ok(took)
+        let status = child.wait().map_err(|e| e.to_string())?;
+        let end = Instant::now();
+        if !status.success() {
+            return Err(format!("start failed ({status}): {log}"));
+        }
+        let exited_at = exited_at.ok_or_else(|| format!("no `agent exited` line in: {log}"))?;
+        Ok((end - t, end - exited_at))
     }
 }
 
@@ -77,6 +95,24 @@ fn docker(args: &[&str]) -> Result<String, String> {
         ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// One `docker rm -f` of a running container of `image` (teardown's baseline).
+fn docker_rm(image: &str, runtime: &str) -> Result<Duration, String> {
+    let id = docker(&[
+        "run",
+        "-d",
+        "--runtime",
+        runtime,
+        "--network",
+        "none",
+        image,
+        "sleep",
+        "60",
+    ])?;
+    let t = Instant::now();
+    docker(&["rm", "-f", &id])?;
+    Ok(t.elapsed())
 }
 
 fn docker_run(image: &str, runtime: &str) -> Result<Duration, String> {
@@ -147,31 +183,56 @@ fn run() -> Result<(), String> {
     let image = agent_image(&home)?;
     println!("start_docker: {runs} paired runs per runtime, agent image {image}");
     println!(
-        "{:<8} {:>14} {:>14} {:>7}  (target ≤ 2.0×)",
-        "runtime", "start (p50)", "docker run", "ratio"
+        "{:<8} {:<9} {:>14} {:>14} {:>7}  target",
+        "runtime", "row", "bot-bottle", "baseline", "ratio"
     );
     for runtime in runtimes {
         home.start(runtime)?;
         docker_run(&image, runtime)?;
         let (mut ours, mut base) = (Vec::new(), Vec::new());
+        let (mut teardown, mut rm) = (Vec::new(), Vec::new());
         for i in 0..runs {
+            let one = |ours: &mut Vec<Duration>, teardown: &mut Vec<Duration>| {
+                home.start(runtime).map(|(whole, down)| {
+                    ours.push(whole);
+                    teardown.push(down);
+                })
+            };
             if i % 2 == 0 {
-                ours.push(home.start(runtime)?);
+                one(&mut ours, &mut teardown)?;
                 base.push(docker_run(&image, runtime)?);
             } else {
                 base.push(docker_run(&image, runtime)?);
-                ours.push(home.start(runtime)?);
+                one(&mut ours, &mut teardown)?;
             }
+            rm.push(docker_rm(&image, runtime)?);
         }
-        let (o, b) = (median(ours), median(base));
-        println!(
-            "{runtime:<8} {:>12.0}ms {:>12.0}ms {:>6.2}×",
-            o.as_secs_f64() * 1e3,
-            b.as_secs_f64() * 1e3,
-            o.as_secs_f64() / b.as_secs_f64()
+        row(
+            runtime,
+            "start",
+            median(ours),
+            median(base),
+            "≤ 2.0× docker run --rm",
+        );
+        row(
+            runtime,
+            "teardown",
+            median(teardown),
+            median(rm),
+            "≤ 2× docker rm -f",
         );
     }
     leftovers(home.dir.path())
+}
+
+/// One row: medians and their ratio.
+fn row(runtime: &str, name: &str, ours: Duration, base: Duration, target: &str) {
+    println!(
+        "{runtime:<8} {name:<9} {:>12.0}ms {:>12.0}ms {:>6.2}×  {target}",
+        ours.as_secs_f64() * 1e3,
+        base.as_secs_f64() * 1e3,
+        ours.as_secs_f64() / base.as_secs_f64()
+    );
 }
 
 /// Nothing of the runs may be left: a bench that leaks would flatter every run after it.
