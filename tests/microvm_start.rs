@@ -100,13 +100,17 @@ fn prereqs(test: &str, vmm: Vmm) -> Option<(PathBuf, PathBuf)> {
 /// `start test --backend microvm` with the stand-in VMM and the kernel built for this
 /// checkout (the sandbox's private cache has none).
 fn start_cmd(s: &Sandbox, stand_in: &Path, kernel: &Path, args: &[&str]) -> Command {
+    let mut c = start_bottle(s, stand_in, kernel, "test");
+    c.args(args);
+    c
+}
+
+/// `start <bottle> --backend microvm`, as [`start_cmd`].
+fn start_bottle(s: &Sandbox, stand_in: &Path, kernel: &Path, bottle: &str) -> Command {
     let mut c = s.cmd();
     c.env(bot_bottle::backend::microvm::launch::VMM_ENV, stand_in)
         .env("BOT_BOTTLE_KERNEL", kernel)
-        .arg("start")
-        .arg("test")
-        .args(["--backend", "microvm"])
-        .args(args);
+        .args(["start", bottle, "--backend", "microvm"]);
     c
 }
 
@@ -400,11 +404,7 @@ fn a_request_held_for_approval_is_answered_from_the_host(vmm: Vmm) {
         return;
     };
     let s = vmm.sandbox(102);
-    let mut start = s.cmd();
-    start
-        .env(bot_bottle::backend::microvm::launch::VMM_ENV, &stand_in)
-        .env("BOT_BOTTLE_KERNEL", &kernel)
-        .args(["start", "ask", "--backend", "microvm"]);
+    let start = start_bottle(&s, &stand_in, &kernel, "ask");
     common::approvals::held_listed_approved_once_then_saved(&s, start);
 }
 
@@ -417,11 +417,7 @@ fn names_below_the_address_floor_are_refused_from_the_guest(vmm: Vmm) {
         return;
     };
     let s = vmm.sandbox(101);
-    let mut start = s.cmd();
-    start
-        .env(bot_bottle::backend::microvm::launch::VMM_ENV, &stand_in)
-        .env("BOT_BOTTLE_KERNEL", &kernel)
-        .args(["start", "floor", "--backend", "microvm"]);
+    let start = start_bottle(&s, &stand_in, &kernel, "floor");
     common::floor::attack_and_assert(&s, &format!("127.0.0.{}", vmm.octet(101)), start);
 }
 

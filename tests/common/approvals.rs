@@ -58,7 +58,8 @@ pub fn held_listed_approved_once_then_saved(sb: &Sandbox, mut start: Command) {
          for i in 1 2 3; do (unset http_proxy HTTP_PROXY; wget -q -O- --post-data \"{{\\\"id\\\":$i,\\\"answer\\\":\\\"session\\\"}}\" \
          \"$BOT_BOTTLE_SUPERVISOR_URL/decide\" 2>&1) | sed 's/^/SELF: /'; done; echo SELF-DONE; \
          wait $held; echo FIRST=$? $(cat /tmp/first); \
-         wget -q -O /dev/null {url}; echo SECOND=$?; wget -q -O /dev/null {url}; echo THIRD=$?"
+         wget -q -O /dev/null {url}; echo SECOND=$?; wget -q -O /dev/null {url}; echo THIRD=$?; \
+         wget -q -O /dev/null http://other.test/ 2>/tmp/fourth; echo FOURTH=$? $(cat /tmp/fourth)"
     );
     start.args(["--", "sh", "-c", &script]);
     let mut running = Running::spawn(start);
@@ -105,6 +106,27 @@ pub fn held_listed_approved_once_then_saved(sb: &Sandbox, mut start: Command) {
     let rest = lines_until(&lines, |l| l.starts_with("THIRD="), STEP);
     assert!(rest.contains(&"SECOND=0".to_owned()), "{rest:?}");
     assert_eq!(rest.last().unwrap(), "THIRD=0", "{rest:?}");
+
+    // The next to wait is another host (the third asked nothing); denied, it is refused.
+    let second_id: u64 = second_id.parse().unwrap();
+    let (_, fourth) = next_waiting(sb, &[id, second_id]);
+    assert_eq!(
+        (&fourth["host"], &fourth["port"]),
+        (&"other.test".into(), &80.into())
+    );
+    let out = sb.run(&["deny", &bottle, &fourth["id"].to_string()]);
+    assert!(out.status.success(), "{}", super::stderr(&out));
+    assert!(
+        super::stdout(&out).contains("denied other.test:80"),
+        "{}",
+        super::stdout(&out)
+    );
+    let denied = lines_until(&lines, |l| l.starts_with("FOURTH="), STEP);
+    let denied = denied.last().unwrap();
+    assert!(
+        denied.starts_with("FOURTH=1 ") && denied.contains("403"),
+        "{denied}"
+    );
     assert!(running.wait().success());
 
     // Saved into the user's manifest (its comment kept): the next start allows it.

@@ -300,11 +300,7 @@ pub async fn request_allow(
     token: &str,
     rule: &str,
 ) -> Result<String, SupervisorError> {
-    let request = format!(
-        "POST /allow HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{rule}",
-        rule.len()
-    );
-    exchange(addr, &request).await
+    exchange(addr, &request(addr, token, "POST /allow", Some(rule))).await
 }
 
 /// Host side: the requests waiting for approval at the supervisor at `addr`.
@@ -312,14 +308,7 @@ pub async fn request_pending(
     addr: SocketAddr,
     token: &str,
 ) -> Result<Vec<Pending>, SupervisorError> {
-    let request = format!(
-        "GET /pending HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    );
-    let body = exchange(addr, &request).await?;
-    serde_json::from_str(&body).map_err(|e| SupervisorError::Exchange {
-        addr,
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-    })
+    exchange_json(addr, &request(addr, token, "GET /pending", None)).await
 }
 
 /// Host side: answers pending request `id`; returns it as it was answered.
@@ -330,23 +319,35 @@ pub async fn request_decide(
     answer: Answer,
 ) -> Result<Pending, SupervisorError> {
     let body = serde_json::json!(Decide { id, answer }).to_string();
-    let request = format!(
-        "POST /decide HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let reply = exchange(addr, &request).await?;
-    serde_json::from_str(&reply).map_err(|e| SupervisorError::Exchange {
-        addr,
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-    })
+    exchange_json(addr, &request(addr, token, "POST /decide", Some(&body))).await
 }
 
 /// Host side: the rules in force at the supervisor at `addr`, as JSON (`allow`, `deny`).
 pub async fn request_rules(addr: SocketAddr, token: &str) -> Result<String, SupervisorError> {
-    let request = format!(
-        "GET /rules HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    );
-    exchange(addr, &request).await
+    exchange(addr, &request(addr, token, "GET /rules", None)).await
+}
+
+/// One request to the supervisor at `addr`: `line` is the method and path, `body` its body.
+fn request(addr: SocketAddr, token: &str, line: &str, body: Option<&str>) -> String {
+    let length = body.map_or(String::new(), |b| {
+        format!("Content-Length: {}\r\n", b.len())
+    });
+    format!(
+        "{line} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n{length}Connection: close\r\n\r\n{}",
+        body.unwrap_or("")
+    )
+}
+
+/// [`exchange`], its answer read as JSON.
+async fn exchange_json<T: serde::de::DeserializeOwned>(
+    addr: SocketAddr,
+    request: &str,
+) -> Result<T, SupervisorError> {
+    let reply = exchange(addr, request).await?;
+    serde_json::from_str(&reply).map_err(|e| SupervisorError::Exchange {
+        addr,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
 }
 
 async fn exchange(addr: SocketAddr, request: &str) -> Result<String, SupervisorError> {

@@ -2,7 +2,7 @@
 //! stops, through its bundle's supervisor (the manifest's deny rules still win).
 
 use anyhow::Context as _;
-use bot_bottle::state::StateDb;
+use bot_bottle::host::supervise;
 
 use super::Context;
 
@@ -19,27 +19,21 @@ pub struct AllowArgs {
 }
 
 pub async fn run(ctx: &Context, args: AllowArgs) -> anyhow::Result<i32> {
-    let db = StateDb::open_existing(&ctx.dirs.db_path()).context("no bottles are running")?;
-    let row = bot_bottle::backend::handle::find_live(&db, &args.target)?;
-    let alias: std::net::Ipv4Addr = row
-        .alias
-        .as_deref()
-        .and_then(|a| a.parse().ok())
-        .with_context(|| format!("bottle {} has no loopback alias", row.id))?;
-    let token = bot_bottle::bundle::supervisor::read_token(&ctx.dirs.run_dir(&row.id))?;
-    let addr = std::net::SocketAddr::from((alias, bot_bottle::plan::SUPERVISOR_PORT));
+    let bottle = supervise::one(&ctx.dirs, &args.target)?;
     if args.list {
-        let rules = bot_bottle::bundle::supervisor::request_rules(addr, &token)
+        let rules = bottle
+            .rules()
             .await
-            .with_context(|| format!("reading the rules of {}", row.id))?;
+            .with_context(|| format!("reading the rules of {}", bottle.id))?;
         println!("{rules}");
         return Ok(0);
     }
     for rule in &args.rules {
-        bot_bottle::bundle::supervisor::request_allow(addr, &token, rule)
+        bottle
+            .allow(rule)
             .await
-            .with_context(|| format!("allowing {rule} in {}", row.id))?;
-        println!("{}: now allows {rule} (until it stops)", row.id);
+            .with_context(|| format!("allowing {rule} in {}", bottle.id))?;
+        println!("{}: now allows {rule} (until it stops)", bottle.id);
     }
     Ok(0)
 }

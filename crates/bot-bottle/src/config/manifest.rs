@@ -357,10 +357,15 @@ impl ManifestSource {
         names.into_iter().collect()
     }
 
+    /// The user's own manifest of bottle `name` (which may not exist).
+    pub fn user_path(&self, name: &str) -> PathBuf {
+        self.user_dir.join(format!("{name}.toml"))
+    }
+
     /// Read one layer (no `extends` applied): (origin description, parsed file).
     fn read_layer(&self, name: &str) -> Result<(String, RawManifest), ManifestError> {
         validate_name(name)?;
-        let user_path = self.user_dir.join(format!("{name}.toml"));
+        let user_path = self.user_path(name);
         let (origin, text) = match std::fs::read_to_string(&user_path) {
             Ok(text) => (user_path.display().to_string(), text),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -404,8 +409,7 @@ impl ManifestSource {
         loop {
             let (origin, raw) = match edited {
                 Some(text) if current == name => {
-                    let origin = self.user_dir.join(format!("{name}.toml"));
-                    let origin = origin.display().to_string();
+                    let origin = self.user_path(name).display().to_string();
                     let raw = parse_raw(&origin, text)?;
                     (origin, raw)
                 }

@@ -34,7 +34,7 @@ pub enum SaveError {
         #[source]
         source: std::io::Error,
     },
-    #[error("with {rule:?} added, {path} would no longer load: {source}")]
+    #[error("with {rule:?} added, {path} would no longer load (it is unchanged)")]
     Invalid {
         path: PathBuf,
         rule: String,
@@ -50,7 +50,7 @@ pub fn save_allow_rule(
     name: &str,
     rule: &str,
 ) -> Result<PathBuf, SaveError> {
-    let path = source.user_dir.join(format!("{name}.toml"));
+    let path = source.user_path(name);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -40,13 +40,34 @@ impl Supervised {
             .as_deref()
             .and_then(|a| a.parse().ok())
             .ok_or_else(|| SuperviseError::NoAlias { id: row.id.clone() })?;
-        let token = supervisor::read_token(&dirs.run_dir(&row.id))?;
+        Self::at(dirs, &row.id, &row.bottle, alias)
+    }
+
+    /// The supervisor of bottle `id` (named `bottle`) on its loopback alias; an error until
+    /// its bundle is created (the token is made then).
+    pub fn at(
+        dirs: &Dirs,
+        id: &str,
+        bottle: &str,
+        alias: Ipv4Addr,
+    ) -> Result<Self, SuperviseError> {
+        let token = supervisor::read_token(&dirs.run_dir(id))?;
         Ok(Self {
-            id: row.id.clone(),
-            bottle: row.bottle.clone(),
+            id: id.to_owned(),
+            bottle: bottle.to_owned(),
             addr: SocketAddr::from((alias, crate::plan::SUPERVISOR_PORT)),
             token,
         })
+    }
+
+    /// Allows `rule` until the bottle stops (`bot-bottle allow`).
+    pub async fn allow(&self, rule: &str) -> Result<String, SupervisorError> {
+        supervisor::request_allow(self.addr, &self.token, rule).await
+    }
+
+    /// The rules in force, as JSON (`allow --list`).
+    pub async fn rules(&self) -> Result<String, SupervisorError> {
+        supervisor::request_rules(self.addr, &self.token).await
     }
 
     pub async fn pending(&self) -> Result<Vec<Pending>, SupervisorError> {
@@ -128,14 +149,15 @@ pub async fn announce(dirs: Dirs, id: String, bottle: String, alias: Ipv4Addr) {
     let notifier = notifier();
     let mut known = std::collections::HashSet::new();
     let mut shown = 0;
+    let mut supervised = None;
     loop {
         tokio::time::sleep(ANNOUNCE_EVERY).await;
-        // The token exists once the bundle is created.
-        let Ok(token) = supervisor::read_token(&dirs.run_dir(&id)) else {
-            continue;
-        };
-        let addr = SocketAddr::from((alias, crate::plan::SUPERVISOR_PORT));
-        let Ok(pending) = supervisor::request_pending(addr, &token).await else {
+        // The token exists once the bundle is created; read once.
+        if supervised.is_none() {
+            supervised = Supervised::at(&dirs, &id, &bottle, alias).ok();
+        }
+        let Some(s) = &supervised else { continue };
+        let Ok(pending) = s.pending().await else {
             continue;
         };
         for p in &pending {

@@ -96,9 +96,10 @@ async fn serve(
         status: String::new(),
     };
     let mut refreshed: Option<Instant> = None;
+    let mut bottles = Vec::new();
     loop {
         if refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
-            let bottles = supervise::running(dirs, target)?;
+            bottles = supervise::running(dirs, target)?;
             let (waiting, failed) = supervise::waiting(&bottles).await;
             view.replace(waiting);
             if let Some((id, e)) = failed.first() {
@@ -130,7 +131,11 @@ async fn serve(
             KeyCode::Up | KeyCode::Char('k') => view.table.select_previous(),
             KeyCode::Char(c @ ('o' | 's' | 'a' | 'd')) => {
                 if let Some(chosen) = view.selected().cloned() {
-                    view.status = act(dirs, manifests, &chosen, c).await;
+                    let bottle = bottles.iter().find(|b| b.id == chosen.bottle_id);
+                    view.status = match bottle {
+                        Some(bottle) => act(bottle, manifests, &chosen, c).await,
+                        None => format!("{} has stopped", chosen.bottle_id),
+                    };
                 }
             }
             _ => {}
@@ -139,16 +144,17 @@ async fn serve(
     }
 }
 
-/// Answers `chosen` as key `key` says; returns the line to show.
-async fn act(dirs: &Dirs, manifests: &ManifestSource, chosen: &Waiting, key: char) -> String {
+/// Answers `chosen` (waiting in `bottle`) as key `key` says; returns the line to show.
+async fn act(
+    bottle: &supervise::Supervised,
+    manifests: &ManifestSource,
+    chosen: &Waiting,
+    key: char,
+) -> String {
     let answer = match key {
         'o' => Answer::Once,
         's' | 'a' => Answer::Session,
         _ => Answer::Deny,
-    };
-    let bottle = match supervise::one(dirs, &chosen.bottle_id) {
-        Ok(b) => b,
-        Err(e) => return format!("{}: {e}", chosen.bottle_id),
     };
     let rule = format!("{}:{}", chosen.request.host, chosen.request.port);
     if let Err(e) = bottle.answer(chosen.request.id, answer).await {

@@ -17,8 +17,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-/// How long a request is held by default before it is refused as still waiting.
-pub const DEFAULT_HOLD: Duration = Duration::from_secs(30);
 /// Most distinct hosts waiting at once; beyond it a new host is refused at once (an agent
 /// cannot grow the bundle's memory without bound by naming hosts).
 pub const MAX_PENDING: usize = 256;
@@ -35,18 +33,6 @@ pub enum Answer {
     Deny,
 }
 
-impl std::str::FromStr for Answer {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "once" => Ok(Answer::Once),
-            "session" => Ok(Answer::Session),
-            "deny" => Ok(Answer::Deny),
-            other => Err(format!("{other:?} is not one of once, session, deny")),
-        }
-    }
-}
-
 /// A request waiting for an answer, as `bot-bottle approvals` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pending {
@@ -61,7 +47,7 @@ pub struct Pending {
     pub first_seen: String,
     /// Requests to this `host:port` since it was first seen.
     pub count: u64,
-    /// Requests held right now.
+    /// Requests held right now (derived when listed: the entry's open receivers).
     pub waiting: usize,
 }
 
@@ -85,8 +71,19 @@ pub enum ApprovalError {
 }
 
 struct Entry {
+    /// Its `waiting` is filled in by [`Entry::snapshot`].
     pending: Pending,
     answer: watch::Sender<Option<Answer>>,
+}
+
+impl Entry {
+    /// The entry as listed, with the requests held on it now.
+    fn snapshot(&self) -> Pending {
+        Pending {
+            waiting: self.answer.receiver_count(),
+            ..self.pending.clone()
+        }
+    }
 }
 
 #[derive(Default)]
@@ -164,7 +161,7 @@ impl Approvals {
                         port,
                         method: method.to_owned(),
                         path: path.map(str::to_owned),
-                        first_seen: super::events::rfc3339_utc_ms(unix_ms()),
+                        first_seen: super::events::rfc3339_utc_ms(super::events::unix_ms_now()),
                         count: 1,
                         waiting: 0,
                     };
@@ -193,14 +190,7 @@ impl Approvals {
 
     /// The requests waiting, oldest first.
     pub fn pending(&self) -> Vec<Pending> {
-        self.lock()
-            .entries
-            .values()
-            .map(|e| Pending {
-                waiting: e.answer.receiver_count(),
-                ..e.pending.clone()
-            })
-            .collect()
+        self.lock().entries.values().map(Entry::snapshot).collect()
     }
 
     /// Answers request `id`: the held requests are released with `answer`. The caller adds the
@@ -208,8 +198,9 @@ impl Approvals {
     pub fn answer(&self, id: u64, answer: Answer) -> Result<Pending, ApprovalError> {
         let mut q = self.lock();
         let entry = q.entries.remove(&id).ok_or(ApprovalError::Unknown { id })?;
-        let key = (entry.pending.host.clone(), entry.pending.port);
-        let held = entry.answer.receiver_count();
+        let answered = entry.snapshot();
+        let key = (answered.host.clone(), answered.port);
+        let held = answered.waiting;
         match answer {
             Answer::Deny => {
                 q.denied.insert(key);
@@ -220,23 +211,13 @@ impl Approvals {
             Answer::Once | Answer::Session => {}
         }
         let _ = entry.answer.send(Some(answer));
-        Ok(Pending {
-            waiting: held,
-            ..entry.pending
-        })
+        Ok(answered)
     }
 
     /// The request `id`, if it still waits.
     pub fn get(&self, id: u64) -> Option<Pending> {
-        self.lock().entries.get(&id).map(|e| e.pending.clone())
+        self.lock().entries.get(&id).map(Entry::snapshot)
     }
-}
-
-/// Now, in milliseconds since the epoch.
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

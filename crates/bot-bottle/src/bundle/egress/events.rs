@@ -59,12 +59,17 @@ pub struct EgressEvent {
     pub repeated: Option<u64>,
 }
 
+/// Now, in milliseconds since the epoch (0 before it, saturating far after).
+pub(crate) fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 impl EgressEvent {
     /// An event stamped with the current time.
     pub fn now(bottle_id: &str, client: &str, method: &str, host: &str, port: u16) -> Self {
-        let unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let unix_ms = unix_ms_now();
         EgressEvent {
             time: rfc3339_utc_ms(unix_ms),
             time_unix_ms: unix_ms,

@@ -461,24 +461,30 @@ impl Conn<'_> {
     }
 
     /// Records a deny and builds the 403 carrying the manifest's deny message.
-    async fn deny(&self, mut event: EgressEvent, explanation: &str) -> Refusal {
-        event.verdict = "deny".into();
-        if let Err(e) = self.record(&event).await {
-            tracing::error!(error = %e, "cannot record egress event");
-        }
+    async fn deny(&self, event: EgressEvent, explanation: &str) -> Refusal {
         let message = self.shared.policy.deny_message();
         let separator = if message.is_empty() || message.ends_with('\n') {
             ""
         } else {
             "\n"
         };
+        let body = format!(
+            "{message}{separator}bot-bottle egress: {}:{} denied: {explanation}\n",
+            event.host, event.port
+        );
+        self.forbidden(event, &message, body).await
+    }
+
+    /// Records `event` as a deny and builds a 403 whose reason phrase carries `phrase`.
+    async fn forbidden(&self, mut event: EgressEvent, phrase: &str, body: String) -> Refusal {
+        event.verdict = "deny".into();
+        if let Err(e) = self.record(&event).await {
+            tracing::error!(error = %e, "cannot record egress event");
+        }
         Refusal {
             status: 403,
-            reason: forbidden_reason(&message).into(),
-            body: format!(
-                "{message}{separator}bot-bottle egress: {}:{} denied: {explanation}\n",
-                event.host, event.port
-            ),
+            reason: forbidden_reason(phrase).into(),
+            body,
         }
     }
 
@@ -524,21 +530,13 @@ impl Conn<'_> {
             }
             Outcome::TimedOut => {
                 event.reason = "approval_timeout".into();
-                event.verdict = "deny".into();
-                if let Err(e) = self.record(event).await {
-                    tracing::error!(error = %e, "cannot record egress event");
-                }
                 let waiting = "waiting for approval: run `bot-bottle approvals`";
-                return Err(Refusal {
-                    status: 403,
-                    reason: forbidden_reason(waiting).into(),
-                    body: format!(
-                        "bot-bottle egress: {host}:{port} is not on the allowlist and is \
-                         {waiting} on the host (nobody answered within {}s; ask again once it \
-                         is approved)\n",
-                        approvals.hold().as_secs()
-                    ),
-                });
+                let body = format!(
+                    "bot-bottle egress: {host}:{port} is not on the allowlist and is {waiting} on \
+                     the host (nobody answered within {}s; ask again once it is approved)\n",
+                    approvals.hold().as_secs()
+                );
+                return Err(self.forbidden(event.clone(), waiting, body).await);
             }
         };
         Err(self.deny(event.clone(), &why).await)
