@@ -326,3 +326,46 @@ fn logs_show_a_rotated_logs_older_part_first() {
          14:00:02.000  deny   CONNECT  newer.test:443  not_allowed\n"
     );
 }
+
+#[test]
+fn plan_says_what_a_request_carrying_a_secret_gets_and_a_bad_mode_is_named() {
+    let sb = Sandbox::new("40-41");
+    sb.add_bottle(
+        "redacts",
+        "extends = \"test\"\n[egress]\nsecrets = \"redact\"\n",
+    );
+    sb.add_bottle(
+        "asks",
+        "extends = \"test\"\n[egress]\nsecrets = \"ask\"\nask_hold_secs = 20\n",
+    );
+    sb.add_bottle(
+        "hides",
+        "extends = \"test\"\n[egress]\nsecrets = \"hide\"\n",
+    );
+
+    let default = sb.run(&["plan", "test"]);
+    let redacts = sb.run(&["plan", "redacts"]);
+    let asks = sb.run(&["plan", "asks", "--json"]);
+    let hides = sb.run(&["plan", "hides"]);
+
+    assert!(
+        stdout(&default)
+            .contains("secrets: block — a request the proxy sees carrying one is refused (403)"),
+        "{}",
+        stdout(&default)
+    );
+    assert!(
+        stdout(&redacts).contains("sent with each secret overwritten by *"),
+        "{}",
+        stdout(&redacts)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&asks.stdout).unwrap();
+    assert_eq!(plan["egress"]["secrets"], "ask");
+    assert_eq!(plan["egress"]["secret_hold_secs"], 20);
+    // Unlisted hosts are still refused at once: only flagged requests ask.
+    assert!(plan["egress"].get("approval_hold_secs").is_none(), "{plan}");
+    assert_eq!(hides.status.code(), Some(2));
+    for word in ["secrets", "hide", "block", "redact"] {
+        assert!(stderr(&hides).contains(word), "{word}: {}", stderr(&hides));
+    }
+}

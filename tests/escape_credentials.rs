@@ -382,3 +382,95 @@ paths = [\"/me/app\"]\n";
         "{received:?}"
     );
 }
+
+/// Outbound secret scanning in the real bundle (`[egress] secrets`, `block` by default): the
+/// agent sends the bottle's own credential — which it never holds, so a test agent that sends
+/// it stands for one that got it anyway, by a prompt injection or an echo — in a request body
+/// to the intercepted host, and in a header of a plain-HTTP request to an allowed host. Both
+/// are refused with the rule named, nothing of the first reaches the fake API, and the log
+/// names the rule but never holds the value; clean requests on the same bottle still pass.
+#[test]
+fn a_request_carrying_the_bottles_credential_is_refused_and_never_arrives() {
+    if !docker_available("a_request_carrying_the_bottles_credential_is_refused") {
+        return;
+    }
+    let sb = Sandbox::new("231-231");
+    let (test_ca, server) = fake_pki("api.test");
+    let (port, seen) = fake_api(server);
+    let plain_port = common::http_server("plain-ok");
+    let store = sb.dir.path().join("trust-store.pem");
+    std::fs::write(&store, &test_ca).unwrap();
+    let toml = CREDS_BOTTLE.replace(
+        "allow = [\"api.test:*\"]\nhosts = { \"api.test\" = \"host-gateway\" }\nallow_private = [\"api.test\"]",
+        "allow = [\"api.test:*\", \"plain.test:*\"]\n\
+         hosts = { \"api.test\" = \"host-gateway\", \"plain.test\" = \"host-gateway\" }\n\
+         allow_private = [\"api.test\", \"plain.test\"]",
+    );
+    assert_ne!(toml, CREDS_BOTTLE);
+    let (run, _out, bottle_ca) = start_bottle_with(&sb, &store, &toml);
+    let proxy = "127.0.0.231:3128";
+
+    let body = format!("{{\"note\":\"{SECRET}\"}}");
+    let leak = format!(
+        "POST /me/app/issues HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let in_body = through_proxy(proxy, &bottle_ca, port, &leak);
+    let clean = through_proxy(
+        proxy,
+        &bottle_ca,
+        port,
+        &request("GET", "/me/app/repos", "api.test"),
+    );
+    let plain = |extra: &str| {
+        let mut tcp = TcpStream::connect(proxy).unwrap();
+        tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        write!(
+            tcp,
+            "GET http://plain.test:{plain_port}/ HTTP/1.1\r\nHost: plain.test:{plain_port}\r\n{extra}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = tcp.read_to_string(&mut answer);
+        answer
+    };
+    let in_header = plain(&format!("X-Note: {SECRET}\r\n"));
+    let plain_clean = plain("");
+    std::thread::sleep(Duration::from_millis(500));
+    let received = seen.lock().unwrap().clone();
+    let id = sb.rows()[0]["id"].as_str().unwrap().to_owned();
+    let log =
+        std::fs::read_to_string(sb.state().join("bottles").join(&id).join("egress.jsonl")).unwrap();
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    run.wait();
+
+    assert!(in_body.starts_with("HTTP/1.1 403"), "{in_body}");
+    assert!(
+        in_body.contains("credential api.test in the body"),
+        "{in_body}"
+    );
+    assert!(in_header.starts_with("HTTP/1.1 403"), "{in_header}");
+    assert!(
+        in_header.contains("credential api.test in header X-Note"),
+        "{in_header}"
+    );
+    assert!(!in_body.contains(SECRET) && !in_header.contains(SECRET));
+    assert!(clean.starts_with("HTTP/1.1 200"), "{clean}");
+    assert!(
+        plain_clean.starts_with("HTTP/1.1 200") && plain_clean.ends_with("plain-ok"),
+        "{plain_clean}"
+    );
+    // Only the clean request reached the fake API.
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert!(
+        received[0].starts_with("GET /me/app/repos "),
+        "{received:?}"
+    );
+    let blocked = log
+        .lines()
+        .filter(|l| l.contains("\"reason\":\"secret_blocked\""))
+        .count();
+    assert_eq!(blocked, 2, "{log}");
+    assert!(log.contains("\"rule\":\"credential api.test\""), "{log}");
+    assert!(!log.contains(SECRET), "the log holds the value: {log}");
+}

@@ -534,3 +534,155 @@ fn covered_ranges_merge() {
     assert!(!covered.overlaps(45, 60));
     assert!(covered.overlaps(45, 61));
 }
+
+#[test]
+fn the_rolling_hint_finds_a_credential_at_every_position_and_a_hintless_one_too() {
+    let mut rng = Rng(7);
+    let value = rng.token(ALNUM, 40);
+    let with_hint = Fingerprint::of("TOKEN", &value);
+    assert!(with_hint.hint.is_some());
+    let without_hint = Fingerprint {
+        hint: None,
+        ..with_hint.clone()
+    };
+    // An older fingerprint (no hint) deserializes and is searched by digest alone.
+    let mut json: serde_json::Value = serde_json::to_value(&with_hint).unwrap();
+    json.as_object_mut().unwrap().remove("hint");
+    assert_eq!(
+        serde_json::from_value::<Fingerprint>(json).unwrap(),
+        without_hint
+    );
+    for fp in [with_hint, without_hint] {
+        let scanner = Scanner::new(vec![fp]).with_entropy_threshold(f64::INFINITY);
+        for prefix in [0, 1, 17, 1000] {
+            for suffix in [0, 1, 33] {
+                let line = format!("{}{value}{}", "a".repeat(prefix), "b".repeat(suffix));
+                assert_eq!(
+                    scanner.scan_line(line.as_bytes()),
+                    vec![Finding {
+                        rule: "credential TOKEN".into(),
+                        start: prefix,
+                        end: prefix + value.len()
+                    }],
+                    "prefix {prefix}, suffix {suffix}"
+                );
+            }
+        }
+        // One byte changed anywhere: nothing.
+        let mut near = value.clone().into_bytes();
+        near[20] ^= 1;
+        assert!(scanner.scan_line(&near).is_empty());
+    }
+}
+
+#[test]
+fn scan_spans_gives_offsets_in_the_whole_text() {
+    let value = Rng(9).token(ALNUM, 32);
+    let scanner = Scanner::new(vec![Fingerprint::of("K", &value)]);
+    let text = format!("first line\r\nsecond {value}\nthird\n{value}");
+    let spans = scanner.scan_spans(text.as_bytes());
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    for span in &spans {
+        assert_eq!(&text[span.start..span.end], value);
+    }
+}
+
+#[test]
+fn a_maximum_run_keeps_long_data_out_of_the_entropy_rule_but_not_tokens() {
+    let mut rng = Rng(11);
+    let blob = rng.token(BASE64, 4096);
+    let token = rng.token(BASE64, 40);
+    let github = format!("ghp_{}", rng.token(ALNUM, 36));
+    let text = format!("{{\"image\":\"{blob}\",\"key\":\"{token}\",\"gh\":\"{github}\"}}");
+    let all = Scanner::new(vec![]).scan_spans(text.as_bytes());
+    assert!(all.iter().any(|f| f.end - f.start > 1000), "{all:?}");
+    let capped = Scanner::new(vec![])
+        .with_max_entropy_run(256)
+        .scan_spans(text.as_bytes());
+    let found: Vec<&str> = capped.iter().map(|f| &text[f.start..f.end]).collect();
+    assert!(found.contains(&token.as_str()), "{found:?}");
+    assert!(found.contains(&github.as_str()), "{found:?}");
+    assert!(capped.iter().all(|f| f.end - f.start <= 256), "{capped:?}");
+}
+
+#[test]
+fn strided_run_search_finds_exactly_the_long_runs() {
+    // Naive: every maximal run of entropy bytes, at least `min` long.
+    fn naive(line: &[u8], min: usize) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < line.len() {
+            if !is_entropy_byte(line[i]) {
+                i += 1;
+                continue;
+            }
+            let end = (i..line.len())
+                .find(|&j| !is_entropy_byte(line[j]))
+                .unwrap_or(line.len());
+            if end - i >= min {
+                out.push((i, end));
+            }
+            i = end;
+        }
+        out
+    }
+    let mut rng = Rng(3);
+    // Mostly entropy bytes with separators now and then: runs of every length, at both ends.
+    let alphabet = b"aB3+/=_-aB3aB3aB3aB3 .\"";
+    for len in [0, 1, 19, 20, 21, 57, 400, 2000] {
+        for _ in 0..50 {
+            let line = rng.token(alphabet, len);
+            for min in [1, 2, 5, 20] {
+                assert_eq!(
+                    long_runs(line.as_bytes(), min).collect::<Vec<_>>(),
+                    naive(line.as_bytes(), min),
+                    "{line:?} min {min}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn credentials_by_value_are_found_and_never_printed() {
+    let token = Rng(5).token(ALNUM, 40);
+    let header = format!("Bearer {token}");
+    let scanner = Scanner::new(vec![])
+        .with_entropy_threshold(f64::INFINITY)
+        .with_values(&[("api.test", &header), ("api.test", &token), ("EMPTY", "")]);
+    let debug = format!("{scanner:?}");
+    assert!(
+        debug.contains("api.test") && !debug.contains(&token),
+        "{debug}"
+    );
+    let text = format!("a={token}&b=x\n{header}");
+    let found: Vec<(String, &str)> = scanner
+        .scan_spans(text.as_bytes())
+        .into_iter()
+        .map(|f| (f.rule, &text[f.start..f.end]))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            ("credential api.test".to_owned(), token.as_str()),
+            ("credential api.test".to_owned(), header.as_str()),
+        ]
+    );
+}
+
+#[test]
+fn lines_split_exactly_like_slice_split() {
+    for text in [
+        &b""[..],
+        b"\n",
+        b"a",
+        b"a\n",
+        b"\na",
+        b"a\nb\r\n\nc",
+        b"\n\n\n",
+    ] {
+        let ours: Vec<&[u8]> = lines(text).collect();
+        let std: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+        assert_eq!(ours, std, "{text:?}");
+    }
+}

@@ -86,6 +86,8 @@ pub async fn create_bundle(
         ca_cert: intercepting.then(|| inside.ca_cert()),
         supervisor_token_file: Some(inside.supervisor_token()),
         approval_hold_secs: plan.egress.approval_hold_secs,
+        secrets: plan.egress.secrets,
+        secret_hold_secs: plan.egress.secret_hold_secs,
         // The host's trust store, for the real hosts of intercepted connections.
         trust_store: match credentials.is_empty() {
             true => None,

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::bundle::egress::approvals::Approvals;
 use crate::bundle::egress::intercept::{BottleCa, Injection, Interception};
-use crate::bundle::egress::{EgressPolicy, ProxyConfig, RequestRuleSpec};
+use crate::bundle::egress::{EgressPolicy, ProxyConfig, RequestRuleSpec, SecretMode, SecretScan};
 use crate::plan::{GIT_GATE_PORT, PROXY_PORT, SUPERVISOR_PORT};
 
 /// Environment variable carrying the sidecar's JSON configuration.
@@ -101,6 +101,12 @@ pub struct SidecarConfig {
     /// human's answer; none: such requests are refused at once.
     #[serde(default)]
     pub approval_hold_secs: Option<u64>,
+    /// `[egress] secrets`: outbound secret scanning of what the proxy sees inside.
+    #[serde(default)]
+    pub secrets: SecretMode,
+    /// `secrets = "ask"`: how long a request carrying a secret is held for the human's answer.
+    #[serde(default)]
+    pub secret_hold_secs: Option<u64>,
 }
 
 /// One host's credential as the proxy sets it: `header: value`.
@@ -248,6 +254,23 @@ fn docker_host_addresses() -> Vec<std::net::IpAddr> {
     }
 }
 
+/// The proxy's secret scanner: the bottle's mode, and every credential value it injects (and
+/// the token after its scheme) as its own rule `credential <host>`.
+fn secret_scan(config: &SidecarConfig, queue: Option<Approvals>) -> SecretScan {
+    let mut known: Vec<(&str, &str)> = Vec::new();
+    for c in &config.credentials {
+        known.push((&c.host, &c.value));
+        if let Some((_, token)) = c.value.split_once(' ') {
+            known.push((&c.host, token.trim()));
+        }
+    }
+    let scan = SecretScan::new(config.secrets, &known);
+    match queue.filter(|_| config.secrets == SecretMode::Ask) {
+        Some(queue) => scan.with_approvals(queue),
+        None => scan,
+    }
+}
+
 /// Run the bundle until SIGTERM.
 pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     let policy = EgressPolicy::new(&config.allow, &config.deny, &config.deny_message)
@@ -261,9 +284,15 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         policy,
     );
     proxy.event_log = config.event_log.clone();
-    proxy.approvals = config
+    // One queue for both kinds of question, so that `bot-bottle approvals` lists them together.
+    let queue = config
         .approval_hold_secs
+        .or(config.secret_hold_secs)
         .map(|secs| Approvals::new(std::time::Duration::from_secs(secs)));
+    proxy.approvals = queue
+        .clone()
+        .filter(|_| config.approval_hold_secs.is_some());
+    proxy.secrets = Some(std::sync::Arc::new(secret_scan(&config, queue.clone())));
     // Interception needs an agent that trusts the CA: no certificate path, no interception.
     match &config.ca_cert {
         Some(path) => proxy.interception = Some(std::sync::Arc::new(interception(&config, path)?)),
@@ -292,7 +321,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
                 token,
                 policy: proxy.live_policy(),
                 events: proxy.event_log(),
-                approvals: proxy.approvals(),
+                approvals: queue,
             };
             tokio::spawn(supervisor.serve(supervisor_port));
         }
@@ -406,6 +435,8 @@ mod tests {
             trust_store,
             supervisor_token_file: None,
             approval_hold_secs: None,
+            secrets: SecretMode::Block,
+            secret_hold_secs: None,
         }
     }
 

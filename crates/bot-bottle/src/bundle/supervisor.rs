@@ -200,8 +200,8 @@ impl Supervisor {
         let Some(approvals) = &self.approvals else {
             return (
                 404,
-                "bot-bottle supervisor: this bottle does not ask (its manifest has `[egress] \
-                 unknown = \"deny\"`): use `bot-bottle allow`\n"
+                "bot-bottle supervisor: this bottle does not ask (its manifest has neither \
+                 `[egress] unknown = \"ask\"` nor `secrets = \"ask\"`): use `bot-bottle allow`\n"
                     .into(),
             );
         };
@@ -215,7 +215,9 @@ impl Supervisor {
             );
         };
         let rule = format!("{}:{}", pending.host, pending.port);
-        if decision.answer == Answer::Session {
+        // A request held for a secret it carries is about those strings, not the host: the
+        // queue remembers them for `session`, and no host rule is added.
+        if decision.answer == Answer::Session && pending.secret.is_none() {
             if let Err(e) = self.policy.allow_more(&rule) {
                 return (400, format!("bot-bottle supervisor: {e}\n"));
             }

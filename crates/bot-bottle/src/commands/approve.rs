@@ -24,6 +24,25 @@ pub struct ApproveArgs {
 
 pub async fn run(ctx: &Context, args: ApproveArgs) -> anyhow::Result<i32> {
     let bottle = supervise::one(&ctx.dirs, &args.target)?;
+    if args.save {
+        let pending = bottle
+            .pending()
+            .await
+            .with_context(|| format!("listing the requests of {}", bottle.id))?;
+        if let Some(secret) = pending
+            .iter()
+            .find(|p| p.id == args.id)
+            .and_then(|p| p.secret.as_ref())
+        {
+            anyhow::bail!(
+                "request {} of {} is held because it carries a secret ({secret}): that cannot be \
+                 saved into a manifest; approve it once, or with --session for the rest of this \
+                 session",
+                args.id,
+                bottle.id
+            );
+        }
+    }
     let answer = match args.session || args.save {
         true => Answer::Session,
         false => Answer::Once,

@@ -105,6 +105,21 @@ fn print_human(p: &plan::BottlePlan) {
         ),
         None => println!("            other hosts: 403 (`[egress] unknown = \"deny\"`)"),
     }
+    use bot_bottle::bundle::egress::SecretMode;
+    let secrets = match (p.egress.secrets, p.egress.secret_hold_secs) {
+        (SecretMode::Block, _) => "refused (403)".to_owned(),
+        (SecretMode::Ask, Some(secs)) => {
+            format!("held {secs} s for approval (`bot-bottle approvals`), then 403")
+        }
+        (SecretMode::Ask, None) => "refused (403)".to_owned(),
+        (SecretMode::Redact, _) => "sent with each secret overwritten by *".to_owned(),
+        (SecretMode::Log, _) => "sent, and logged".to_owned(),
+        (SecretMode::Off, _) => "not scanned".to_owned(),
+    };
+    println!(
+        "            secrets: {} — a request the proxy sees carrying one is {secrets}",
+        p.egress.secrets.as_str()
+    );
     for a in &p.allowlist {
         println!("allowlist   {}:{}", a.cidr, a.port);
     }

@@ -142,6 +142,9 @@ pub struct RawEgress {
     pub unknown: Option<Unknown>,
     /// With `unknown = "ask"`: seconds a request is held before it is refused as waiting.
     pub ask_hold_secs: Option<u64>,
+    /// What a request the proxy sees carrying a secret gets (`block`, `ask`, `redact`, `log`,
+    /// `off`).
+    pub secrets: Option<crate::bundle::egress::SecretMode>,
 }
 
 /// `[egress] unknown`: a request to a host no rule lists is refused (`deny`, the default, for
@@ -298,8 +301,11 @@ pub struct Egress {
     /// Exceptions to the proxy's address floor (see `prds/0003-egress-policy.md`).
     pub allow_private: Vec<String>,
     pub unknown: Unknown,
-    /// How long a request to an unlisted host is held for approval (`unknown = "ask"`).
+    /// How long a request to an unlisted host is held for approval (`unknown = "ask"`), and a
+    /// request carrying a secret (`secrets = "ask"`).
     pub ask_hold_secs: u64,
+    /// Outbound secret scanning (see `crate::bundle::egress::secrets`); `block` by default.
+    pub secrets: crate::bundle::egress::SecretMode,
 }
 
 /// `ask_hold_secs` when the manifest gives none.
@@ -477,6 +483,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
     let mut deny_message = None;
     let mut unknown = None;
     let mut ask_hold_secs = None;
+    let mut secrets = None;
     let mut vcpus = None;
     let mut memory_mib = None;
     let mut pids = None;
@@ -505,6 +512,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
         deny_message = raw.egress.deny_message.or(deny_message);
         unknown = raw.egress.unknown.or(unknown);
         ask_hold_secs = raw.egress.ask_hold_secs.or(ask_hold_secs);
+        secrets = raw.egress.secrets.or(secrets);
         vcpus = raw.resources.vcpus.or(vcpus);
         memory_mib = raw.resources.memory_mib.or(memory_mib);
         pids = raw.resources.pids.or(pids);
@@ -638,6 +646,7 @@ fn resolve(name: &str, layers: Vec<(String, RawManifest)>) -> Result<Manifest, M
             allow_private,
             unknown: unknown.unwrap_or_default(),
             ask_hold_secs,
+            secrets: secrets.unwrap_or_default(),
         },
         credentials,
         mounts,

@@ -243,8 +243,12 @@ fn notifier() -> Option<std::path::PathBuf> {
 
 fn notify(notify_send: &std::path::Path, bottle: &str, p: &Pending) {
     let summary = format!("bot-bottle {bottle}: a request waits for approval");
+    let carrying = match &p.secret {
+        Some(secret) => format!(" carrying a secret ({secret})"),
+        None => String::new(),
+    };
     let body = format!(
-        "{} {}:{} — run `bot-bottle approvals`",
+        "{} {}:{}{carrying} — run `bot-bottle approvals`",
         p.method, p.host, p.port
     );
     // Not waited for; a notifier that fails costs nothing but the notification.

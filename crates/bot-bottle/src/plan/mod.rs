@@ -162,6 +162,12 @@ pub struct EgressPlan {
     /// none: refused at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval_hold_secs: Option<u64>,
+    /// `[egress] secrets`: what a request the proxy sees carrying a secret gets.
+    #[serde(default)]
+    pub secrets: crate::bundle::egress::SecretMode,
+    /// `secrets = "ask"`: seconds such a request waits for approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_hold_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -375,6 +381,9 @@ pub fn plan(manifest: &Manifest, host: &HostFacts) -> Result<BottlePlan, PlanErr
             allow_private: manifest.egress.allow_private.clone(),
             request_rules: manifest.egress.request_rules.clone(),
             approval_hold_secs: (manifest.egress.unknown == crate::config::manifest::Unknown::Ask)
+                .then_some(manifest.egress.ask_hold_secs),
+            secrets: manifest.egress.secrets,
+            secret_hold_secs: (manifest.egress.secrets == crate::bundle::egress::SecretMode::Ask)
                 .then_some(manifest.egress.ask_hold_secs),
         },
         allowlist,

@@ -157,6 +157,15 @@ async fn act(
         _ => Answer::Deny,
     };
     let rule = format!("{}:{}", chosen.request.host, chosen.request.port);
+    if key == 'a' {
+        if let Some(secret) = &chosen.request.secret {
+            return format!(
+                "{}: {rule}: held for a secret it carries ({secret}), which cannot be saved: \
+                 press o (once) or s (this session)",
+                bottle.id
+            );
+        }
+    }
     if let Err(e) = bottle.answer(chosen.request.id, answer).await {
         return format!("{}: {rule}: {e}", bottle.id);
     }
@@ -184,7 +193,8 @@ fn draw(frame: &mut ratatui::Frame, view: &mut View) {
             Line::from("No request waits for approval."),
             Line::from(
                 "A request shows here when an agent in a bottle with `[egress] unknown = \"ask\"` \
-                 asks for a host its allowlist does not name.",
+                 asks for a host its allowlist does not name, or one with `secrets = \"ask\"` \
+                 sends what looks like a secret.",
             ),
         ])
         .block(block)
@@ -192,10 +202,13 @@ fn draw(frame: &mut ratatui::Frame, view: &mut View) {
         frame.render_widget(empty, list);
     } else {
         let rows = view.waiting.iter().map(|w| {
-            let request = match &w.request.path {
+            let mut request = match &w.request.path {
                 Some(path) => format!("{} {path}", w.request.method),
                 None => w.request.method.clone(),
             };
+            if let Some(secret) = &w.request.secret {
+                request = format!("{request}  SECRET: {secret}");
+            }
             Row::new(vec![
                 w.bottle_id.clone(),
                 w.request.id.to_string(),

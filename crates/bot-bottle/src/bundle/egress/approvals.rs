@@ -9,6 +9,11 @@
 //! to the live policy, so it holds until the bottle stops; `deny` refuses at once every later
 //! request to that `host:port` for the rest of the session. Deny rules, the address floor and
 //! the request rules are decided as before: only "no rule lists it" asks.
+//!
+//! With `[egress] secrets = "ask"`, a request the secret scanner flagged waits here too, as its
+//! own entry (`secret` says which rules found what, never the value): `once` lets it through,
+//! `session` lets every later request to that `host:port` carrying the same strings through
+//! (the entry remembers their SHA-256, not the strings), `deny` refuses them all.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -49,6 +54,10 @@ pub struct Pending {
     pub count: u64,
     /// Requests held right now (derived when listed: the entry's open receivers).
     pub waiting: usize,
+    /// For a request held because it carries a secret: what found it, and where
+    /// (`github-token in the body`); never the value. Such an entry adds no host rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 /// What became of a held request.
@@ -74,6 +83,8 @@ struct Entry {
     /// Its `waiting` is filled in by [`Entry::snapshot`].
     pending: Pending,
     answer: watch::Sender<Option<Answer>>,
+    /// A secret entry: the SHA-256 of each string the scanner found, over all its requests.
+    digests: HashSet<[u8; 32]>,
 }
 
 impl Entry {
@@ -86,13 +97,28 @@ impl Entry {
     }
 }
 
+/// What an entry is about: a `host:port`, and for a flagged request what was found there.
+type Key = (String, u16, Option<String>);
+
 #[derive(Default)]
 struct Queue {
     next_id: u64,
     entries: BTreeMap<u64, Entry>,
     /// Answered `once` with nothing held: the next request passes.
-    granted_once: HashSet<(String, u16)>,
-    denied: HashSet<(String, u16)>,
+    granted_once: HashSet<Key>,
+    denied: HashSet<Key>,
+    /// Strings (by SHA-256) answered `session` for a `host:port`.
+    allowed_secrets: HashSet<(String, u16, [u8; 32])>,
+}
+
+impl Entry {
+    fn key(&self) -> Key {
+        (
+            self.pending.host.clone(),
+            self.pending.port,
+            self.pending.secret.clone(),
+        )
+    }
 }
 
 /// The bundle's queue, shared by the proxy (which asks) and the supervisor (which answers).
@@ -129,7 +155,43 @@ impl Approvals {
 
     /// Holds a request to `host:port` until it is answered or the hold ends.
     pub async fn ask(&self, host: &str, port: u16, method: &str, path: Option<&str>) -> Outcome {
-        let key = (host.to_owned(), port);
+        self.hold_on((host.to_owned(), port, None), method, path, &[])
+            .await
+    }
+
+    /// Holds a request to `host:port` that carries secrets — `found` says which rules found
+    /// what where, `digests` are the SHA-256 of the strings — until it is answered or the hold
+    /// ends. Strings all answered `session` for this `host:port` pass without asking.
+    pub async fn ask_secret(
+        &self,
+        host: &str,
+        port: u16,
+        method: &str,
+        path: Option<&str>,
+        found: &str,
+        digests: &[[u8; 32]],
+    ) -> Outcome {
+        let allowed = {
+            let q = self.lock();
+            !digests.is_empty()
+                && digests
+                    .iter()
+                    .all(|d| q.allowed_secrets.contains(&(host.to_owned(), port, *d)))
+        };
+        if allowed {
+            return Outcome::Approved(Answer::Session);
+        }
+        let key = (host.to_owned(), port, Some(found.to_owned()));
+        self.hold_on(key, method, path, digests).await
+    }
+
+    async fn hold_on(
+        &self,
+        key: Key,
+        method: &str,
+        path: Option<&str>,
+        digests: &[[u8; 32]],
+    ) -> Outcome {
         let mut answer = {
             let mut q = self.lock();
             if q.denied.contains(&key) {
@@ -139,15 +201,13 @@ impl Approvals {
                 return Outcome::Approved(Answer::Once);
             }
             let full = q.entries.len() >= MAX_PENDING;
-            let existing = q
-                .entries
-                .values_mut()
-                .find(|e| e.pending.host == host && e.pending.port == port);
+            let existing = q.entries.values_mut().find(|e| e.key() == key);
             match existing {
                 Some(entry) => {
                     entry.pending.count += 1;
                     entry.pending.method = method.to_owned();
                     entry.pending.path = path.map(str::to_owned);
+                    entry.digests.extend(digests.iter().copied());
                     entry.answer.subscribe()
                 }
                 None if full => return Outcome::QueueFull,
@@ -155,21 +215,24 @@ impl Approvals {
                     q.next_id += 1;
                     let id = q.next_id;
                     let (tx, rx) = watch::channel(None);
+                    let (host, port, secret) = key;
                     let pending = Pending {
                         id,
-                        host: host.to_owned(),
+                        host,
                         port,
                         method: method.to_owned(),
                         path: path.map(str::to_owned),
                         first_seen: super::events::rfc3339_utc_ms(super::events::unix_ms_now()),
                         count: 1,
                         waiting: 0,
+                        secret,
                     };
                     q.entries.insert(
                         id,
                         Entry {
                             pending,
                             answer: tx,
+                            digests: digests.iter().copied().collect(),
                         },
                     );
                     rx
@@ -199,7 +262,7 @@ impl Approvals {
         let mut q = self.lock();
         let entry = q.entries.remove(&id).ok_or(ApprovalError::Unknown { id })?;
         let answered = entry.snapshot();
-        let key = (answered.host.clone(), answered.port);
+        let key = entry.key();
         let held = answered.waiting;
         match answer {
             Answer::Deny => {
@@ -207,6 +270,12 @@ impl Approvals {
             }
             Answer::Once if held == 0 => {
                 q.granted_once.insert(key);
+            }
+            Answer::Session if answered.secret.is_some() => {
+                for d in &entry.digests {
+                    q.allowed_secrets
+                        .insert((answered.host.clone(), answered.port, *d));
+                }
             }
             Answer::Once | Answer::Session => {}
         }

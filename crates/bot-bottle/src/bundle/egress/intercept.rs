@@ -33,11 +33,12 @@ use rustls::RootCertStore;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::body;
+use super::body::{self, BodyError};
 use super::events::{EgressEvent, EventLog};
 use super::http::{self, BodyFraming, ResponseFraming};
 use super::policy::{normalize_host, CredentialPaths, PathError};
 use super::request_rules::{self, RequestDenied, RequestRules};
+use super::secrets::{self, ReadError, SecretScan, Verdict};
 
 /// Longest request head the agent may send through an intercepted connection.
 const MAX_HEAD: usize = 64 * 1024;
@@ -221,6 +222,18 @@ pub(crate) struct PathRefusals<'a> {
     /// The `[egress] allow` tables for the tunnel's host and port: every request must fit one
     /// (empty: not checked).
     pub rules: RequestRules,
+    /// Outbound secret scanning of each request (see [`super::secrets`]); none: off.
+    pub secrets: Option<&'a SecretScan>,
+}
+
+/// What becomes of a request inside the tunnel once it is scanned.
+enum Scanned {
+    /// It goes up: its body as framed for the real host.
+    Send(Vec<u8>),
+    /// Refused; its body was read whole, so the connection goes on.
+    Refused(Vec<u8>),
+    /// Refused; its body could not be read (too large, or badly framed): the connection ends.
+    End(Vec<u8>),
 }
 
 impl PathRefusals<'_> {
@@ -242,6 +255,53 @@ impl PathRefusals<'_> {
             if let Err(e) = log.append(&event).await {
                 tracing::error!(error = %e, "cannot record egress event");
             }
+        }
+    }
+
+    /// Reads the request's body whole and scans it with the head as it goes up (the injected
+    /// credential's header left out).
+    async fn scan<R: tokio::io::AsyncBufRead + Unpin>(
+        &self,
+        scan: &SecretScan,
+        request: &mut Rewritten,
+        agent: &mut R,
+        injection: &Injection,
+    ) -> std::io::Result<Scanned> {
+        let method = request.method.clone();
+        let mut body = match secrets::read_body(agent, request.framing).await {
+            Ok(body) => body,
+            Err(ReadError::Body(BodyError::Io(e))) => return Err(e),
+            Err(e) => {
+                let (status, phrase, reason) = match e {
+                    ReadError::TooLarge => (413, "Content Too Large", "secret_scan_limit"),
+                    ReadError::Body(_) => (400, "Bad Request", "bad_request"),
+                };
+                let why = e.to_string();
+                self.record(&method, reason, &why).await;
+                let reply = http::response(status, phrase, &format!("bot-bottle egress: {why}\n"));
+                return Ok(Scanned::End(reply));
+            }
+        };
+        let hits = scan.scan(&request.head, Some(&injection.header), &body);
+        if hits.is_empty() {
+            return Ok(Scanned::Send(secrets::framed(body, request.framing)));
+        }
+        let mut event = self.template.clone();
+        event.method = method;
+        let target = request.target.clone();
+        match scan.act(&hits, self.log, &event, Some(&target)).await {
+            Verdict::Send { redact, .. } => {
+                if redact {
+                    hits.redact(&mut request.head, &mut body);
+                }
+                Ok(Scanned::Send(secrets::framed(body, request.framing)))
+            }
+            Verdict::Refuse {
+                status,
+                phrase,
+                body,
+                ..
+            } => Ok(Scanned::Refused(http::response(status, &phrase, &body))),
         }
     }
 
@@ -536,17 +596,41 @@ impl Interception {
                 agent.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
                 agent.flush().await?;
             }
-            real.write_all(&request.head).await?;
-            if let Err(e) = body::forward(&mut agent, &mut real, request.framing).await {
-                if !e.is_framing() {
-                    return Err(e.into());
+            if let Some(scan) = refusals.secrets {
+                match refusals
+                    .scan(scan, &mut request, &mut agent, injection)
+                    .await?
+                {
+                    Scanned::Send(body) => {
+                        real.write_all(&request.head).await?;
+                        real.write_all(&body).await?;
+                    }
+                    Scanned::Refused(reply) => {
+                        agent.write_all(&reply).await?;
+                        agent.flush().await?;
+                        if request.closes {
+                            break;
+                        }
+                        continue;
+                    }
+                    Scanned::End(reply) => {
+                        agent.write_all(&reply).await?;
+                        break;
+                    }
                 }
-                // The real host holds a request it will never see the end of: this connection
-                // ends here (the caller closes it), nothing more goes up on it.
-                let reply =
-                    http::response(400, "Bad Request", &format!("bot-bottle egress: {e}\n"));
-                agent.write_all(&reply).await?;
-                break;
+            } else {
+                real.write_all(&request.head).await?;
+                if let Err(e) = body::forward(&mut agent, &mut real, request.framing).await {
+                    if !e.is_framing() {
+                        return Err(e.into());
+                    }
+                    // The real host holds a request it will never see the end of: this connection
+                    // ends here (the caller closes it), nothing more goes up on it.
+                    let reply =
+                        http::response(400, "Bad Request", &format!("bot-bottle egress: {e}\n"));
+                    agent.write_all(&reply).await?;
+                    break;
+                }
             }
             real.flush().await?;
 
@@ -1046,6 +1130,8 @@ mod tests {
         requests: std::sync::atomic::AtomicUsize,
         /// Every request head received, in order (what the agent sees back is redacted).
         heads: Mutex<Vec<String>>,
+        /// Every request body received, as framed on the wire.
+        bodies: Mutex<Vec<Vec<u8>>>,
     }
 
     impl Seen {
@@ -1086,6 +1172,10 @@ mod tests {
                         let mut echo = head.clone();
                         let framing = http::body_framing(&parsed).unwrap();
                         body::forward(&mut tls, &mut echo, framing).await.unwrap();
+                        seen.bodies
+                            .lock()
+                            .unwrap()
+                            .push(echo[head.len()..].to_vec());
                         let closes = http::closes_connection(parsed.version, &parsed.headers);
                         match parsed.target.as_str() {
                             "/stream" => {
@@ -1142,7 +1232,7 @@ mod tests {
     async fn proxy(
         root: CertificateDer<'static>,
     ) -> (std::net::SocketAddr, CertificateDer<'static>) {
-        proxy_with(root, bearer(), None).await
+        proxy_with(root, bearer(), None, None).await
     }
 
     /// [`proxy`] with `injection` for `api.test`, and decision events written to `log`.
@@ -1150,6 +1240,7 @@ mod tests {
         root: CertificateDer<'static>,
         injection: Injection,
         log: Option<std::path::PathBuf>,
+        secrets: Option<super::secrets::SecretMode>,
     ) -> (std::net::SocketAddr, CertificateDer<'static>) {
         use crate::bundle::egress::{EgressPolicy, EgressProxy, ProxyConfig, Resolver};
         let ca = BottleCa::generate("test-intercept").unwrap();
@@ -1173,6 +1264,14 @@ mod tests {
         config.allow_loopback_upstream = true;
         config.interception = Some(Arc::new(interception));
         config.event_log = log;
+        config.secrets = secrets.map(|mode| {
+            // What the sidecar gives it: each injected value, and its token alone.
+            let known = [
+                ("api.test", "Bearer real-secret"),
+                ("api.test", "real-secret"),
+            ];
+            Arc::new(SecretScan::new(mode, &known))
+        });
         let proxy = EgressProxy::bind(config).await.unwrap();
         let addr = proxy.local_addr();
         tokio::spawn(proxy.run(std::future::pending()));
@@ -1494,7 +1593,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("egress.jsonl");
         let injection = bearer().with_paths(&["/me/app".to_owned()]).unwrap();
-        let (proxy, bottle_ca) = proxy_with(root, injection, Some(log.clone())).await;
+        let (proxy, bottle_ca) = proxy_with(root, injection, Some(log.clone()), None).await;
 
         // Allowed, then (on the same connection) an escape through a dot segment.
         let mut conn = agent_connect(proxy, "api.test", port, bottle_ca.clone())
@@ -1575,5 +1674,84 @@ mod tests {
             "the agent's connection stayed open to a closed host"
         );
         assert!(rest.is_empty(), "{rest:?}");
+    }
+
+    /// The agent's request with `body` on a kept connection to `api.test`.
+    fn post_with(body: &str) -> String {
+        format!(
+            "POST /v1/messages HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[tokio::test]
+    async fn a_body_carrying_the_injected_credential_is_blocked_inside_the_tunnel_and_the_connection_goes_on(
+    ) {
+        use std::sync::atomic::Ordering;
+        let (root, server) = pki("api.test");
+        let (port, seen) = tls_upstream(server, notify()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("egress.jsonl");
+        let block = Some(super::super::secrets::SecretMode::Block);
+        let (proxy, bottle_ca) = proxy_with(root, bearer(), Some(log.clone()), block).await;
+        let mut conn = agent_connect(proxy, "api.test", port, bottle_ca)
+            .await
+            .unwrap();
+
+        // The credential the proxy injects, sent back out by the agent in a body.
+        conn.write_all(post_with("{\"note\":\"real-secret\"}").as_bytes())
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut conn, "POST").await;
+        let body = String::from_utf8_lossy(&body).into_owned();
+        assert_eq!(head.status, 403, "{body}");
+        assert!(body.contains("credential api.test in the body"), "{body}");
+        assert!(!body.contains("real-secret"), "{body}");
+        assert_eq!(seen.requests.load(Ordering::SeqCst), 0, "nothing went up");
+
+        // The body was read whole: the same connection carries the next, clean request.
+        conn.write_all(post_with("hello").as_bytes()).await.unwrap();
+        let (head, _) = read_response(&mut conn, "POST").await;
+        assert_eq!(head.status, 200);
+        assert_eq!(seen.bodies.lock().unwrap().clone(), vec![b"hello".to_vec()]);
+        // The injected header itself is not a finding.
+        assert!(seen
+            .heads()
+            .contains("Authorization: Bearer real-secret\r\n"));
+
+        let text = std::fs::read_to_string(&log).unwrap();
+        let blocked: Vec<EgressEvent> = text
+            .lines()
+            .map(|l| serde_json::from_str::<EgressEvent>(l).unwrap())
+            .filter(|e| e.reason == "secret_blocked")
+            .collect();
+        assert_eq!(blocked.len(), 1, "{text}");
+        assert_eq!(
+            (blocked[0].method.as_str(), blocked[0].rule.as_deref()),
+            ("POST", Some("credential api.test"))
+        );
+        assert!(!text.contains("real-secret"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn redact_mode_overwrites_the_credential_before_the_real_host_gets_the_body() {
+        let (root, server) = pki("api.test");
+        let (port, seen) = tls_upstream(server, notify()).await;
+        let redact = Some(super::super::secrets::SecretMode::Redact);
+        let (proxy, bottle_ca) = proxy_with(root, bearer(), None, redact).await;
+        let mut conn = agent_connect(proxy, "api.test", port, bottle_ca)
+            .await
+            .unwrap();
+
+        conn.write_all(post_with("k=real-secret&x=1").as_bytes())
+            .await
+            .unwrap();
+        let (head, _) = read_response(&mut conn, "POST").await;
+
+        assert_eq!(head.status, 200);
+        assert_eq!(
+            seen.bodies.lock().unwrap().clone(),
+            vec![b"k=***********&x=1".to_vec()]
+        );
     }
 }

@@ -8,7 +8,8 @@
 //! - [`approvals`]: requests to unlisted hosts held for a human's answer (`unknown = "ask"`);
 //! - [`events`]: one JSON line per decision, appended to the bottle's event log;
 //! - [`proxy`]: the tokio server (`CONNECT` tunnels and plain-HTTP forwarding);
-//! - [`intercept`]: credential injection by TLS interception, for hosts with a credential.
+//! - [`intercept`]: credential injection by TLS interception, for hosts with a credential;
+//! - [`secrets`]: outbound secret scanning of what the proxy sees inside (`[egress] secrets`).
 //!
 //! The policy and its reasons are documented in `prds/0003-egress-policy.md`.
 
@@ -19,6 +20,7 @@ pub mod policy;
 pub mod proxy;
 pub mod request_rules;
 pub mod resolve;
+pub mod secrets;
 
 pub(crate) mod body;
 pub(crate) mod http;
@@ -32,6 +34,8 @@ mod tests_approvals;
 mod tests_binding;
 #[cfg(test)]
 mod tests_framing;
+#[cfg(test)]
+mod tests_secrets;
 
 use std::io;
 use std::net::SocketAddr;
@@ -45,6 +49,7 @@ pub use policy::{
 pub use proxy::{serve, EgressProxy, ProxyConfig, ProxyLimits};
 pub use request_rules::{RequestDenied, RequestRuleSpec, RequestRules};
 pub use resolve::{FloorRange, Resolver};
+pub use secrets::{SecretMode, SecretScan};
 
 /// Everything that can go wrong in the egress module.
 #[derive(Debug, thiserror::Error)]

@@ -32,6 +32,7 @@ use super::policy::{
 };
 use super::request_rules;
 use super::resolve::Resolver;
+use super::secrets::{self, Hits, SecretMode, SecretScan, Verdict};
 use super::EgressError;
 
 /// Buffer per direction of a tunnel: large enough for full-speed loopback copies.
@@ -97,6 +98,9 @@ pub struct ProxyConfig {
     /// `[egress] unknown = "ask"`: requests no rule lists wait here for the human's answer;
     /// `None` refuses them at once.
     pub approvals: Option<Approvals>,
+    /// Outbound secret scanning of what the proxy sees inside (`[egress] secrets`); `None`
+    /// scans nothing.
+    pub secrets: Option<Arc<SecretScan>>,
 }
 
 impl ProxyConfig {
@@ -113,6 +117,7 @@ impl ProxyConfig {
             allow_loopback_upstream: false,
             interception: None,
             approvals: None,
+            secrets: None,
         }
     }
 }
@@ -135,6 +140,8 @@ struct Shared {
     allow_loopback_upstream: bool,
     interception: Option<Arc<Interception>>,
     approvals: Option<Approvals>,
+    /// Scanning on (not `off`).
+    secrets: Option<Arc<SecretScan>>,
 }
 
 /// Binds `config.listen` and serves until `shutdown` completes.
@@ -175,6 +182,7 @@ impl EgressProxy {
                 allow_loopback_upstream: config.allow_loopback_upstream,
                 interception: config.interception,
                 approvals: config.approvals,
+                secrets: config.secrets.filter(|s| s.mode() != SecretMode::Off),
             }),
         })
     }
@@ -542,6 +550,71 @@ impl Conn<'_> {
         Err(self.deny(event.clone(), &why).await)
     }
 
+    /// Acts on the secrets found in a request (see [`SecretScan::act`]): whether to
+    /// overwrite them, or the refusal.
+    async fn judge_secrets(
+        &self,
+        scan: &SecretScan,
+        hits: &Hits,
+        event: &EgressEvent,
+        path: Option<&str>,
+    ) -> Result<bool, Refusal> {
+        let log = self.shared.events.as_deref();
+        match scan.act(hits, log, event, path).await {
+            Verdict::Send { redact, .. } => Ok(redact),
+            Verdict::Refuse {
+                status,
+                phrase,
+                body,
+                ..
+            } => Err(Refusal {
+                status,
+                reason: phrase.into(),
+                body,
+            }),
+        }
+    }
+
+    /// Reads a plain-HTTP request's body whole and scans it with its head (`request`, as it
+    /// goes up); returns the body as it goes up (overwritten where the mode redacts).
+    async fn scan_forwarded(
+        &self,
+        scan: &SecretScan,
+        client: &mut TcpStream,
+        (leftover, framing): (Vec<u8>, http::BodyFraming),
+        request: &mut [u8],
+        event: &EgressEvent,
+        path: &str,
+    ) -> Result<Vec<u8>, Refusal> {
+        let mut reader = BufReader::new(io::Cursor::new(leftover).chain(&mut *client));
+        let mut body = match secrets::read_body(&mut reader, framing).await {
+            Ok(body) => body,
+            Err(secrets::ReadError::TooLarge) => {
+                let mut refused = event.clone();
+                refused.reason = "secret_scan_limit".into();
+                let why = secrets::ReadError::TooLarge.to_string();
+                refused.detail = Some(why.clone());
+                refused.verdict = "deny".into();
+                if let Err(e) = self.record(&refused).await {
+                    tracing::error!(error = %e, "cannot record egress event");
+                }
+                return Err(Refusal {
+                    status: 413,
+                    reason: "Content Too Large".into(),
+                    body: format!("bot-bottle egress: {why}\n"),
+                });
+            }
+            Err(secrets::ReadError::Body(e)) => {
+                return Err(self.bad_request(&event.method, &e.to_string()).await)
+            }
+        };
+        let hits = scan.scan(request, None, &body);
+        if !hits.is_empty() && self.judge_secrets(scan, &hits, event, Some(path)).await? {
+            hits.redact(request, &mut body);
+        }
+        Ok(secrets::framed(body, framing))
+    }
+
     /// Fills an event from a policy decision.
     fn decided(&self, method: &str, host: &str, port: u16, decision: &Decision) -> EgressEvent {
         let mut event = self.event(method, host, port);
@@ -695,6 +768,12 @@ impl Conn<'_> {
             event.detail = Some(why.clone());
             return Err(self.deny(event, &why).await);
         }
+        if let Some(scan) = self.shared.secrets.clone() {
+            let hits = scan.scan_authority(&head.target);
+            if !hits.is_empty() {
+                self.judge_secrets(&scan, &hits, &event, None).await?;
+            }
+        }
         let upstream = self.open_upstream(event, &host, port).await?;
         let mut upstream = Tracked::new(upstream);
         let activity = upstream.activity();
@@ -709,6 +788,7 @@ impl Conn<'_> {
                         template: self.event("CONNECT", &host, port),
                         deny_message: self.shared.policy.deny_message(),
                         rules,
+                        secrets: self.shared.secrets.as_deref(),
                     };
                     return i
                         .serve(client, leftover, &mut upstream, &host, injection, &refusals)
@@ -836,10 +916,46 @@ impl Conn<'_> {
             }
         }
 
+        // With scanning on, the body is read whole and scanned with the head before anything
+        // goes up (the proxy answers `Expect: 100-continue` itself); otherwise it streams.
+        let (request, outgoing) = match self.shared.secrets.clone() {
+            None => (
+                http::upstream_head(head, &path, &target.authority),
+                Outgoing::Stream(leftover),
+            ),
+            Some(scan) => {
+                let expects = head
+                    .header_values("expect")
+                    .any(|v| v.eq_ignore_ascii_case(b"100-continue"));
+                let without_expect = RequestHead {
+                    headers: head
+                        .headers
+                        .iter()
+                        .filter(|(name, _)| !name.eq_ignore_ascii_case("expect"))
+                        .cloned()
+                        .collect(),
+                    ..head.clone()
+                };
+                let mut request = http::upstream_head(&without_expect, &path, &target.authority);
+                if expects && framing != http::BodyFraming::None {
+                    let _ = client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                }
+                let body = self
+                    .scan_forwarded(
+                        &scan,
+                        client,
+                        (leftover, framing),
+                        &mut request,
+                        &event,
+                        &path,
+                    )
+                    .await?;
+                (request, Outgoing::Buffered(body))
+            }
+        };
         let upstream = self.open_upstream(event, &target.host, target.port).await?;
         let mut upstream = Tracked::new(upstream);
         let activity = upstream.activity();
-        let request = http::upstream_head(head, &path, &target.authority);
         // Whether any byte of the upstream's answer has gone to the client (after that, a
         // framing error can no longer be answered with a 400).
         let responded = AtomicBool::new(false);
@@ -850,8 +966,18 @@ impl Conn<'_> {
                 .map_err(body::BodyError::Io)?;
             let (client_read, mut client_write) = client.split();
             let (mut upstream_read, mut upstream_write) = tokio::io::split(&mut upstream);
-            let mut body = BufReader::new(io::Cursor::new(leftover).chain(client_read));
-            let sending = body::forward(&mut body, &mut upstream_write, framing);
+            let sending = async {
+                match outgoing {
+                    Outgoing::Stream(leftover) => {
+                        let mut body = BufReader::new(io::Cursor::new(leftover).chain(client_read));
+                        body::forward(&mut body, &mut upstream_write, framing).await
+                    }
+                    Outgoing::Buffered(bytes) => upstream_write
+                        .write_all(&bytes)
+                        .await
+                        .map_err(body::BodyError::Io),
+                }
+            };
             let receiving = async {
                 let mut buf = vec![0u8; TUNNEL_BUFFER];
                 loop {
@@ -894,6 +1020,12 @@ impl Conn<'_> {
         linger(client).await;
         Ok(())
     }
+}
+
+/// A forwarded request's body as it goes up: streamed from the client, or read and scanned.
+enum Outgoing {
+    Stream(Vec<u8>),
+    Buffered(Vec<u8>),
 }
 
 fn gateway_error(e: &EgressError) -> Refusal {
