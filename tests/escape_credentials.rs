@@ -394,7 +394,7 @@ fn a_request_carrying_the_bottles_credential_is_refused_and_never_arrives() {
     if !docker_available("a_request_carrying_the_bottles_credential_is_refused") {
         return;
     }
-    let sb = Sandbox::new("231-231");
+    let sb = Sandbox::new("234-234");
     let (test_ca, server) = fake_pki("api.test");
     let (port, seen) = fake_api(server);
     let plain_port = common::http_server("plain-ok");
@@ -408,7 +408,7 @@ fn a_request_carrying_the_bottles_credential_is_refused_and_never_arrives() {
     );
     assert_ne!(toml, CREDS_BOTTLE);
     let (run, _out, bottle_ca) = start_bottle_with(&sb, &store, &toml);
-    let proxy = "127.0.0.231:3128";
+    let proxy = "127.0.0.234:3128";
 
     let body = format!("{{\"note\":\"{SECRET}\"}}");
     let leak = format!(

@@ -89,3 +89,16 @@ fn the_bundle_container_has_memory_without_swap_and_pids_limits() {
         sb.docker_leftovers()
     );
 }
+
+/// Outbound secret scanning in the real bundle: the agent's GitHub-format token in a POST body
+/// and in a URL to an allowed plain-HTTP host are refused before they go up (`common::secrets`).
+#[test]
+fn a_token_the_agent_posts_to_an_allowed_host_is_refused_and_never_arrives() {
+    if !docker_available("a_token_the_agent_posts_to_an_allowed_host_is_refused") {
+        return;
+    }
+    let sb = Sandbox::new("203-203");
+    let mut start = sb.cmd();
+    start.args(["start", "leaky", "--backend", "docker"]);
+    common::secrets::leaks_are_refused(&sb, start);
+}

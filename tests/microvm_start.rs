@@ -408,6 +408,18 @@ fn a_request_held_for_approval_is_answered_from_the_host(vmm: Vmm) {
     common::approvals::held_listed_approved_once_then_saved(&s, start);
 }
 
+/// The Docker backend's outbound-secret attack (`common::secrets`, run in `escape_egress`)
+/// from the guest: a token posted or put in a URL is refused by the bundle before it goes up.
+fn a_token_the_guest_posts_is_refused_before_it_goes_up(vmm: Vmm) {
+    let test = "a_token_the_guest_posts_is_refused_before_it_goes_up";
+    let Some((stand_in, kernel)) = prereqs(test, vmm) else {
+        return;
+    };
+    let s = vmm.sandbox(103);
+    let start = start_bottle(&s, &stand_in, &kernel, "leaky");
+    common::secrets::leaks_are_refused(&s, start);
+}
+
 /// The Docker backend's address-floor attack (`common::floor`, run in `escape_egress`) from
 /// the guest: the proxy is the same, so must be its refusals. The microVM's bundle is published
 /// on the bottle's loopback alias, so `bundle.test` names that.
@@ -775,6 +787,7 @@ with_each_vmm!(
     the_guest_has_no_way_out_but_its_bundle,
     names_below_the_address_floor_are_refused_from_the_guest,
     a_request_held_for_approval_is_answered_from_the_host,
+    a_token_the_guest_posts_is_refused_before_it_goes_up,
     the_guest_trusts_the_bottles_ca_and_never_holds_the_credential,
     the_host_allows_more_while_the_microvm_bottle_runs,
     a_sigkilled_start_takes_its_vm_and_bundle_with_it,

@@ -5,6 +5,7 @@
 pub mod approvals;
 pub mod floor;
 pub mod git_image;
+pub mod secrets;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
