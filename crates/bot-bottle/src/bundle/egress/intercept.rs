@@ -228,8 +228,8 @@ pub(crate) struct PathRefusals<'a> {
 
 /// What becomes of a request inside the tunnel once it is scanned.
 enum Scanned {
-    /// It goes up: its body as framed for the real host.
-    Send(Vec<u8>),
+    /// It goes up: its body as framed for the real host, and its turn (held until sent).
+    Send(Vec<u8>, secrets::Turn),
     /// Refused; its body was read whole, so the connection goes on.
     Refused(Vec<u8>),
     /// Refused; its body could not be read (too large, or badly framed): the connection ends.
@@ -268,8 +268,8 @@ impl PathRefusals<'_> {
         injection: &Injection,
     ) -> std::io::Result<Scanned> {
         let method = request.method.clone();
-        let mut body = match secrets::read_body(agent, request.framing).await {
-            Ok(body) => body,
+        let (mut body, turn) = match scan.read_body(agent, request.framing).await {
+            Ok(read) => read,
             Err(ReadError::Body(BodyError::Io(e))) => return Err(e),
             Err(e) => {
                 let (status, phrase, reason) = match e {
@@ -284,7 +284,7 @@ impl PathRefusals<'_> {
         };
         let hits = scan.scan(&request.head, Some(&injection.header), &body);
         if hits.is_empty() {
-            return Ok(Scanned::Send(secrets::framed(body, request.framing)));
+            return Ok(Scanned::Send(secrets::framed(body, request.framing), turn));
         }
         let mut event = self.template.clone();
         event.method = method;
@@ -294,7 +294,7 @@ impl PathRefusals<'_> {
                 if redact {
                     hits.redact(&mut request.head, &mut body);
                 }
-                Ok(Scanned::Send(secrets::framed(body, request.framing)))
+                Ok(Scanned::Send(secrets::framed(body, request.framing), turn))
             }
             Verdict::Refuse {
                 status,
@@ -601,9 +601,10 @@ impl Interception {
                     .scan(scan, &mut request, &mut agent, injection)
                     .await?
                 {
-                    Scanned::Send(body) => {
+                    Scanned::Send(body, turn) => {
                         real.write_all(&request.head).await?;
                         real.write_all(&body).await?;
+                        drop(turn);
                     }
                     Scanned::Refused(reply) => {
                         agent.write_all(&reply).await?;

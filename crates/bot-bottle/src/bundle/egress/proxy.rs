@@ -585,10 +585,10 @@ impl Conn<'_> {
         request: &mut [u8],
         event: &EgressEvent,
         path: &str,
-    ) -> Result<Vec<u8>, Refusal> {
+    ) -> Result<(Vec<u8>, secrets::Turn), Refusal> {
         let mut reader = BufReader::new(io::Cursor::new(leftover).chain(&mut *client));
-        let mut body = match secrets::read_body(&mut reader, framing).await {
-            Ok(body) => body,
+        let (mut body, turn) = match scan.read_body(&mut reader, framing).await {
+            Ok(read) => read,
             Err(secrets::ReadError::TooLarge) => {
                 let mut refused = event.clone();
                 refused.reason = "secret_scan_limit".into();
@@ -612,7 +612,7 @@ impl Conn<'_> {
         if !hits.is_empty() && self.judge_secrets(scan, &hits, event, Some(path)).await? {
             hits.redact(request, &mut body);
         }
-        Ok(secrets::framed(body, framing))
+        Ok((secrets::framed(body, framing), turn))
     }
 
     /// Fills an event from a policy decision.
@@ -940,7 +940,7 @@ impl Conn<'_> {
                 if expects && framing != http::BodyFraming::None {
                     let _ = client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
                 }
-                let body = self
+                let (body, turn) = self
                     .scan_forwarded(
                         &scan,
                         client,
@@ -950,7 +950,7 @@ impl Conn<'_> {
                         &path,
                     )
                     .await?;
-                (request, Outgoing::Buffered(body))
+                (request, Outgoing::Buffered(body, turn))
             }
         };
         let upstream = self.open_upstream(event, &target.host, target.port).await?;
@@ -972,10 +972,11 @@ impl Conn<'_> {
                         let mut body = BufReader::new(io::Cursor::new(leftover).chain(client_read));
                         body::forward(&mut body, &mut upstream_write, framing).await
                     }
-                    Outgoing::Buffered(bytes) => upstream_write
-                        .write_all(&bytes)
-                        .await
-                        .map_err(body::BodyError::Io),
+                    Outgoing::Buffered(bytes, turn) => {
+                        let sent = upstream_write.write_all(&bytes).await;
+                        drop(turn);
+                        sent.map_err(body::BodyError::Io)
+                    }
                 }
             };
             let receiving = async {
@@ -1025,7 +1026,8 @@ impl Conn<'_> {
 /// A forwarded request's body as it goes up: streamed from the client, or read and scanned.
 enum Outgoing {
     Stream(Vec<u8>),
-    Buffered(Vec<u8>),
+    /// With the turn it holds (see `SecretScan::read_body`), given back once sent.
+    Buffered(Vec<u8>, secrets::Turn),
 }
 
 fn gateway_error(e: &EgressError) -> Refusal {

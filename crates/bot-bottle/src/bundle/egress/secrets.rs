@@ -34,6 +34,9 @@ use super::http::BodyFraming;
 
 /// Largest request body the proxy holds to scan.
 pub const MAX_SCANNED_BODY: u64 = 16 * 1024 * 1024;
+/// Bodies read to be scanned at once (each at most [`MAX_SCANNED_BODY`]): bounds what an agent
+/// opening many connections can make the bundle hold (64 MiB); further ones wait their turn.
+pub const MAX_BODIES_AT_ONCE: usize = 4;
 /// Longest run the `high-entropy` rule judges in a request: tokens are shorter; a longer run
 /// (a base64 image in an API request) is data.
 pub const MAX_ENTROPY_RUN: usize = 256;
@@ -68,6 +71,8 @@ pub struct SecretScan {
     mode: SecretMode,
     /// Where a flagged request waits in `ask` mode (none: refused as if blocked).
     approvals: Option<Approvals>,
+    /// Turns to hold a body ([`MAX_BODIES_AT_ONCE`]).
+    bodies: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for SecretScan {
@@ -184,7 +189,24 @@ impl SecretScan {
             scanner,
             mode,
             approvals: None,
+            bodies: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_BODIES_AT_ONCE)),
         }
+    }
+
+    /// Reads a request body whole to scan it ([`read_body`]), once a turn to hold one is free
+    /// (a request without a body takes none). Keep the [`Turn`] until the body is sent or
+    /// dropped: the bound is on bodies held, not only on bodies being read.
+    pub(crate) async fn read_body<R: AsyncBufRead + Unpin>(
+        &self,
+        reader: &mut R,
+        framing: BodyFraming,
+    ) -> Result<(Vec<u8>, Turn), ReadError> {
+        let turn = match framing {
+            BodyFraming::None | BodyFraming::Length(0) => None,
+            // The semaphore is never closed.
+            _ => self.bodies.clone().acquire_owned().await.ok(),
+        };
+        Ok((read_body(reader, framing).await?, turn))
     }
 
     /// Flagged requests wait in `approvals` in `ask` mode (the queue the supervisor answers).
@@ -421,9 +443,12 @@ pub(crate) enum ReadError {
     Body(#[from] BodyError),
 }
 
+/// A turn to hold a body (see [`SecretScan::read_body`]); `None` for a request without one.
+pub(crate) type Turn = Option<tokio::sync::OwnedSemaphorePermit>;
+
 /// Reads a request body whole (de-chunked, checked as strictly as [`body::forward`] checks
 /// it), refusing one larger than [`MAX_SCANNED_BODY`] before holding it.
-pub(crate) async fn read_body<R: AsyncBufRead + Unpin>(
+async fn read_body<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     framing: BodyFraming,
 ) -> Result<Vec<u8>, ReadError> {

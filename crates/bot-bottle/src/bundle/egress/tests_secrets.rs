@@ -429,3 +429,45 @@ async fn a_body_too_large_to_scan_is_refused_before_it_is_read_and_expect_contin
     assert_eq!(received[0].1, b"hello");
     assert!(!received[0].0.to_ascii_lowercase().contains("expect:"));
 }
+
+#[tokio::test]
+async fn the_bundle_holds_at_most_a_few_bodies_at_once_and_a_request_without_one_never_waits() {
+    let b = Arc::new(bottle(SecretMode::Ask, STEP).await);
+    let token = github_token();
+    // Four bodies held for approval take every turn.
+    let mut held_posts = Vec::new();
+    for i in 0..secrets::MAX_BODIES_AT_ONCE {
+        let (b, request) = (b.clone(), post(&format!("n={i}&t={token}")));
+        held_posts.push(tokio::spawn(async move { b.send(&request).await }));
+    }
+    let t = Instant::now();
+    while b.approvals.pending().first().map_or(0, |p| p.waiting) < secrets::MAX_BODIES_AT_ONCE {
+        assert!(t.elapsed() < STEP, "the bodies were never all held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A fifth body waits for a turn; a request without a body goes straight through.
+    let fifth = tokio::spawn({
+        let (b, request) = (b.clone(), post("clean"));
+        async move { b.send(&request).await }
+    });
+    let get = b
+        .send("GET http://allowed.test:{port}/ HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n")
+        .await;
+    assert!(get.starts_with("HTTP/1.1 200"), "{get}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !fifth.is_finished(),
+        "a fifth body was taken while four were held"
+    );
+    assert_eq!(b.received.all().len(), 1, "only the GET went up");
+
+    // Denied, the held ones give their turns back and the fifth goes up.
+    let id = b.approvals.pending()[0].id;
+    b.approvals.answer(id, Answer::Deny).unwrap();
+    for h in held_posts {
+        assert!(h.await.unwrap().starts_with("HTTP/1.1 403 "));
+    }
+    let answer = fifth.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(b.received.all()[1].1, b"clean");
+}
