@@ -87,16 +87,6 @@ struct Entry {
     digests: HashSet<[u8; 32]>,
 }
 
-impl Entry {
-    /// The entry as listed, with the requests held on it now.
-    fn snapshot(&self) -> Pending {
-        Pending {
-            waiting: self.answer.receiver_count(),
-            ..self.pending.clone()
-        }
-    }
-}
-
 /// What an entry is about: a `host:port`, and for a flagged request what was found there.
 type Key = (String, u16, Option<String>);
 
@@ -112,6 +102,15 @@ struct Queue {
 }
 
 impl Entry {
+    /// The entry as listed, with the requests held on it now.
+    fn snapshot(&self) -> Pending {
+        Pending {
+            waiting: self.answer.receiver_count(),
+            ..self.pending.clone()
+        }
+    }
+
+    /// What the entry is about (see [`Key`]).
     fn key(&self) -> Key {
         (
             self.pending.host.clone(),

@@ -66,6 +66,21 @@ pub(crate) fn unix_ms_now() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Writes `event` to `log` (none: only traced) and mirrors it to `tracing`. `Err` only when
+/// the log file fails (logged here too): callers refuse what cannot be recorded.
+pub(crate) async fn record(log: Option<&EventLog>, event: &EgressEvent) -> Result<(), EgressError> {
+    tracing::info!(
+        host = %event.host, port = event.port, verdict = %event.verdict,
+        rule = event.rule.as_deref().unwrap_or(""), reason = %event.reason, "egress decision"
+    );
+    match log {
+        Some(log) => log.append(event).await.inspect_err(|e| {
+            tracing::error!(error = %e, "cannot record egress event");
+        }),
+        None => Ok(()),
+    }
+}
+
 impl EgressEvent {
     /// An event stamped with the current time.
     pub fn now(bottle_id: &str, client: &str, method: &str, host: &str, port: u16) -> Self {

@@ -442,14 +442,7 @@ impl Conn<'_> {
 
     /// Writes an event (and mirrors it to `tracing`). `Err` only when the log file fails.
     async fn record(&self, event: &EgressEvent) -> Result<(), EgressError> {
-        tracing::info!(
-            host = %event.host, port = event.port, verdict = %event.verdict,
-            rule = event.rule.as_deref().unwrap_or(""), reason = %event.reason, "egress decision"
-        );
-        match &self.shared.events {
-            Some(log) => log.append(event).await,
-            None => Ok(()),
-        }
+        super::events::record(self.shared.events.as_deref(), event).await
     }
 
     async fn log_bad_request(&self, method: &str, why: &str) {

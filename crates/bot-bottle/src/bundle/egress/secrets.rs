@@ -296,7 +296,7 @@ impl SecretScan {
             status: 403,
             phrase: super::proxy::forbidden_reason(phrase),
             body: format!(
-                "bot-bottle egress: {host}:{port}: the request carries what looks like a secret                  ({found}); it was not sent. {why}\n"
+                "bot-bottle egress: {host}:{port}: the request carries what looks like a secret ({found}); it was not sent. {why}\n"
             ),
         }
         };
@@ -382,7 +382,7 @@ impl SecretScan {
             let mut asked = flagged.clone();
             asked.verdict = "ask".into();
             asked.reason = "secret_pending".into();
-            let _ = record(log, &asked).await;
+            let _ = super::events::record(log, &asked).await;
         }
         let request = (event.host.as_str(), event.port, event.method.as_str(), path);
         let verdict = self.judge(hits, request).await;
@@ -392,7 +392,7 @@ impl SecretScan {
         };
         flagged.verdict = verdict_text.into();
         flagged.reason = reason.into();
-        if record(log, &flagged).await.is_err() {
+        if super::events::record(log, &flagged).await.is_err() {
             return Verdict::Refuse {
                 reason,
                 status: 503,
@@ -403,19 +403,6 @@ impl SecretScan {
             };
         }
         verdict
-    }
-}
-
-async fn record(log: Option<&EventLog>, event: &EgressEvent) -> Result<(), ()> {
-    tracing::info!(
-        host = %event.host, port = event.port, verdict = %event.verdict,
-        rule = event.rule.as_deref().unwrap_or(""), reason = %event.reason, "egress decision"
-    );
-    match log {
-        Some(log) => log.append(event).await.map_err(|e| {
-            tracing::error!(error = %e, "cannot record egress event");
-        }),
-        None => Ok(()),
     }
 }
 

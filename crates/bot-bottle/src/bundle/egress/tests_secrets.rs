@@ -178,6 +178,12 @@ async fn a_body_carrying_the_bottles_credential_is_blocked_and_never_goes_up() {
         answer.contains("credential api.test in the body"),
         "{answer}"
     );
+    assert!(
+        answer.contains(
+            "carries what looks like a secret (credential api.test in the body); it was not sent."
+        ),
+        "{answer}"
+    );
     assert!(!answer.contains(CREDENTIAL_TOKEN), "{answer}");
     assert!(b.received.all().is_empty(), "nothing went up");
     let event = b.event("secret_blocked");
@@ -400,7 +406,7 @@ async fn a_body_too_large_to_scan_is_refused_before_it_is_read_and_expect_contin
     );
     let answer = b.send(&too_large).await;
     assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
-    assert!(answer.contains("secrets = \\\"off\\\"") || answer.contains("secrets = \"off\""));
+    assert!(answer.contains("secrets = \"off\""), "{answer}");
     b.event("secret_scan_limit");
 
     // A client that waits for `100 Continue` gets it from the proxy, then its body is scanned.
