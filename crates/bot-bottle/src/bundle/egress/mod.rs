@@ -36,6 +36,7 @@ mod tests_binding;
 mod tests_framing;
 #[cfg(test)]
 mod tests_secrets;
+mod tunnel;
 
 use std::io;
 use std::net::SocketAddr;

@@ -33,9 +33,10 @@ use super::policy::{
 use super::request_rules;
 use super::resolve::Resolver;
 use super::secrets::{self, Hits, SecretMode, SecretScan, Verdict};
+use super::tunnel;
 use super::EgressError;
 
-/// Buffer per direction of a tunnel: large enough for full-speed loopback copies.
+/// Buffer per direction of a forwarded exchange (plain tunnels splice: [`tunnel`]).
 const TUNNEL_BUFFER: usize = 64 * 1024;
 /// How long a denied or refused client may keep sending before we close (lets it read the
 /// response instead of getting a reset), and how much of it we read meanwhile.
@@ -788,14 +789,7 @@ impl Conn<'_> {
                         .await;
                 }
                 upstream.write_all(&leftover).await?;
-                tokio::io::copy_bidirectional_with_sizes(
-                    client,
-                    &mut upstream,
-                    TUNNEL_BUFFER,
-                    TUNNEL_BUFFER,
-                )
-                .await
-                .map(|_| ())
+                tunnel::relay(client, &mut upstream.inner, &upstream.activity).await
             };
             tokio::select! {
                 served = serving => served,
@@ -1039,13 +1033,20 @@ fn gateway_error(e: &EgressError) -> Refusal {
 
 /// Milliseconds since `base` of the last byte moved, shared between a stream and its watchdog.
 #[derive(Debug)]
-struct Activity {
+pub(super) struct Activity {
     base: Instant,
     last_ms: AtomicU64,
 }
 
 impl Activity {
-    fn touch(&self) {
+    pub(super) fn new() -> Self {
+        Activity {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn touch(&self) {
         let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
     }
@@ -1078,10 +1079,7 @@ impl<S> Tracked<S> {
     fn new(inner: S) -> Self {
         Tracked {
             inner,
-            activity: Arc::new(Activity {
-                base: Instant::now(),
-                last_ms: AtomicU64::new(0),
-            }),
+            activity: Arc::new(Activity::new()),
         }
     }
 
